@@ -1,0 +1,93 @@
+"""Low-rank matrices kept as factors, and the linear algebra that never forms a dense product.
+
+A `LowRank` is the product ``U @ V`` with U (d_out x k) and V (k x d_in). Sums of low-rank terms are
+built by stacking factors, so that one GEMM per module (``U @ V``) turns a whole sum into a dense
+matrix when a dense matrix is wanted, instead of one product per client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """The matrix ``U @ V``: U is (d_out x k), V is (k x d_in)."""
+
+    U: Tensor
+    V: Tensor
+
+    def __post_init__(self) -> None:
+        if self.U.ndim != 2 or self.V.ndim != 2 or self.U.shape[1] != self.V.shape[0]:
+            raise ValueError(
+                f"LowRank needs U (d_out x k) and V (k x d_in); got {tuple(self.U.shape)} "
+                f"and {tuple(self.V.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.U.shape[0], self.V.shape[1])
+
+    @property
+    def inner_rank(self) -> int:
+        return self.U.shape[1]
+
+    def dense(self) -> Tensor:
+        return self.U @ self.V
+
+    def numel(self) -> int:
+        """Floats needed to send the factors."""
+        return self.U.numel() + self.V.numel()
+
+    def dense_is_smaller(self) -> bool:
+        d_out, d_in = self.shape
+        return d_out * d_in < self.numel()
+
+    def to(self, dtype: torch.dtype) -> LowRank:
+        return LowRank(self.U.to(dtype), self.V.to(dtype))
+
+
+def stack(terms: Sequence[LowRank]) -> LowRank:
+    """The sum of low-rank terms as one LowRank: U = [U_1 ... U_K], V = [V_1; ...; V_K]."""
+    if not terms:
+        raise ValueError("stack needs at least one term")
+    return LowRank(torch.cat([t.U for t in terms], dim=1), torch.cat([t.V for t in terms], dim=0))
+
+
+def inner(x: LowRank, y: LowRank) -> Tensor:
+    """Frobenius inner product <U_x V_x, U_y V_y> = tr((U_x^T U_y)(V_y V_x^T)), from small Grams."""
+    return torch.sum((x.U.T @ y.U) * (x.V @ y.V.T))
+
+
+def frobenius_norm(x: LowRank) -> Tensor:
+    """||U V||_F from the Gram matrices of the factors (clamped at zero against round-off)."""
+    return inner(x, x).clamp_min(0).sqrt()
+
+
+def pad_rows(A: Tensor, rows: int) -> Tensor:
+    """A (r x d) zero-padded to (rows x d)."""
+    extra = rows - A.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad {A.shape[0]} rows down to {rows}")
+    return torch.cat([A, A.new_zeros(extra, A.shape[1])], dim=0) if extra else A
+
+
+def pad_cols(B: Tensor, cols: int) -> Tensor:
+    """B (d x r) zero-padded to (d x cols)."""
+    return pad_rows(B.T, cols).T
+
+
+def truncated_svd(x: LowRank, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Best rank-``rank`` approximation of U V as (P, S, Q) with U V ~ P diag(S) Q^T.
+
+    Exact and dense-free: QR of U and of V^T, then an SVD of the small k x k core R_U R_V^T.
+    """
+    qu, ru = torch.linalg.qr(x.U)
+    qv, rv = torch.linalg.qr(x.V.T)
+    core_u, s, core_vh = torch.linalg.svd(ru @ rv.T, full_matrices=False)
+    rank = min(rank, s.shape[0])
+    return qu @ core_u[:, :rank], s[:rank], qv @ core_vh[:rank].T

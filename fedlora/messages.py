@@ -1,0 +1,139 @@
+"""The message layout shared by server and clients: record names, tensor keys and config keys.
+
+Tensors are keyed as in peft's adapter state dict, by the adapted module's path:
+``{module}.lora_A.weight`` (r x d_in) and ``{module}.lora_B.weight`` (d_out x r). Fed-SB sends
+``{module}.sb_R.weight`` (r x r) and, once, its fixed ``{module}.sb_A.weight``/``{module}.sb_B.weight``.
+A change of the base weights travels as ``{module}.U``/``{module}.V`` (factors) or ``{module}.dense``.
+Per-module ranks and scales travel in the config as ``rank.{module}`` and ``scale.{module}``.
+Tensors travel in the dtype the math ran in (float32, or float64), never in a half type: bfloat16
+cannot be held by Flower's ArrayRecord, and half precision would break the exact methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedlora.adapter import Adapter, LoRAFactors
+from fedlora.errors import InvalidUpdateError
+from fedlora.lowrank import LowRank
+
+ADAPTER_RECORD = "adapter"
+HEAD_RECORD = "head"
+BASE_CHANGE_RECORD = "base_change"
+CONFIG_RECORD = "config"
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+SB_R_SUFFIX = ".sb_R.weight"
+SB_A_SUFFIX = ".sb_A.weight"
+SB_B_SUFFIX = ".sb_B.weight"
+
+VERSION_KEY = "version"
+NUM_EXAMPLES_KEY = "num-examples"
+FRESH_ADAPTER_SEED_KEY = "fresh-adapter-seed"
+
+
+def rank_key(module: str) -> str:
+    return f"rank.{module}"
+
+
+def scale_key(module: str) -> str:
+    return f"scale.{module}"
+
+
+Scalar = int | float | str | bool
+
+
+@dataclass
+class Payload:
+    """What crosses the wire one way: named tensor records and a flat config."""
+
+    adapter: dict[str, Tensor] = field(default_factory=dict)
+    head: dict[str, Tensor] = field(default_factory=dict)
+    base_change: dict[str, Tensor] = field(default_factory=dict)
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data, as serialized (element count times element size)."""
+        records = (self.adapter, self.head, self.base_change)
+        return sum(t.numel() * t.element_size() for record in records for t in record.values())
+
+
+def to_wire(tensor: Tensor) -> Tensor:
+    """A tensor as it travels: half types widened to float32, float32/float64 kept."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
+def adapter_to_tensors(adapter: Adapter) -> dict[str, Tensor]:
+    tensors: dict[str, Tensor] = {}
+    for module, factors in adapter.items():
+        tensors[module + A_SUFFIX] = to_wire(factors.A)
+        tensors[module + B_SUFFIX] = to_wire(factors.B)
+    return tensors
+
+
+def adapter_config(adapter: Adapter) -> dict[str, Scalar]:
+    config: dict[str, Scalar] = {}
+    for module, factors in adapter.items():
+        config[rank_key(module)] = factors.rank
+        config[scale_key(module)] = float(factors.scale)
+    return config
+
+
+def modules_with_suffix(tensors: Mapping[str, Tensor], suffix: str) -> list[str]:
+    return sorted(key[: -len(suffix)] for key in tensors if key.endswith(suffix))
+
+
+def adapter_from_tensors(
+    tensors: Mapping[str, Tensor], config: Mapping[str, Scalar], dtype: torch.dtype | None = None
+) -> Adapter:
+    """Rebuild an adapter, checking that every module has A and B and that the declared rank matches."""
+    modules_a = modules_with_suffix(tensors, A_SUFFIX)
+    modules_b = modules_with_suffix(tensors, B_SUFFIX)
+    if modules_a != modules_b:
+        missing = sorted(set(modules_a) ^ set(modules_b))
+        raise InvalidUpdateError(f"modules without both lora_A and lora_B: {missing}")
+    adapter: Adapter = {}
+    for module in modules_a:
+        A, B = tensors[module + A_SUFFIX], tensors[module + B_SUFFIX]
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        declared = config.get(rank_key(module))
+        if declared is None or scale_key(module) not in config:
+            raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != declared or B.shape[1] != declared:
+            raise InvalidUpdateError(
+                f"module {module!r}: declared rank {declared} does not match lora_A "
+                f"{tuple(A.shape)} and lora_B {tuple(B.shape)}"
+            )
+        adapter[module] = LoRAFactors(A=A, B=B, scale=float(config[scale_key(module)]))
+    return adapter
+
+
+def change_to_tensors(change: Mapping[str, LowRank | Tensor]) -> dict[str, Tensor]:
+    """Base changes per module: factors when smaller than the dense matrix, else dense."""
+    tensors: dict[str, Tensor] = {}
+    for module, delta in change.items():
+        if isinstance(delta, LowRank) and not delta.dense_is_smaller():
+            tensors[module + ".U"] = to_wire(delta.U)
+            tensors[module + ".V"] = to_wire(delta.V)
+        else:
+            dense = delta.dense() if isinstance(delta, LowRank) else delta
+            tensors[module + ".dense"] = to_wire(dense)
+    return tensors
+
+
+def change_from_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Dense base changes per module from `change_to_tensors`' layout."""
+    change: dict[str, Tensor] = {}
+    for module in modules_with_suffix(tensors, ".dense"):
+        change[module] = tensors[module + ".dense"]
+    for module in modules_with_suffix(tensors, ".U"):
+        change[module] = tensors[module + ".U"] @ tensors[module + ".V"]
+    return change

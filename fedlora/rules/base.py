@@ -1,0 +1,269 @@
+"""What every aggregation rule shares: the global state, the client spec, the round result, the
+example-weighted ideal update and the padded averaging of folded factors.
+
+A rule takes the previous global state and the clients' updates and returns the next global state,
+the payload each client must receive (shaped for its ranks) and the effective global update of the
+round as factors, so that the deviation from the ideal update
+
+    dW* = sum_i p_i dW_i,   dW_i = s_i (B_i A_i - B_i0 A_i0)   (p_i = n_i / sum n)
+
+can be measured every round.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from fedlora.adapter import Adapter, LoRAFactors
+from fedlora.client_state import ClientState
+from fedlora.errors import InvalidUpdateError
+from fedlora.lowrank import LowRank, frobenius_norm, pad_cols, pad_rows, stack
+from fedlora.messages import (
+    VERSION_KEY,
+    Payload,
+    adapter_config,
+    adapter_from_tensors,
+    adapter_to_tensors,
+    to_wire,
+)
+from fedlora.updates import (
+    ClientUpdate,
+    check_same_modules,
+    example_weights,
+    validate_updates,
+)
+from fedlora.versioning import ChangeLog
+
+ABSOLUTE_FLOOR = 1e-12
+"""Below this size of both the ideal update and the clients' changes the deviation is 0 by definition."""
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """A client as the server knows it: its rank and scale per module, and the base version it holds."""
+
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    version: int = 0
+
+
+@dataclass
+class GlobalState:
+    """The server's state after round ``version``.
+
+    ``factors`` are the global folded factors (U = sqrt(s) B, V = sqrt(s) A) at the top rank;
+    ``changes`` the per-round changes of the base (FedEx-LoRA, FLoRA); ``cores`` Fed-SB's R between
+    its fixed factors ``sb_factors`` (U = B, V = A).
+    """
+
+    version: int
+    shapes: dict[str, tuple[int, int]]
+    factors: dict[str, LowRank] = field(default_factory=dict)
+    head: dict[str, Tensor] = field(default_factory=dict)
+    changes: ChangeLog | None = None
+    cores: dict[str, Tensor] = field(default_factory=dict)
+    sb_factors: dict[str, LowRank] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def top_rank(self, module: str) -> int:
+        return self.factors[module].inner_rank
+
+
+@dataclass
+class RoundResult:
+    """A round's outcome: the next state, the global model's change and the ideal change, per module.
+
+    ``global_update`` and ``ideal_update`` are None for personalized methods (FedSA-LoRA).
+    ``reference_norm`` is max(||dW*||, sum_i p_i ||dW_i||) per module.
+    """
+
+    state: GlobalState
+    global_update: dict[str, LowRank] | None
+    ideal_update: dict[str, LowRank] | None
+    reference_norm: dict[str, float] | None
+
+    def relative_deviation(self) -> float | None:
+        """max over modules of ||global update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense GEMM)."""
+        if self.global_update is None or self.ideal_update is None or self.reference_norm is None:
+            return None
+        worst = 0.0
+        for module, update in self.global_update.items():
+            reference = self.reference_norm[module]
+            if reference < ABSOLUTE_FLOOR:
+                continue
+            ideal = self.ideal_update[module]
+            difference = stack([update, LowRank(-ideal.U, ideal.V)]).dense()
+            worst = max(worst, float(torch.linalg.matrix_norm(difference)) / reference)
+        return worst
+
+
+class AggregationRule(ABC):
+    """One federated LoRA method: server aggregation, client payload and client step, all pure."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    personalized: ClassVar[bool] = False
+    update_kind: ClassVar[type] = LoRAFactors
+
+    def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
+        """Round 0 from the common initial adapter (all clients start from its slices)."""
+        return GlobalState(
+            version=0,
+            shapes={module: f.shape for module, f in initial.items()},
+            factors={module: f.folded() for module, f in initial.items()},
+            head=dict(head or {}),
+        )
+
+    def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> RoundResult:
+        validate_updates(updates, self.update_kind)
+        self._check_ranks(state, updates)
+        return self._aggregate(state, list(updates), example_weights(updates))
+
+    @abstractmethod
+    def _aggregate(
+        self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
+    ) -> RoundResult:
+        """The method's own rule."""
+
+    @abstractmethod
+    def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
+        """What the server sends to one client, shaped for its ranks."""
+
+    @abstractmethod
+    def client_step(self, local: ClientState, payload: Payload, cache=None) -> ClientState:
+        """What a client does with its payload before it trains or evaluates."""
+
+    def global_delta(self, state: GlobalState, module: str) -> LowRank:
+        """The global model's weight minus the pretrained one, at the top rank."""
+        return state.factors[module]
+
+    def _check_ranks(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
+        check_same_modules(state.shapes, updates)
+        global_factors = state.factors or state.sb_factors
+        for update in updates:
+            for module in update.modules:
+                if module not in global_factors:
+                    continue
+                top = global_factors[module].inner_rank
+                if update.start_rank(module) > top:
+                    raise InvalidUpdateError(
+                        f"client {update.client_id!r}: module {module!r} has rank "
+                        f"{update.start_rank(module)} above the global rank {top}"
+                    )
+
+
+# ---- shared plumbing ------------------------------------------------------------------------------
+
+
+def padded_average(
+    updates: Sequence[ClientUpdate], weights: Tensor, module: str, rank: int
+) -> LowRank:
+    """sum_i w_i pad(sqrt(s_i) B_i), sum_i w_i pad(sqrt(s_i) A_i): zero-padded folded factors."""
+    U = None
+    V = None
+    for update, w in zip(updates, weights.tolist()):
+        folded = update.modules[module].folded()
+        u, v = pad_cols(folded.U, rank) * w, pad_rows(folded.V, rank) * w
+        U = u if U is None else U + u
+        V = v if V is None else V + v
+    return LowRank(U, V)
+
+
+def ideal_update(
+    previous: LowRank | None, updates: Sequence[ClientUpdate], weights: Tensor, module: str
+) -> LowRank:
+    """dW* = sum_i p_i (s_i B_i A_i - U[:, :r_i0] V[:r_i0]) as stacked factors.
+
+    Every client started from the leading r_i0 columns/rows of the previous folded global factors
+    (``previous``; None when clients start from a zero product, as FLoRA's do). The start terms sum to
+    U diag(c) V with c_k = sum of p_i over the clients with r_i0 > k, so the result has inner rank
+    sum_i r_i + r.
+    """
+    Us, Vs = [], []
+    for update, p in zip(updates, weights.tolist()):
+        folded = update.modules[module].folded()
+        Us.append(folded.U)
+        Vs.append(folded.V * p)
+    if previous is not None:
+        coverage = torch.zeros(previous.inner_rank, dtype=weights.dtype)
+        for update, p in zip(updates, weights.tolist()):
+            coverage[: update.start_rank(module)] += p
+        Us.append(previous.U)
+        Vs.append(-coverage.to(previous.V)[:, None] * previous.V)
+    return LowRank(torch.cat(Us, dim=1), torch.cat(Vs, dim=0))
+
+
+def client_change_norms(
+    previous: LowRank | None, updates: Sequence[ClientUpdate], weights: Tensor, module: str
+) -> float:
+    """sum_i p_i ||dW_i||_F, each from the Gram matrices of its factors."""
+    total = 0.0
+    for update, p in zip(updates, weights.tolist()):
+        folded = update.modules[module].folded()
+        terms = [folded]
+        if previous is not None:
+            r0 = update.start_rank(module)
+            terms.append(LowRank(-previous.U[:, :r0], previous.V[:r0]))
+        total += p * float(frobenius_norm(stack(terms)))
+    return total
+
+
+def reference_norm(
+    ideal: LowRank, previous: LowRank | None, updates, weights, module: str
+) -> float:
+    """max(||dW*||, sum_i p_i ||dW_i||)."""
+    return max(
+        float(frobenius_norm(ideal)), client_change_norms(previous, updates, weights, module)
+    )
+
+
+def ideal_and_reference(
+    starts: dict[str, LowRank | None], updates: Sequence[ClientUpdate], weights: Tensor
+) -> tuple[dict[str, LowRank], dict[str, float]]:
+    ideal, reference = {}, {}
+    for module, previous in starts.items():
+        ideal[module] = ideal_update(previous, updates, weights, module)
+        reference[module] = reference_norm(ideal[module], previous, updates, weights, module)
+    return ideal, reference
+
+
+def difference(new: LowRank, old: LowRank) -> LowRank:
+    """new - old as stacked factors."""
+    return stack([new, LowRank(-old.U, old.V)])
+
+
+def sliced_adapter(factors: dict[str, LowRank], spec: ClientSpec) -> Adapter:
+    """The client's leading slices of folded global factors with its own sqrt(s_i) divided out."""
+    adapter: Adapter = {}
+    for module, folded in factors.items():
+        rank = spec.ranks[module]
+        if rank > folded.inner_rank:
+            raise InvalidUpdateError(
+                f"module {module!r}: client rank {rank} above the global rank {folded.inner_rank}"
+            )
+        adapter[module] = LoRAFactors.from_folded(folded, rank, spec.scales[module])
+    return adapter
+
+
+def adapter_payload(state: GlobalState, spec: ClientSpec, with_head: bool = True) -> Payload:
+    adapter = sliced_adapter(state.factors, spec)
+    config = {**adapter_config(adapter), VERSION_KEY: state.version}
+    head = {name: to_wire(t) for name, t in state.head.items()} if with_head else {}
+    return Payload(adapter=adapter_to_tensors(adapter), head=head, config=config)
+
+
+def load_adapter(local: ClientState, payload: Payload) -> ClientState:
+    """Replace the client's adapter (and head, when sent) by the payload's, in the client's dtype."""
+    dtype = next(iter(local.adapter.values())).A.dtype if local.adapter else None
+    adapter = adapter_from_tensors(payload.adapter, payload.config, dtype=dtype)
+    head = {name: t.to(dtype) if dtype else t for name, t in payload.head.items()} or local.head
+    return replace(local, adapter=adapter, head=head)

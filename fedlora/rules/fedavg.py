@@ -1,0 +1,59 @@
+"""FedAvg of LoRA factors (FedIT): average A and B separately, zero-padding mixed ranks.
+
+A = sum_i p_i pad(sqrt(s_i) A_i), B = sum_i p_i pad(sqrt(s_i) B_i); client i loads the leading r_i
+rows of A and columns of B with its own sqrt(s_i) divided out. Not exact: the product of the averages
+is not the average of the products.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fedlora.client_state import ClientState
+from fedlora.messages import Payload
+from fedlora.rules.base import (
+    AggregationRule,
+    ClientSpec,
+    GlobalState,
+    RoundResult,
+    adapter_payload,
+    difference,
+    ideal_and_reference,
+    load_adapter,
+    padded_average,
+)
+from fedlora.updates import ClientUpdate, average_head
+
+
+class FedAvg(AggregationRule):
+    name = "fedavg"
+    exact = False
+
+    def _aggregate(
+        self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
+    ) -> RoundResult:
+        factors = self._average_factors(state, updates, weights)
+        return self._result(state, updates, weights, factors)
+
+    def _average_factors(self, state, updates, weights) -> dict:
+        return {
+            module: padded_average(updates, weights, module, state.top_rank(module))
+            for module in state.modules
+        }
+
+    def _result(self, state, updates, weights, factors) -> RoundResult:
+        ideal, reference = ideal_and_reference(state.factors, updates, weights)
+        new_state = GlobalState(
+            version=state.version + 1,
+            shapes=state.shapes,
+            factors=factors,
+            head=average_head(updates, weights) or state.head,
+        )
+        update = {m: difference(factors[m], state.factors[m]) for m in factors}
+        return RoundResult(new_state, update, ideal, reference)
+
+    def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
+        return adapter_payload(state, spec)
+
+    def client_step(self, local: ClientState, payload: Payload, cache=None) -> ClientState:
+        return load_adapter(local, payload)

@@ -1,0 +1,79 @@
+"""FedEx-LoRA: FedAvg's factors plus an exact residual folded into the base weights.
+
+The global model is kept exact, W_t = W_{t-1} + dW*, and the averaged factors are shared as in FedAvg.
+Client i loads its slice (B_i', A_i') and a base such that base_i + s_i B_i' A_i' = W_t; with mixed
+ranks the base differs per rank, so the client derives it as W_t - s_i B_i' A_i' from the shared
+W_t - W_0 (`BaseCache`, one per worker). The round's change dW* has inner rank <= sum_i r_i + r and
+travels as factors, or dense where that is smaller; clients that skipped rounds receive the changes of
+every round since the version they hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import Tensor
+
+from fedlora.adapter import Adapter
+from fedlora.client_state import ClientState
+from fedlora.lowrank import LowRank
+from fedlora.messages import (
+    VERSION_KEY,
+    Payload,
+    change_from_tensors,
+    change_to_tensors,
+)
+from fedlora.rules.base import ClientSpec, GlobalState, RoundResult, adapter_payload, load_adapter
+from fedlora.rules.fedavg import FedAvg
+from fedlora.updates import ClientUpdate
+from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
+
+FROM_VERSION_KEY = "base-from-version"
+
+
+class FedExLoRA(FedAvg):
+    name = "fedex"
+    exact = True
+
+    def init_state(self, initial: Adapter, head=None) -> GlobalState:
+        state = super().init_state(initial, head)
+        state.changes = ChangeLog()
+        return state
+
+    def _aggregate(
+        self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
+    ) -> RoundResult:
+        result = super()._aggregate(state, updates, weights)
+        changes = ChangeLog(list(state.changes.rounds))
+        changes.append(result.ideal_update)
+        new_state = replace(result.state, changes=changes)
+        return RoundResult(
+            new_state, dict(result.ideal_update), result.ideal_update, result.reference_norm
+        )
+
+    def global_delta(self, state: GlobalState, module: str) -> LowRank:
+        """W_t - W_0: the sum of every round's change (the adapter's product is part of the base's)."""
+        return accumulated_changes(state, module)
+
+    def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
+        payload = adapter_payload(state, spec)
+        payload.base_change = change_to_tensors(state.changes.since(spec.version))
+        payload.config[FROM_VERSION_KEY] = spec.version
+        return payload
+
+    def client_step(
+        self, local: ClientState, payload: Payload, cache: BaseCache | None = None
+    ) -> ClientState:
+        """Catch the shared base up to W_t, load the slice, and set base_i = W_t - s_i B_i' A_i'."""
+        if cache is None:
+            raise ValueError("FedEx-LoRA's client step needs the worker's BaseCache")
+        version = int(payload.config[VERSION_KEY])
+        cache.catch_up(
+            change_from_tensors(payload.base_change), int(payload.config[FROM_VERSION_KEY]), version
+        )
+        loaded = load_adapter(local, payload)
+        base_shift = {}
+        for module, factors in loaded.adapter.items():
+            delta = factors.delta()
+            base_shift[module] = cache.shift_of(module, delta).to(delta.dtype) - delta
+        return replace(loaded, base_shift=base_shift)

@@ -1,0 +1,129 @@
+"""FLoRA: stack the clients' factors, merge the stack into the base, start a fresh adapter.
+
+The server stacks A_g = [p_1 s_1 A_1; ...; p_K s_K A_K] and B_g = [B_1 ... B_K] (weights and scales on
+the rows of A, B unscaled, the stack at scale 1), so B_g A_g = sum_i p_i s_i B_i A_i = dW*: exact for
+any mix of ranks. Every client merges B_g A_g into its base and re-initialises its adapter (A random,
+B = 0) each round, so the stacked rank never grows. Clients that skipped rounds receive the stacks of
+every round since the version they hold.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from fedlora.adapter import Adapter, LoRAFactors
+from fedlora.client_state import ClientState, fresh_lora_A
+from fedlora.lowrank import LowRank
+from fedlora.messages import (
+    FRESH_ADAPTER_SEED_KEY,
+    VERSION_KEY,
+    Payload,
+    change_from_tensors,
+    change_to_tensors,
+    rank_key,
+    scale_key,
+    to_wire,
+)
+from fedlora.rules.base import (
+    AggregationRule,
+    ClientSpec,
+    GlobalState,
+    RoundResult,
+    ideal_and_reference,
+)
+from fedlora.rules.fedex import FROM_VERSION_KEY
+from fedlora.updates import ClientUpdate, average_head
+from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
+
+
+def stack_adapters(updates: list[ClientUpdate], weights: Tensor, module: str) -> LowRank:
+    """B_g = [B_1 ... B_K] and A_g = [p_1 s_1 A_1; ...; p_K s_K A_K]."""
+    Bs = [u.modules[module].B for u in updates]
+    As = [
+        u.modules[module].A * (p * u.modules[module].scale)
+        for u, p in zip(updates, weights.tolist())
+    ]
+    return LowRank(torch.cat(Bs, dim=1), torch.cat(As, dim=0))
+
+
+class FLoRA(AggregationRule):
+    name = "flora"
+    exact = True
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def init_state(self, initial: Adapter, head=None) -> GlobalState:
+        """FLoRA's adapters start each round at B = 0: only the shapes and the head matter."""
+        return GlobalState(
+            version=0,
+            shapes={module: f.shape for module, f in initial.items()},
+            head=dict(head or {}),
+            changes=ChangeLog(),
+        )
+
+    def _aggregate(
+        self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
+    ) -> RoundResult:
+        change = {module: stack_adapters(updates, weights, module) for module in state.modules}
+        ideal, reference = ideal_and_reference(dict.fromkeys(state.modules), updates, weights)
+        changes = ChangeLog(list(state.changes.rounds))
+        changes.append(change)
+        new_state = GlobalState(
+            version=state.version + 1,
+            shapes=state.shapes,
+            head=average_head(updates, weights) or state.head,
+            changes=changes,
+        )
+        return RoundResult(new_state, change, ideal, reference)
+
+    def global_delta(self, state: GlobalState, module: str) -> LowRank:
+        return accumulated_changes(state, module)
+
+    def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
+        config = {
+            VERSION_KEY: state.version,
+            FROM_VERSION_KEY: spec.version,
+            FRESH_ADAPTER_SEED_KEY: self.seed * 1_000_003 + state.version,
+        }
+        for module in state.modules:
+            config[rank_key(module)] = spec.ranks[module]
+            config[scale_key(module)] = float(spec.scales[module])
+        return Payload(
+            head={name: to_wire(t) for name, t in state.head.items()},
+            base_change=change_to_tensors(state.changes.since(spec.version)),
+            config=config,
+        )
+
+    def client_step(
+        self, local: ClientState, payload: Payload, cache: BaseCache | None = None
+    ) -> ClientState:
+        """Merge every pending stack into the shared base, then start a fresh adapter (B = 0)."""
+        if cache is None:
+            raise ValueError("FLoRA's client step needs the worker's BaseCache")
+        config = payload.config
+        cache.catch_up(
+            change_from_tensors(payload.base_change),
+            int(config[FROM_VERSION_KEY]),
+            int(config[VERSION_KEY]),
+        )
+        adapter: Adapter = {}
+        base_shift: dict[str, Tensor] = {}
+        for module, old in local.adapter.items():
+            rank, (d_out, d_in) = int(config[rank_key(module)]), old.shape
+            seed = int(config[FRESH_ADAPTER_SEED_KEY]) + zlib.crc32(module.encode())
+            A = fresh_lora_A(rank, d_in, seed, dtype=old.A.dtype)
+            adapter[module] = LoRAFactors(
+                A=A, B=A.new_zeros(d_out, rank), scale=float(config[scale_key(module)])
+            )
+            base_shift[module] = cache.shift_of(module, A.new_zeros(d_out, d_in)).to(old.A.dtype)
+        head = {name: t.to(local_dtype(local)) for name, t in payload.head.items()} or local.head
+        return replace(local, adapter=adapter, base_shift=base_shift, head=head)
+
+
+def local_dtype(local: ClientState) -> torch.dtype:
+    return next(iter(local.adapter.values())).A.dtype

@@ -1,0 +1,120 @@
+"""Client updates as the rules receive them, their validation and the example weights p_i."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedlora.adapter import ModuleUpdate
+from fedlora.errors import InvalidUpdateError
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply: its trained module factors, trained head and example count.
+
+    ``start_ranks`` are the ranks the client received this round where they differ from its current
+    ones (HetLoRA clients prune ranks during training); by default the ranks did not change.
+    """
+
+    client_id: str
+    num_examples: int
+    modules: Mapping[str, ModuleUpdate]
+    head: Mapping[str, Tensor] = field(default_factory=dict)
+    start_ranks: Mapping[str, int] = field(default_factory=dict)
+
+    def start_rank(self, module: str) -> int:
+        return self.start_ranks.get(module, self.modules[module].rank)
+
+    def tensors(self) -> dict[str, Tensor]:
+        named: dict[str, Tensor] = {}
+        for module, update in self.modules.items():
+            for attr in ("A", "B", "R"):
+                if hasattr(update, attr):
+                    named[f"{module}.{attr}"] = getattr(update, attr)
+        named.update(self.head)
+        return named
+
+
+def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
+    """Reject what cannot be aggregated, naming the client and the problem."""
+    if not updates:
+        raise InvalidUpdateError("no client updates to aggregate")
+    reference = updates[0]
+    module_set, head_set = set(reference.modules), set(reference.head)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for update in updates:
+        who = f"client {update.client_id!r}"
+        if not isinstance(update.num_examples, int) or update.num_examples <= 0:
+            raise InvalidUpdateError(
+                f"{who}: example count must be a positive integer, got {update.num_examples!r}"
+            )
+        if set(update.modules) != module_set:
+            diff = sorted(set(update.modules) ^ module_set)
+            raise InvalidUpdateError(
+                f"{who}: module set differs from client {reference.client_id!r} on {diff}"
+            )
+        if set(update.head) != head_set:
+            diff = sorted(set(update.head) ^ head_set)
+            raise InvalidUpdateError(
+                f"{who}: head parameters differ from client {reference.client_id!r} on {diff}"
+            )
+        for module, factors in update.modules.items():
+            if not isinstance(factors, kind):
+                raise InvalidUpdateError(
+                    f"{who}: module {module!r} carries {type(factors).__name__}, this rule takes {kind.__name__}"
+                )
+        for name, tensor in update.tensors().items():
+            if not torch.isfinite(tensor).all():
+                raise InvalidUpdateError(f"{who}: non-finite values in {name!r}")
+        for module, factors in update.modules.items():
+            _check_same_shape(shapes, module, _outer_shape(factors), who)
+        for name, tensor in update.head.items():
+            _check_same_shape(shapes, "head:" + name, tuple(tensor.shape), who)
+
+
+def _outer_shape(factors: ModuleUpdate) -> tuple[int, ...]:
+    if hasattr(factors, "B"):
+        return factors.shape
+    if hasattr(factors, "R"):
+        return tuple(factors.R.shape)
+    return (factors.A.shape[1],)
+
+
+def _check_same_shape(shapes: dict, name: str, shape: tuple[int, ...], who: str) -> None:
+    expected = shapes.setdefault(name, shape)
+    if shape != expected:
+        raise InvalidUpdateError(
+            f"{who}: {name!r} has shape {shape}, other clients have {expected}"
+        )
+
+
+def example_weights(updates: Sequence[ClientUpdate], dtype: torch.dtype = torch.float64) -> Tensor:
+    """p_i = n_i / sum_j n_j."""
+    counts = torch.tensor([u.num_examples for u in updates], dtype=dtype)
+    return counts / counts.sum()
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """sum_i w_i T_i in one stacked reduction."""
+    stacked = torch.stack(list(tensors))
+    w = weights.to(device=stacked.device, dtype=stacked.dtype)
+    return torch.tensordot(w, stacked, dims=1)
+
+
+def average_head(updates: Sequence[ClientUpdate], weights: Tensor) -> dict[str, Tensor]:
+    """The example-weighted average of every full (head) parameter: exact, since it is linear."""
+    return {
+        name: weighted_sum([u.head[name] for u in updates], weights) for name in updates[0].head
+    }
+
+
+def check_same_modules(expected: Mapping[str, object], updates: Sequence[ClientUpdate]) -> None:
+    got = set(updates[0].modules)
+    if got != set(expected):
+        raise InvalidUpdateError(
+            f"updates adapt modules {sorted(got ^ set(expected))} that the global state does not (or vice versa)"
+        )
