@@ -6,9 +6,9 @@ from fedlora.rules.fedex import FedExLoRA
 from fedlora.rules.fedsa import FedSALoRA
 from fedlora.rules.fedsb import FedSB
 from fedlora.rules.flexlora import FlexLoRA
+from fedlora.rules.flora import FLoRA
 from fedlora.rules.hetlora import HetLoRA
 from fedlora.rules.lorafair import LoRAFAIR
-from fedlora.rules.flora import FLoRA
 
 RULES: dict[str, type[AggregationRule]] = {
     rule.name: rule
