@@ -12,8 +12,9 @@ can be measured every round.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from fedlora.adapter import Adapter, LoRAFactors
 from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank, frobenius_norm, pad_cols, pad_rows, stack
+from fedlora.lowrank import LowRank, stack
 from fedlora.messages import (
     VERSION_KEY,
     Payload,
@@ -89,7 +90,7 @@ class RoundResult:
     state: GlobalState
     global_update: dict[str, LowRank] | None
     ideal_update: dict[str, LowRank] | None
-    reference_norm: dict[str, float] | None
+    reference_norm: Mapping[str, float] | None
 
     def relative_deviation(self) -> float | None:
         """max over modules of ||global update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense GEMM)."""
@@ -125,7 +126,7 @@ class AggregationRule(ABC):
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> RoundResult:
         validate_updates(updates, self.update_kind)
-        self._check_ranks(state, updates)
+        self._check_against_state(state, updates)
         return self._aggregate(state, list(updates), example_weights(updates))
 
     @abstractmethod
@@ -146,11 +147,20 @@ class AggregationRule(ABC):
         """The global model's weight minus the pretrained one, at the top rank."""
         return state.factors[module]
 
-    def _check_ranks(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
+    def _check_against_state(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
+        """Updates must adapt the state's modules, with its shapes, at no more than its rank."""
         check_same_modules(state.shapes, updates)
         global_factors = state.factors or state.sb_factors
         for update in updates:
-            for module in update.modules:
+            for module, factors in update.modules.items():
+                d_out, d_in = state.shapes[module]
+                fits = factors.A.shape[1] == d_in if hasattr(factors, "A") else True
+                fits = fits and (factors.B.shape[0] == d_out if hasattr(factors, "B") else True)
+                if not fits:
+                    raise InvalidUpdateError(
+                        f"client {update.client_id!r}: module {module!r} does not have the global "
+                        f"shape {(d_out, d_in)} (d_out, d_in)"
+                    )
                 if module not in global_factors:
                     continue
                 top = global_factors[module].inner_rank
@@ -164,18 +174,54 @@ class AggregationRule(ABC):
 # ---- shared plumbing ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ConcatenatedFactors:
+    """Every client's folded factors of one module side by side, one rank column per entry.
+
+    U is (d_out x sum r_i), V is (sum r_i x d_in); ``client[j]`` owns column j, which is column
+    ``position[j]`` of that client's own factors.
+    """
+
+    U: Tensor
+    V: Tensor
+    client: Tensor
+    position: Tensor
+    num_clients: int
+
+
+def concatenate_folded(updates: Sequence[ClientUpdate], module: str) -> ConcatenatedFactors:
+    """sqrt(s_i) B_i and sqrt(s_i) A_i of all clients in two concatenations (no per-client products)."""
+    factors = [update.modules[module] for update in updates]
+    U = torch.cat([f.B for f in factors], dim=1)
+    V = torch.cat([f.A for f in factors], dim=0)
+    ranks = torch.tensor([f.rank for f in factors])
+    client = torch.repeat_interleave(torch.arange(len(factors)), ranks)
+    offsets = torch.cumsum(ranks, 0) - ranks
+    position = torch.arange(int(ranks.sum())) - offsets[client]
+    roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)[client].to(U.device)
+    return ConcatenatedFactors(
+        U * roots, V * roots[:, None], client.to(U.device), position.to(U.device), len(factors)
+    )
+
+
 def padded_average(
     updates: Sequence[ClientUpdate], weights: Tensor, module: str, rank: int
 ) -> LowRank:
     """sum_i w_i pad(sqrt(s_i) B_i), sum_i w_i pad(sqrt(s_i) A_i): zero-padded folded factors."""
-    U = None
-    V = None
-    for update, w in zip(updates, weights.tolist()):
-        folded = update.modules[module].folded()
-        u, v = pad_cols(folded.U, rank) * w, pad_rows(folded.V, rank) * w
-        U = u if U is None else U + u
-        V = v if V is None else V + v
+    c = concatenate_folded(updates, module)
+    w = weights.to(device=c.U.device, dtype=c.U.dtype)[c.client]
+    U = c.U.new_zeros(c.U.shape[0], rank).index_add_(1, c.position, c.U * w)
+    V = c.V.new_zeros(rank, c.V.shape[1]).index_add_(0, c.position, c.V * w[:, None])
     return LowRank(U, V)
+
+
+def start_coverage(
+    updates: Sequence[ClientUpdate], weights: Tensor, module: str, rank: int
+) -> Tensor:
+    """c_k = sum of p_i over the clients whose start rank r_i0 exceeds k."""
+    start_ranks = torch.tensor([update.start_rank(module) for update in updates])
+    started = torch.arange(rank)[None, :] < start_ranks[:, None]
+    return weights @ started.to(weights.dtype)
 
 
 def ideal_update(
@@ -188,52 +234,82 @@ def ideal_update(
     U diag(c) V with c_k = sum of p_i over the clients with r_i0 > k, so the result has inner rank
     sum_i r_i + r.
     """
-    Us, Vs = [], []
-    for update, p in zip(updates, weights.tolist()):
-        folded = update.modules[module].folded()
-        Us.append(folded.U)
-        Vs.append(folded.V * p)
-    if previous is not None:
-        coverage = torch.zeros(previous.inner_rank, dtype=weights.dtype)
-        for update, p in zip(updates, weights.tolist()):
-            coverage[: update.start_rank(module)] += p
-        Us.append(previous.U)
-        Vs.append(-coverage.to(previous.V)[:, None] * previous.V)
-    return LowRank(torch.cat(Us, dim=1), torch.cat(Vs, dim=0))
+    c = concatenate_folded(updates, module)
+    p = weights.to(device=c.V.device, dtype=c.V.dtype)[c.client]
+    if previous is None:
+        return LowRank(c.U, c.V * p[:, None])
+    coverage = start_coverage(updates, weights, module, previous.inner_rank).to(previous.V)
+    return LowRank(
+        torch.cat([c.U, previous.U], dim=1),
+        torch.cat([c.V * p[:, None], -coverage[:, None] * previous.V], dim=0),
+    )
+
+
+def _padded_per_client(values: Tensor, c: ConcatenatedFactors, rank: int) -> Tensor:
+    """(sum r_i x d) rows regrouped as (K x rank x d), zero-padded."""
+    out = values.new_zeros(c.num_clients, rank, values.shape[1])
+    out[c.client, c.position] = values
+    return out
 
 
 def client_change_norms(
     previous: LowRank | None, updates: Sequence[ClientUpdate], weights: Tensor, module: str
 ) -> float:
-    """sum_i p_i ||dW_i||_F, each from the Gram matrices of its factors."""
-    total = 0.0
-    for update, p in zip(updates, weights.tolist()):
-        folded = update.modules[module].folded()
-        terms = [folded]
-        if previous is not None:
-            r0 = update.start_rank(module)
-            terms.append(LowRank(-previous.U[:, :r0], previous.V[:r0]))
-        total += p * float(frobenius_norm(stack(terms)))
-    return total
+    """sum_i p_i ||dW_i||_F with dW_i = s_i B_i A_i - U[:, :r_i0] V[:r_i0], from batched Grams.
+
+    ||dW_i||^2 = ||P_i||^2 - 2 <P_i, P0_i> + ||P0_i||^2 with every term a sum over r x r Grams.
+    """
+    c = concatenate_folded(updates, module)
+    rank = int(c.position.max()) + 1
+    Bt, A = _padded_per_client(c.U.T, c, rank), _padded_per_client(c.V, c, rank)
+    squared = torch.sum((Bt @ Bt.mT) * (A @ A.mT), dim=(1, 2))
+    if previous is not None:
+        start_ranks = torch.tensor([u.start_rank(module) for u in updates], device=c.U.device)
+        top = previous.inner_rank
+        kept = torch.arange(top, device=c.U.device)[None, :] < start_ranks[:, None]
+        start_gram = (previous.U.T @ previous.U) * (previous.V @ previous.V.T)
+        pair = kept[:, :, None] & kept[:, None, :]
+        squared = squared + torch.sum(start_gram[None] * pair, dim=(1, 2))
+        cross = (Bt @ previous.U) * (A @ previous.V.T)
+        squared = squared - 2 * torch.sum(cross * kept[:, None, :], dim=(1, 2))
+    norms = squared.clamp_min(0).sqrt()
+    return float(weights.to(norms) @ norms)
 
 
-def reference_norm(
-    ideal: LowRank, previous: LowRank | None, updates, weights, module: str
-) -> float:
-    """max(||dW*||, sum_i p_i ||dW_i||)."""
-    return max(
-        float(frobenius_norm(ideal)), client_change_norms(previous, updates, weights, module)
-    )
+class ReferenceNorms(Mapping):
+    """max(||dW*||, sum_i p_i ||dW_i||) per module, computed on first use (it is a measurement).
+
+    By the triangle inequality ||dW*|| <= sum_i p_i ||dW_i||, so the sum is the maximum.
+    """
+
+    def __init__(self, starts: dict[str, LowRank | None], updates, weights: Tensor):
+        self._starts, self._updates, self._weights = starts, updates, weights
+        self._cache: dict[str, float] = {}
+
+    def __getitem__(self, module: str) -> float:
+        if module not in self._cache:
+            previous = self._starts[module]
+            self._cache[module] = client_change_norms(
+                previous, self._updates, self._weights, module
+            )
+        return self._cache[module]
+
+    def __iter__(self):
+        return iter(self._starts)
+
+    def __len__(self) -> int:
+        return len(self._starts)
 
 
 def ideal_and_reference(
     starts: dict[str, LowRank | None], updates: Sequence[ClientUpdate], weights: Tensor
-) -> tuple[dict[str, LowRank], dict[str, float]]:
-    ideal, reference = {}, {}
-    for module, previous in starts.items():
-        ideal[module] = ideal_update(previous, updates, weights, module)
-        reference[module] = reference_norm(ideal[module], previous, updates, weights, module)
-    return ideal, reference
+) -> tuple[dict[str, LowRank], ReferenceNorms]:
+    """The ideal update per module, and its reference norms (computed when first read)."""
+    ideal = {
+        module: ideal_update(previous, updates, weights, module)
+        for module, previous in starts.items()
+    }
+    return ideal, ReferenceNorms(starts, updates, weights)
 
 
 def difference(new: LowRank, old: LowRank) -> LowRank:
