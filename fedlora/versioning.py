@@ -49,8 +49,9 @@ class BaseCache:
     shift: dict[str, Tensor] = field(default_factory=dict)
 
     def catch_up(self, change: dict[str, Tensor], from_version: int, to_version: int) -> None:
-        """Add the change of rounds from_version+1..to_version; refuse one that does not start here."""
-        if to_version == self.version and not change:
+        """Add the change of rounds from_version+1..to_version; a cache already at to_version (another
+        client of this worker caught it up) ignores it; a change that does not start here is refused."""
+        if to_version == self.version:
             return
         if from_version != self.version:
             raise InvalidUpdateError(

@@ -1,8 +1,79 @@
-"""HetLoRA: sparsity-weighted aggregation of zero-padded factors, local rank self-pruning."""
+"""HetLoRA: sparsity-weighted aggregation of zero-padded factors, local rank self-pruning.
 
-from fedlora.rules.base import AggregationRule
+Server (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models"):
+per module, the zero-padded folded factors are averaged with weights
+
+    w_i = p_i ||s_i B_i A_i||_F / sum_j p_j ||s_j B_j A_j||_F
+
+(norms from Gram matrices; w_i = p_i when every product is zero), so clients whose adapters moved
+further count more. Client i receives the leading r_i columns/rows (truncation). Clients may shrink
+their rank during local training (`prune_rank`); they then report the smaller rank, with the rank
+they received in ``ClientUpdate.start_ranks``. Not exact: the product of averages is not the average
+of products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.adapter import LoRAFactors
+from fedlora.lowrank import LowRank, frobenius_norm
+from fedlora.rules.base import padded_average
+from fedlora.rules.fedavg import FedAvg
+from fedlora.updates import ClientUpdate
+
+DEFAULT_PRUNE_GAMMA = 0.05
+"""Default pruning threshold: a tail is dropped when its norm is below 5% of the head's."""
 
 
-class HetLoRA(AggregationRule):
+class HetLoRA(FedAvg):
     name = "hetlora"
     exact = False
+
+    def _average_factors(self, state, updates, weights) -> dict:
+        return {
+            module: padded_average(
+                updates,
+                sparsity_weights(updates, weights, module),
+                module,
+                state.top_rank(module),
+            )
+            for module in state.modules
+        }
+
+
+def sparsity_weights(updates: Sequence[ClientUpdate], weights: Tensor, module: str) -> Tensor:
+    """w_i = p_i ||s_i B_i A_i||_F / sum_j p_j ||s_j B_j A_j||_F, or p_i when every norm is zero."""
+    norms = torch.stack([frobenius_norm(u.modules[module].folded()) for u in updates])
+    weighted = weights * norms.to(weights)
+    total = weighted.sum()
+    return weighted / total if total > 0 else weights
+
+
+def prune_rank(
+    factors: LoRAFactors, gamma: float = DEFAULT_PRUNE_GAMMA, min_rank: int = 1
+) -> LoRAFactors:
+    """Local rank self-pruning: drop the longest tail of rank components that is negligible.
+
+    Split the adapter at rank k into a head (components 0..k-1) and a tail (k..r-1). The new rank is
+    the smallest k >= ``min_rank`` with
+
+        ||s B[:, k:] A[k:]||_F < gamma ||s B[:, :k] A[:k]||_F,
+
+    and r (nothing dropped) when no k < r qualifies; the kept factors and the scale are unchanged.
+    gamma = 0 (or a zero adapter) keeps everything. Defaults: gamma = 0.05 (`DEFAULT_PRUNE_GAMMA`),
+    min_rank = 1.
+
+    The HetLoRA paper drives the tail towards zero with a penalty on the norm of its product during
+    local training and then truncates it; this is the truncation step, with the norm test above.
+    """
+    folded = factors.folded()
+    for rank in range(max(min_rank, 1), factors.rank):
+        head = LowRank(folded.U[:, :rank], folded.V[:rank])
+        tail = LowRank(folded.U[:, rank:], folded.V[rank:])
+        if frobenius_norm(tail) < gamma * frobenius_norm(head):
+            return LoRAFactors(A=factors.A[:rank], B=factors.B[:, :rank], scale=factors.scale)
+    return factors
