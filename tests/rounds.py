@@ -84,7 +84,9 @@ class Federation:
         trained = {}
         for m, f in self.locals[i].adapter.items():
             trained[m] = LoRAFactors(
-                A=f.A + 0.3 * self.randn(*f.A.shape), B=f.B + 0.3 * self.randn(*f.B.shape), scale=f.scale
+                A=f.A + 0.3 * self.randn(*f.A.shape),
+                B=f.B + 0.3 * self.randn(*f.B.shape),
+                scale=f.scale,
             )
         self.locals[i].adapter = trained
         return ClientUpdate(str(i), self.counts[i], trained)
@@ -104,7 +106,9 @@ class Federation:
             changes = [effective(self.locals[i], m) - before[i][m] for i in participants]
             weights = [self.counts[i] / total for i in participants]
             ideal[m] = sum(w * c for w, c in zip(weights, changes))
-            reference[m] = sum(w * float(torch.linalg.matrix_norm(c)) for w, c in zip(weights, changes))
+            reference[m] = sum(
+                w * float(torch.linalg.matrix_norm(c)) for w, c in zip(weights, changes)
+            )
         previous = {m: before[participants[0]][m] for m in self.shapes}
         self.result = self.rule.aggregate(self.state, updates)
         self.state = self.result.state
@@ -113,9 +117,12 @@ class Federation:
             self.receive(i)
             for m in self.shapes:
                 error = effective(self.locals[i], m) - previous[m] - ideal[m]
-                worst[m] = max(worst.get(m, 0.0), float(torch.linalg.matrix_norm(error)) / reference[m])
+                worst[m] = max(
+                    worst.get(m, 0.0), float(torch.linalg.matrix_norm(error)) / reference[m]
+                )
         self.starts_agree = all(
-            float(torch.linalg.matrix_norm(before[i][m] - previous[m])) <= 1e-9 * (1 + float(previous[m].norm()))
+            float(torch.linalg.matrix_norm(before[i][m] - previous[m]))
+            <= 1e-9 * (1 + float(previous[m].norm()))
             for i in participants
             for m in self.shapes
         )

@@ -21,7 +21,12 @@ federations = st.fixed_dictionaries(
     }
 ).flatmap(
     lambda f: st.fixed_dictionaries(
-        {**{k: st.just(v) for k, v in f.items()}, "counts": st.lists(st.integers(1, 1000), min_size=len(f["ranks"]), max_size=len(f["ranks"]))}
+        {
+            **{k: st.just(v) for k, v in f.items()},
+            "counts": st.lists(
+                st.integers(1, 1000), min_size=len(f["ranks"]), max_size=len(f["ranks"])
+            ),
+        }
     )
 )
 
@@ -29,7 +34,15 @@ federations = st.fixed_dictionaries(
 def build(name, f, dtype=torch.float64, **kwargs):
     shapes = {"layer.q": (f["d_out"], f["d_in"]), "layer.v": (f["d_in"], f["d_out"])}
     return Federation(
-        make_rule(name), shapes, f["ranks"], f["counts"], alpha=f["alpha"], rslora=f["rslora"], dtype=dtype, seed=f["seed"], **kwargs
+        make_rule(name),
+        shapes,
+        f["ranks"],
+        f["counts"],
+        alpha=f["alpha"],
+        rslora=f["rslora"],
+        dtype=dtype,
+        seed=f["seed"],
+        **kwargs,
     )
 
 
@@ -59,7 +72,15 @@ def test_every_client_runs_with_the_ideal_update_float32(name, f):
 @pytest.mark.parametrize("shared_cache", [False, True])
 def test_clients_that_skipped_rounds_catch_up(name, shared_cache):
     """Sampling half the clients each round: everyone, participant or not, stays exact."""
-    f = {"d_out": 12, "d_in": 7, "ranks": [2, 4, 8, 8, 3, 5], "counts": [5, 50, 20, 7, 13, 30], "alpha": 16.0, "rslora": False, "seed": 3}
+    f = {
+        "d_out": 12,
+        "d_in": 7,
+        "ranks": [2, 4, 8, 8, 3, 5],
+        "counts": [5, 50, 20, 7, 13, 30],
+        "alpha": 16.0,
+        "rslora": False,
+        "seed": 3,
+    }
     federation = build(name, f, shared_cache=shared_cache)
     sampler = torch.Generator().manual_seed(0)
     for _ in range(5):
@@ -71,7 +92,15 @@ def test_clients_that_skipped_rounds_catch_up(name, shared_cache):
 
 
 def test_fedavg_deviation_is_reported_and_nonzero_with_mixed_ranks():
-    f = {"d_out": 10, "d_in": 6, "ranks": [2, 4, 8], "counts": [10, 20, 30], "alpha": 16.0, "rslora": False, "seed": 1}
+    f = {
+        "d_out": 10,
+        "d_in": 6,
+        "ranks": [2, 4, 8],
+        "counts": [10, 20, 30],
+        "alpha": 16.0,
+        "rslora": False,
+        "seed": 1,
+    }
     federation = build("fedavg", f)
     for _ in range(2):
         federation.round([0, 1, 2])

@@ -15,7 +15,9 @@ LORA_RULES = ["fedavg", "fedex", "flora", "lorafair", "flexlora", "hetlora"]
 
 def factors(rank, d_out=6, d_in=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return LoRAFactors(torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g), 2.0)
+    return LoRAFactors(
+        torch.randn(rank, d_in, generator=g), torch.randn(d_out, rank, generator=g), 2.0
+    )
 
 
 def initial():
@@ -32,7 +34,10 @@ def update(client="a", n=10, **modules):
     [
         ([update(), update("b", q=factors(2), k=factors(2))], "module set differs"),
         ([update(n=0)], "example count"),
-        ([update(q=LoRAFactors(torch.full((2, 4), float("nan")), torch.zeros(6, 2), 2.0))], "non-finite"),
+        (
+            [update(q=LoRAFactors(torch.full((2, 4), float("nan")), torch.zeros(6, 2), 2.0))],
+            "non-finite",
+        ),
         ([update(q=factors(2, d_out=5))], "shape"),
         ([update(q=factors(8))], "above the global rank"),
         ([], "no client updates"),
@@ -54,7 +59,9 @@ def test_inf_in_head_is_refused():
     rule = make_rule("fedavg")
     state = rule.init_state(initial(), head={"classifier.weight": torch.zeros(3, 4)})
     good = ClientUpdate("a", 5, {"q": factors(2)}, head={"classifier.weight": torch.zeros(3, 4)})
-    bad = ClientUpdate("b", 5, {"q": factors(2)}, head={"classifier.weight": torch.full((3, 4), float("inf"))})
+    bad = ClientUpdate(
+        "b", 5, {"q": factors(2)}, head={"classifier.weight": torch.full((3, 4), float("inf"))}
+    )
     with pytest.raises(InvalidUpdateError, match="client 'b'.*non-finite.*classifier.weight"):
         rule.aggregate(state, [good, bad])
 
@@ -84,13 +91,24 @@ def test_payload_for_a_rank_above_the_global_rank_is_refused():
 def test_unknown_rule_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown aggregation rule 'fedprox'.*fedavg"):
         make_rule("fedprox")
-    assert set(RULES) == {"fedavg", "fedex", "flora", "fedsa", "fedsb", "lorafair", "flexlora", "hetlora"}
+    assert set(RULES) == {
+        "fedavg",
+        "fedex",
+        "flora",
+        "fedsa",
+        "fedsb",
+        "lorafair",
+        "flexlora",
+        "hetlora",
+    }
 
 
 def test_base_cache_refuses_a_change_that_does_not_start_at_its_version():
     cache = BaseCache()
     cache.catch_up({"q": torch.ones(2, 2)}, from_version=0, to_version=1)
-    with pytest.raises(InvalidUpdateError, match="starts at version 0 but this cache holds version 1"):
+    with pytest.raises(
+        InvalidUpdateError, match="starts at version 0 but this cache holds version 1"
+    ):
         cache.catch_up({"q": torch.ones(2, 2)}, from_version=0, to_version=2)
     assert cache.version == 1 and torch.equal(cache.shift["q"], torch.ones(2, 2))
 

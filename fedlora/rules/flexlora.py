@@ -1,47 +1,80 @@
 """FlexLoRA: truncated SVD of the averaged products, best rank-r_i factors per client.
 
 The server forms T = sum_i p_i s_i B_i A_i (the clients' full products, as stacked folded factors) and
-keeps its best rank-r approximation at the global rank r, T ~ P diag(S) Q^T, from a QR of the stacked
-factors and an SVD of the small core (`fedlora.lowrank.truncated_svd`, never a dense product). The
-singular values are split evenly, U = P sqrt(S) and V = sqrt(S) Q^T, so the leading r_i columns/rows
-are the best rank-r_i factors; client i receives them with its own sqrt(s_i) divided out (Bai et al.,
-"Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client Resources").
+keeps its best rank-r approximation at the global rank r, T ~ P diag(S) Q^T, never forming a dense
+product: randomized subspace iteration on the factors (`fedlora.lowrank.randomized_truncated_svd`),
+batched over the modules of one shape. It is exact up to round-off when the stack's inner rank
+sum_i r_i is at most r + ``oversample`` (the sketch then spans the whole range); otherwise each power
+step shrinks the excess error over the optimal truncation. The singular values are split evenly,
+U = P sqrt(S) and V = sqrt(S) Q^T, so the leading r_i columns/rows are the best rank-r_i factors;
+client i receives them with its own sqrt(s_i) divided out (Bai et al., "Federated Fine-tuning of
+Large Language Models under Heterogeneous Tasks and Client Resources").
 Not exact: the truncation drops the tail of the spectrum.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
+import torch
 from torch import Tensor
 
-from fedlora.lowrank import LowRank, pad_cols, pad_rows, stack, truncated_svd
+from fedlora.errors import ConfigError
+from fedlora.lowrank import LowRank, pad_cols, pad_rows, randomized_truncated_svd
+from fedlora.rules.base import concatenate_folded
 from fedlora.rules.fedavg import FedAvg
 from fedlora.updates import ClientUpdate
 
 
 class FlexLoRA(FedAvg):
+    """FlexLoRA's SVD redistribution.
+
+    Parameters
+    ----------
+    oversample : int, default 32
+        Extra sketch columns beyond the global rank.
+    iterations : int, default 8
+        Power steps of the subspace iteration (on a flat spectrum of 100 random rank-16 clients,
+        8 steps with oversample 32 leave an excess Frobenius error about 1e-4 of the optimal one).
+    seed : int, default 0
+        Seed of the Gaussian sketch.
+    """
+
     name = "flexlora"
     exact = False
 
-    def _average_factors(self, state, updates, weights) -> dict:
-        return {
-            module: balanced_truncation(
-                averaged_product(updates, weights, module), state.top_rank(module)
+    def __init__(self, oversample: int = 32, iterations: int = 8, seed: int = 0):
+        if oversample < 0 or iterations < 0:
+            raise ConfigError(
+                f"FlexLoRA needs oversample >= 0 and iterations >= 0; got {oversample}, {iterations}"
             )
-            for module in state.modules
-        }
+        self.oversample, self.iterations, self.seed = oversample, iterations, seed
+
+    def _average_factors(self, state, updates, weights) -> dict:
+        products = {module: averaged_product(updates, weights, module) for module in state.modules}
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for module, product in products.items():
+            groups[(product.U.shape, product.V.shape, state.top_rank(module))].append(module)
+        factors = {}
+        for (_, _, rank), modules in groups.items():
+            U = torch.stack([products[m].U for m in modules])
+            V = torch.stack([products[m].V for m in modules])
+            P, S, Q = randomized_truncated_svd(
+                U, V, rank, self.oversample, self.iterations, self.seed
+            )
+            for index, module in enumerate(modules):
+                factors[module] = balanced_truncation(P[index], S[index], Q[index], rank)
+        return factors
 
 
 def averaged_product(updates: list[ClientUpdate], weights: Tensor, module: str) -> LowRank:
     """sum_i p_i s_i B_i A_i as stacked folded factors [sqrt(s_i) B_i], [p_i sqrt(s_i) A_i]."""
-    terms = []
-    for update, p in zip(updates, weights.tolist()):
-        folded = update.modules[module].folded()
-        terms.append(LowRank(folded.U, folded.V * p))
-    return stack(terms)
+    c = concatenate_folded(updates, module)
+    p = weights.to(device=c.V.device, dtype=c.V.dtype)[c.client]
+    return LowRank(c.U, c.V * p[:, None])
 
 
-def balanced_truncation(target: LowRank, rank: int) -> LowRank:
-    """P sqrt(S), sqrt(S) Q^T of the best rank-``rank`` approximation, zero-padded to ``rank``."""
-    P, S, Q = truncated_svd(target, rank)
+def balanced_truncation(P: Tensor, S: Tensor, Q: Tensor, rank: int) -> LowRank:
+    """P sqrt(S), sqrt(S) Q^T, zero-padded to ``rank`` where the stack had fewer directions."""
     root = S.sqrt()
     return LowRank(pad_cols(P * root, rank), pad_rows(root[:, None] * Q.T, rank))
