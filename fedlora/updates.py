@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -67,13 +68,24 @@ def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
                 raise InvalidUpdateError(
                     f"{who}: module {module!r} carries {type(factors).__name__}, this rule takes {kind.__name__}"
                 )
-        for name, tensor in update.tensors().items():
-            if not torch.isfinite(tensor).all():
-                raise InvalidUpdateError(f"{who}: non-finite values in {name!r}")
         for module, factors in update.modules.items():
             _check_same_shape(shapes, module, _outer_shape(factors), who)
         for name, tensor in update.head.items():
             _check_same_shape(shapes, "head:" + name, tuple(tensor.shape), who)
+    _check_finite(updates)
+
+
+def _check_finite(updates: Sequence[ClientUpdate]) -> None:
+    """One fused max-abs over every tensor (one host synchronisation); on failure, name the tensor."""
+    tensors = [t for update in updates for t in update.tensors().values()]
+    if torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf, foreach=True)):
+        return
+    for update in updates:
+        for name, tensor in update.tensors().items():
+            if not torch.isfinite(tensor).all():
+                raise InvalidUpdateError(
+                    f"client {update.client_id!r}: non-finite values in {name!r}"
+                )
 
 
 def _outer_shape(factors: ModuleUpdate) -> tuple[int, ...]:

@@ -102,6 +102,8 @@ class RoundResult:
             if reference < ABSOLUTE_FLOOR:
                 continue
             ideal = self.ideal_update[module]
+            if update is ideal:
+                continue  # the rule's update is the ideal one itself: identical products
             difference = stack([update, LowRank(-ideal.U, ideal.V)]).dense()
             worst = max(worst, float(torch.linalg.matrix_norm(difference)) / reference)
         return worst
@@ -252,13 +254,11 @@ def _padded_per_client(values: Tensor, c: ConcatenatedFactors, rank: int) -> Ten
     return out
 
 
-def client_change_norms(
-    previous: LowRank | None, updates: Sequence[ClientUpdate], weights: Tensor, module: str
-) -> float:
-    """sum_i p_i ||dW_i||_F with dW_i = s_i B_i A_i - U[:, :r_i0] V[:r_i0], from batched Grams.
-
-    ||dW_i||^2 = ||P_i||^2 - 2 <P_i, P0_i> + ||P0_i||^2 with every term a sum over r x r Grams.
-    """
+def client_change_norms_per_client(
+    previous: LowRank | None, updates: Sequence[ClientUpdate], module: str
+) -> Tensor:
+    """||dW_i||_F per client, dW_i = s_i B_i A_i - U[:, :r_i0] V[:r_i0] (previous None: no start
+    term), from batched r x r Grams: ||dW_i||^2 = ||P_i||^2 - 2 <P_i, P0_i> + ||P0_i||^2."""
     c = concatenate_folded(updates, module)
     rank = int(c.position.max()) + 1
     Bt, A = _padded_per_client(c.U.T, c, rank), _padded_per_client(c.V, c, rank)
@@ -272,7 +272,14 @@ def client_change_norms(
         squared = squared + torch.sum(start_gram[None] * pair, dim=(1, 2))
         cross = (Bt @ previous.U) * (A @ previous.V.T)
         squared = squared - 2 * torch.sum(cross * kept[:, None, :], dim=(1, 2))
-    norms = squared.clamp_min(0).sqrt()
+    return squared.clamp_min(0).sqrt()
+
+
+def client_change_norms(
+    previous: LowRank | None, updates: Sequence[ClientUpdate], weights: Tensor, module: str
+) -> float:
+    """sum_i p_i ||dW_i||_F."""
+    norms = client_change_norms_per_client(previous, updates, module)
     return float(weights.to(norms) @ norms)
 
 

@@ -32,8 +32,8 @@ from fedlora.rules.base import (
     AggregationRule,
     ClientSpec,
     GlobalState,
+    ReferenceNorms,
     RoundResult,
-    ideal_and_reference,
 )
 from fedlora.rules.fedex import FROM_VERSION_KEY
 from fedlora.updates import ClientUpdate, average_head
@@ -70,7 +70,7 @@ class FLoRA(AggregationRule):
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
         change = {module: stack_adapters(updates, weights, module) for module in state.modules}
-        ideal, reference = ideal_and_reference(dict.fromkeys(state.modules), updates, weights)
+        reference = ReferenceNorms(dict.fromkeys(state.modules), updates, weights)
         changes = ChangeLog(list(state.changes.rounds))
         changes.append(change)
         new_state = GlobalState(
@@ -79,7 +79,7 @@ class FLoRA(AggregationRule):
             head=average_head(updates, weights) or state.head,
             changes=changes,
         )
-        return RoundResult(new_state, change, ideal, reference)
+        return RoundResult(new_state, change, change, reference)  # the stack is dW* itself
 
     def global_delta(self, state: GlobalState, module: str) -> LowRank:
         return accumulated_changes(state, module)

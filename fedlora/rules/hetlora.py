@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from fedlora.adapter import LoRAFactors
 from fedlora.lowrank import LowRank, frobenius_norm
-from fedlora.rules.base import padded_average
+from fedlora.rules.base import client_change_norms_per_client, padded_average
 from fedlora.rules.fedavg import FedAvg
 from fedlora.updates import ClientUpdate
 
@@ -47,7 +46,7 @@ class HetLoRA(FedAvg):
 
 def sparsity_weights(updates: Sequence[ClientUpdate], weights: Tensor, module: str) -> Tensor:
     """w_i = p_i ||s_i B_i A_i||_F / sum_j p_j ||s_j B_j A_j||_F, or p_i when every norm is zero."""
-    norms = torch.stack([frobenius_norm(u.modules[module].folded()) for u in updates])
+    norms = client_change_norms_per_client(None, updates, module)
     weighted = weights * norms.to(weights)
     total = weighted.sum()
     return weighted / total if total > 0 else weights

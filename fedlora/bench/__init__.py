@@ -1,0 +1,1 @@
+"""Benchmarks of the aggregation rules (run them with ``fedlora bench ...``)."""
