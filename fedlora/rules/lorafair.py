@@ -70,28 +70,39 @@ def corrected_factors(
     averaged: dict[str, LowRank], targets: dict[str, LowRank], steps: int, lam: float, lr: float
 ) -> dict[str, LowRank]:
     """(U + dB, V) per module; modules whose U has the same shape are solved in one batch."""
+    target_norms = {module: frobenius_norm(target) for module, target in targets.items()}
     groups: dict[tuple, list[str]] = defaultdict(list)
     for module, factors in averaged.items():
-        if solvable(factors, targets[module]):
+        if solvable(factors, target_norms[module]):
             U = factors.U
             groups[(tuple(U.shape), U.dtype, U.device)].append(module)
     corrected = dict(averaged)
     for modules in groups.values():
         corrections = solve_batch(
-            [averaged[m] for m in modules], [targets[m] for m in modules], steps, lam, lr
+            [averaged[m] for m in modules],
+            [targets[m] for m in modules],
+            torch.stack([target_norms[m] for m in modules]),
+            steps,
+            lam,
+            lr,
         )
         for module, dB in zip(modules, corrections):
             corrected[module] = LowRank(averaged[module].U + dB, averaged[module].V)
     return corrected
 
 
-def solvable(factors: LowRank, target: LowRank) -> bool:
+def solvable(factors: LowRank, target_norm: Tensor) -> bool:
     """The cosine is defined and the step size is not zero: U != 0 and T != 0."""
-    return bool(factors.U.abs().max() > 0) and bool(frobenius_norm(target) > 0)
+    return bool(factors.U.abs().max() > 0) and bool(target_norm > 0)
 
 
 def solve_batch(
-    factors: list[LowRank], targets: list[LowRank], steps: int, lam: float, lr: float
+    factors: list[LowRank],
+    targets: list[LowRank],
+    target_norm: Tensor,
+    steps: int,
+    lam: float,
+    lr: float,
 ) -> Tensor:
     """The best dB per module from one Adam run over the stacked (M, d_out, r) corrections.
 
@@ -100,7 +111,6 @@ def solve_batch(
     U = torch.stack([f.U for f in factors]).detach()
     projected = torch.stack([t.U @ (t.V @ f.V.T) for f, t in zip(factors, targets)]).detach()
     gram = torch.stack([f.V @ f.V.T for f in factors]).detach()
-    target_norm = torch.stack([frobenius_norm(t) for t in targets]).detach()
     step_scale = U.pow(2).mean(dim=(1, 2)).sqrt()[:, None, None]
     with torch.enable_grad():
         Z = torch.zeros_like(U, requires_grad=True)
