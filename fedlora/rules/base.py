@@ -129,7 +129,7 @@ class AggregationRule(ABC):
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> RoundResult:
         validate_updates(updates, self.update_kind)
         self._check_against_state(state, updates)
-        return self._aggregate(state, list(updates), example_weights(updates))
+        return self._aggregate(state, ClientUpdates(updates), example_weights(updates))
 
     @abstractmethod
     def _aggregate(
@@ -191,19 +191,47 @@ class ConcatenatedFactors:
     num_clients: int
 
 
+class ClientUpdates(list):
+    """A round's updates, with each module's concatenated folded factors built once and the index
+    tensors built once per rank pattern, on the factors' device, with no host synchronisation."""
+
+    def __init__(self, updates: Sequence[ClientUpdate]):
+        super().__init__(updates)
+        self._concatenated: dict[str, ConcatenatedFactors] = {}
+        self._indices: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def concatenated(self, module: str) -> ConcatenatedFactors:
+        if module not in self._concatenated:
+            self._concatenated[module] = self._concatenate(module)
+        return self._concatenated[module]
+
+    def _concatenate(self, module: str) -> ConcatenatedFactors:
+        factors = [update.modules[module] for update in self]
+        U = torch.cat([f.B for f in factors], dim=1)
+        V = torch.cat([f.A for f in factors], dim=0)
+        ranks = tuple(f.rank for f in factors)
+        client, position = self._index_tensors(ranks, U.device)
+        roots = [math.sqrt(f.scale) for f in factors for _ in range(f.rank)]
+        roots = torch.tensor(roots, dtype=U.dtype).to(U.device, non_blocking=True)
+        return ConcatenatedFactors(U * roots, V * roots[:, None], client, position, len(factors))
+
+    def _index_tensors(self, ranks: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (ranks, device)
+        if key not in self._indices:
+            client = [i for i, rank in enumerate(ranks) for _ in range(rank)]
+            position = [j for rank in ranks for j in range(rank)]
+            self._indices[key] = (
+                torch.tensor(client).to(device, non_blocking=True),
+                torch.tensor(position).to(device, non_blocking=True),
+            )
+        return self._indices[key]
+
+
 def concatenate_folded(updates: Sequence[ClientUpdate], module: str) -> ConcatenatedFactors:
-    """sqrt(s_i) B_i and sqrt(s_i) A_i of all clients in two concatenations (no per-client products)."""
-    factors = [update.modules[module] for update in updates]
-    U = torch.cat([f.B for f in factors], dim=1)
-    V = torch.cat([f.A for f in factors], dim=0)
-    ranks = torch.tensor([f.rank for f in factors])
-    client = torch.repeat_interleave(torch.arange(len(factors)), ranks)
-    offsets = torch.cumsum(ranks, 0) - ranks
-    position = torch.arange(int(ranks.sum())) - offsets[client]
-    roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)[client].to(U.device)
-    return ConcatenatedFactors(
-        U * roots, V * roots[:, None], client.to(U.device), position.to(U.device), len(factors)
-    )
+    """sqrt(s_i) B_i and sqrt(s_i) A_i of all clients in two concatenations (no per-client products);
+    built once per round and module when ``updates`` is the round's `ClientUpdates`."""
+    batch = updates if isinstance(updates, ClientUpdates) else ClientUpdates(updates)
+    return batch.concatenated(module)
 
 
 def padded_average(
@@ -260,7 +288,7 @@ def client_change_norms_per_client(
     """||dW_i||_F per client, dW_i = s_i B_i A_i - U[:, :r_i0] V[:r_i0] (previous None: no start
     term), from batched r x r Grams: ||dW_i||^2 = ||P_i||^2 - 2 <P_i, P0_i> + ||P0_i||^2."""
     c = concatenate_folded(updates, module)
-    rank = int(c.position.max()) + 1
+    rank = max(update.modules[module].rank for update in updates)
     Bt, A = _padded_per_client(c.U.T, c, rank), _padded_per_client(c.V, c, rank)
     squared = torch.sum((Bt @ Bt.mT) * (A @ A.mT), dim=(1, 2))
     if previous is not None:

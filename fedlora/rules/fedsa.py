@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 
 from fedlora.adapter import Adapter, LoRAFactors, SharedA
 from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank, pad_rows
+from fedlora.lowrank import LowRank
 from fedlora.messages import (
     A_SUFFIX,
     VERSION_KEY,
@@ -37,21 +38,17 @@ class FedSALoRA(AggregationRule):
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """Only A is global; the head starts from the same seed on every client and stays there."""
-        state = super().init_state(initial)
-        return state
+        return super().init_state(initial)
 
     def _aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
         factors = {}
         for module in state.modules:
-            rank = state.top_rank(module)
-            V = sum(
-                pad_rows(u.modules[module].A * math.sqrt(u.modules[module].scale), rank) * p
-                for u, p in zip(updates, weights.tolist())
+            shared = [u.modules[module] for u in updates]
+            factors[module] = LowRank(
+                state.factors[module].U, padded_row_average(shared, weights, state.top_rank(module))
             )
-            U = state.factors[module].U
-            factors[module] = LowRank(U, V)
         return RoundResult(
             replace(state, version=state.version + 1, factors=factors), None, None, None
         )
@@ -81,3 +78,19 @@ class FedSALoRA(AggregationRule):
                 )
             adapter[module] = LoRAFactors(A=A, B=own.B, scale=own.scale)
         return replace(local, adapter=adapter)
+
+
+def padded_row_average(shared: list[SharedA], weights: Tensor, rank: int) -> Tensor:
+    """sum_i p_i pad(sqrt(s_i) A_i): every client's rows in one concatenation, added in place."""
+    device, dtype = shared[0].A.device, shared[0].A.dtype
+    row_weights = [
+        p * math.sqrt(a.scale) for a, p in zip(shared, weights.tolist()) for _ in range(a.rank)
+    ]
+    position = [j for a in shared for j in range(a.rank)]
+    rows = (
+        torch.cat([a.A for a in shared])
+        * torch.tensor(row_weights, dtype=dtype).to(device)[:, None]
+    )
+    return rows.new_zeros(rank, rows.shape[1]).index_add_(
+        0, torch.tensor(position).to(device), rows
+    )

@@ -80,8 +80,9 @@ class FedSB(AggregationRule):
             core_changes = (
                 torch.stack([u.modules[module].R.to(previous) for u in updates]) - previous
             )
-            cores[module] = previous + torch.tensordot(p, core_changes, dims=1)
-            global_update[module] = LowRank(fixed.U, (cores[module] - previous) @ fixed.V)
+            change = torch.tensordot(p, core_changes, dims=1)
+            cores[module] = previous + change
+            global_update[module] = LowRank(fixed.U, change @ fixed.V)
             ideal[module] = ideal_core_update(fixed, core_changes, p)
             reference[module] = float(p @ core_change_norms(fixed, core_changes))
         new_state = replace(
