@@ -76,9 +76,10 @@ def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
 
 
 def _check_finite(updates: Sequence[ClientUpdate]) -> None:
-    """One fused max-abs over every tensor (one host synchronisation); on failure, name the tensor."""
+    """One fused max-abs over every tensor (torch's multi-tensor kernel, as in clip_grad_norm_) and
+    one host synchronisation; on failure, name the tensor."""
     tensors = [t for update in updates for t in update.tensors().values()]
-    if torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf, foreach=True)):
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all()):
         return
     for update in updates:
         for name, tensor in update.tensors().items():

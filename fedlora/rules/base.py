@@ -211,8 +211,8 @@ class ClientUpdates(list):
         V = torch.cat([f.A for f in factors], dim=0)
         ranks = tuple(f.rank for f in factors)
         client, position = self._index_tensors(ranks, U.device)
-        roots = [math.sqrt(f.scale) for f in factors for _ in range(f.rank)]
-        roots = torch.tensor(roots, dtype=U.dtype).to(U.device, non_blocking=True)
+        roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)
+        roots = roots.repeat_interleave(torch.tensor(ranks)).to(U.device, non_blocking=True)
         return ConcatenatedFactors(U * roots, V * roots[:, None], client, position, len(factors))
 
     def _index_tensors(self, ranks: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -70,66 +70,70 @@ def corrected_factors(
     averaged: dict[str, LowRank], targets: dict[str, LowRank], steps: int, lam: float, lr: float
 ) -> dict[str, LowRank]:
     """(U + dB, V) per module; modules whose U has the same shape are solved in one batch."""
-    target_norms = {module: frobenius_norm(target) for module, target in targets.items()}
     groups: dict[tuple, list[str]] = defaultdict(list)
     for module, factors in averaged.items():
-        if solvable(factors, target_norms[module]):
-            U = factors.U
-            groups[(tuple(U.shape), U.dtype, U.device)].append(module)
+        U = factors.U
+        groups[(tuple(U.shape), U.dtype, U.device)].append(module)
     corrected = dict(averaged)
     for modules in groups.values():
         corrections = solve_batch(
-            [averaged[m] for m in modules],
-            [targets[m] for m in modules],
-            torch.stack([target_norms[m] for m in modules]),
-            steps,
-            lam,
-            lr,
+            [averaged[m] for m in modules], [targets[m] for m in modules], steps, lam, lr
         )
         for module, dB in zip(modules, corrections):
             corrected[module] = LowRank(averaged[module].U + dB, averaged[module].V)
     return corrected
 
 
-def solvable(factors: LowRank, target_norm: Tensor) -> bool:
-    """The cosine is defined and the step size is not zero: U != 0 and T != 0."""
-    return bool(factors.U.abs().max() > 0) and bool(target_norm > 0)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 def solve_batch(
-    factors: list[LowRank],
-    targets: list[LowRank],
-    target_norm: Tensor,
-    steps: int,
-    lam: float,
-    lr: float,
+    factors: list[LowRank], targets: list[LowRank], steps: int, lam: float, lr: float
 ) -> Tensor:
     """The best dB per module from one Adam run over the stacked (M, d_out, r) corrections.
 
-    The objectives are summed; Adam is elementwise, so the modules stay independent.
+    Adam (torch's defaults: betas 0.9, 0.999, eps 1e-8, bias-corrected) on Z = dB / rms(U) with the
+    objective's gradient in closed form, a few elementwise kernels a step and no host
+    synchronisation; Adam is elementwise, so the modules stay independent. A module whose U or
+    target is zero has no defined cosine and keeps dB = 0.
     """
-    U = torch.stack([f.U for f in factors]).detach()
-    projected = torch.stack([t.U @ (t.V @ f.V.T) for f, t in zip(factors, targets)]).detach()
-    gram = torch.stack([f.V @ f.V.T for f in factors]).detach()
-    step_scale = U.pow(2).mean(dim=(1, 2)).sqrt()[:, None, None]
-    with torch.enable_grad():
-        Z = torch.zeros_like(U, requires_grad=True)
-        optimizer = torch.optim.Adam([Z], lr=lr)
+    U = torch.stack([f.U for f in factors])
+    projected = torch.stack([t.U @ (t.V @ f.V.T) for f, t in zip(factors, targets)])
+    gram = torch.stack([f.V @ f.V.T for f in factors])
+    target_norm = torch.stack([frobenius_norm(t) for t in targets])
+    step_scale = U.pow(2).mean(dim=(1, 2)).sqrt()
+    solvable = (step_scale > 0) & (target_norm > 0)
+    target_norm = torch.where(solvable, target_norm, torch.ones_like(target_norm))
+    scale = step_scale[:, None, None]
 
-        def objective() -> Tensor:
-            return fair_objective(U, step_scale * Z, projected, gram, target_norm, lam)
+    Z = torch.zeros_like(U)
+    first, second = torch.zeros_like(U), torch.zeros_like(U)
+    best_value = fair_objective(U, scale * Z, projected, gram, target_norm, lam)
+    best_Z = Z.clone()
+    (beta1, beta2) = ADAM_BETAS
+    for step in range(1, steps + 1):
+        gradient = scale * objective_gradient(U + scale * Z, projected, gram, target_norm)
+        gradient = gradient + 2 * lam * scale.square() * Z
+        first.mul_(beta1).add_(gradient, alpha=1 - beta1)
+        second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        denominator = (second / (1 - beta2**step)).sqrt_().add_(ADAM_EPS)
+        Z = Z - (lr / (1 - beta1**step)) * first / denominator
+        value = fair_objective(U, scale * Z, projected, gram, target_norm, lam)
+        improved = value < best_value
+        best_Z = torch.where(improved[:, None, None], Z, best_Z)
+        best_value = torch.where(improved, value, best_value)
+    return torch.where(solvable[:, None, None], scale * best_Z, torch.zeros_like(U))
 
-        value = objective()
-        best_value, best_Z = value.detach(), Z.detach().clone()
-        for _ in range(steps):
-            optimizer.zero_grad()
-            value.sum().backward()
-            optimizer.step()
-            value = objective()
-            improved = value.detach() < best_value
-            best_Z[improved] = Z.detach()[improved]
-            best_value = torch.where(improved, value.detach(), best_value)
-    return step_scale * best_Z
+
+def objective_gradient(X: Tensor, projected: Tensor, gram: Tensor, target_norm: Tensor) -> Tensor:
+    """d(1 - cos)/dX = -P / (n ||T||) + <X, P> X G / (n^3 ||T||), n = sqrt(<X G, X>)."""
+    XG = X @ gram
+    norm = torch.sum(XG * X, dim=(1, 2)).clamp_min(torch.finfo(X.dtype).tiny).sqrt()
+    inner = torch.sum(X * projected, dim=(1, 2))
+    a = (1 / (norm * target_norm))[:, None, None]
+    b = (inner / (norm.pow(3) * target_norm))[:, None, None]
+    return b * XG - a * projected
 
 
 def fair_objective(
