@@ -91,9 +91,10 @@ def randomized_truncated_svd(
     """Rank-``rank`` SVD of the batched products U @ V (U: M x d_out x k, V: M x k x d_in).
 
     Randomized subspace iteration on the factors (Halko, Martinsson and Tropp, 2011, Alg. 4.4): a
-    seeded Gaussian sketch of width rank + oversample, ``iterations`` power steps re-orthonormalised by
-    `orthonormal_columns`, then the SVD of the small projected matrix. Cost O((d_out + d_in) k (rank + oversample)) per
-    step, against O(d_out d_in k) for the dense product. Returns (P, S, Q) with U V ~ P diag(S) Q^T.
+    seeded Gaussian sketch of width w = rank + oversample, ``iterations`` power steps
+    re-orthonormalised by `orthonormal_columns`, then the SVD of the small w x w core (on the CPU, in
+    float64). Cost O((d_out + d_in) k w) per step, against O(d_out d_in k) for the dense product.
+    Returns (P, S, Q) with U V ~ P diag(S) Q^T.
     """
     width = min(rank + oversample, U.shape[-1], U.shape[-2], V.shape[-1])
     generator = torch.Generator(device=U.device).manual_seed(seed)
@@ -102,9 +103,15 @@ def randomized_truncated_svd(
     for _ in range(iterations):
         row_basis = orthonormal_columns(V.mT @ (U.mT @ basis))
         basis = orthonormal_columns(U @ (V @ row_basis))
-    left, singular, right_h = torch.linalg.svd((basis.mT @ U) @ V, full_matrices=False)
+    projected_t = V.mT @ (U.mT @ basis)  # (U V)^T Q: d_in x width
+    row_basis = orthonormal_columns(projected_t)
+    core = (row_basis.mT @ projected_t).mT  # Q^T U V = core @ row_basis^T, width x width
+    left, singular, right_h = torch.linalg.svd(core.double().cpu())
     rank = min(rank, singular.shape[-1])
-    return basis @ left[..., :rank], singular[..., :rank], right_h[..., :rank, :].mT
+    left, singular, right = (
+        t.to(device=U.device, dtype=U.dtype) for t in (left, singular, right_h.mT)
+    )
+    return basis @ left[..., :rank], singular[..., :rank], row_basis @ right[..., :rank]
 
 
 def orthonormal_columns(Y: Tensor) -> Tensor:

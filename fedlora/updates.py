@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,10 +31,10 @@ class ClientUpdate:
 
     def tensors(self) -> dict[str, Tensor]:
         named: dict[str, Tensor] = {}
-        for module, update in self.modules.items():
+        for module, factors in self.modules.items():
             for attr in ("A", "B", "R"):
-                if hasattr(update, attr):
-                    named[f"{module}.{attr}"] = getattr(update, attr)
+                if hasattr(factors, attr):
+                    named[f"{module}.{attr}"] = getattr(factors, attr)
         named.update(self.head)
         return named
 
@@ -76,10 +75,15 @@ def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
 
 
 def _check_finite(updates: Sequence[ClientUpdate]) -> None:
-    """One fused max-abs over every tensor (torch's multi-tensor kernel, as in clip_grad_norm_) and
-    one host synchronisation; on failure, name the tensor."""
-    tensors = [t for update in updates for t in update.tensors().values()]
-    if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all()):
+    """One flag per module (every client's tensors of it, flattened together) and per head
+    parameter, then one host synchronisation; on failure, name the client and the tensor."""
+    groups = [
+        [t.reshape(-1) for u in updates for t in _module_tensors(u.modules[module])]
+        for module in updates[0].modules
+    ]
+    groups += [[u.head[name].reshape(-1) for u in updates] for name in updates[0].head]
+    flags = [torch.isfinite(torch.cat(group)).all() for group in groups if group]
+    if not flags or bool(torch.stack(flags).all()):
         return
     for update in updates:
         for name, tensor in update.tensors().items():
@@ -87,6 +91,10 @@ def _check_finite(updates: Sequence[ClientUpdate]) -> None:
                 raise InvalidUpdateError(
                     f"client {update.client_id!r}: non-finite values in {name!r}"
                 )
+
+
+def _module_tensors(factors: ModuleUpdate) -> list[Tensor]:
+    return [getattr(factors, attr) for attr in ("A", "B", "R") if hasattr(factors, attr)]
 
 
 def _outer_shape(factors: ModuleUpdate) -> tuple[int, ...]:

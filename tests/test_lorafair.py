@@ -142,7 +142,7 @@ def test_without_penalty_reaches_the_best_cosine_for_fedavgs_A():
     assert best - 1e-3 < reached <= best + 1e-12
 
 
-def test_objective_from_factors_matches_the_dense_one():
+def test_objective_and_gradient_from_factors_match_the_dense_ones():
     generator = torch.Generator().manual_seed(7)
     U, V = (
         torch.randn(6, 3, generator=generator, dtype=DTYPE),
@@ -152,18 +152,26 @@ def test_objective_from_factors_matches_the_dense_one():
         torch.randn(6, 4, generator=generator, dtype=DTYPE),
         torch.randn(4, 5, generator=generator, dtype=DTYPE),
     )
-    dB = torch.randn(6, 3, generator=generator, dtype=DTYPE)
-    T = P @ Q
-    value = lorafair.fair_objective(
+    Z = torch.randn(6, 3, generator=generator, dtype=DTYPE)
+    scale, lam, T = 0.7, 0.3, P @ Q
+    value, gradient = lorafair.objective_and_gradient(
         U[None],
-        dB[None],
+        torch.tensor(scale, dtype=DTYPE).reshape(1, 1, 1),
+        Z[None],
         (P @ (Q @ V.T))[None],
         (V @ V.T)[None],
         torch.linalg.matrix_norm(T)[None],
-        0.3,
+        lam,
     )
-    expected = 1 - cosine((U + dB) @ V, T) + 0.3 * float((dB**2).sum())
-    assert math.isclose(float(value[0]), expected, rel_tol=1e-12)
+
+    def dense_objective(z):
+        X = (U + scale * z) @ V
+        cos = torch.sum(X * T) / (torch.linalg.matrix_norm(X) * torch.linalg.matrix_norm(T))
+        return 1 - cos + lam * torch.sum((scale * z) ** 2)
+
+    expected_gradient = torch.autograd.functional.jacobian(dense_objective, Z)
+    assert math.isclose(float(value[0]), float(dense_objective(Z)), rel_tol=1e-12)
+    torch.testing.assert_close(gradient[0], expected_gradient, rtol=1e-10, atol=1e-12)
 
 
 def test_modules_of_equal_shape_are_solved_together_as_if_alone(monkeypatch):

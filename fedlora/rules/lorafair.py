@@ -12,6 +12,7 @@ the slices of (U + dB, V): the "initialisation refinement". Not exact: only the 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -109,43 +110,40 @@ def solve_batch(
 
     Z = torch.zeros_like(U)
     first, second = torch.zeros_like(U), torch.zeros_like(U)
-    best_value = fair_objective(U, scale * Z, projected, gram, target_norm, lam)
-    best_Z = Z.clone()
+    best_value = torch.full_like(target_norm, math.inf)
+    best_Z = Z
     (beta1, beta2) = ADAM_BETAS
-    for step in range(1, steps + 1):
-        gradient = scale * objective_gradient(U + scale * Z, projected, gram, target_norm)
-        gradient = gradient + 2 * lam * scale.square() * Z
+    for step in range(1, steps + 2):
+        value, gradient = objective_and_gradient(U, scale, Z, projected, gram, target_norm, lam)
+        improved = value < best_value
+        best_Z = torch.where(improved[:, None, None], Z, best_Z)
+        best_value = torch.where(improved, value, best_value)
+        if step > steps:
+            break
         first.mul_(beta1).add_(gradient, alpha=1 - beta1)
         second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
         denominator = (second / (1 - beta2**step)).sqrt_().add_(ADAM_EPS)
         Z = Z - (lr / (1 - beta1**step)) * first / denominator
-        value = fair_objective(U, scale * Z, projected, gram, target_norm, lam)
-        improved = value < best_value
-        best_Z = torch.where(improved[:, None, None], Z, best_Z)
-        best_value = torch.where(improved, value, best_value)
     return torch.where(solvable[:, None, None], scale * best_Z, torch.zeros_like(U))
 
 
-def objective_gradient(X: Tensor, projected: Tensor, gram: Tensor, target_norm: Tensor) -> Tensor:
-    """d(1 - cos)/dX = -P / (n ||T||) + <X, P> X G / (n^3 ||T||), n = sqrt(<X G, X>)."""
+def objective_and_gradient(
+    U: Tensor,
+    scale: Tensor,
+    Z: Tensor,
+    projected: Tensor,
+    gram: Tensor,
+    target_norm: Tensor,
+    lam: float,
+) -> tuple[Tensor, Tensor]:
+    """The objective at dB = scale Z per module, and its gradient in Z:
+    d(1 - cos)/dX = -P / (n ||T||) + <X, P> X G / (n^3 ||T||) with X = U + dB, n = sqrt(<X G, X>)."""
+    dB = scale * Z
+    X = U + dB
     XG = X @ gram
     norm = torch.sum(XG * X, dim=(1, 2)).clamp_min(torch.finfo(X.dtype).tiny).sqrt()
     inner = torch.sum(X * projected, dim=(1, 2))
+    value = 1 - inner / (norm * target_norm) + lam * torch.sum(dB * dB, dim=(1, 2))
     a = (1 / (norm * target_norm))[:, None, None]
     b = (inner / (norm.pow(3) * target_norm))[:, None, None]
-    return b * XG - a * projected
-
-
-def fair_objective(
-    U: Tensor, dB: Tensor, projected: Tensor, gram: Tensor, target_norm: Tensor, lam: float
-) -> Tensor:
-    """1 - cos((U + dB) V, T) + lam ||dB||^2 per module, from factors only.
-
-    <(U + dB) V, P Q> = <U + dB, P (Q V^T)> (``projected``) and ||(U + dB) V||^2 =
-    <(U + dB) (V V^T), U + dB> (``gram`` = V V^T).
-    """
-    X = U + dB
-    inner = torch.sum(X * projected, dim=(1, 2))
-    squared = torch.sum((X @ gram) * X, dim=(1, 2)).clamp_min(torch.finfo(X.dtype).tiny)
-    cosine = inner / (squared.sqrt() * target_norm)
-    return 1 - cosine + lam * torch.sum(dB * dB, dim=(1, 2))
+    return value, scale * (b * XG - a * projected) + 2 * lam * scale * dB

@@ -1,0 +1,247 @@
+"""A run's configuration: Flower's ``run_config`` (kebab-case keys) as a checked, frozen dataclass.
+
+Every field has the demo's default; `RunConfig.from_flower` refuses unknown keys and values of the
+wrong type or out of range, naming the key. Two defaults follow the model and task when left
+unset: ``target-modules`` (``q_proj,v_proj`` for Llama-like causal LMs, else ``query,value``) and
+``modules-to-save`` (``classifier,pooler`` for classification, none for causal LM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fedlora.errors import ConfigError
+from fedlora.rules import RULES
+
+Scalar = bool | int | float | str
+
+TASKS = ("classification", "causal-lm")
+PARTITIONERS = ("iid", "dirichlet", "shard")
+NAMED_MODELS = {
+    "minilm": "classification",
+    "tiny-bert": "classification",
+    "tiny-llama": "causal-lm",
+}
+"""Models fedlora knows by name, with the one task each supports."""
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+CLASSIFICATION_TARGETS = "query,value"
+CAUSAL_LM_TARGETS = "q_proj,v_proj"
+CLASSIFICATION_HEAD = "classifier,pooler"
+PROFILE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run's settings; each field is the ``run_config`` key with ``-`` for ``_``."""
+
+    strategy: str = "fedex"
+    num_server_rounds: int = 5
+    model: str = "minilm"
+    task: str = "classification"
+    dataset: str = "bbcnews"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.3
+    num_shards_per_partition: int = 2
+    test_fraction: float = 0.2
+    server_eval_fraction: float = 0.1
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    rslora: bool = False
+    rank_profile: str = ""
+    target_modules: str | None = None
+    modules_to_save: str | None = None
+    max_length: int = 96
+    local_steps: int = 3
+    batch_size: int = 16
+    learning_rate: float = 5e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    device: str = "auto"
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.target_modules is None:
+            object.__setattr__(self, "target_modules", default_targets(self.model, self.task))
+        if self.modules_to_save is None:
+            head = CLASSIFICATION_HEAD if self.task == "classification" else ""
+            object.__setattr__(self, "modules_to_save", head)
+        check_values(self)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Scalar]) -> RunConfig:
+        """Parse Flower's run_config; unknown keys and ill-typed values raise `ConfigError`."""
+        fields = {kebab(field.name): field for field in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown run_config key(s) {unknown}; known keys: {sorted(fields)}")
+        values = {
+            fields[key].name: typed_value(key, value, field_type(fields[key]))
+            for key, value in run_config.items()
+        }
+        return cls(**values)
+
+    @property
+    def target_module_names(self) -> tuple[str, ...]:
+        """``target-modules`` as a tuple of module names."""
+        return comma_names(self.target_modules)
+
+    @property
+    def head_module_names(self) -> tuple[str, ...]:
+        """``modules-to-save`` as a tuple (empty: no head is trained)."""
+        return comma_names(self.modules_to_save)
+
+    def rank_for(self, partition_id: int, num_partitions: int, node_rank: int | None = None) -> int:
+        """The LoRA rank of a client: its node's own ``lora-rank`` if given, else the profile's.
+
+        A profile "r_1:f_1,...,r_k:f_k" gives round(f_j * num_partitions) clients rank r_j
+        (largest remainders settle the rounding; ties go to the earlier entry) in blocks of
+        consecutive partition ids, in the profile's order. No profile: ``lora-rank`` for all.
+        """
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
+        if node_rank is not None:
+            if node_rank < 1:
+                raise ConfigError(f"node config lora-rank must be >= 1, got {node_rank}")
+            return node_rank
+        profile = parse_rank_profile(self.rank_profile)
+        if not profile:
+            return self.lora_rank
+        counts = apportion([fraction for _, fraction in profile], num_partitions)
+        first = 0
+        for (rank, _), count in zip(profile, counts, strict=True):
+            if partition_id < first + count:
+                return rank
+            first += count
+        raise AssertionError("apportion covers every partition")
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any client may get from the profile or ``lora-rank``."""
+        profile = parse_rank_profile(self.rank_profile)
+        return max(rank for rank, _ in profile) if profile else self.lora_rank
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_type(field: dataclasses.Field) -> type:
+    """The scalar type a field holds (``str | None`` fields take strings)."""
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(field.type).split(" |")[0]]
+
+
+def typed_value(key: str, value: Scalar, kind: type) -> Scalar:
+    """``value`` as ``kind``; an int passes as a float, nothing else is converted."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(
+            f"run_config key {key!r}: expected {kind.__name__}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return value
+
+
+def default_targets(model: str, task: str) -> str:
+    if model == "tiny-llama" or (model not in NAMED_MODELS and task == "causal-lm"):
+        return CAUSAL_LM_TARGETS
+    return CLASSIFICATION_TARGETS
+
+
+def comma_names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_rank_profile(text: str) -> list[tuple[int, float]]:
+    """ "4:0.3,8:0.7" as [(4, 0.3), (8, 0.7)]; ranks >= 1, fractions > 0 summing to 1."""
+    if not text.strip():
+        return []
+    profile = []
+    for entry in text.split(","):
+        rank_text, _, fraction_text = entry.partition(":")
+        try:
+            rank, fraction = int(rank_text), float(fraction_text)
+        except ValueError:
+            raise ConfigError(
+                f"rank-profile {text!r}: entry {entry.strip()!r} is not 'rank:fraction'"
+            ) from None
+        if rank < 1 or not fraction > 0:
+            raise ConfigError(
+                f"rank-profile {text!r}: entry {entry.strip()!r} needs rank >= 1, fraction > 0"
+            )
+        profile.append((rank, fraction))
+    total = sum(fraction for _, fraction in profile)
+    if not math.isclose(total, 1.0, abs_tol=PROFILE_TOLERANCE):
+        raise ConfigError(f"rank-profile {text!r}: fractions sum to {total}, not 1")
+    return profile
+
+
+def apportion(fractions: list[float], total: int) -> list[int]:
+    """Integer counts summing to ``total``, nearest to fraction * total (largest remainders)."""
+    quotas = [fraction * total for fraction in fractions]
+    counts = [math.floor(quota) for quota in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda j: (counts[j] - quotas[j], j))
+    for j in by_remainder[: total - sum(counts)]:
+        counts[j] += 1
+    return counts
+
+
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **dict.fromkeys(
+        (
+            "num_server_rounds",
+            "num_shards_per_partition",
+            "lora_rank",
+            "max_length",
+            "local_steps",
+            "batch_size",
+            "min_train_nodes",
+            "min_evaluate_nodes",
+            "num_threads",
+        ),
+        (lambda value: value >= 1, ">= 1"),
+    ),
+    **dict.fromkeys(
+        ("dirichlet_alpha", "lora_alpha", "learning_rate"), (lambda value: value > 0, "> 0")
+    ),
+    **dict.fromkeys(("seed", "weight_decay"), (lambda value: value >= 0, ">= 0")),
+    **dict.fromkeys(
+        ("test_fraction", "server_eval_fraction"), (lambda value: 0 <= value < 1, "in [0, 1)")
+    ),
+    **dict.fromkeys(
+        ("fraction_train", "fraction_evaluate"), (lambda value: 0 < value <= 1, "in (0, 1]")
+    ),
+}
+"""The numeric fields' allowed ranges."""
+
+
+def check_values(config: RunConfig) -> None:
+    """Raise `ConfigError` naming the first key whose value is not allowed."""
+    choices = {"strategy": sorted(RULES), "task": TASKS, "partitioner": PARTITIONERS}
+    for name, allowed in choices.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ConfigError(f"{kebab(name)} = {value!r}: choose one of {list(allowed)}")
+    if not re.fullmatch(DEVICE_PATTERN, config.device):
+        raise ConfigError(f"device = {config.device!r}: choose auto, cpu, cuda or cuda:N")
+    for name, (allowed, description) in RANGES.items():
+        value = getattr(config, name)
+        if not allowed(value):
+            raise ConfigError(f"{kebab(name)} must be {description}, got {value!r}")
+    for name in ("model", "dataset", "target_modules"):
+        if not getattr(config, name).strip(" ,"):
+            raise ConfigError(f"{kebab(name)} must not be empty")
+    named_task = NAMED_MODELS.get(config.model)
+    if named_task is not None and named_task != config.task:
+        raise ConfigError(
+            f"model {config.model!r} supports task {named_task!r}, not task {config.task!r}"
+        )
+    parse_rank_profile(config.rank_profile)

