@@ -10,6 +10,7 @@ process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -133,7 +134,13 @@ def json_records(path: Path) -> list[dict]:
 
 def saved_dataset(path: Path, spec: str) -> datasets.Dataset:
     """A ``Dataset``, or the ``train`` (or only) split of a ``DatasetDict``, from ``save_to_disk``."""
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"dataset {spec!r}: {path} is not a folder saved by datasets' save_to_disk, and no "
+            "json:, csv: or parquet: prefix names a file format"
+        ) from error
     if isinstance(loaded, datasets.Dataset):
         return loaded
     if "train" in loaded:
@@ -205,12 +212,28 @@ def seeded_split(
     data: datasets.Dataset, fraction: float, seed: Sequence[int]
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(rest, held out): round(fraction * n) examples drawn with the seed (at least one if n > 1
-    and fraction > 0), both in drawn order."""
+    and fraction > 0), both in drawn order and materialised in memory."""
     order = np.random.default_rng(list(seed)).permutation(len(data))
     held = round(fraction * len(data))
     if fraction > 0 and held == 0 and len(data) > 1:
         held = 1
-    return data.select(order[held:]), data.select(order[:held])
+    with quiet_progress():
+        return tuple(
+            data.select(indices).flatten_indices(keep_in_memory=True)
+            for indices in (order[held:], order[:held])
+        )
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide datasets' progress bars for the block (restoring the previous setting)."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 
 def split_server_eval(
@@ -266,17 +289,21 @@ def _partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
             f"partitioner {config.partitioner!r} splits by label and dataset "
             f"{config.dataset!r} has none; use partitioner 'iid'"
         )
-    if (
-        config.partitioner == "shard"
-        and len(federated) < num_partitions * config.num_shards_per_partition
-    ):
+    shards = config.num_shards_per_partition if config.partitioner == "shard" else 1
+    if len(federated) < num_partitions * shards:
         raise ConfigError(
-            f"{len(federated)} federated examples cannot fill {num_partitions} partitions of "
-            f"{config.num_shards_per_partition} shards"
+            f"dataset {config.dataset!r} has {len(federated)} federated examples, too few for "
+            f"{num_partitions} partitions" + (f" of {shards} shards" if shards > 1 else "")
         )
     partitioner = make_partitioner(config, num_partitions)
     partitioner.dataset = federated
     return partitioner
+
+
+def clear_caches() -> None:
+    """Forget the loaded datasets and partitionings (e.g. after a dataset file changed)."""
+    for cached in (_loaded, _federated_split, _partitioner):
+        cached.cache_clear()
 
 
 def partition(config: RunConfig, partition_id: int, num_partitions: int) -> datasets.Dataset:
@@ -285,7 +312,8 @@ def partition(config: RunConfig, partition_id: int, num_partitions: int) -> data
         raise ConfigError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
     partitioner = _partitioner(config, num_partitions)
     try:
-        share = partitioner.load_partition(partition_id)
+        with quiet_progress():
+            share = partitioner.load_partition(partition_id)
     except ValueError as error:
         raise ConfigError(
             f"cannot split dataset {config.dataset!r} ({len(federated_set(config))} federated "
@@ -401,7 +429,7 @@ def batches(
         while len(stream) < batch_size:
             stream = np.concatenate([stream, rng.permutation(len(data))])
         chosen, stream = stream[:batch_size], stream[batch_size:]
-        yield encode(data[chosen], tokenizer, max_length, task)
+        yield encode(data[chosen.tolist()], tokenizer, max_length, task)
 
 
 def ordered_batches(

@@ -36,6 +36,26 @@ VERSION_KEY = "version"
 NUM_EXAMPLES_KEY = "num-examples"
 FRESH_ADAPTER_SEED_KEY = "fresh-adapter-seed"
 
+# Flower messages: the reply's metrics record, what a node restates in every reply, the round, and
+# where per-round base changes lie when they do not travel in messages (``base-store``).
+METRICS_RECORD = "metrics"
+PARTITION_ID_KEY = "partition-id"
+ROUND_KEY = "server-round"
+BASE_STORE_KEY = "base-store"
+LOSS_KEY = "loss"
+ACCURACY_KEY = "accuracy"
+SECONDS_KEY = "seconds"
+
+# Fed-SB's federated initialisation: a ``query.sb_init`` message asks for gradient estimates;
+# a reply carries ``{module}.sketch_Y``/``{module}.sketch_Z`` (sketch mode) or ``{module}.gradient``.
+SB_INIT_ACTION = "sb_init"
+SB_INIT_MODE_KEY = "sb-init-mode"
+SB_INIT_RANK_KEY = "sb-init-rank"
+SB_INIT_SEED_KEY = "sb-init-seed"
+SKETCH_Y_SUFFIX = ".sketch_Y"
+SKETCH_Z_SUFFIX = ".sketch_Z"
+GRADIENT_SUFFIX = ".gradient"
+
 
 def rank_key(module: str) -> str:
     return f"rank.{module}"
@@ -43,6 +63,16 @@ def rank_key(module: str) -> str:
 
 def scale_key(module: str) -> str:
     return f"scale.{module}"
+
+
+def start_rank_key(module: str) -> str:
+    """The rank a client received, restated in its reply where it pruned it (HetLoRA)."""
+    return f"start-rank.{module}"
+
+
+def base_change_file(store: str, version: int) -> str:
+    """The file of round ``version``'s base change in a shared store (a directory)."""
+    return f"{store}/round-{version}.safetensors"
 
 
 Scalar = int | float | str | bool

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from fedlora.adapter import ModuleUpdate
+from fedlora.adapter import LoRAFactors, ModuleUpdate
 from fedlora.errors import InvalidUpdateError
 
 
@@ -37,6 +38,77 @@ class ClientUpdate:
                     named[f"{module}.{attr}"] = getattr(factors, attr)
         named.update(self.head)
         return named
+
+
+@dataclass(frozen=True)
+class ConcatenatedFactors:
+    """Every client's folded factors of one module side by side, one rank column per entry.
+
+    U is (d_out x sum r_i), V is (sum r_i x d_in); ``client[j]`` owns column j, which is column
+    ``position[j]`` of that client's own factors.
+    """
+
+    U: Tensor
+    V: Tensor
+    client: Tensor
+    position: Tensor
+    num_clients: int
+
+
+class ClientUpdates(list):
+    """A round's updates with what the rules read per module built once: the ranks, the start
+    ranks, and the concatenated folded factors with their index tensors (made on the factors'
+    device without host synchronisation, once per rank pattern)."""
+
+    def __init__(self, updates: Sequence[ClientUpdate]):
+        super().__init__(updates)
+        self._concatenated: dict[str, ConcatenatedFactors] = {}
+        self._ranks: dict[str, tuple[int, ...]] = {}
+        self._start_ranks: dict[str, tuple[int, ...]] = {}
+        self._indices: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def of(cls, updates: Sequence[ClientUpdate]) -> ClientUpdates:
+        return updates if isinstance(updates, ClientUpdates) else cls(updates)
+
+    def ranks(self, module: str) -> tuple[int, ...]:
+        if module not in self._ranks:
+            self._ranks[module] = tuple(update.modules[module].rank for update in self)
+        return self._ranks[module]
+
+    def start_ranks(self, module: str) -> tuple[int, ...]:
+        if module not in self._start_ranks:
+            self._start_ranks[module] = tuple(update.start_rank(module) for update in self)
+        return self._start_ranks[module]
+
+    def concatenated(self, module: str) -> ConcatenatedFactors:
+        if module not in self._concatenated:
+            self._concatenated[module] = self._concatenate(module)
+        return self._concatenated[module]
+
+    def _concatenate(self, module: str) -> ConcatenatedFactors:
+        factors = [update.modules[module] for update in self]
+        U = torch.cat([f.B for f in factors], dim=1)
+        V = torch.cat([f.A for f in factors], dim=0)
+        client, position = self._index_tensors(self.ranks(module), U.device)
+        roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)
+        roots = roots.to(U.device, non_blocking=True)[client]
+        return ConcatenatedFactors(U * roots, V * roots[:, None], client, position, len(factors))
+
+    def client_index(self, module: str, device: torch.device) -> Tensor:
+        """For every rank column of the module's concatenation, the client it belongs to."""
+        return self._index_tensors(self.ranks(module), device)[0]
+
+    def _index_tensors(self, ranks: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (ranks, device)
+        if key not in self._indices:
+            client = [i for i, rank in enumerate(ranks) for _ in range(rank)]
+            position = [j for rank in ranks for j in range(rank)]
+            self._indices[key] = (
+                torch.tensor(client).to(device, non_blocking=True),
+                torch.tensor(position).to(device, non_blocking=True),
+            )
+        return self._indices[key]
 
 
 def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
@@ -75,14 +147,22 @@ def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
 
 
 def _check_finite(updates: Sequence[ClientUpdate]) -> None:
-    """One flag per module (every client's tensors of it, flattened together) and per head
-    parameter, then one host synchronisation; on failure, name the client and the tensor."""
-    groups = [
-        [t.reshape(-1) for u in updates for t in _module_tensors(u.modules[module])]
-        for module in updates[0].modules
-    ]
-    groups += [[u.head[name].reshape(-1) for u in updates] for name in updates[0].head]
-    flags = [torch.isfinite(torch.cat(group)).all() for group in groups if group]
+    """One flag per module (every client's tensors of it together: the concatenated factors the
+    rules use anyway, for LoRA factors) and per head parameter, then one host synchronisation; on
+    failure, name the client and the tensor."""
+    batch = ClientUpdates.of(updates)
+    flags = []
+    for module, factors in batch[0].modules.items():
+        if isinstance(factors, LoRAFactors):
+            c = batch.concatenated(module)
+            flags += [torch.isfinite(c.U).all(), torch.isfinite(c.V).all()]
+        else:
+            for attr in ("A", "R"):
+                if hasattr(factors, attr):
+                    rows = torch.cat([getattr(u.modules[module], attr) for u in batch])
+                    flags.append(torch.isfinite(rows).all())
+    for name in batch[0].head:
+        flags.append(torch.isfinite(torch.stack([u.head[name] for u in batch])).all())
     if not flags or bool(torch.stack(flags).all()):
         return
     for update in updates:
@@ -91,10 +171,6 @@ def _check_finite(updates: Sequence[ClientUpdate]) -> None:
                 raise InvalidUpdateError(
                     f"client {update.client_id!r}: non-finite values in {name!r}"
                 )
-
-
-def _module_tensors(factors: ModuleUpdate) -> list[Tensor]:
-    return [getattr(factors, attr) for attr in ("A", "B", "R") if hasattr(factors, attr)]
 
 
 def _outer_shape(factors: ModuleUpdate) -> tuple[int, ...]:

@@ -12,7 +12,6 @@ can be measured every round.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,8 @@ from fedlora.messages import (
 )
 from fedlora.updates import (
     ClientUpdate,
+    ClientUpdates,
+    ConcatenatedFactors,
     check_same_modules,
     example_weights,
     validate_updates,
@@ -127,9 +128,10 @@ class AggregationRule(ABC):
         )
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> RoundResult:
-        validate_updates(updates, self.update_kind)
-        self._check_against_state(state, updates)
-        return self._aggregate(state, ClientUpdates(updates), example_weights(updates))
+        batch = ClientUpdates(updates)
+        validate_updates(batch, self.update_kind)
+        self._check_against_state(state, batch)
+        return self._aggregate(state, batch, example_weights(batch))
 
     @abstractmethod
     def _aggregate(
@@ -176,62 +178,10 @@ class AggregationRule(ABC):
 # ---- shared plumbing ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConcatenatedFactors:
-    """Every client's folded factors of one module side by side, one rank column per entry.
-
-    U is (d_out x sum r_i), V is (sum r_i x d_in); ``client[j]`` owns column j, which is column
-    ``position[j]`` of that client's own factors.
-    """
-
-    U: Tensor
-    V: Tensor
-    client: Tensor
-    position: Tensor
-    num_clients: int
-
-
-class ClientUpdates(list):
-    """A round's updates, with each module's concatenated folded factors built once and the index
-    tensors built once per rank pattern, on the factors' device, with no host synchronisation."""
-
-    def __init__(self, updates: Sequence[ClientUpdate]):
-        super().__init__(updates)
-        self._concatenated: dict[str, ConcatenatedFactors] = {}
-        self._indices: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def concatenated(self, module: str) -> ConcatenatedFactors:
-        if module not in self._concatenated:
-            self._concatenated[module] = self._concatenate(module)
-        return self._concatenated[module]
-
-    def _concatenate(self, module: str) -> ConcatenatedFactors:
-        factors = [update.modules[module] for update in self]
-        U = torch.cat([f.B for f in factors], dim=1)
-        V = torch.cat([f.A for f in factors], dim=0)
-        ranks = tuple(f.rank for f in factors)
-        client, position = self._index_tensors(ranks, U.device)
-        roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)
-        roots = roots.repeat_interleave(torch.tensor(ranks)).to(U.device, non_blocking=True)
-        return ConcatenatedFactors(U * roots, V * roots[:, None], client, position, len(factors))
-
-    def _index_tensors(self, ranks: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (ranks, device)
-        if key not in self._indices:
-            client = [i for i, rank in enumerate(ranks) for _ in range(rank)]
-            position = [j for rank in ranks for j in range(rank)]
-            self._indices[key] = (
-                torch.tensor(client).to(device, non_blocking=True),
-                torch.tensor(position).to(device, non_blocking=True),
-            )
-        return self._indices[key]
-
-
 def concatenate_folded(updates: Sequence[ClientUpdate], module: str) -> ConcatenatedFactors:
     """sqrt(s_i) B_i and sqrt(s_i) A_i of all clients in two concatenations (no per-client products);
     built once per round and module when ``updates`` is the round's `ClientUpdates`."""
-    batch = updates if isinstance(updates, ClientUpdates) else ClientUpdates(updates)
-    return batch.concatenated(module)
+    return ClientUpdates.of(updates).concatenated(module)
 
 
 def padded_average(
@@ -249,7 +199,7 @@ def start_coverage(
     updates: Sequence[ClientUpdate], weights: Tensor, module: str, rank: int
 ) -> Tensor:
     """c_k = sum of p_i over the clients whose start rank r_i0 exceeds k."""
-    start_ranks = torch.tensor([update.start_rank(module) for update in updates])
+    start_ranks = torch.tensor(ClientUpdates.of(updates).start_ranks(module))
     started = torch.arange(rank)[None, :] < start_ranks[:, None]
     return weights @ started.to(weights.dtype)
 
@@ -288,11 +238,12 @@ def client_change_norms_per_client(
     """||dW_i||_F per client, dW_i = s_i B_i A_i - U[:, :r_i0] V[:r_i0] (previous None: no start
     term), from batched r x r Grams: ||dW_i||^2 = ||P_i||^2 - 2 <P_i, P0_i> + ||P0_i||^2."""
     c = concatenate_folded(updates, module)
-    rank = max(update.modules[module].rank for update in updates)
+    batch = ClientUpdates.of(updates)
+    rank = max(batch.ranks(module))
     Bt, A = _padded_per_client(c.U.T, c, rank), _padded_per_client(c.V, c, rank)
     squared = torch.sum((Bt @ Bt.mT) * (A @ A.mT), dim=(1, 2))
     if previous is not None:
-        start_ranks = torch.tensor([u.start_rank(module) for u in updates], device=c.U.device)
+        start_ranks = torch.tensor(batch.start_ranks(module)).to(c.U.device, non_blocking=True)
         top = previous.inner_rank
         kept = torch.arange(top, device=c.U.device)[None, :] < start_ranks[:, None]
         start_gram = (previous.U.T @ previous.U) * (previous.V @ previous.V.T)

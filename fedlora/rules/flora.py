@@ -36,18 +36,19 @@ from fedlora.rules.base import (
     RoundResult,
 )
 from fedlora.rules.fedex import FROM_VERSION_KEY
-from fedlora.updates import ClientUpdate, average_head
+from fedlora.updates import ClientUpdate, ClientUpdates, average_head
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
 
 def stack_adapters(updates: list[ClientUpdate], weights: Tensor, module: str) -> LowRank:
-    """B_g = [B_1 ... B_K] and A_g = [p_1 s_1 A_1; ...; p_K s_K A_K]."""
-    Bs = [u.modules[module].B for u in updates]
-    As = [
-        u.modules[module].A * (p * u.modules[module].scale)
-        for u, p in zip(updates, weights.tolist())
-    ]
-    return LowRank(torch.cat(Bs, dim=1), torch.cat(As, dim=0))
+    """B_g = [B_1 ... B_K] and A_g = [p_1 s_1 A_1; ...; p_K s_K A_K], in one concatenation each."""
+    batch = ClientUpdates.of(updates)
+    factors = [update.modules[module] for update in batch]
+    B = torch.cat([f.B for f in factors], dim=1)
+    A = torch.cat([f.A for f in factors], dim=0)
+    client = batch.client_index(module, A.device)
+    scales = torch.tensor([f.scale for f in factors], dtype=A.dtype).to(A.device, non_blocking=True)
+    return LowRank(B, A * (weights.to(A) * scales)[client][:, None])
 
 
 class FLoRA(AggregationRule):

