@@ -15,9 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fedlora.errors import ConfigError
+from fedlora.messages import Scalar
 from fedlora.rules import RULES
-
-Scalar = bool | int | float | str
 
 TASKS = ("classification", "causal-lm")
 PARTITIONERS = ("iid", "dirichlet", "shard")
@@ -101,9 +100,9 @@ class RunConfig:
     def rank_for(self, partition_id: int, num_partitions: int, node_rank: int | None = None) -> int:
         """The LoRA rank of a client: its node's own ``lora-rank`` if given, else the profile's.
 
-        A profile "r_1:f_1,...,r_k:f_k" gives round(f_j * num_partitions) clients rank r_j
-        (largest remainders settle the rounding; ties go to the earlier entry) in blocks of
-        consecutive partition ids, in the profile's order. No profile: ``lora-rank`` for all.
+        A profile "r_1:f_1,...,r_k:f_k" gives about f_j * num_partitions clients rank r_j (the
+        largest remainders take the clients left by rounding down; ties go to the earlier entry),
+        in blocks of consecutive partition ids in the profile's order. No profile: ``lora-rank``.
         """
         if not 0 <= partition_id < num_partitions:
             raise ConfigError(f"partition id {partition_id} outside 0..{num_partitions - 1}")
@@ -115,12 +114,10 @@ class RunConfig:
         if not profile:
             return self.lora_rank
         counts = apportion([fraction for _, fraction in profile], num_partitions)
-        first = 0
-        for (rank, _), count in zip(profile, counts, strict=True):
-            if partition_id < first + count:
-                return rank
-            first += count
-        raise AssertionError("apportion covers every partition")
+        ranks = [
+            rank for (rank, _), count in zip(profile, counts, strict=True) for _ in range(count)
+        ]
+        return ranks[partition_id]
 
     @property
     def max_rank(self) -> int:
@@ -161,7 +158,7 @@ def comma_names(text: str) -> tuple[str, ...]:
 
 
 def parse_rank_profile(text: str) -> list[tuple[int, float]]:
-    """ "4:0.3,8:0.7" as [(4, 0.3), (8, 0.7)]; ranks >= 1, fractions > 0 summing to 1."""
+    """Parse "4:0.3,8:0.7" into [(4, 0.3), (8, 0.7)]: ranks >= 1, fractions > 0 summing to 1."""
     if not text.strip():
         return []
     profile = []

@@ -178,10 +178,11 @@ def causal_lm_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
     """``text`` (instruction and response joined in a prompt template), plus ``label`` if any."""
     if TEXT not in raw.column_names:
         require_columns(raw, spec, [INSTRUCTION, RESPONSE], alternative=TEXT)
-        raw = raw.map(
-            lambda row: {TEXT: instruction_text(row[INSTRUCTION], row[RESPONSE])},
-            keep_in_memory=True,
-        )
+        with quiet_progress():
+            raw = raw.map(
+                lambda row: {TEXT: instruction_text(row[INSTRUCTION], row[RESPONSE])},
+                keep_in_memory=True,
+            )
     return raw.select_columns([c for c in (TEXT, LABEL) if c in raw.column_names])
 
 
@@ -262,8 +263,9 @@ def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
     """The configured flwr-datasets partitioner, not yet given a dataset.
 
     Shards: the federated set sorted by label is cut into shards of
-    n // (num_partitions * num-shards-per-partition) examples, and the remainder forms one more
-    (smaller) shard, so that every example is used; the shards are dealt out at random.
+    n // (num_partitions * num-shards-per-partition) examples, the leftover examples making a few
+    more (the last one smaller) so that every example is used; the shards are dealt out at random,
+    ``num-shards-per-partition`` to each partition and the extra ones to the first partitions.
     """
     if config.partitioner == "iid":
         return IidPartitioner(num_partitions)

@@ -74,7 +74,9 @@ def seeded_rng(seed: int | None, device: torch.device) -> Iterator[None]:
     if seed is None:
         yield
         return
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield

@@ -1,0 +1,103 @@
+"""RunConfig: parsing Flower's run_config, refusing bad keys and values, the rank profile."""
+
+from collections import Counter
+
+import pytest
+
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+
+PROFILE = "4:0.3,8:0.5,16:0.2"
+
+
+def test_empty_run_config_gives_the_demo_defaults():
+    config = RunConfig.from_flower({})
+    assert config == RunConfig()
+    assert (config.strategy, config.model, config.dataset, config.partitioner) == (
+        "fedex",
+        "minilm",
+        "bbcnews",
+        "dirichlet",
+    )
+    assert config.target_module_names == ("query", "value")
+    assert config.head_module_names == ("classifier", "pooler")
+    assert (config.lora_rank, config.lora_alpha, config.max_length) == (8, 16.0, 96)
+
+
+def test_kebab_keys_map_to_fields_and_ints_pass_as_floats():
+    config = RunConfig.from_flower(
+        {"lora-rank": 4, "learning-rate": 1, "rslora": True, "target-modules": "query, key"}
+    )
+    assert config.lora_rank == 4
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert config.rslora is True
+    assert config.target_module_names == ("query", "key")
+
+
+def test_unknown_key_is_named_with_the_known_ones():
+    with pytest.raises(ConfigError, match="lora-rnk") as error:
+        RunConfig.from_flower({"lora-rnk": 4})
+    assert "lora-rank" in str(error.value) and "dirichlet-alpha" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lora-rank", 0),
+        ("lora-rank", "8"),
+        ("lora-rank", True),
+        ("rslora", 1),
+        ("test-fraction", 1.0),
+        ("fraction-train", 0.0),
+        ("dirichlet-alpha", -0.5),
+        ("strategy", "fedprox"),
+        ("partitioner", "natural"),
+        ("device", "tpu"),
+        ("rank-profile", "4:0.5,8:0.4"),
+        ("rank-profile", "four:1"),
+    ],
+)
+def test_bad_value_is_named(key, value):
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_flower({key: value})
+
+
+def test_task_sets_the_default_targets_and_head():
+    causal = RunConfig.from_flower({"model": "tiny-llama", "task": "causal-lm"})
+    assert causal.target_module_names == ("q_proj", "v_proj")
+    assert causal.head_module_names == ()
+    chosen = RunConfig.from_flower(
+        {"model": "tiny-llama", "task": "causal-lm", "modules-to-save": "lm_head"}
+    )
+    assert chosen.head_module_names == ("lm_head",)
+
+
+def test_a_named_model_refuses_the_other_task():
+    with pytest.raises(ConfigError, match="tiny-llama"):
+        RunConfig.from_flower({"model": "tiny-llama"})
+
+
+@pytest.mark.parametrize(
+    ("clients", "expected"),
+    [
+        (10, {4: 3, 8: 5, 16: 2}),
+        (100, {4: 30, 8: 50, 16: 20}),
+        (7, {4: 2, 8: 4, 16: 1}),  # quotas 2.1, 3.5, 1.4: the 7th goes to the largest remainder
+        (1, {8: 1}),
+    ],
+)
+def test_rank_profile_assigns_its_fractions(clients, expected):
+    config = RunConfig(rank_profile=PROFILE)
+    ranks = [config.rank_for(i, clients) for i in range(clients)]
+    assert Counter(ranks) == expected
+    assert ranks == sorted(ranks)  # blocks of consecutive ids, in the profile's order
+    assert ranks == [config.rank_for(i, clients) for i in range(clients)]
+    assert config.max_rank == 16
+
+
+def test_without_a_profile_every_node_takes_lora_rank_unless_it_sets_its_own():
+    config = RunConfig(lora_rank=6)
+    assert [config.rank_for(i, 3) for i in range(3)] == [6, 6, 6]
+    assert config.rank_for(1, 3, node_rank=2) == 2
+    with pytest.raises(ConfigError, match="partition id 3"):
+        config.rank_for(3, 3)
