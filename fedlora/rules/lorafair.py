@@ -5,7 +5,7 @@ sqrt(s_i) A_i), then corrects U (the folded B) by dB minimising
 
     1 - cos((U + dB) V, T) + lam ||dB||_F^2,   T = W_{t-1} + dW*   (the ideal next global product),
 
-with Adam from dB = 0 (Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and
+with Adam from dB = 0, run in the span of U and T V^T where the solution lies (Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and
 Initialization Refinement"; correcting B beat correcting A or both). Clients start the next round from
 the slices of (U + dB, V): the "initialisation refinement". Not exact: only the direction is fitted.
 """
@@ -36,8 +36,8 @@ class LoRAFAIR(FedAvg):
     lam : float, default 0.01
         Weight of the penalty lam ||dB||_F^2 (on the folded B).
     lr : float, default 0.01
-        Adam's learning rate relative to the rms of FedAvg's folded B: Adam runs on dB / rms(U), so
-        each step moves an entry of B by about lr * rms(U). A module whose U or target is zero keeps
+        Adam's learning rate relative to the size of FedAvg's folded B: each step moves dB by about
+        lr ||U||_F in Frobenius norm (see `solve_batch`). A module whose U or target is zero keeps
         FedAvg's factors (its cosine is undefined).
     """
 
@@ -92,29 +92,40 @@ ADAM_EPS = 1e-8
 def solve_batch(
     factors: list[LowRank], targets: list[LowRank], steps: int, lam: float, lr: float
 ) -> Tensor:
-    """The best dB per module from one Adam run over the stacked (M, d_out, r) corrections.
+    """The best dB per module from one Adam run over the stacked corrections, in a reduced space.
 
-    Adam (torch's defaults: betas 0.9, 0.999, eps 1e-8, bias-corrected) on Z = dB / rms(U) with the
-    objective's gradient in closed form, a few elementwise kernels a step and no host
-    synchronisation; Adam is elementwise, so the modules stay independent. A module whose U or
-    target is zero has no defined cosine and keeps dB = 0.
+    The objective's gradient, b (U + dB) G - a P + 2 lam dB with G = V V^T and P = T V^T, never leaves
+    the column space of [U, P] (right-multiplying by G keeps columns), so from dB = 0 the solution
+    is dB = Q C with Q an orthonormal basis of [U, P] (d_out x 2r, `orthonormal_coordinates`) and C
+    (2r x r): every inner product keeps its value in C's coordinates, and Adam runs on (M, 2r, r)
+    coefficients instead of (M, d_out, r) entries. Adam (torch's defaults: betas 0.9, 0.999, eps 1e-8, bias-corrected) on
+    C / rms(Q^T U), with the gradient in closed form and no host synchronisation; modules stay
+    independent. A module whose U or target is zero has no defined cosine and keeps dB = 0.
     """
     U = torch.stack([f.U for f in factors])
     projected = torch.stack([t.U @ (t.V @ f.V.T) for f, t in zip(factors, targets)])
     gram = torch.stack([f.V @ f.V.T for f in factors])
     target_norm = torch.stack([frobenius_norm(t) for t in targets])
-    step_scale = U.pow(2).mean(dim=(1, 2)).sqrt()
+    spanning = torch.cat([U, projected], dim=-1)
+    gram_of_span = spanning.mT @ spanning
+    to_coordinates = orthonormal_coordinates(gram_of_span)
+    rank = U.shape[-1]
+    U_coordinates = to_coordinates.mT @ gram_of_span[..., :rank]
+    projected_coordinates = to_coordinates.mT @ gram_of_span[..., rank:]
+    step_scale = U_coordinates.pow(2).mean(dim=(1, 2)).sqrt()
     solvable = (step_scale > 0) & (target_norm > 0)
     target_norm = torch.where(solvable, target_norm, torch.ones_like(target_norm))
     scale = step_scale[:, None, None]
 
-    Z = torch.zeros_like(U)
-    first, second = torch.zeros_like(U), torch.zeros_like(U)
+    Z = torch.zeros_like(U_coordinates)
+    first, second = torch.zeros_like(Z), torch.zeros_like(Z)
     best_value = torch.full_like(target_norm, math.inf)
     best_Z = Z
     (beta1, beta2) = ADAM_BETAS
     for step in range(1, steps + 2):
-        value, gradient = objective_and_gradient(U, scale, Z, projected, gram, target_norm, lam)
+        value, gradient = objective_and_gradient(
+            U_coordinates, scale, Z, projected_coordinates, gram, target_norm, lam
+        )
         improved = value < best_value
         best_Z = torch.where(improved[:, None, None], Z, best_Z)
         best_value = torch.where(improved, value, best_value)
@@ -124,7 +135,18 @@ def solve_batch(
         second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
         denominator = (second / (1 - beta2**step)).sqrt_().add_(ADAM_EPS)
         Z = Z - (lr / (1 - beta1**step)) * first / denominator
-    return torch.where(solvable[:, None, None], scale * best_Z, torch.zeros_like(U))
+    dB = spanning @ (to_coordinates @ (scale * best_Z))
+    return torch.where(solvable[:, None, None], dB, torch.zeros_like(U))
+
+
+def orthonormal_coordinates(gram: Tensor) -> Tensor:
+    """T such that Q = Y T is an orthonormal basis of the span of Y's columns (batched), from the
+    eigendecomposition of their Gram matrix Y^T Y in float64: T = W diag(lambda^-1/2), with the
+    directions the columns lack (lambda below 1e-12 of the largest) given zero columns."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram.double())
+    floor = 1e-12 * eigenvalues.amax(dim=-1, keepdim=True)
+    inverse_root = torch.where(eigenvalues > floor, eigenvalues.clamp_min(1e-300).rsqrt(), 0.0)
+    return (eigenvectors * inverse_root[..., None, :]).to(gram.dtype)
 
 
 def objective_and_gradient(
