@@ -1,0 +1,266 @@
+"""The Flower ClientApp: rank queries, Fed-SB's initialisation query, training and evaluation.
+
+Every message runs in a worker process that keeps the base model per run configuration
+(`clients.worker`), so the model is built once per process, not per message; what a node must
+remember between rounds lives in its ``context.state`` (`clients.node`). On a train or evaluate
+message the client applies its method's client step to what it received, measures its effective
+weights on the probe vectors, then trains (on CUDA when present) or evaluates. Every reply
+restates the node's partition id, ranks, scales and the global version it holds. Random choices
+are seeded by (run seed, partition id, round).
+
+``app`` reads the run configuration from the context (``flwr run``); `client_app` binds one
+instead (``flwr.simulation.run_simulation`` passes an empty run_config).
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.app import Context, Message, UserConfigValue
+from flwr.clientapp import ClientApp
+from torch import Tensor, nn
+
+from clients.base_store import catch_up_from_store
+from clients.node import own_base, save_facts, save_own_base, saved_ranks, saved_version
+from clients.records import message_config, payload_from_record, reply_record
+from clients.steps import LoRASide, SBSide, ranks_in, side_for
+from clients.worker import Worker, worker_for
+from fedlora.config import RunConfig
+from fedlora.data import batches
+from fedlora.fedsb_init import estimate_gradient, sketch_gradients
+from fedlora.messages import (
+    ACCURACY_KEY,
+    BASE_STORE_KEY,
+    GRADIENT_SUFFIX,
+    LOSS_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    ROUND_KEY,
+    SB_INIT_ACTION,
+    SB_INIT_MODE_KEY,
+    SB_INIT_RANK_KEY,
+    SB_INIT_SEED_KEY,
+    SECONDS_KEY,
+    SKETCH_Y_SUFFIX,
+    SKETCH_Z_SUFFIX,
+    VERSION_KEY,
+    Payload,
+)
+from fedlora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_responses
+from fedlora.rules import make_rule
+from fedlora.rules.fedex import FROM_VERSION_KEY
+from fedlora.training import evaluate, set_torch_threads, to_device, train_local
+from fedlora.versioning import BaseCache
+
+SERVER_APP_KEYS = ("run-dir", "base-changes")
+"""Run-config keys of the ServerApp's own (not `RunConfig` fields); the ClientApp ignores them."""
+NODE_RANK_KEY = "lora-rank"
+"""Node-config key of a node's own LoRA rank (else the run's rank-profile decides)."""
+NUM_PARTITIONS_KEY = "num-partitions"
+
+BoundRunConfig = Mapping[str, UserConfigValue] | None
+"""A run config bound to the app (Flower's kebab-case keys), or None to read the context's."""
+
+
+@dataclass
+class Client:
+    """One message's view: the run config, the worker, the method and the node's identity."""
+
+    config: RunConfig
+    worker: Worker
+    side: LoRASide | SBSide
+    partition_id: int
+    num_partitions: int
+    node_rank: int | None
+
+    @classmethod
+    def of(cls, context: Context, run_config: BoundRunConfig) -> Client:
+        """The client a message runs as: the run config parsed (the ServerApp's own keys left
+        out), torch's threads set, this process's worker for it."""
+        values = dict(context.run_config if run_config is None else run_config)
+        config = RunConfig.from_flower(
+            {key: v for key, v in values.items() if key not in SERVER_APP_KEYS}
+        )
+        set_torch_threads(config)
+        worker = worker_for(config)
+        node_rank = context.node_config.get(NODE_RANK_KEY)
+        return cls(
+            config=config,
+            worker=worker,
+            side=side_for(worker, make_rule(config.strategy)),
+            partition_id=int(context.node_config[PARTITION_ID_KEY]),
+            num_partitions=int(context.node_config[NUM_PARTITIONS_KEY]),
+            node_rank=None if node_rank is None else int(node_rank),
+        )
+
+    def initial_rank(self) -> int:
+        return self.config.rank_for(self.partition_id, self.num_partitions, self.node_rank)
+
+    def seed(self, server_round: int) -> int:
+        return zlib.crc32(f"{self.config.seed}:{self.partition_id}:{server_round}".encode())
+
+    def identity(self, context: Context) -> dict[str, int]:
+        return {PARTITION_ID_KEY: self.partition_id, VERSION_KEY: saved_version(context)}
+
+
+def client_app(run_config: BoundRunConfig = None) -> ClientApp:
+    """A ClientApp; ``run_config`` (Flower's kebab-case keys) replaces the context's when given."""
+    app = ClientApp()
+
+    @app.query()
+    def on_query(message: Message, context: Context) -> Message:
+        return answer_query(message, context, run_config)
+
+    @app.query(SB_INIT_ACTION)
+    def on_sb_init(message: Message, context: Context) -> Message:
+        return answer_sb_init(message, context, run_config)
+
+    @app.train()
+    def on_train(message: Message, context: Context) -> Message:
+        return answer_train(message, context, run_config)
+
+    @app.evaluate()
+    def on_evaluate(message: Message, context: Context) -> Message:
+        return answer_evaluate(message, context, run_config)
+
+    return app
+
+
+app = client_app()
+
+
+def answer_query(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
+    """The node's partition id, ranks (and scales) and the version it holds."""
+    client = Client.of(context, run_config)
+    facts = client.side.facts(saved_ranks(context) or client.initial_rank())
+    return Message(reply_record({}, {**facts, **client.identity(context)}, {}), reply_to=message)
+
+
+def answer_train(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
+    """Apply the client step, probe, train locally, reply with the update."""
+    client = Client.of(context, run_config)
+    payload = payload_from_record(message.content)
+    model = receive(client, payload, context)
+    probes = measured_probes(client, model, payload)
+    config, worker = client.config, client.worker
+    data = worker.data(client.partition_id, client.num_partitions)
+    seed = client.seed(int(payload.config.get(ROUND_KEY, 0)))
+    steps = config.local_steps
+    training = batches(
+        data.train,
+        worker.base.tokenizer,
+        config.max_length,
+        config.batch_size,
+        seed,
+        steps,
+        config.task,
+    )
+    report = train_local(
+        model, training, steps, config.learning_rate, config.weight_decay, worker.device, seed=seed
+    )
+    arrays, facts = client.side.reply(model, payload, context)
+    save_facts(context, ranks_in(facts), saved_version(context))
+    metrics = {
+        NUM_EXAMPLES_KEY: len(data.train),
+        LOSS_KEY: report.loss,
+        SECONDS_KEY: report.seconds,
+    }
+    content = reply_record(
+        {**arrays, PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics
+    )
+    return Message(content, reply_to=message)
+
+
+def answer_evaluate(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
+    """Apply the client step, probe, evaluate on the node's held-out data."""
+    client = Client.of(context, run_config)
+    payload = payload_from_record(message.content)
+    model = receive(client, payload, context)
+    probes = measured_probes(client, model, payload)
+    config, worker = client.config, client.worker
+    data = worker.data(client.partition_id, client.num_partitions)
+    report = evaluate(model, data.test, worker.base.tokenizer, config, worker.device)
+    metrics = {
+        NUM_EXAMPLES_KEY: report.num_examples,
+        LOSS_KEY: report.loss,
+        ACCURACY_KEY: report.accuracy,
+    }
+    facts = client.side.facts(ranks_in(payload.config))
+    content = reply_record({PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics)
+    return Message(content, reply_to=message)
+
+
+def answer_sb_init(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
+    """The node's gradient estimate for Fed-SB's LoRA-SB start: sketches or the dense G."""
+    client = Client.of(context, run_config)
+    request = message_config(message.content)
+    config, worker = client.config, client.worker
+    data = worker.data(client.partition_id, client.num_partitions)
+    estimates = batches(
+        data.train,
+        worker.base.tokenizer,
+        config.max_length,
+        config.batch_size,
+        client.seed(0),
+        config.local_steps,
+        config.task,
+    )
+    model = worker.base.model
+    if worker.device.type != "cpu":
+        model = copy.deepcopy(model).to(worker.device)
+
+    def loss(model: nn.Module, batch) -> Tensor:
+        return model(**to_device(batch, worker.device)).loss
+
+    gradients = estimate_gradient(model, loss, estimates, config.target_module_names)
+    if request[SB_INIT_MODE_KEY] == "sign":
+        tensors = {module + GRADIENT_SUFFIX: g for module, g in gradients.items()}
+    else:
+        sketches = sketch_gradients(
+            gradients, int(request[SB_INIT_RANK_KEY]), seed=int(request[SB_INIT_SEED_KEY])
+        )
+        tensors = {}
+        for module, sketch in sketches.items():
+            tensors[module + SKETCH_Y_SUFFIX] = sketch.Y
+            tensors[module + SKETCH_Z_SUFFIX] = sketch.Z
+    facts = client.side.facts(client.initial_rank())
+    content = reply_record(
+        {SB_INIT_ACTION: tensors},
+        {**facts, **client.identity(context)},
+        {NUM_EXAMPLES_KEY: len(data.train)},
+    )
+    return Message(content, reply_to=message)
+
+
+def receive(client: Client, payload: Payload, context: Context) -> nn.Module:
+    """The method's client step on the node's model; the node remembers its ranks and version."""
+    cache = base_cache(client, payload, context)
+    model = client.side.receive(payload, context, cache)
+    if cache is not None and not payload.config.get(BASE_STORE_KEY):
+        save_own_base(context, cache)
+    save_facts(context, ranks_in(payload.config), int(payload.config[VERSION_KEY]))
+    return model
+
+
+def base_cache(client: Client, payload: Payload, context: Context) -> BaseCache | None:
+    """The drifted base the payload's changes start from (drifting-base methods only): the
+    worker's, caught up from the store, or the node's own when changes travel in messages."""
+    if FROM_VERSION_KEY not in payload.config:
+        return None
+    store = payload.config.get(BASE_STORE_KEY)
+    if not store:
+        return own_base(context)
+    cache = client.worker.store_cache(str(store))
+    catch_up_from_store(cache, str(store), int(payload.config[FROM_VERSION_KEY]))
+    return cache
+
+
+def measured_probes(client: Client, model: nn.Module, payload: Payload) -> dict:
+    """(W_eff - W_0) X per module, when the server asks for probes."""
+    if PROBE_SEED_KEY not in payload.config:
+        return {}
+    changes = client.side.weight_changes(model)
+    return probe_responses(changes, int(payload.config[PROBE_SEED_KEY]))

@@ -1,0 +1,67 @@
+"""What a node keeps between messages in its ``context.state`` (which survives rounds in
+simulation and deployment alike): its current ranks and the global version it last received; the
+tensors that never leave it (FedSA-LoRA's B and head, Fed-SB's fixed factors), keyed as on the
+wire; and, when base changes travel in messages, its own drifted base."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from torch import Tensor
+
+from fedlora.messages import VERSION_KEY, rank_key
+from fedlora.versioning import BaseCache
+
+FACTS_RECORD = "fedlora.node"
+KEPT_RECORD = "fedlora.kept"
+BASE_RECORD = "fedlora.base"
+BASE_VERSION_RECORD = "fedlora.base-version"
+RANK_PREFIX = rank_key("")
+
+
+def saved_ranks(context: Context) -> dict[str, int]:
+    """The ranks the node last ran with (empty before its first payload)."""
+    facts = context.state.config_records.get(FACTS_RECORD, {})
+    return {
+        key.removeprefix(RANK_PREFIX): int(v)
+        for key, v in facts.items()
+        if key.startswith(RANK_PREFIX)
+    }
+
+
+def saved_version(context: Context) -> int:
+    """The global version the node last received (0 before its first payload)."""
+    return int(context.state.config_records.get(FACTS_RECORD, {}).get(VERSION_KEY, 0))
+
+
+def save_facts(context: Context, ranks: Mapping[str, int], version: int) -> None:
+    facts = {rank_key(module): rank for module, rank in ranks.items()}
+    context.state[FACTS_RECORD] = ConfigRecord({**facts, VERSION_KEY: version})
+
+
+def kept_tensors(context: Context) -> dict[str, Tensor]:
+    if KEPT_RECORD not in context.state.array_records:
+        return {}
+    return dict(context.state.array_records[KEPT_RECORD].to_torch_state_dict())
+
+
+def keep_tensors(context: Context, tensors: Mapping[str, Tensor]) -> None:
+    """Replace the tensors kept on the node."""
+    context.state[KEPT_RECORD] = ArrayRecord(
+        {key: t.detach().contiguous() for key, t in tensors.items()}
+    )
+
+
+def own_base(context: Context) -> BaseCache:
+    """The node's own drifted base (when changes travel in messages); version 0 at first."""
+    if BASE_RECORD not in context.state.array_records:
+        return BaseCache()
+    shift = dict(context.state.array_records[BASE_RECORD].to_torch_state_dict())
+    version = int(context.state.config_records[BASE_VERSION_RECORD][VERSION_KEY])
+    return BaseCache(version=version, shift=shift)
+
+
+def save_own_base(context: Context, cache: BaseCache) -> None:
+    context.state[BASE_RECORD] = ArrayRecord(dict(cache.shift))
+    context.state[BASE_VERSION_RECORD] = ConfigRecord({VERSION_KEY: cache.version})

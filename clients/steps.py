@@ -1,0 +1,185 @@
+"""A method's client step on a live model, and the update the client sends back.
+
+`LoRASide` runs the methods on peft LoRA models (FedAvg, FedEx-LoRA, FLoRA, FedSA-LoRA, LoRA-FAIR,
+FlexLoRA, HetLoRA), `SBSide` Fed-SB on LoRA-SB layers. Each applies the rule's pure
+``client_step`` to what the node holds and writes the result into a model of the worker, reports
+how the model's weights moved (for the exactness probes), and builds the reply after training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+from flwr.app import Context
+from torch import Tensor, nn
+
+from clients.node import keep_tensors, kept_tensors
+from clients.worker import Worker
+from fedlora.adapter import LoRAFactors, SBCore, lora_scale
+from fedlora.client_state import ClientState
+from fedlora.lowrank import LowRank
+from fedlora.messages import (
+    A_SUFFIX,
+    ADAPTER_RECORD,
+    B_SUFFIX,
+    HEAD_RECORD,
+    SB_A_SUFFIX,
+    SB_B_SUFFIX,
+    Payload,
+    Scalar,
+    adapter_config,
+    adapter_to_tensors,
+    modules_with_suffix,
+    rank_key,
+    start_rank_key,
+    to_wire,
+)
+from fedlora.models import sb_head_parameters
+from fedlora.peft_io import ModelMismatchError, apply_client_state, read_adapter, read_head
+from fedlora.probes import Delta, lora_weight_changes, sb_weight_changes
+from fedlora.rules import AggregationRule
+from fedlora.rules.fedsb import cores_to_tensors
+from fedlora.rules.hetlora import HetLoRA, prune_rank
+from fedlora.sb_layer import load_cores, load_fixed_factors, read_cores, sb_layers
+from fedlora.versioning import BaseCache
+
+Arrays = dict[str, dict[str, Tensor]]
+"""Tensor records of a reply by record name."""
+
+
+def ranks_in(config: Mapping[str, Scalar]) -> dict[str, int]:
+    """The ``rank.{module}`` entries of a payload's config."""
+    prefix = rank_key("")
+    return {key.removeprefix(prefix): int(v) for key, v in config.items() if key.startswith(prefix)}
+
+
+class LoRASide:
+    """The methods that run on peft LoRA models."""
+
+    def __init__(self, worker: Worker, rule: AggregationRule) -> None:
+        self.worker, self.rule = worker, rule
+
+    def facts(self, ranks: Mapping[str, int] | int) -> dict[str, Scalar]:
+        """``rank.{module}`` and ``scale.{module}`` of a model with these ranks."""
+        return adapter_config(self.worker.lora_model(ranks).pristine.adapter)
+
+    def receive(self, payload: Payload, context: Context, cache: BaseCache | None) -> nn.Module:
+        """Apply the client step to what the node holds and write it into a model of its ranks."""
+        built = self.worker.lora_model(ranks_in(payload.config))
+        local = with_kept(built.pristine, kept_tensors(context))
+        apply_client_state(built.model, self.rule.client_step(local, payload, cache))
+        return built.model
+
+    def weight_changes(self, model: nn.Module) -> dict[str, Delta]:
+        return lora_weight_changes(model)
+
+    def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
+        """The trained update (HetLoRA: pruned) and its ranks; FedSA-LoRA sends A only and keeps
+        B and the head on the node."""
+        adapter = read_adapter(model)
+        if isinstance(self.rule, HetLoRA):
+            config = self.worker.config
+            adapter = {
+                module: at_peft_scale(prune_rank(factors), config.lora_alpha, config.rslora)
+                for module, factors in adapter.items()
+            }
+        config = adapter_config(adapter)
+        for module, received in ranks_in(payload.config).items():
+            if adapter[module].rank != received:
+                config[start_rank_key(module)] = received
+        if self.rule.personalized:
+            kept = {module + B_SUFFIX: f.B for module, f in adapter.items()}
+            keep_tensors(context, {**kept, **read_head(model)})
+            shared = {module + A_SUFFIX: to_wire(f.A) for module, f in adapter.items()}
+            return {ADAPTER_RECORD: shared}, config
+        head = {key: to_wire(t) for key, t in read_head(model).items()}
+        return {ADAPTER_RECORD: adapter_to_tensors(adapter), HEAD_RECORD: head}, config
+
+
+def at_peft_scale(factors: LoRAFactors, alpha: float, rslora: bool) -> LoRAFactors:
+    """The same product s B A at the scale peft gives the factors' rank (after pruning): the
+    folded factors, which the rules average, are unchanged."""
+    scale = lora_scale(alpha, factors.rank, rslora)
+    root = math.sqrt(factors.scale / scale)
+    return LoRAFactors(A=factors.A * root, B=factors.B * root, scale=scale)
+
+
+def with_kept(pristine: ClientState, kept: Mapping[str, Tensor]) -> ClientState:
+    """The model's state as built, with the B and head the node kept (FedSA-LoRA)."""
+    if not kept:
+        return pristine
+    adapter = {
+        module: replace(factors, B=kept[module + B_SUFFIX])
+        for module, factors in pristine.adapter.items()
+    }
+    head = {key: kept[key] for key in pristine.head}
+    return replace(pristine, adapter=adapter, head=head)
+
+
+class SBSide:
+    """Fed-SB on LoRA-SB layers: fixed B and A (kept on the node), R from the server."""
+
+    def __init__(self, worker: Worker, rule: AggregationRule) -> None:
+        self.worker, self.rule = worker, rule
+
+    def facts(self, capacities: Mapping[str, int] | int) -> dict[str, Scalar]:
+        """``rank.{module}``: the capacity (leading block of R) the node trains per layer."""
+        layers = sb_layers(self.worker.sb_model(capacities))
+        return {rank_key(module): layer.capacity for module, layer in layers.items()}
+
+    def receive(self, payload: Payload, context: Context, cache: BaseCache | None) -> nn.Module:
+        """Load the fixed factors (sent once, then kept on the node), R_t and the head."""
+        model = self.worker.sb_model(ranks_in(payload.config))
+        kept = kept_tensors(context)
+        local = ClientState(
+            adapter={
+                module: LoRAFactors(
+                    A=kept[module + SB_A_SUFFIX], B=kept[module + SB_B_SUFFIX], scale=1.0
+                )
+                for module in modules_with_suffix(kept, SB_A_SUFFIX)
+            }
+        )
+        stepped = self.rule.client_step(local, payload)
+        load_fixed_factors(model, {m: LowRank(f.B, f.A) for m, f in stepped.adapter.items()})
+        load_cores(model, stepped.cores)
+        write_sb_head(model, stepped.head)
+        if modules_with_suffix(payload.adapter, SB_A_SUFFIX):
+            keep_tensors(
+                context,
+                {
+                    **{m + SB_A_SUFFIX: f.A for m, f in stepped.adapter.items()},
+                    **{m + SB_B_SUFFIX: f.B for m, f in stepped.adapter.items()},
+                },
+            )
+        return model
+
+    def weight_changes(self, model: nn.Module) -> dict[str, Delta]:
+        return sb_weight_changes(model)
+
+    def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
+        """Each layer's full R (R_global + its trained block) and capacity, and the head."""
+        layers = sb_layers(model)
+        cores = {m: SBCore(R=R, rank=layers[m].capacity) for m, R in read_cores(model).items()}
+        tensors, config = cores_to_tensors(cores)
+        head = {key: to_wire(p.detach()) for key, p in sb_head_parameters(model).items()}
+        return {ADAPTER_RECORD: tensors, HEAD_RECORD: head}, config
+
+
+@torch.no_grad()
+def write_sb_head(model: nn.Module, head: Mapping[str, Tensor]) -> None:
+    """Copy the head into a Fed-SB model's trained full parameters; the names must match."""
+    parameters = sb_head_parameters(model)
+    if set(head) != set(parameters):
+        raise ModelMismatchError(
+            f"head {sorted(head)} does not match the model's trained parameters "
+            f"{sorted(parameters)}"
+        )
+    for key, tensor in head.items():
+        parameters[key].copy_(tensor)
+
+
+def side_for(worker: Worker, rule: AggregationRule) -> LoRASide | SBSide:
+    return SBSide(worker, rule) if rule.update_kind is SBCore else LoRASide(worker, rule)

@@ -1,0 +1,124 @@
+"""What one worker process keeps across messages, per run configuration: the base model (loaded
+once, never per message), a few trainable copies by rank pattern, the clients' data, and the
+drifted base (W_v - W_0) that every client of the worker shares, one per base store."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from peft import PeftModel
+from torch import nn
+
+from fedlora.client_state import ClientState
+from fedlora.config import RunConfig
+from fedlora.data import ClientData, client_data
+from fedlora.models import load_base_model, with_lora, with_sb_layers
+from fedlora.peft_io import client_state_from_model
+from fedlora.training import device_for
+from fedlora.versioning import BaseCache
+
+PEFT_PREFIX = "base_model.model."
+MAX_MODELS = 4
+"""Trainable copies kept per worker (HetLoRA's pruning makes new rank patterns); oldest go first."""
+
+
+@dataclass
+class LoRAModel:
+    """A peft copy of the base and its state as built: seeded A, B = 0, the base's head."""
+
+    model: PeftModel
+    pristine: ClientState
+
+
+class Worker:
+    """The models, data and drifted bases of one process for one run configuration."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.device = device_for(config)
+        self.base = load_base_model(config)
+        self._models: OrderedDict[tuple, LoRAModel | nn.Module] = OrderedDict()
+        self._data: dict[tuple[int, int], ClientData] = {}
+        self._caches: dict[str, BaseCache] = {}
+
+    def lora_model(self, ranks: Mapping[str, int] | int) -> LoRAModel:
+        """A LoRA copy with these ranks (one for all modules, or per peft module path)."""
+        top, pattern = rank_pattern(ranks)
+        config = self.config
+
+        def build() -> LoRAModel:
+            model = with_lora(
+                self.base,
+                top,
+                config.lora_alpha,
+                config.rslora,
+                config.target_module_names,
+                config.head_module_names,
+                rank_pattern=pattern,
+                device=self.device,
+                seed=config.seed,
+            )
+            return LoRAModel(model, client_state_from_model(model))
+
+        return self._cached(("lora", top, tuple(sorted(pattern.items()))), build)
+
+    def sb_model(self, capacities: Mapping[str, int] | int) -> nn.Module:
+        """A Fed-SB copy at the run's top rank training these capacities (zero factors until the
+        server's are loaded)."""
+        key = capacities if isinstance(capacities, int) else tuple(sorted(capacities.items()))
+        return self._cached(
+            ("sb", key),
+            lambda: with_sb_layers(
+                self.base,
+                self.config.max_rank,
+                capacities,
+                self.config.target_module_names,
+                device=self.device,
+                modules_to_save=self.config.head_module_names,
+            ),
+        )
+
+    def data(self, partition_id: int, num_partitions: int) -> ClientData:
+        key = (partition_id, num_partitions)
+        if key not in self._data:
+            self._data[key] = client_data(self.config, partition_id, num_partitions)
+        return self._data[key]
+
+    def store_cache(self, store: str) -> BaseCache:
+        """The drifted base this worker shares between its clients, for one base store."""
+        return self._caches.setdefault(store, BaseCache())
+
+    def _cached(self, key: tuple, build: Callable[[], LoRAModel | nn.Module]):
+        if key in self._models:
+            self._models.move_to_end(key)
+        else:
+            self._models[key] = build()
+            while len(self._models) > MAX_MODELS:
+                self._models.popitem(last=False)
+        return self._models[key]
+
+
+def rank_pattern(ranks: Mapping[str, int] | int) -> tuple[int, dict[str, int]]:
+    """(top rank, peft rank_pattern for the modules below it); module paths become exact patterns."""
+    if isinstance(ranks, int):
+        return ranks, {}
+    top = max(ranks.values())
+    pattern = {
+        re.escape(module.removeprefix(PEFT_PREFIX)): rank
+        for module, rank in ranks.items()
+        if rank != top
+    }
+    return top, pattern
+
+
+_WORKERS: dict[RunConfig, Worker] = {}
+
+
+def worker_for(config: RunConfig) -> Worker:
+    """This process's worker for ``config``, made on first use."""
+    if config not in _WORKERS:
+        _WORKERS[config] = Worker(config)
+    return _WORKERS[config]

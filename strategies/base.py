@@ -1,0 +1,408 @@
+"""A Flower strategy around one `fedlora` aggregation rule: per-node payloads, rank discovery,
+versioned base, byte accounting and the end-to-end exactness probes.
+
+Versioned base (FedEx-LoRA, FLoRA). With ``base_store`` (a directory every client can read: the
+run directory in simulation, a shared file system on a cluster) the server writes each round's
+change of the global weights there as factors (``round-{t}.safetensors``) and the payloads carry
+none; a client's worker keeps one drifted base per process and catches it up from the files, since
+the server cannot know which worker will run a node's message. Without a store (deployment), each
+payload carries the changes since the version the node restated in its last reply, and the node
+keeps its base in its own state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import ClassVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+from torch import Tensor
+
+from fedlora.adapter import lora_scale
+from fedlora.errors import InvalidUpdateError
+from fedlora.lowrank import stack
+from fedlora.messages import (
+    A_SUFFIX,
+    ACCURACY_KEY,
+    B_SUFFIX,
+    BASE_STORE_KEY,
+    LOSS_KEY,
+    METRICS_RECORD,
+    NUM_EXAMPLES_KEY,
+    ROUND_KEY,
+    SECONDS_KEY,
+    adapter_from_tensors,
+    change_to_tensors,
+    rank_key,
+    scale_key,
+)
+from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
+from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult
+from strategies.base_store import write_round_change
+from strategies.records import (
+    NodeReport,
+    client_update,
+    node_report,
+    payload_record,
+    serialized_bytes,
+)
+from strategies.records import probe_responses as reply_probes
+
+
+class LoRAStrategy(Strategy):
+    """Federated LoRA with one aggregation rule, a payload shaped for each node's ranks.
+
+    Before a node's first message the strategy asks it (a QUERY message) for its partition id,
+    ranks and scales; every reply restates them (HetLoRA clients prune their ranks). Replies
+    carrying an error are dropped; the others are ordered by partition id before aggregation.
+
+    Parameters
+    ----------
+    rule : AggregationRule, optional
+        The method. Subclasses bind theirs (``rule_class``) and pass ``**rule_options`` to it.
+    lora_alpha : float (default: 16.0)
+        peft's ``lora_alpha``: the initial adapter's scale is alpha / r (alpha / sqrt(r) with
+        ``rslora``).
+    rslora : bool (default: False)
+        Whether the initial adapter uses rsLoRA's scale.
+    fraction_train : float (default: 1.0)
+        Fraction of nodes sampled for training (at least ``min_train_nodes``).
+    fraction_evaluate : float (default: 1.0)
+        Fraction of nodes sampled for evaluation (at least ``min_evaluate_nodes``); 0 skips it.
+    min_train_nodes : int (default: 2)
+        Minimum number of nodes sampled for training.
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes sampled for evaluation.
+    min_available_nodes : int (default: 2)
+        Minimum number of connected nodes before sampling.
+    probe_seed : int (default: 0)
+        Seed of the probe vectors clients measure their weights with (the run seed).
+    base_store : str or Path, optional
+        Directory where each round's base change is written for the clients (see the module's
+        docstring); None sends the changes in the messages.
+    query_timeout : float (default: 600.0)
+        Seconds to wait for the answers to rank queries.
+
+    Attributes
+    ----------
+    state : GlobalState or None
+        The rule's global state (None before the first round).
+    nodes : dict[int, NodeReport]
+        What each node restated last, by node id.
+    train_metrics, evaluate_metrics : dict[int, MetricRecord]
+        The aggregated metrics of each round.
+    """
+
+    rule_class: ClassVar[type[AggregationRule] | None] = None
+
+    def __init__(
+        self,
+        rule: AggregationRule | None = None,
+        *,
+        lora_alpha: float = 16.0,
+        rslora: bool = False,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        probe_seed: int = 0,
+        base_store: str | Path | None = None,
+        query_timeout: float = 600.0,
+        **rule_options,
+    ) -> None:
+        if rule is None:
+            if self.rule_class is None:
+                raise TypeError("LoRAStrategy needs a rule")
+            rule = self.rule_class(**rule_options)
+        elif rule_options:
+            raise TypeError(f"options {sorted(rule_options)} are for strategies that bind a rule")
+        self.rule = rule
+        self.lora_alpha = lora_alpha
+        self.rslora = rslora
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = 0 if fraction_evaluate == 0 else min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.probe_seed = probe_seed
+        self.base_store = None if base_store is None else Path(base_store)
+        self.query_timeout = query_timeout
+        self.state: GlobalState | None = None
+        self.nodes: dict[int, NodeReport] = {}
+        self.setup_bytes_up = 0
+        self.train_metrics: dict[int, MetricRecord] = {}
+        self.evaluate_metrics: dict[int, MetricRecord] = {}
+        self._expected_probes: dict[str, Tensor] | None = None
+        self._bytes_down = {MessageType.TRAIN: 0, MessageType.EVALUATE: 0}
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "\t├──> Rule: %s (exact: %s)", self.rule.name, self.rule.exact)
+        log(
+            INFO,
+            "\t├──> Sampling: fraction train (%.2f) | evaluate (%.2f)",
+            self.fraction_train,
+            self.fraction_evaluate,
+        )
+        log(
+            INFO,
+            "\t│\t└──Minimum nodes: train (%d) | evaluate (%d) | available (%d)",
+            self.min_train_nodes,
+            self.min_evaluate_nodes,
+            self.min_available_nodes,
+        )
+        where = self.base_store if self.base_store else "in the messages"
+        log(INFO, "\t└──> Base changes: %s", where)
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node, its payload shaped for the node's ranks.
+
+        ``arrays`` is read once, in the first round: the initial adapter at the top rank (peft's
+        ``{module}.lora_A.weight``/``lora_B.weight``) and the head (every other key). Later
+        rounds use the strategy's own state.
+        """
+        if self.state is None:
+            self.state = self.initial_state(arrays, grid)
+            self._expected_probes = self._probes_of_state(self.state)
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "configure_train")
+        return self._messages(node_ids, MessageType.TRAIN, server_round, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the updates with the rule; return W_t - W_0 and the round's metrics.
+
+        The returned ArrayRecord holds, per module, the global model's weight change as factors
+        (``{module}.U``/``{module}.V``, or ``{module}.dense`` where smaller) and the head; None
+        for personalized methods (FedSA-LoRA).
+        """
+        valid = self._valid_replies(replies, "aggregate_train")
+        updates, parsed = [], []
+        for message in valid:
+            partition_id = self.nodes[message.metadata.src_node_id].partition_id
+            try:
+                updates.append(
+                    client_update(message.content, self.rule.update_kind, str(partition_id))
+                )
+            except (InvalidUpdateError, KeyError) as error:
+                log(WARNING, "Dropping the update of partition %d: %s", partition_id, error)
+                continue
+            parsed.append(message)
+        if not updates:
+            return None, None
+        deviation = self._probe_deviation(parsed)
+        previous = self.state
+        start = time.perf_counter()
+        result = self.rule.aggregate(previous, updates)
+        aggregate_seconds = time.perf_counter() - start
+        self.state = result.state
+        self._expected_probes = self._ideal_probes(previous, result)
+        metrics = {
+            LOSS_KEY: weighted_mean(parsed, LOSS_KEY),
+            "num_examples": sum(update.num_examples for update in updates),
+            "clients": len(updates),
+            "client_seconds": max(float(m.content[METRICS_RECORD][SECONDS_KEY]) for m in parsed),
+            "aggregate_seconds": aggregate_seconds,
+            "bytes_up": sum(serialized_bytes(m.content) for m in parsed),
+            "bytes_down": self._bytes_down[MessageType.TRAIN],
+            **self._store_round_change(),
+            **self._take_setup_bytes(),
+        }
+        if deviation is not None:
+            metrics["relative_deviation"] = deviation
+        self.train_metrics[server_round] = MetricRecord(metrics)
+        return self._global_arrays(), self.train_metrics[server_round]
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled node; the client applies its step, then evaluates."""
+        if self.fraction_evaluate == 0.0 or self.state is None:
+            return []
+        node_ids = self._sample(
+            grid, self.fraction_evaluate, self.min_evaluate_nodes, "configure_evaluate"
+        )
+        return self._messages(node_ids, MessageType.EVALUATE, server_round, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted loss and accuracy of the clients, and the measured deviation."""
+        valid = self._valid_replies(replies, "aggregate_evaluate")
+        if not valid:
+            return None
+        metrics = {
+            LOSS_KEY: weighted_mean(valid, LOSS_KEY),
+            ACCURACY_KEY: weighted_mean(valid, ACCURACY_KEY),
+            "num_examples": sum(int(m.content[METRICS_RECORD][NUM_EXAMPLES_KEY]) for m in valid),
+            "bytes_down": self._bytes_down[MessageType.EVALUATE],
+        }
+        deviation = self._probe_deviation(valid)
+        if deviation is not None:
+            metrics["relative_deviation"] = deviation
+        self.evaluate_metrics[server_round] = MetricRecord(metrics)
+        return self.evaluate_metrics[server_round]
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def initial_state(self, arrays: ArrayRecord, grid: Grid) -> GlobalState:
+        """The rule's round-0 state from the initial adapter and head in ``arrays``."""
+        named = dict(arrays.to_torch_state_dict())
+        factors = {k: t for k, t in named.items() if k.endswith((A_SUFFIX, B_SUFFIX))}
+        head = {k: t for k, t in named.items() if k not in factors}
+        config = {}
+        for key, A in factors.items():
+            if key.endswith(A_SUFFIX):
+                module, rank = key.removesuffix(A_SUFFIX), A.shape[0]
+                config[rank_key(module)] = rank
+                config[scale_key(module)] = lora_scale(self.lora_alpha, rank, self.rslora)
+        return self.rule.init_state(adapter_from_tensors(factors, config), head)
+
+    def _global_arrays(self) -> ArrayRecord | None:
+        if self.rule.personalized:
+            return None
+        delta = {
+            module: self.rule.global_delta(self.state, module) for module in self.state.modules
+        }
+        return ArrayRecord({**change_to_tensors(delta), **self.state.head})
+
+    def _store_round_change(self) -> dict[str, int]:
+        """Write the round's base change to the store (drifting-base rules); its size in bytes."""
+        if self.base_store is None or self.state.changes is None:
+            return {}
+        change = self.state.changes.rounds[-1]
+        size = write_round_change(self.base_store, self.state.version, change)
+        return {"base_store_bytes": size}
+
+    def _take_setup_bytes(self) -> dict[str, int]:
+        """Bytes uploaded before the first round (Fed-SB's initialisation), reported once."""
+        if not self.setup_bytes_up:
+            return {}
+        taken, self.setup_bytes_up = self.setup_bytes_up, 0
+        return {"setup_bytes_up": taken}
+
+    # ---- nodes and messages ----------------------------------------------------------------------
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int, caller: str) -> list[int]:
+        sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
+        node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
+        log(INFO, "%s: Sampled %s nodes (out of %s)", caller, len(node_ids), len(all_nodes))
+        return node_ids
+
+    def _messages(
+        self, node_ids: list[int], kind: str, server_round: int, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        self._learn_nodes(node_ids, grid)
+        common = {**config, ROUND_KEY: server_round, PROBE_SEED_KEY: self.probe_seed}
+        if self.base_store is not None:
+            common[BASE_STORE_KEY] = str(self.base_store)
+        messages = []
+        for node_id in node_ids:
+            if node_id not in self.nodes:
+                continue
+            payload = self.rule.client_payload(self.state, self._spec(self.nodes[node_id]))
+            payload.config = {**common, **payload.config}
+            messages.append(
+                Message(payload_record(payload), dst_node_id=node_id, message_type=kind)
+            )
+        self._bytes_down[kind] = sum(serialized_bytes(m.content) for m in messages)
+        return messages
+
+    def _spec(self, node: NodeReport) -> ClientSpec:
+        """The node's ranks and scales, and the base version its payload starts from: the
+        current one when clients catch up from the store, else the one the node holds."""
+        store_serves_base = self.base_store is not None and self.state.changes is not None
+        version = self.state.version if store_serves_base else node.version
+        return ClientSpec(ranks=node.ranks, scales=node.scales, version=version)
+
+    def _learn_nodes(self, node_ids: list[int], grid: Grid) -> None:
+        """Ask the nodes not seen yet for their partition id, ranks and scales."""
+        unseen = [node_id for node_id in node_ids if node_id not in self.nodes]
+        if not unseen:
+            return
+        queries = [
+            Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.QUERY)
+            for node_id in unseen
+        ]
+        self._valid_replies(grid.send_and_receive(queries, timeout=self.query_timeout), "query")
+
+    def _valid_replies(self, replies: Iterable[Message], caller: str) -> list[Message]:
+        """Replies without errors whose node restated its facts, by partition id; the nodes'
+        records are updated from them."""
+        valid, failures = [], 0
+        for message in replies:
+            node_id = message.metadata.src_node_id
+            if message.has_error():
+                failures += 1
+                log(
+                    INFO,
+                    "\t> Received error in reply from node %d: %s",
+                    node_id,
+                    message.error.reason,
+                )
+                continue
+            try:
+                self.nodes[node_id] = node_report(message.content)
+            except (KeyError, ValueError) as error:
+                failures += 1
+                log(WARNING, "\t> Node %d did not restate its ranks: %s", node_id, error)
+                continue
+            valid.append(message)
+        log(INFO, "%s: Received %s results and %s failures", caller, len(valid), failures)
+        return sorted(
+            valid,
+            key=lambda m: (self.nodes[m.metadata.src_node_id].partition_id, m.metadata.src_node_id),
+        )
+
+    # ---- exactness probes ------------------------------------------------------------------------
+
+    def _probes_of_state(self, state: GlobalState) -> dict[str, Tensor] | None:
+        """The probe responses of the global model W - W_0 (None for personalized rules)."""
+        if self.rule.personalized:
+            return None
+        deltas = {module: self.rule.global_delta(state, module) for module in state.modules}
+        return probe_responses(deltas, self.probe_seed)
+
+    def _ideal_probes(self, previous: GlobalState, result: RoundResult) -> dict[str, Tensor] | None:
+        """Probe responses of the ideal model: the previous global model plus dW*."""
+        if result.ideal_update is None:
+            return None
+        deltas = {
+            module: stack([self.rule.global_delta(previous, module), result.ideal_update[module]])
+            for module in previous.modules
+        }
+        return probe_responses(deltas, self.probe_seed)
+
+    def _probe_deviation(self, replies: list[Message]) -> float | None:
+        """The worst relative difference between a client's measured probe responses and the
+        server's ideal ones; None when nothing was measured or there is no ideal."""
+        if self._expected_probes is None:
+            return None
+        measured = [reply_probes(m.content) for m in replies]
+        measured = [responses for responses in measured if responses]
+        if not measured:
+            return None
+        return max(relative_deviation(responses, self._expected_probes) for responses in measured)
+
+
+def weighted_mean(replies: list[Message], key: str) -> float:
+    """The example-weighted mean of a reply metric."""
+    metrics = [m.content[METRICS_RECORD] for m in replies]
+    total = sum(int(m[NUM_EXAMPLES_KEY]) for m in metrics)
+    if total == 0:
+        return 0.0
+    return sum(float(m[key]) * int(m[NUM_EXAMPLES_KEY]) for m in metrics) / total

@@ -1,0 +1,129 @@
+"""Fed-SB as a Flower strategy: R averaged between fixed factors set by a federated LoRA-SB start.
+
+Before the first round, unless the initial arrays already carry non-zero fixed factors and R, the
+strategy asks every sampled node (a ``query.sb_init`` message) for its estimate of the full-weight
+gradient on its own data, and sets B, A and R_0 from their example-weighted combination
+(`fedlora.fedsb_init`): in ``sketch`` mode (default) nodes send the sketches G Omega and Psi G
+(k d_out + l d_in floats per module) and the first step is SGD-like, -eta G; in ``sign`` mode they
+send the dense G (d_out x d_in per module) and the first step is LoRA-SB's Adam-like -eta sign(G).
+The upload is reported once, as ``setup_bytes_up`` of round 1.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora import rules
+from fedlora.fedsb_init import DEFAULT_ETA, GradientSketch, SBInit, sign_init, sketch_init
+from fedlora.lowrank import LowRank
+from fedlora.messages import (
+    CONFIG_RECORD,
+    GRADIENT_SUFFIX,
+    METRICS_RECORD,
+    NUM_EXAMPLES_KEY,
+    SB_A_SUFFIX,
+    SB_B_SUFFIX,
+    SB_INIT_ACTION,
+    SB_INIT_MODE_KEY,
+    SB_INIT_RANK_KEY,
+    SB_INIT_SEED_KEY,
+    SB_R_SUFFIX,
+    SKETCH_Y_SUFFIX,
+    SKETCH_Z_SUFFIX,
+    modules_with_suffix,
+)
+from fedlora.rules import GlobalState
+from strategies.base import LoRAStrategy
+from strategies.records import serialized_bytes, tensors
+
+INIT_MODES = ("sketch", "sign")
+
+
+class FedSB(LoRAStrategy):
+    """Fed-SB: R = sum_i p_i R_i between fixed B and A (exact for any mix of capacities).
+
+    Parameters
+    ----------
+    init_mode : str (default: "sketch")
+        How nodes send their gradient estimates for the LoRA-SB start: ``sketch`` or ``sign``.
+    eta : float (default: 1e-4)
+        Step size of the approximated first step; LoRA-SB uses the run's learning rate.
+    init_seed : int (default: 0)
+        Seed of the sketches' test matrices and of the randomized SVD.
+    **kwargs
+        `LoRAStrategy`'s parameters.
+    """
+
+    rule_class = rules.FedSB
+
+    def __init__(
+        self,
+        *,
+        init_mode: str = "sketch",
+        eta: float = DEFAULT_ETA,
+        init_seed: int = 0,
+        **kwargs,
+    ) -> None:
+        if init_mode not in INIT_MODES:
+            raise ValueError(f"init_mode {init_mode!r}: choose one of {list(INIT_MODES)}")
+        super().__init__(**kwargs)
+        self.init_mode, self.eta, self.init_seed = init_mode, eta, init_seed
+
+    def initial_state(self, arrays: ArrayRecord, grid: Grid) -> GlobalState:
+        """From ``{module}.sb_A.weight``/``sb_B.weight`` (and ``sb_R.weight``) and the head in
+        ``arrays``; zero factors (placeholders) start the federated LoRA-SB initialisation."""
+        named = dict(arrays.to_torch_state_dict())
+        modules = modules_with_suffix(named, SB_A_SUFFIX)
+        suffixes = (SB_A_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX)
+        head = {key: t for key, t in named.items() if not key.endswith(suffixes)}
+        fixed = {m: LowRank(named[m + SB_B_SUFFIX], named[m + SB_A_SUFFIX]) for m in modules}
+        cores = {m: named[m + SB_R_SUFFIX] for m in modules if m + SB_R_SUFFIX in named}
+        if len(cores) == len(modules) and all(f.U.any() and f.V.any() for f in fixed.values()):
+            return self.rule.init_state_from_factors(fixed, cores, head)
+        ranks = {f.inner_rank for f in fixed.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"Fed-SB's fixed factors need one rank, got {sorted(ranks)}")
+        start = self._federated_init(grid, ranks.pop())
+        return self.rule.init_state_from_factors(start.fixed, start.cores, head)
+
+    def _federated_init(self, grid: Grid, rank: int) -> SBInit:
+        """Gradient estimates from the sampled nodes, combined by their example counts."""
+        node_ids = self._sample(grid, 1.0, self.min_train_nodes, "sb_init")
+        config = ConfigRecord(
+            {
+                SB_INIT_MODE_KEY: self.init_mode,
+                SB_INIT_RANK_KEY: rank,
+                SB_INIT_SEED_KEY: self.init_seed,
+            }
+        )
+        queries = [
+            Message(
+                RecordDict({CONFIG_RECORD: config}),
+                dst_node_id=node_id,
+                message_type=f"{MessageType.QUERY}.{SB_INIT_ACTION}",
+            )
+            for node_id in node_ids
+        ]
+        replies = self._valid_replies(
+            grid.send_and_receive(queries, timeout=self.query_timeout), "sb_init"
+        )
+        if not replies:
+            raise RuntimeError("no node answered Fed-SB's initialisation query")
+        self.setup_bytes_up = sum(serialized_bytes(m.content) for m in replies)
+        counts = [int(m.content[METRICS_RECORD][NUM_EXAMPLES_KEY]) for m in replies]
+        estimates = [tensors(m.content, SB_INIT_ACTION) for m in replies]
+        if self.init_mode == "sign":
+            gradients = [
+                {m: e[m + GRADIENT_SUFFIX] for m in modules_with_suffix(e, GRADIENT_SUFFIX)}
+                for e in estimates
+            ]
+            return sign_init(gradients, counts, rank, self.eta, seed=self.init_seed)
+        sketches = [
+            {
+                m: GradientSketch(Y=e[m + SKETCH_Y_SUFFIX], Z=e[m + SKETCH_Z_SUFFIX])
+                for m in modules_with_suffix(e, SKETCH_Y_SUFFIX)
+            }
+            for e in estimates
+        ]
+        return sketch_init(sketches, counts, rank, self.eta, seed=self.init_seed)

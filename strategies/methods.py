@@ -1,0 +1,52 @@
+"""One strategy per method: each binds its `fedlora` rule; its options pass through to the rule
+and the rest to `LoRAStrategy`."""
+
+from __future__ import annotations
+
+from fedlora import rules
+from strategies.base import LoRAStrategy
+
+
+class LoRAFedAvg(LoRAStrategy):
+    """FedAvg of LoRA factors (FedIT): A and B averaged separately, zero-padded. Not exact."""
+
+    rule_class = rules.FedAvg
+
+
+class FedExLoRA(LoRAStrategy):
+    """FedEx-LoRA: FedAvg's factors plus the exact residual folded into the clients' bases."""
+
+    rule_class = rules.FedExLoRA
+
+
+class FLoRA(LoRAStrategy):
+    """FLoRA: stacked factors merged into the base, a fresh adapter each round. Option:
+    ``seed`` of the fresh adapters' A (default 0)."""
+
+    rule_class = rules.FLoRA
+
+
+class FedSALoRA(LoRAStrategy):
+    """FedSA-LoRA: only A is shared; B and the head stay on the clients (personal models)."""
+
+    rule_class = rules.FedSALoRA
+
+
+class LoRAFAIR(LoRAStrategy):
+    """LoRA-FAIR: FedAvg, then a server-side correction of B towards the ideal direction.
+    Options: ``steps``, ``lam``, ``lr`` (see `fedlora.rules.lorafair.LoRAFAIR`)."""
+
+    rule_class = rules.LoRAFAIR
+
+
+class FlexLoRA(LoRAStrategy):
+    """FlexLoRA: truncated SVD of the averaged products, best rank-r_i factors per client.
+    Options: ``oversample``, ``iterations``, ``seed`` (see `fedlora.rules.flexlora.FlexLoRA`)."""
+
+    rule_class = rules.FlexLoRA
+
+
+class HetLoRA(LoRAStrategy):
+    """HetLoRA: sparsity-weighted padded factors; clients prune their own ranks."""
+
+    rule_class = rules.HetLoRA

@@ -1,0 +1,149 @@
+"""fedlora's message layout in Flower's records, server side: payloads out, replies in.
+
+A payload becomes a `RecordDict` of one `ArrayRecord` per tensor record (``adapter``, ``head``,
+``base_change``; empty ones left out) and the ``config`` `ConfigRecord`. A reply carries the
+client's update in the same tensor records, its ranks and scales (``rank.{module}``,
+``scale.{module}``, and ``start-rank.{module}`` where it pruned), its partition id and base version
+in ``config``, its metrics in ``metrics`` and its probe responses in ``probes``.
+Bytes are counted as serialized: the bytes of the arrays' serialized data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import Tensor
+
+from fedlora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.errors import InvalidUpdateError
+from fedlora.messages import (
+    A_SUFFIX,
+    ADAPTER_RECORD,
+    BASE_CHANGE_RECORD,
+    CONFIG_RECORD,
+    HEAD_RECORD,
+    METRICS_RECORD,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    VERSION_KEY,
+    Payload,
+    adapter_from_tensors,
+    modules_with_suffix,
+    rank_key,
+    scale_key,
+    start_rank_key,
+)
+from fedlora.probes import PROBE_RECORD
+from fedlora.rules.fedsb import cores_from_tensors
+from fedlora.updates import ClientUpdate
+
+
+def payload_record(payload: Payload) -> RecordDict:
+    """The payload as Flower records: one ArrayRecord per non-empty tensor record, and the config."""
+    records: dict[str, ArrayRecord | ConfigRecord] = {
+        name: ArrayRecord(dict(tensors))
+        for name, tensors in (
+            (ADAPTER_RECORD, payload.adapter),
+            (HEAD_RECORD, payload.head),
+            (BASE_CHANGE_RECORD, payload.base_change),
+        )
+        if tensors
+    }
+    records[CONFIG_RECORD] = ConfigRecord(dict(payload.config))
+    return RecordDict(records)
+
+
+def serialized_bytes(content: RecordDict) -> int:
+    """Bytes of the serialized arrays of a message, its probe responses (a measurement) excluded."""
+    return sum(
+        len(array.data)
+        for name, record in content.array_records.items()
+        if name != PROBE_RECORD
+        for array in record.values()
+    )
+
+
+def tensors(content: RecordDict, name: str) -> dict[str, Tensor]:
+    """An ArrayRecord of the reply as torch tensors (empty when the reply has none)."""
+    if name not in content.array_records:
+        return {}
+    return dict(content.array_records[name].to_torch_state_dict())
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What a node restates in every reply: its partition, ranks and scales, and base version."""
+
+    partition_id: int
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    version: int
+
+
+def node_report(content: RecordDict) -> NodeReport:
+    """The node's restated facts from a reply's config (Fed-SB replies have no scales)."""
+    config = content.config_records[CONFIG_RECORD]
+    ranks = {
+        key.removeprefix("rank."): int(v) for key, v in config.items() if key.startswith("rank.")
+    }
+    scales = {
+        key.removeprefix("scale."): float(v)
+        for key, v in config.items()
+        if key.startswith("scale.")
+    }
+    return NodeReport(
+        partition_id=int(config[PARTITION_ID_KEY]),
+        ranks=ranks,
+        scales=scales,
+        version=int(config[VERSION_KEY]),
+    )
+
+
+def client_update(content: RecordDict, update_kind: type, client_id: str) -> ClientUpdate:
+    """A train reply as the rules take it: LoRA factors, FedSA-LoRA's A alone or Fed-SB's R."""
+    config = dict(content.config_records[CONFIG_RECORD])
+    metrics = content.metric_records[METRICS_RECORD]
+    adapter = tensors(content, ADAPTER_RECORD)
+    if update_kind is LoRAFactors:
+        modules = adapter_from_tensors(adapter, config)
+    elif update_kind is SharedA:
+        modules = shared_a_from_tensors(adapter, config)
+    elif update_kind is SBCore:
+        modules = cores_from_tensors(adapter, config)
+    else:
+        raise TypeError(f"no reply layout for updates of kind {update_kind.__name__}")
+    start_ranks = {
+        module: int(config[start_rank_key(module)])
+        for module in modules
+        if start_rank_key(module) in config
+    }
+    return ClientUpdate(
+        client_id=client_id,
+        num_examples=int(metrics[NUM_EXAMPLES_KEY]),
+        modules=modules,
+        head=tensors(content, HEAD_RECORD),
+        start_ranks=start_ranks,
+    )
+
+
+def shared_a_from_tensors(adapter: dict[str, Tensor], config: dict) -> dict[str, SharedA]:
+    """FedSA-LoRA's upload: ``{module}.lora_A.weight`` with its declared rank and scale."""
+    shared = {}
+    for module in modules_with_suffix(adapter, A_SUFFIX):
+        A = adapter[module + A_SUFFIX]
+        if rank_key(module) not in config or scale_key(module) not in config:
+            raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
+        if A.ndim != 2 or A.shape[0] != int(config[rank_key(module)]):
+            raise InvalidUpdateError(
+                f"module {module!r}: declared rank {config[rank_key(module)]} does not match "
+                f"lora_A {tuple(A.shape)}"
+            )
+        shared[module] = SharedA(A=A, scale=float(config[scale_key(module)]))
+    return shared
+
+
+def probe_responses(content: RecordDict) -> dict[str, Tensor]:
+    """The reply's probe responses per module, in float64 (empty when it sent none)."""
+    return {module: t.to(torch.float64) for module, t in tensors(content, PROBE_RECORD).items()}

@@ -1,0 +1,166 @@
+"""The Flower ServerApp: the run config's strategy, started from the base model's initial adapter,
+with one JSON row per round in ``RUN_DIR/metrics.jsonl``.
+
+Besides `fedlora.config.RunConfig`'s keys the run config may hold two of the ServerApp's own:
+``run-dir`` (default ``runs/latest``) and ``base-changes``: ``run-dir`` (default; FedEx-LoRA and
+FLoRA clients catch their base up from ``RUN_DIR/base``, which they must be able to read, as in
+simulation) or ``messages`` (the changes travel in the payloads, for deployment).
+
+``app`` reads the run config from the context (``flwr run``); `server_app` binds one instead
+(``flwr.simulation.run_simulation`` passes an empty run_config).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.config import RunConfig
+from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
+from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
+from fedlora.peft_io import read_adapter, read_head
+from fedlora.sb_layer import sb_layers
+from strategies import STRATEGIES, LoRAStrategy
+
+DEFAULT_RUN_DIR = "runs/latest"
+BASE_CHANGES = ("run-dir", "messages")
+ACCURACY_SOURCE = "clients"
+"""Where a row's accuracy comes from: the sampled clients' held-out data, example-weighted
+(personal models for FedSA-LoRA)."""
+
+
+def server_app(run_config: Mapping[str, UserConfigValue] | None = None) -> ServerApp:
+    """A ServerApp; ``run_config`` (Flower's kebab-case keys) replaces the context's when given."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, context.run_config if run_config is None else run_config)
+
+    return app
+
+
+app = server_app()
+
+
+def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
+    """Run the configured strategy for ``num-server-rounds`` rounds; return it."""
+    values = dict(run_config)
+    run_dir = Path(str(values.pop("run-dir", DEFAULT_RUN_DIR)))
+    base_changes = str(values.pop("base-changes", "run-dir"))
+    if base_changes not in BASE_CHANGES:
+        raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
+    config = RunConfig.from_flower(values)
+    strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", strategy)
+    strategy.start(
+        grid,
+        initial_arrays(config),
+        num_rounds=config.num_server_rounds,
+        evaluate_fn=log.end_of_round,
+    )
+    return strategy
+
+
+def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
+    """The strategy named by ``strategy``, its sampling and seeds from the run config."""
+    rule_options = {
+        "flora": {"seed": config.seed},
+        "flexlora": {"seed": config.seed},
+        "fedsb": {"eta": config.learning_rate, "init_seed": config.seed},
+    }.get(config.strategy, {})
+    return STRATEGIES[config.strategy](
+        lora_alpha=config.lora_alpha,
+        rslora=config.rslora,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_train_nodes,
+        min_evaluate_nodes=config.min_evaluate_nodes,
+        min_available_nodes=max(config.min_train_nodes, config.min_evaluate_nodes),
+        probe_seed=config.seed,
+        base_store=base_store,
+        **rule_options,
+    )
+
+
+def initial_arrays(config: RunConfig) -> ArrayRecord:
+    """The global adapter at the top rank and the seeded head, as the clients build them.
+
+    LoRA methods: peft's ``lora_A``/``lora_B`` (A seeded, B = 0). Fed-SB: zero ``sb_A``/``sb_B``
+    placeholders at the top rank (the strategy then runs the federated LoRA-SB start).
+    """
+    base = load_base_model(config)
+    if config.strategy == "fedsb":
+        model = with_sb_layers(
+            base,
+            config.max_rank,
+            config.max_rank,
+            config.target_module_names,
+            modules_to_save=config.head_module_names,
+        )
+        placeholders = {}
+        for module, layer in sb_layers(model).items():
+            d_out, d_in = layer.sb_B.out_features, layer.sb_A.in_features
+            placeholders[module + SB_A_SUFFIX] = torch.zeros(config.max_rank, d_in)
+            placeholders[module + SB_B_SUFFIX] = torch.zeros(d_out, config.max_rank)
+        head = {key: p.detach() for key, p in sb_head_parameters(model).items()}
+        return ArrayRecord({**placeholders, **head})
+    model = with_lora(
+        base,
+        config.max_rank,
+        config.lora_alpha,
+        config.rslora,
+        config.target_module_names,
+        config.head_module_names,
+        seed=config.seed,
+    )
+    return ArrayRecord({**adapter_to_tensors(read_adapter(model)), **read_head(model)})
+
+
+class MetricsLog:
+    """Appends one JSON object per round: round, accuracy, loss, train_loss, relative_deviation
+    (the worst measured in the round, by train and evaluate replies; null when none, as for
+    FedSA-LoRA), bytes_up, bytes_down (train and evaluate payloads), seconds (wall time)."""
+
+    def __init__(self, path: Path, strategy: LoRAStrategy) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        self.path, self.strategy = path, strategy
+        self.round_start = time.perf_counter()
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn`` hook, called before round 1 and after every round."""
+        now = time.perf_counter()
+        if server_round > 0:
+            row = self.row(server_round, now - self.round_start)
+            with self.path.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+        self.round_start = now
+        return None
+
+    def row(self, server_round: int, seconds: float) -> dict:
+        train = dict(self.strategy.train_metrics.get(server_round, {}))
+        evaluation = dict(self.strategy.evaluate_metrics.get(server_round, {}))
+        deviations = [
+            m["relative_deviation"] for m in (train, evaluation) if "relative_deviation" in m
+        ]
+        return {
+            "round": server_round,
+            "strategy": self.strategy.rule.name,
+            "accuracy": evaluation.get("accuracy"),
+            "accuracy_source": ACCURACY_SOURCE,
+            "loss": evaluation.get("loss"),
+            "train_loss": train.get("loss"),
+            "relative_deviation": max(deviations) if deviations else None,
+            "bytes_up": train.get("bytes_up", 0) + train.get("setup_bytes_up", 0),
+            "bytes_down": train.get("bytes_down", 0) + evaluation.get("bytes_down", 0),
+            "base_store_bytes": train.get("base_store_bytes", 0),
+            "clients": train.get("clients", 0),
+            "seconds": seconds,
+        }

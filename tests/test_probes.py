@@ -1,0 +1,93 @@
+"""The exactness probes: what a client measures on its live model, against peft's own merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora.client_state import ClientState
+from fedlora.lowrank import LowRank
+from fedlora.peft_io import apply_client_state, client_state_from_model, pretrained_weights
+from fedlora.probes import (
+    PROBE_COUNT,
+    lora_weight_changes,
+    probe_responses,
+    probe_vectors,
+    relative_deviation,
+    sb_weight_changes,
+)
+from fedlora.sb_layer import inject_sb_layers
+from tests.models import FAMILIES, PEFT_PREFIX, merged_state, perturb_trainable, with_lora
+
+
+def test_probe_vectors_are_seeded_by_run_and_module():
+    X = probe_vectors(3, "a.query", 5)
+    assert X.shape == (5, PROBE_COUNT) and X.dtype == torch.float64
+    assert torch.equal(X, probe_vectors(3, "a.query", 5))
+    assert not torch.equal(X, probe_vectors(3, "a.value", 5))
+    assert not torch.equal(X, probe_vectors(4, "a.query", 5))
+
+
+def test_factored_and_dense_changes_give_the_same_responses():
+    generator = torch.Generator().manual_seed(0)
+    U = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    V = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    factored = probe_responses({"m": LowRank(U, V)}, seed=1)["m"]
+    dense = probe_responses({"m": U @ V}, seed=1)["m"]
+    assert torch.allclose(factored, dense, atol=1e-14)
+    assert torch.allclose(dense, U @ V @ probe_vectors(1, "m", 5), atol=1e-14)
+
+
+def test_relative_deviation_is_the_worst_module_and_zero_below_the_floor():
+    expected = {
+        "a": torch.ones(3, 2, dtype=torch.float64),
+        "b": torch.zeros(3, 2, dtype=torch.float64),
+    }
+    measured = {"a": expected["a"] * 1.1, "b": torch.zeros(3, 2, dtype=torch.float64)}
+    assert relative_deviation(measured, expected) == pytest.approx(0.1)
+    measured["b"] = torch.full((3, 2), 1e-3, dtype=torch.float64)
+    assert relative_deviation(measured, expected) > 1e6
+    with pytest.raises(ValueError, match="missing"):
+        relative_deviation({"a": expected["a"]}, expected)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_lora_weight_changes_match_peft_merge(family):
+    """base shift + s B A per module equals peft's merged weight minus the pretrained one (GPT-2's
+    Conv1D turned to Linear orientation)."""
+    pretrained = FAMILIES[family].build()
+    model = with_lora(pretrained, FAMILIES[family], rank=4, pattern_rank=2)
+    generator = torch.Generator().manual_seed(1)
+    perturb_trainable(model, generator)
+    local = client_state_from_model(model)
+    shift = {
+        module: 0.01 * torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
+        for module, weight in pretrained_weights(model).items()
+    }
+    apply_client_state(model, ClientState(adapter=local.adapter, head=local.head, base_shift=shift))
+    merged, original = merged_state(model), pretrained.state_dict()
+    for module, change in lora_weight_changes(model).items():
+        key = module.removeprefix(PEFT_PREFIX) + ".weight"
+        expected = merged[key] - original[key]
+        if FAMILIES[family].lora_options.get("fan_in_fan_out"):
+            expected = expected.T
+        assert torch.allclose(change, expected, atol=1e-12)
+
+
+def test_sb_weight_changes_are_b_r_a_of_each_layer():
+    model = FAMILIES["bert"].build()
+    generator = torch.Generator().manual_seed(2)
+    targets = {"bert.encoder.layer.0.attention.self.query": (32, 32)}
+    fixed = {
+        m: LowRank(
+            torch.randn(d_out, 3, generator=generator, dtype=torch.float64),
+            torch.randn(3, d_in, generator=generator, dtype=torch.float64),
+        )
+        for m, (d_out, d_in) in targets.items()
+    }
+    cores = {m: torch.randn(3, 3, generator=generator, dtype=torch.float64) for m in targets}
+    inject_sb_layers(model, list(targets), fixed, cores, capacity=2)
+    for module, change in sb_weight_changes(model).items():
+        assert torch.allclose(
+            change.dense(), fixed[module].U @ cores[module] @ fixed[module].V, atol=1e-12
+        )
