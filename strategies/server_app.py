@@ -27,12 +27,10 @@ from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_
 from fedlora.peft_io import read_adapter, read_head
 from fedlora.sb_layer import sb_layers
 from strategies import STRATEGIES, LoRAStrategy
+from strategies.evaluation import ServerEvaluation
 
 DEFAULT_RUN_DIR = "runs/latest"
 BASE_CHANGES = ("run-dir", "messages")
-ACCURACY_SOURCE = "clients"
-"""Where a row's accuracy comes from: the sampled clients' held-out data, example-weighted
-(personal models for FedSA-LoRA)."""
 
 
 def server_app(run_config: Mapping[str, UserConfigValue] | None = None) -> ServerApp:
@@ -58,13 +56,16 @@ def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
         raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
     config = RunConfig.from_flower(values)
     strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
-    log = MetricsLog(run_dir / "metrics.jsonl", strategy)
+    evaluation = ServerEvaluation(config)
+    log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation)
     strategy.start(
         grid,
         initial_arrays(config),
         num_rounds=config.num_server_rounds,
         evaluate_fn=log.end_of_round,
     )
+    if strategy.state is not None:
+        evaluation.export(strategy.rule, strategy.state, run_dir / "export")
     return strategy
 
 
@@ -124,24 +125,27 @@ def initial_arrays(config: RunConfig) -> ArrayRecord:
 
 
 class MetricsLog:
-    """Appends one JSON object per round: round, accuracy, loss, train_loss, relative_deviation
-    (the worst measured in the round, by train and evaluate replies; null when none, as for
-    FedSA-LoRA), bytes_up, bytes_down (train and evaluate payloads), seconds (wall time)."""
+    """Appends one JSON object per round: round, accuracy and loss (``accuracy_source`` says whose:
+    "server", the global model at the top rank on the server's held-out set, with
+    ``accuracy_by_rank``; or "clients", their example-weighted held-out accuracy, personal models for
+    FedSA-LoRA), client_accuracy, train_loss, relative_deviation (the worst measured in the round,
+    by train and evaluate replies; null when none, as for FedSA-LoRA), bytes_up, bytes_down (train
+    and evaluate payloads), seconds (wall time of the round's training and client evaluation) and
+    server_eval_seconds."""
 
-    def __init__(self, path: Path, strategy: LoRAStrategy) -> None:
+    def __init__(self, path: Path, strategy: LoRAStrategy, evaluation: ServerEvaluation) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
-        self.path, self.strategy = path, strategy
+        self.path, self.strategy, self.evaluation = path, strategy, evaluation
         self.round_start = time.perf_counter()
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn`` hook, called before round 1 and after every round."""
-        now = time.perf_counter()
         if server_round > 0:
-            row = self.row(server_round, now - self.round_start)
+            row = self.row(server_round, time.perf_counter() - self.round_start)
             with self.path.open("a") as file:
                 file.write(json.dumps(row) + "\n")
-        self.round_start = now
+        self.round_start = time.perf_counter()
         return None
 
     def row(self, server_round: int, seconds: float) -> dict:
@@ -150,12 +154,16 @@ class MetricsLog:
         deviations = [
             m["relative_deviation"] for m in (train, evaluation) if "relative_deviation" in m
         ]
+        started = time.perf_counter()
+        server = self.evaluation(self.strategy.rule, self.strategy.state)
         return {
             "round": server_round,
             "strategy": self.strategy.rule.name,
-            "accuracy": evaluation.get("accuracy"),
-            "accuracy_source": ACCURACY_SOURCE,
-            "loss": evaluation.get("loss"),
+            "accuracy": server["accuracy"] if server else evaluation.get("accuracy"),
+            "accuracy_source": "server" if server else "clients",
+            "loss": server["loss"] if server else evaluation.get("loss"),
+            "accuracy_by_rank": server["accuracy_by_rank"] if server else None,
+            "client_accuracy": evaluation.get("accuracy"),
             "train_loss": train.get("loss"),
             "relative_deviation": max(deviations) if deviations else None,
             "bytes_up": train.get("bytes_up", 0) + train.get("setup_bytes_up", 0),
@@ -163,4 +171,5 @@ class MetricsLog:
             "base_store_bytes": train.get("base_store_bytes", 0),
             "clients": train.get("clients", 0),
             "seconds": seconds,
+            "server_eval_seconds": time.perf_counter() - started,
         }

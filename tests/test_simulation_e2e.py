@@ -99,6 +99,15 @@ def test_strategy_runs_three_rounds_on_ray(strategy, model, tmp_path):
         if key.startswith("rank.")
     }
     assert ranks == RANKS
+    export = tmp_path / "export"
+    if strategy == "fedsa":
+        assert all(row["accuracy_source"] == "clients" for row in rows)
+    else:
+        assert all(row["accuracy_source"] == "server" for row in rows)
+        assert all(0 <= row["accuracy"] <= 1 for row in rows)
+        expected_classes = {"8"} if strategy in EXACT else {str(rank) for rank in RANKS}
+        assert all(set(row["accuracy_by_rank"]) == expected_classes for row in rows)
+        assert (export / "config.json").exists() or (export / "adapter_config.json").exists()
     deviations = [row["relative_deviation"] for row in rows]
     if strategy in EXACT:
         assert all(deviation < 1e-5 for deviation in deviations), deviations

@@ -1,0 +1,77 @@
+"""The global model as the server knows it: the weights a client of each rank runs with, built into
+a plain copy of the pretrained model for server-side evaluation and export.
+
+A rank class's weights are derived by the rule itself: the server makes the payload a client of that
+rank would receive and runs the method's pure client step on it, so what is evaluated is what such a
+client runs (FedAvg-like rules: its slice of the global factors; FedEx-LoRA, FLoRA, Fed-SB: W_t for
+every rank). Personalized methods (FedSA-LoRA) have no global model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from fedlora.adapter import LoRAFactors, lora_scale
+from fedlora.client_state import ClientState
+from fedlora.rules import AggregationRule, ClientSpec, GlobalState
+from fedlora.versioning import BaseCache
+
+PEFT_PREFIX = "base_model.model."
+
+
+def rank_class_deltas(
+    rule: AggregationRule,
+    state: GlobalState,
+    rank: int,
+    alpha: float,
+    rslora: bool,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """W - W_0 per module for a client of ``rank`` after its client step on this state."""
+    spec = ClientSpec(
+        ranks=dict.fromkeys(state.modules, rank),
+        scales=dict.fromkeys(state.modules, lora_scale(alpha, rank, rslora)),
+        version=state.version if state.changes is not None else 0,
+    )
+    local = ClientState(
+        adapter={
+            module: LoRAFactors(
+                torch.zeros(rank, d_in, dtype=dtype),
+                torch.zeros(d_out, rank, dtype=dtype),
+                spec.scales[module],
+            )
+            for module, (d_out, d_in) in state.shapes.items()
+        }
+    )
+    cache = None
+    if state.changes is not None:
+        shift = {m: rule.global_delta(state, m).dense().to(dtype) for m in state.modules}
+        cache = BaseCache(version=state.version, shift=shift)
+    local = rule.client_step(local, rule.client_payload(state, spec), cache)
+    return {module: local.effective_delta(module) for module in state.modules}
+
+
+def plain_model_with(
+    pretrained: nn.Module, deltas: dict[str, Tensor], head: dict[str, Tensor]
+) -> nn.Module:
+    """A copy of the pretrained model with W_0 + delta in every adapted module and the trained head.
+
+    Names may carry peft's ``base_model.model.`` prefix. GPT-2 ``Conv1D`` weights (d_in x d_out) get
+    the delta turned to their orientation.
+    """
+    model = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            layer = model.get_submodule(name.removeprefix(PEFT_PREFIX))
+            weight = layer.weight
+            oriented = (
+                delta if weight.shape == delta.shape and isinstance(layer, nn.Linear) else delta.T
+            )
+            weight.add_(oriented.to(weight.dtype))
+        parameters = dict(model.named_parameters())
+        for name, value in head.items():
+            parameters[name.removeprefix(PEFT_PREFIX)].copy_(value)
+    return model.eval()

@@ -1,0 +1,84 @@
+"""Server-side evaluation and export of the global model.
+
+The server evaluates, on its held-out set, the model a client of each rank class runs
+(`fedlora.global_model.rank_class_deltas`): once for the exact methods, whose clients all run W_t,
+and per rank for the others; the row's accuracy is the top rank's. Personalized methods (FedSA-LoRA)
+have no global model: their accuracy stays the clients' personal one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fedlora.adapter import LoRAFactors, lora_scale
+from fedlora.config import RunConfig, parse_rank_profile
+from fedlora.data import server_eval_set
+from fedlora.global_model import plain_model_with, rank_class_deltas
+from fedlora.models import load_base_model, with_lora
+from fedlora.peft_io import write_adapter, write_head
+from fedlora.rules import AggregationRule, GlobalState
+from fedlora.training import device_for, evaluate
+
+logger = logging.getLogger(__name__)
+
+
+class ServerEvaluation:
+    """Accuracy and loss of the global model per rank class on the server's held-out set."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.base = load_base_model(config)
+        self.data = server_eval_set(config)
+        self.device = device_for(config)
+        profile = parse_rank_profile(config.rank_profile)
+        self.ranks = sorted({rank for rank, _ in profile} or {config.lora_rank})
+
+    def __call__(self, rule: AggregationRule, state: GlobalState) -> dict | None:
+        if rule.personalized or len(self.data) == 0:
+            return None
+        ranks = [max(self.ranks)] if rule.exact else self.ranks
+        by_rank = {}
+        for rank in ranks:
+            model = self.model_for(rule, state, rank).to(self.device)
+            report = evaluate(model, self.data, self.base.tokenizer, self.config, self.device)
+            by_rank[rank] = report
+        top = by_rank[max(ranks)]
+        return {
+            "accuracy": top.accuracy,
+            "loss": top.loss,
+            "accuracy_by_rank": {str(rank): report.accuracy for rank, report in by_rank.items()},
+        }
+
+    def model_for(self, rule: AggregationRule, state: GlobalState, rank: int):
+        deltas = rank_class_deltas(rule, state, rank, self.config.lora_alpha, self.config.rslora)
+        return plain_model_with(self.base.model, deltas, state.head)
+
+    def export(self, rule: AggregationRule, state: GlobalState, directory: Path) -> None:
+        """The final global model at the top rank: peft's adapter (``save_pretrained``) where the base
+        weights never change, else the merged model; nothing for a personalized method."""
+        if rule.personalized:
+            logger.info("%s is personalized: no global model to export", rule.name)
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        top = max(self.ranks)
+        if state.factors and state.changes is None:
+            model = with_lora(
+                self.base,
+                top,
+                self.config.lora_alpha,
+                self.config.rslora,
+                self.config.target_module_names,
+                self.config.head_module_names,
+            )
+            scale = lora_scale(self.config.lora_alpha, top, self.config.rslora)
+            write_adapter(
+                model,
+                {m: LoRAFactors.from_folded(f, top, scale) for m, f in state.factors.items()},
+            )
+            write_head(model, state.head)
+        else:
+            model = self.model_for(rule, state, top)
+        model.save_pretrained(directory)
+        if hasattr(self.base.tokenizer, "save_pretrained"):
+            self.base.tokenizer.save_pretrained(directory)
