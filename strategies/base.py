@@ -12,6 +12,7 @@ keeps its base in its own state.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -176,7 +177,9 @@ class LoRAStrategy(Strategy):
         if self.state is None:
             self.state = self.initial_state(arrays, grid)
             self._expected_probes = self._probes_of_state(self.state)
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes, "configure_train")
+        node_ids = self._sample(
+            grid, self.fraction_train, self.min_train_nodes, "configure_train", server_round
+        )
         return self._messages(node_ids, MessageType.TRAIN, server_round, config, grid)
 
     def aggregate_train(
@@ -234,7 +237,11 @@ class LoRAStrategy(Strategy):
         if self.fraction_evaluate == 0.0 or self.state is None:
             return []
         node_ids = self._sample(
-            grid, self.fraction_evaluate, self.min_evaluate_nodes, "configure_evaluate"
+            grid,
+            self.fraction_evaluate,
+            self.min_evaluate_nodes,
+            "configure_evaluate",
+            server_round,
         )
         return self._messages(node_ids, MessageType.EVALUATE, server_round, config, grid)
 
@@ -297,9 +304,19 @@ class LoRAStrategy(Strategy):
 
     # ---- nodes and messages ----------------------------------------------------------------------
 
-    def _sample(self, grid: Grid, fraction: float, minimum: int, caller: str) -> list[int]:
+    def _sample(
+        self, grid: Grid, fraction: float, minimum: int, caller: str, server_round: int
+    ) -> list[int]:
+        """Flower's sampling rule (wait for the minimum, then a fraction), seeded by the run seed
+        and the round over the nodes in partition order, so that simulation and deployment (whose
+        node ids differ) sample the same partitions."""
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
-        node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
+        _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
+        self._learn_nodes(all_nodes, grid)
+        ordered = sorted(all_nodes, key=lambda node_id: self.nodes[node_id].partition_id)
+        node_ids = random.Random(self.probe_seed * 1_000_003 + server_round).sample(
+            ordered, min(sample_size, len(ordered))
+        )
         log(INFO, "%s: Sampled %s nodes (out of %s)", caller, len(node_ids), len(all_nodes))
         return node_ids
 

@@ -89,7 +89,7 @@ class FedSB(LoRAStrategy):
 
     def _federated_init(self, grid: Grid, rank: int) -> SBInit:
         """Gradient estimates from the sampled nodes, combined by their example counts."""
-        node_ids = self._sample(grid, 1.0, self.min_train_nodes, "sb_init")
+        node_ids = self._sample(grid, 1.0, self.min_train_nodes, "sb_init", 0)
         config = ConfigRecord(
             {
                 SB_INIT_MODE_KEY: self.init_mode,

@@ -383,17 +383,19 @@ def test_store_round_changes_are_read_back_by_a_worker(tmp_path):
     assert cache.version == 2 and torch.allclose(cache.shift["m"], expected, atol=1e-13)
 
 
-class SBInitGrid:
-    """Answers Fed-SB's ``query.sb_init`` with sketches of given gradients (capacities as ranks)."""
+class SBInitGrid(QueryGrid):
+    """Answers rank queries, and Fed-SB's ``query.sb_init`` with sketches of given gradients
+    (capacities as ranks)."""
 
     def __init__(self, gradients: dict[int, dict[str, torch.Tensor]]) -> None:
+        super().__init__()
         self.gradients = gradients
         self.sent: list[Message] = []
 
-    def get_node_ids(self) -> list[int]:
-        return list(NODES)
-
     def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if all(m.metadata.message_type == MessageType.QUERY for m in messages):
+            return super().send_and_receive(messages, timeout)
         replies = []
         for message in messages:
             self.sent.append(message)
@@ -495,3 +497,13 @@ def test_base_changes_in_messages_stay_exact_under_partial_participation(strateg
     ]
     assert max(spans) >= 2
     assert any(BASE_CHANGE_RECORD in m.content.array_records for m in grid.sent)
+
+
+def test_sampling_is_seeded_by_run_seed_and_round_over_partitions():
+    def sampled(seed, server_round):
+        strategy = LoRAFedAvg(probe_seed=seed, min_available_nodes=1)
+        node_ids = strategy._sample(QueryGrid(), 0.5, 1, "test", server_round)
+        return sorted(strategy.nodes[n].partition_id for n in node_ids)
+
+    assert sampled(7, 3) == sampled(7, 3)
+    assert len({tuple(sampled(7, r)) for r in range(1, 9)}) > 1
