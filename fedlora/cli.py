@@ -2,7 +2,8 @@
 
 Commands are argparse sub-parsers: each command group is one ``add_*`` function in ``COMMANDS`` that
 adds its parser and sets ``handler`` (a function of the parsed arguments returning the exit status).
-Now: ``fedlora bench aggregate``.
+Here: ``fedlora bench aggregate``; the installed ``fedlora`` command (`simulations.cli`) builds its
+parser from these groups and its own (`build_parser`'s ``command_groups``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -192,14 +193,15 @@ def results_table(config: BenchConfig, results: list[dict]) -> Table:
 
 # ---- entry point ----------------------------------------------------------------------------------
 
-COMMANDS = (add_bench_commands,)
+AddCommands = Callable[[argparse._SubParsersAction], None]
+COMMANDS: tuple[AddCommands, ...] = (add_bench_commands,)
 """Each adds one command group to the parser."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_groups: Sequence[AddCommands] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning.")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add_commands in COMMANDS:
+    for add_commands in command_groups:
         add_commands(commands)
     return parser
 

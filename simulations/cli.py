@@ -1,0 +1,255 @@
+"""The installed ``fedlora`` command: ``demo``, ``simulate`` and ``compare`` next to `fedlora.cli`'s
+``bench`` commands.
+
+``key=value`` overrides of a recipe's run table may stand anywhere after the command, before or
+after the options. Progress and a line per round go to stderr, the final table to stdout. A bad
+key or value exits with status 2, a failed simulation with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedlora.cli import COMMANDS as BENCH_COMMANDS
+from fedlora.cli import build_parser, output_console
+from fedlora.errors import ConfigError
+from simulations.compare import (
+    ACCURACY_VS_BYTES,
+    ACCURACY_VS_ROUND,
+    RESULTS_CSV,
+    compare,
+    strategy_names,
+)
+from simulations.recipes import DEMO_RECIPE, Recipe, load_recipe, resolve
+from simulations.run_dir import (
+    CONFIG_FILE,
+    FLOWER_LOG,
+    METRICS_CSV,
+    METRICS_JSONL,
+    MetricsRow,
+    read_metrics,
+)
+from simulations.runner import SimulationError, simulate
+
+RUNS_DIR = Path("runs")
+OVERRIDE_HELP = "run-config overrides of the recipe's [run] table, e.g. learning-rate=1e-3"
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, metavar="DIR", help="the run directory")
+    parser.add_argument("--strategy", metavar="NAME", help="the method (run key 'strategy')")
+    parser.add_argument(
+        "--rounds", type=int, metavar="N", help="server rounds (run key 'num-server-rounds')"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+
+
+def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: FedEx-LoRA on MiniLM and BBC News, 10 clients of ranks 4, 8, 16",
+        description=(
+            f"Run the demo recipe ({DEMO_RECIPE.name}) in Flower's simulation engine on Ray: "
+            "progress, accuracy per round, a final table; the run directory (default "
+            "runs/demo) gets config.toml, metrics.jsonl, metrics.csv and flower.log."
+        ),
+    )
+    add_run_options(demo)
+    demo.set_defaults(handler=run_recipe, recipe=DEMO_RECIPE)
+
+    simulate_parser = commands.add_parser(
+        "simulate",
+        help="run a recipe (TOML) in Flower's simulation engine on Ray",
+        description="Run RECIPE (default run directory: runs/<recipe name>).",
+    )
+    simulate_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    add_run_options(simulate_parser)
+    simulate_parser.set_defaults(handler=run_recipe)
+
+    compare_parser = commands.add_parser(
+        "compare",
+        help="run every method on one recipe; results table and plots",
+        description=(
+            "Run RECIPE once per strategy with identical partitions, ranks and seeds, each into "
+            f"DIR/<strategy>; write DIR/{RESULTS_CSV}, DIR/{ACCURACY_VS_ROUND} and "
+            f"DIR/{ACCURACY_VS_BYTES} (default DIR: runs/compare/<recipe name>)."
+        ),
+    )
+    compare_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    compare_parser.add_argument(
+        "--strategies",
+        default="all",
+        metavar="all|NAME,NAME",
+        help="'all' (default) or names separated by commas",
+    )
+    compare_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
+    compare_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
+    compare_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    compare_parser.set_defaults(handler=run_compare)
+
+
+COMMAND_GROUPS = (add_simulation_commands, *BENCH_COMMANDS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(COMMAND_GROUPS)
+    args, unparsed = parser.parse_known_args(argv)
+    if unparsed:  # key=value pairs after options that follow a positional argument
+        if not hasattr(args, "overrides") or any(
+            arg.startswith("-") or "=" not in arg for arg in unparsed
+        ):
+            parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+        args.overrides = [*args.overrides, *unparsed]
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"fedlora: error: {error}", file=sys.stderr)
+        return 2
+    except SimulationError as error:
+        print(f"fedlora: simulation failed: {error}", file=sys.stderr)
+        return 1
+
+
+# ---- demo, simulate -------------------------------------------------------------------------------
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    recipe = resolve(load_recipe(args.recipe), args.overrides, args.strategy, args.rounds)
+    out_dir = args.out or RUNS_DIR / recipe.name
+    rounds = recipe.run_config.num_server_rounds
+    progress_console = Console(stderr=True)
+    progress_console.print(f"{describe(recipe)}, strategy {recipe.run['strategy']}")
+    start = time.perf_counter()
+    with round_progress(progress_console) as progress:
+        task = progress.add_task(f"{recipe.run['strategy']}: starting", total=rounds)
+
+        def on_round(row: MetricsRow) -> None:
+            progress.console.print(round_line(row))
+            progress.update(task, completed=row["round"], description=f"round {row['round']}")
+
+        run_dir = simulate(recipe, out_dir=out_dir, on_round=on_round)
+    wall = time.perf_counter() - start
+    console = output_console()
+    console.print(rounds_table(recipe, read_metrics(run_dir)))
+    files = f"{CONFIG_FILE}, {METRICS_JSONL}, {METRICS_CSV}, {FLOWER_LOG}"
+    console.print(f"wall time {wall:.0f} s; {run_dir}: {files}")
+    return 0
+
+
+def describe(recipe: Recipe) -> str:
+    """The recipe's model, data, clients, ranks and rounds (not its strategy) in a line."""
+    config = recipe.run_config
+    ranks = config.rank_profile or f"all {config.lora_rank}"
+    return (
+        f"{recipe.name}: {config.model} on {config.dataset}, {recipe.simulation.num_supernodes} "
+        f"clients ({config.partitioner}), ranks {ranks}, {config.num_server_rounds} rounds"
+    )
+
+
+def round_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def round_line(row: MetricsRow, strategy: str = "") -> str:
+    prefix = f"{strategy} " if strategy else ""
+    return (
+        f"{prefix}round {row['round']}: accuracy {number(row.get('accuracy'), '.3f')}, "
+        f"loss {number(row.get('loss'), '.3f')}, {row['seconds']:.1f} s"
+    )
+
+
+def rounds_table(recipe: Recipe, rows: list[MetricsRow]) -> Table:
+    table = Table(title=f"{describe(recipe)}, strategy {recipe.run['strategy']}")
+    for column in ("round", "accuracy", "loss", "rel. deviation", "up", "down", "seconds"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["round"]),
+            number(row.get("accuracy"), ".3f"),
+            number(row.get("loss"), ".3f"),
+            number(row.get("relative_deviation"), ".1e"),
+            size(row["bytes_up"]),
+            size(row["bytes_down"]),
+            f"{row['seconds']:.1f}",
+        )
+    return table
+
+
+# ---- compare --------------------------------------------------------------------------------------
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    strategies = strategy_names(args.strategies)
+    recipe = load_recipe(args.recipe)
+    checked = resolve(recipe, args.overrides, strategies[0], args.rounds)
+    out_dir = args.out or RUNS_DIR / "compare" / recipe.name
+    rounds = checked.run_config.num_server_rounds
+    progress_console = Console(stderr=True)
+    progress_console.print(f"{describe(checked)}, strategies {', '.join(strategies)}")
+    with round_progress(progress_console) as progress:
+        task = progress.add_task("starting", total=rounds * len(strategies))
+
+        def on_round(strategy: str, row: MetricsRow) -> None:
+            progress.console.print(round_line(row, strategy))
+            done = strategies.index(strategy) * rounds + row["round"]
+            progress.update(task, completed=done, description=f"{strategy} round {row['round']}")
+
+        results = compare(recipe, strategies, out_dir, args.overrides, args.rounds, on_round)
+    console = output_console()
+    console.print(results_table(results, checked))
+    files = f"{RESULTS_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
+    console.print(f"{out_dir}: {files}, a run directory per strategy")
+    return 0
+
+
+def results_table(results: list[dict], recipe: Recipe) -> Table:
+    table = Table(title=f"{describe(recipe)}; identical partitions, ranks and seeds")
+    columns = ("strategy", "final acc.", "best acc.", "up", "down", "max rel. dev.", "seconds")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for result in results:
+        table.add_row(
+            result["strategy"],
+            number(result["final_accuracy"], ".3f"),
+            number(result["best_accuracy"], ".3f"),
+            size(result["bytes_up"]),
+            size(result["bytes_down"]),
+            number(result["max_relative_deviation"], ".1e"),
+            f"{result['seconds']:.0f}",
+        )
+    return table
+
+
+# ---- formatting -----------------------------------------------------------------------------------
+
+
+def number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def size(num_bytes: int) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Recipes: named runs as TOML, a ``[run]`` table and a ``[simulation]`` table.
+
+``[run]`` holds Flower run-config keys (kebab-case, `fedlora.config.RunConfig`'s fields, and the
+ServerApp's ``base-changes``); keys left out keep RunConfig's defaults. ``[simulation]`` says how
+many virtual nodes run and what Ray gives each ClientApp. A recipe is resolved against
+``key=value`` overrides of the run table (values are TOML scalars; a bare word is a string) and
+checked by `RunConfig`, so a bad key or value is refused, named, before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from clients.app import SERVER_APP_KEYS
+from fedlora.config import RunConfig, kebab
+from fedlora.errors import ConfigError
+from fedlora.messages import Scalar
+from strategies.server_app import BASE_CHANGES
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+DEMO_RECIPE = RECIPES_DIR / "demo.toml"
+RUN_DIR_KEY = "run-dir"
+BASE_CHANGES_KEY = "base-changes"
+QUOTES_AND_BRACKETS = "\"'[{"
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """The ``[simulation]`` table.
+
+    Parameters
+    ----------
+    num_supernodes : int (default: 10)
+        Virtual nodes, one data partition each.
+    num_cpus : float (default: 1.0)
+        CPU cores Ray reserves per ClientApp; Ray runs cores / num_cpus ClientApps at once.
+    num_gpus : float (default: 0.0)
+        GPUs per ClientApp; a fraction lets several share one (0.25: four per GPU).
+    """
+
+    num_supernodes: int = 10
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if type(self.num_supernodes) is not int or self.num_supernodes < 1:
+            raise ConfigError(
+                f"num-supernodes must be an integer >= 1, got {self.num_supernodes!r}"
+            )
+        for name, allowed, bound in (
+            ("num_cpus", lambda value: value > 0, "> 0"),
+            ("num_gpus", lambda value: value >= 0, ">= 0"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not allowed(value):
+                raise ConfigError(f"{kebab(name)} must be a number {bound}, got {value!r}")
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Scalar]) -> SimulationSettings:
+        fields = {kebab(field.name): field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown [simulation] key(s) {unknown}; known keys: {sorted(fields)}"
+            )
+        return cls(**{fields[key]: value for key, value in table.items()})
+
+    def backend_config(self) -> dict:
+        """Flower's Ray backend config: the client resources, Ray's own logs kept quiet."""
+        return {
+            "client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "init_args": {"logging_level": "error", "log_to_driver": False},
+        }
+
+    def table(self) -> dict[str, Scalar]:
+        return {kebab(name): value for name, value in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A run table (Flower's run_config) and how to simulate it."""
+
+    name: str
+    run: dict[str, Scalar]
+    simulation: SimulationSettings
+
+    @property
+    def run_config(self) -> RunConfig:
+        return run_config_of(self.run)
+
+    def to_toml(self) -> str:
+        """The recipe as TOML that `load_recipe` reads back."""
+        return f"[run]\n{toml_table(self.run)}\n[simulation]\n{toml_table(self.simulation.table())}"
+
+
+def load_recipe(source: str | Path | Mapping) -> Recipe:
+    """A recipe from a TOML file or a dict with ``run`` and ``simulation`` tables."""
+    if isinstance(source, Mapping):
+        name, tables = "recipe", dict(source)
+    else:
+        path = Path(source)
+        try:
+            tables = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"recipe {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"recipe {str(path)!r} is not valid TOML: {error}") from None
+        name = path.stem
+    unknown = sorted(set(tables) - {"run", "simulation"})
+    if unknown:
+        raise ConfigError(
+            f"recipe {name!r}: unknown table(s) {unknown}; use [run] and [simulation]"
+        )
+    run = dict(tables.get("run", {}))
+    if RUN_DIR_KEY in run:
+        raise ConfigError(f"recipe {name!r}: {RUN_DIR_KEY!r} is the output directory (use --out)")
+    return Recipe(name, run, SimulationSettings.from_table(tables.get("simulation", {})))
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Scalar]:
+    """``key=value`` pairs as a dict; values are TOML scalars, a bare word is a string."""
+    overrides = {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise ConfigError(f"override {pair!r} is not key=value")
+        overrides[key] = override_value(key, text.strip())
+    return overrides
+
+
+def override_value(key: str, text: str) -> Scalar:
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        if not text or text[0] in QUOTES_AND_BRACKETS:
+            raise ConfigError(f"override {key!r}: {text!r} is not a TOML value") from None
+        return text
+    if not isinstance(value, int | float | str | bool):
+        raise ConfigError(f"override {key!r}: {text!r} is not a scalar (int, float, str, bool)")
+    return value
+
+
+def resolve(
+    recipe: Recipe,
+    overrides: Mapping[str, Scalar] | Sequence[str] = (),
+    strategy: str | None = None,
+    rounds: int | None = None,
+) -> Recipe:
+    """The recipe with the overrides applied (then ``strategy``, ``rounds``), every run key
+    checked and written out: RunConfig's fields resolved, the ServerApp's keys as given."""
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    if RUN_DIR_KEY in overrides:
+        raise ConfigError(f"{RUN_DIR_KEY!r} is the output directory (use --out)")
+    run = {**recipe.run, **overrides}
+    if strategy is not None:
+        run["strategy"] = strategy
+    if rounds is not None:
+        run["num-server-rounds"] = rounds
+    config = run_config_of(run)
+    resolved = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
+    if BASE_CHANGES_KEY in run:
+        resolved[BASE_CHANGES_KEY] = run[BASE_CHANGES_KEY]
+    return dataclasses.replace(recipe, run=resolved)
+
+
+def run_config_of(run: Mapping[str, Scalar]) -> RunConfig:
+    """`RunConfig` of a run table; the ServerApp's ``base-changes`` is checked apart."""
+    base_changes = run.get(BASE_CHANGES_KEY, BASE_CHANGES[0])
+    if base_changes not in BASE_CHANGES:
+        raise ConfigError(
+            f"{BASE_CHANGES_KEY} = {base_changes!r}: choose one of {list(BASE_CHANGES)}"
+        )
+    return RunConfig.from_flower({k: v for k, v in run.items() if k not in SERVER_APP_KEYS})
+
+
+def toml_table(table: Mapping[str, Scalar]) -> str:
+    return "".join(f"{key} = {toml_scalar(value)}\n" for key, value in table.items())
+
+
+def toml_scalar(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)

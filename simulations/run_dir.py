@@ -1,0 +1,108 @@
+"""A run directory's files: the resolved recipe, the ServerApp's per-round metrics (JSONL, and CSV
+written after the run), Flower's log, and the base store of the methods that change the base."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CONFIG_FILE = "config.toml"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+FLOWER_LOG = "flower.log"
+BASE_STORE = "base"
+"""`strategies.server_app` writes each round's base change here (FedEx-LoRA, FLoRA)."""
+FOLLOW_INTERVAL = 0.5
+"""Seconds between looks at metrics.jsonl while a run goes on."""
+
+MetricsRow = dict
+RowCallback = Callable[[MetricsRow], None]
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` and remove what an earlier run left there (stale rows or base changes
+    would be read as this run's)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, METRICS_JSONL, METRICS_CSV, FLOWER_LOG):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / BASE_STORE, ignore_errors=True)
+
+
+def read_metrics(run_dir: Path) -> list[MetricsRow]:
+    """The rows of ``run_dir/metrics.jsonl`` (none when it does not exist)."""
+    path = run_dir / METRICS_JSONL
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics_csv(run_dir: Path, rows: list[MetricsRow]) -> Path:
+    """``metrics.csv``: the JSONL rows, columns in order of first appearance, a nested dict as
+    ``key.subkey`` columns, None as empty."""
+    flat_rows = [flat(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in flat_rows for key in row))
+    path = run_dir / METRICS_CSV
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, columns)
+        writer.writeheader()
+        writer.writerows(flat_rows)
+    return path
+
+
+def flat(row: MetricsRow) -> dict:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``, one level deep, as the ServerApp's rows nest."""
+    columns = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            columns.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            columns[key] = value
+    return columns
+
+
+class MetricsFollower:
+    """Calls ``on_row`` for each complete row appended to a metrics.jsonl, from a thread."""
+
+    def __init__(self, path: Path, on_row: RowCallback) -> None:
+        self.path, self.on_row = path, on_row
+        self.offset = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="metrics-follower", daemon=True)
+
+    def _follow(self) -> None:
+        while not self.stopped.wait(FOLLOW_INTERVAL):
+            self.poll()
+
+    def poll(self) -> None:
+        """Report the rows completed since the last look."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as file:
+            file.seek(self.offset)
+            text = file.read()
+        complete = text[: text.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.decode().splitlines():
+            if line.strip():
+                self.on_row(json.loads(line))
+
+
+@contextmanager
+def following(path: Path, on_row: RowCallback | None) -> Iterator[None]:
+    """Report rows of ``path`` to ``on_row`` while the block runs, the last ones after it."""
+    if on_row is None:
+        yield
+        return
+    follower = MetricsFollower(path, on_row)
+    follower.thread.start()
+    try:
+        yield
+    finally:
+        follower.stopped.set()
+        follower.thread.join()
+        follower.poll()

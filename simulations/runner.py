@@ -1,0 +1,148 @@
+"""Run a recipe in Flower's simulation engine on Ray and leave a run directory behind.
+
+`flwr.simulation.run_simulation` passes an empty run_config, so the ServerApp and the ClientApp
+are bound to the resolved run config (`strategies.server_app.server_app`,
+`clients.app.client_app`). Flower's log goes to ``RUN_DIR/flower.log``, not to the console;
+Ray's own logging is set to errors, without its workers' output. A ClientApp that raises does not
+stop Flower's run (the strategy drops the reply); the runner raises afterwards with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from flwr.common.logger import FLOWER_LOGGER, console_handler
+from flwr.simulation import run_simulation
+
+from clients.app import client_app
+from fedlora.messages import Scalar
+from simulations.recipes import RUN_DIR_KEY, Recipe, load_recipe, resolve
+from simulations.run_dir import (
+    CONFIG_FILE,
+    FLOWER_LOG,
+    METRICS_JSONL,
+    RowCallback,
+    clear_run_dir,
+    following,
+    read_metrics,
+    write_metrics_csv,
+)
+from strategies.server_app import server_app
+
+logger = logging.getLogger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(\w*(?:Error|Exception)): .*$", re.MULTILINE)
+"""A traceback's last line, e.g. ``ValueError: bad shape``."""
+WRAPPING_EXCEPTIONS = ("ClientAppException", "RayTaskError")
+"""Exceptions Flower and Ray wrap a ClientApp's own in; the reason is the wrapped one."""
+
+
+class SimulationError(RuntimeError):
+    """A simulation failed or ended without all its rounds; the message says why."""
+
+
+def simulate(
+    recipe: str | Path | Mapping | Recipe,
+    overrides: Mapping[str, Scalar] | Sequence[str] = (),
+    out_dir: str | Path = "runs/latest",
+    strategy: str | None = None,
+    rounds: int | None = None,
+    on_round: RowCallback | None = None,
+) -> Path:
+    """Run ``recipe`` (a TOML path, a dict of tables or a `Recipe`) with the overrides applied;
+    return the run directory.
+
+    ``out_dir`` receives ``config.toml`` (the resolved recipe), ``metrics.jsonl`` (one row per
+    round, from the ServerApp), ``metrics.csv`` (the same rows, written after the run) and
+    ``flower.log``. ``on_round`` is called with each row as the ServerApp writes it (from another
+    thread). Raises `fedlora.errors.ConfigError` before anything starts when a key or value is
+    bad, and `SimulationError` when the run fails, a node's ClientApp raised, or rounds are
+    missing.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    resolved = resolve(recipe, overrides, strategy, rounds)
+    run_dir = Path(out_dir).resolve()
+    clear_run_dir(run_dir)
+    (run_dir / CONFIG_FILE).write_text(resolved.to_toml())
+    run_config = {**resolved.run, RUN_DIR_KEY: str(run_dir)}
+    settings = resolved.simulation
+    logger.info("simulating %s into %s", resolved.name, run_dir)
+    with quiet_run(run_dir / FLOWER_LOG) as errors, following(run_dir / METRICS_JSONL, on_round):
+        try:
+            run_simulation(
+                server_app=server_app(run_config),
+                client_app=client_app(run_config),
+                num_supernodes=settings.num_supernodes,
+                backend_config=settings.backend_config(),
+            )
+        except Exception as error:
+            raise SimulationError(f"{type(error).__name__}: {error}") from error
+    rows = read_metrics(run_dir)
+    write_metrics_csv(run_dir, rows)
+    check_complete(run_dir, rows, resolved.run_config.num_server_rounds, errors)
+    return run_dir
+
+
+def check_complete(
+    run_dir: Path, rows: list[dict], num_rounds: int, errors: list[logging.LogRecord]
+) -> None:
+    """Raise `SimulationError` when Flower logged an error (a ClientApp that raised) or a round
+    is missing from the metrics."""
+    if errors:
+        raise SimulationError(
+            f"{error_reason(errors)} (the first error of the run; see {run_dir / FLOWER_LOG})"
+        )
+    if len(rows) != num_rounds:
+        raise SimulationError(
+            f"{len(rows)} of {num_rounds} rounds in {run_dir / METRICS_JSONL}; "
+            f"see {run_dir / FLOWER_LOG}"
+        )
+
+
+def error_reason(records: list[logging.LogRecord]) -> str:
+    """The first exception named in the records, past Flower's and Ray's wrappers; else the first
+    record's message."""
+    for record in records:
+        for match in EXCEPTION_LINE.finditer(record.getMessage()):
+            if match.group(1) not in WRAPPING_EXCEPTIONS:
+                return match.group(0)
+    return records[0].getMessage()
+
+
+class ErrorRecords(logging.Handler):
+    """Keeps the error records it sees."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def quiet_run(path: Path) -> Iterator[list[logging.LogRecord]]:
+    """Send Flower's log to ``path`` instead of the console and silence Ray's tips
+    (FutureWarnings); yield Flower's error records."""
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    errors = ErrorRecords()
+    console_level = console_handler.level
+    console_handler.setLevel(logging.CRITICAL + 1)
+    FLOWER_LOGGER.addHandler(file_handler)
+    FLOWER_LOGGER.addHandler(errors)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+            yield errors.records
+    finally:
+        FLOWER_LOGGER.removeHandler(errors)
+        FLOWER_LOGGER.removeHandler(file_handler)
+        file_handler.close()
+        console_handler.setLevel(console_level)
