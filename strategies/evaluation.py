@@ -15,7 +15,7 @@ from fedlora.adapter import LoRAFactors, lora_scale
 from fedlora.config import RunConfig, parse_rank_profile
 from fedlora.data import server_eval_set
 from fedlora.global_model import plain_model_with, rank_class_deltas
-from fedlora.models import load_base_model, with_lora
+from fedlora.models import load_base_model, quiet_transformers, with_lora
 from fedlora.peft_io import write_adapter, write_head
 from fedlora.rules import AggregationRule, GlobalState
 from fedlora.training import device_for, evaluate
@@ -79,6 +79,7 @@ class ServerEvaluation:
             write_head(model, state.head)
         else:
             model = self.model_for(rule, state, top)
-        model.save_pretrained(directory)
-        if hasattr(self.base.tokenizer, "save_pretrained"):
-            self.base.tokenizer.save_pretrained(directory)
+        with quiet_transformers():
+            model.save_pretrained(directory)
+            if hasattr(self.base.tokenizer, "save_pretrained"):
+                self.base.tokenizer.save_pretrained(directory)
