@@ -141,12 +141,8 @@ def answer_query(message: Message, context: Context, run_config: BoundRunConfig)
 
 def answer_train(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
     """Apply the client step, probe, train locally, reply with the update."""
-    client = Client.of(context, run_config)
-    payload = payload_from_record(message.content)
-    model = receive(client, payload, context)
-    probes = measured_probes(client, model, payload)
+    client, payload, model, probes, data = apply_payload(message, context, run_config)
     config, worker = client.config, client.worker
-    data = worker.data(client.partition_id, client.num_partitions)
     seed = client.seed(int(payload.config.get(ROUND_KEY, 0)))
     steps = config.local_steps
     training = batches(
@@ -176,12 +172,8 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
 
 def answer_evaluate(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
     """Apply the client step, probe, evaluate on the node's held-out data."""
-    client = Client.of(context, run_config)
-    payload = payload_from_record(message.content)
-    model = receive(client, payload, context)
-    probes = measured_probes(client, model, payload)
+    client, payload, model, probes, data = apply_payload(message, context, run_config)
     config, worker = client.config, client.worker
-    data = worker.data(client.partition_id, client.num_partitions)
     report = evaluate(model, data.test, worker.base.tokenizer, config, worker.device)
     metrics = {
         NUM_EXAMPLES_KEY: report.num_examples,
@@ -191,6 +183,22 @@ def answer_evaluate(message: Message, context: Context, run_config: BoundRunConf
     facts = client.side.facts(ranks_in(payload.config))
     content = reply_record({PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics)
     return Message(content, reply_to=message)
+
+
+def apply_payload(message: Message, context: Context, run_config: BoundRunConfig):
+    """The node's client, the payload, the model after the method's client step, the probe
+    responses measured on it, and the node's data: what training and evaluation both start from."""
+    client = Client.of(context, run_config)
+    payload = payload_from_record(message.content)
+    model = receive(client, payload, context)
+    probes = measured_probes(client, model, payload)
+    return (
+        client,
+        payload,
+        model,
+        probes,
+        client.worker.data(client.partition_id, client.num_partitions),
+    )
 
 
 def answer_sb_init(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
