@@ -8,6 +8,10 @@ weights on the probe vectors, then trains (on CUDA when present) or evaluates. E
 restates the node's partition id, ranks, scales and the global version it holds. Random choices
 are seeded by (run seed, partition id, round).
 
+A node's config names it (``partition-id``, ``num-partitions``) and states its capacity, which
+overrides the run config's for this node: ``lora-rank``, ``batch-size``, ``device``, and
+``data-path``, its own data instead of its partition of the run's dataset.
+
 ``app`` reads the run configuration from the context (``flwr run``); `client_app` binds one
 instead (``flwr.simulation.run_simulation`` passes an empty run_config).
 """
@@ -15,7 +19,7 @@ instead (``flwr.simulation.run_simulation`` passes an empty run_config).
 from __future__ import annotations
 
 import copy
-import zlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,13 +28,22 @@ from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
 from clients.base_store import catch_up_from_store
-from clients.node import own_base, save_facts, save_own_base, saved_ranks, saved_version
+from clients.node import (
+    own_base,
+    save_facts,
+    save_own_base,
+    save_privacy_history,
+    saved_privacy_history,
+    saved_ranks,
+    saved_version,
+)
 from clients.records import message_config, payload_from_record, reply_record
-from clients.steps import LoRASide, SBSide, ranks_in, side_for
+from clients.steps import LoRASide, SBSide, clip_for_client_dp, ranks_in, side_for
 from clients.worker import Worker, worker_for
 from fedlora.config import RunConfig
-from fedlora.data import batches
-from fedlora.fedsb_init import estimate_gradient, sketch_gradients
+from fedlora.data import ClientData, batches
+from fedlora.errors import ConfigError
+from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
 from fedlora.messages import (
     ACCURACY_KEY,
     BASE_STORE_KEY,
@@ -49,10 +62,26 @@ from fedlora.messages import (
     VERSION_KEY,
     Payload,
 )
+from fedlora.privacy import (
+    BUDGET_SPENT_KEY,
+    DELTA_KEY,
+    EPSILON_KEY,
+    client_plan,
+    example_loader,
+)
 from fedlora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_responses
 from fedlora.rules import make_rule
 from fedlora.rules.fedex import FROM_VERSION_KEY
-from fedlora.training import evaluate, set_torch_threads, to_device, train_local
+from fedlora.training import (
+    TrainReport,
+    client_seed,
+    evaluate,
+    seeded_rng,
+    set_torch_threads,
+    to_device,
+    train_private,
+    train_round,
+)
 from fedlora.versioning import BaseCache
 
 SERVER_APP_KEYS = ("run-dir", "base-changes")
@@ -60,6 +89,11 @@ SERVER_APP_KEYS = ("run-dir", "base-changes")
 NODE_RANK_KEY = "lora-rank"
 """Node-config key of a node's own LoRA rank (else the run's rank-profile decides)."""
 NUM_PARTITIONS_KEY = "num-partitions"
+NODE_RUN_KEYS = ("batch-size", "device")
+"""Node-config keys a device sets for itself, over the run config's (its capacity)."""
+DATA_PATH_KEY = "data-path"
+"""Node-config key of a device's own data (any ``dataset`` spec: ``json:PATH``, a folder...), used
+whole, no server share held out, instead of its partition of the run's dataset."""
 
 BoundRunConfig = Mapping[str, UserConfigValue] | None
 """A run config bound to the app (Flower's kebab-case keys), or None to read the context's."""
@@ -75,14 +109,18 @@ class Client:
     partition_id: int
     num_partitions: int
     node_rank: int | None
+    local_data: bool
 
     @classmethod
     def of(cls, context: Context, run_config: BoundRunConfig) -> Client:
         """The client a message runs as: the run config parsed (the ServerApp's own keys left
         out), torch's threads set, this process's worker for it."""
         values = dict(context.run_config if run_config is None else run_config)
-        config = RunConfig.from_flower(
-            {key: v for key, v in values.items() if key not in SERVER_APP_KEYS}
+        config = node_run_config(
+            RunConfig.from_flower(
+                {key: v for key, v in values.items() if key not in SERVER_APP_KEYS}
+            ),
+            context.node_config,
         )
         set_torch_threads(config)
         worker = worker_for(config)
@@ -94,16 +132,45 @@ class Client:
             partition_id=int(context.node_config[PARTITION_ID_KEY]),
             num_partitions=int(context.node_config[NUM_PARTITIONS_KEY]),
             node_rank=None if node_rank is None else int(node_rank),
+            local_data=DATA_PATH_KEY in context.node_config,
         )
 
     def initial_rank(self) -> int:
         return self.config.rank_for(self.partition_id, self.num_partitions, self.node_rank)
 
     def seed(self, server_round: int) -> int:
-        return zlib.crc32(f"{self.config.seed}:{self.partition_id}:{server_round}".encode())
+        return client_seed(self.config.seed, self.partition_id, server_round)
 
     def identity(self, context: Context) -> dict[str, int]:
         return {PARTITION_ID_KEY: self.partition_id, VERSION_KEY: saved_version(context)}
+
+    def data(self) -> ClientData:
+        """The node's train and test splits: its local data, else its partition."""
+        if self.local_data:
+            return self.worker.data(0, 1)
+        return self.worker.data(self.partition_id, self.num_partitions)
+
+
+def node_run_config(config: RunConfig, node_config: Mapping[str, UserConfigValue]) -> RunConfig:
+    """The run config as this node runs it: its own ``batch-size`` and ``device`` (`NODE_RUN_KEYS`)
+    and its ``data-path``, whose examples are all its own (one IID partition, no server share)."""
+    values = {key: node_config[key] for key in NODE_RUN_KEYS if key in node_config}
+    if DATA_PATH_KEY in node_config:
+        values.update(
+            {
+                "dataset": node_config[DATA_PATH_KEY],
+                "partitioner": "iid",
+                "server-eval-fraction": 0.0,
+            }
+        )
+    if not values:
+        return config
+    try:
+        overrides = RunConfig.from_flower(values)
+    except ConfigError as error:
+        raise ConfigError(f"node config: {error}") from None
+    names = [key.replace("-", "_") for key in values]
+    return dataclasses.replace(config, **{name: getattr(overrides, name) for name in names})
 
 
 def client_app(run_config: BoundRunConfig = None) -> ClientApp:
@@ -144,29 +211,60 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
     client, payload, model, probes, data = apply_payload(message, context, run_config)
     config, worker = client.config, client.worker
     seed = client.seed(int(payload.config.get(ROUND_KEY, 0)))
-    steps = config.local_steps
-    training = batches(
-        data.train,
-        worker.base.tokenizer,
-        config.max_length,
-        config.batch_size,
-        seed,
-        steps,
-        config.task,
-    )
-    report = train_local(
-        model, training, steps, config.learning_rate, config.weight_decay, worker.device, seed=seed
-    )
+    if config.dp_sample:
+        report, privacy = train_privately(client, model, data, seed, context)
+        if report is None:
+            return budget_spent_reply(message, context, client, payload, privacy, len(data.train))
+    else:
+        report = train_round(model, data.train, worker.base.tokenizer, config, worker.device, seed)
+        privacy = {}
     arrays, facts = client.side.reply(model, payload, context)
+    arrays, clipping = clip_for_client_dp(arrays, payload, facts)
     save_facts(context, ranks_in(facts), saved_version(context))
     metrics = {
         NUM_EXAMPLES_KEY: len(data.train),
         LOSS_KEY: report.loss,
         SECONDS_KEY: report.seconds,
+        **clipping,
+        **privacy,
     }
     content = reply_record(
         {**arrays, PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics
     )
+    return Message(content, reply_to=message)
+
+
+def train_privately(
+    client: Client, model: nn.Module, data, seed: int, context: Context
+) -> tuple[TrainReport | None, dict[str, float]]:
+    """DP-SGD for the round, unless it would take the node past ``max-epsilon`` (then no
+    report); and the privacy metrics: epsilon (after the round, or so far), delta, and whether
+    the budget stopped the node. The node's accountant history grows by the round's steps."""
+    config, worker = client.config, client.worker
+    plan = client_plan(config, len(data.train))
+    history = saved_privacy_history(context, config.dp_accountant)
+    if not plan.allows(history, config.local_steps):
+        spent = {EPSILON_KEY: plan.epsilon(history), DELTA_KEY: plan.delta, BUDGET_SPENT_KEY: 1}
+        return None, spent
+    report, history = train_private(
+        model, data.train, worker.base.tokenizer, config, plan, history, worker.device, seed
+    )
+    save_privacy_history(context, history, config.dp_accountant)
+    return report, {EPSILON_KEY: plan.epsilon(history), DELTA_KEY: plan.delta, BUDGET_SPENT_KEY: 0}
+
+
+def budget_spent_reply(
+    message: Message,
+    context: Context,
+    client: Client,
+    payload: Payload,
+    privacy: dict[str, float],
+    num_examples: int,
+) -> Message:
+    """A reply without an update: the node stopped training, its privacy budget spent."""
+    facts = client.side.facts(ranks_in(payload.config))
+    metrics = {NUM_EXAMPLES_KEY: num_examples, **privacy}
+    content = reply_record({}, {**facts, **client.identity(context)}, metrics)
     return Message(content, reply_to=message)
 
 
@@ -197,7 +295,7 @@ def apply_payload(message: Message, context: Context, run_config: BoundRunConfig
         payload,
         model,
         probes,
-        client.worker.data(client.partition_id, client.num_partitions),
+        client.data(),
     )
 
 
@@ -206,7 +304,7 @@ def answer_sb_init(message: Message, context: Context, run_config: BoundRunConfi
     client = Client.of(context, run_config)
     request = message_config(message.content)
     config, worker = client.config, client.worker
-    data = worker.data(client.partition_id, client.num_partitions)
+    data = client.data()
     estimates = batches(
         data.train,
         worker.base.tokenizer,
@@ -223,7 +321,10 @@ def answer_sb_init(message: Message, context: Context, run_config: BoundRunConfi
     def loss(model: nn.Module, batch) -> Tensor:
         return model(**to_device(batch, worker.device)).loss
 
-    gradients = estimate_gradient(model, loss, estimates, config.target_module_names)
+    if config.dp_sample:
+        gradients = private_sb_estimate(client, model, data, context)
+    else:
+        gradients = estimate_gradient(model, loss, estimates, config.target_module_names)
     if request[SB_INIT_MODE_KEY] == "sign":
         tensors = {module + GRADIENT_SUFFIX: g for module, g in gradients.items()}
     else:
@@ -241,6 +342,34 @@ def answer_sb_init(message: Message, context: Context, run_config: BoundRunConfi
         {NUM_EXAMPLES_KEY: len(data.train)},
     )
     return Message(content, reply_to=message)
+
+
+def private_sb_estimate(client: Client, model: nn.Module, data, context: Context) -> dict:
+    """Fed-SB's gradient estimate by DP-SGD (``local-steps`` batches), counted in the node's
+    budget; refused when it alone would pass ``max-epsilon``."""
+    config, worker = client.config, client.worker
+    plan = client_plan(config, len(data.train))
+    history = saved_privacy_history(context, config.dp_accountant)
+    if not plan.allows(history, config.local_steps):
+        raise ConfigError(
+            f"max-epsilon = {config.max_epsilon}: Fed-SB's initialisation alone takes partition "
+            f"{client.partition_id} to epsilon {plan.epsilon_after(history, config.local_steps)}"
+        )
+    seed = client.seed(0)
+    loader = example_loader(data.train, worker.base.tokenizer, config, seed)
+    with seeded_rng(seed, worker.device):
+        gradients, history = estimate_private_gradient(
+            model,
+            loader,
+            config.target_module_names,
+            config.local_steps,
+            plan,
+            history,
+            config.task,
+            worker.device,
+        )
+    save_privacy_history(context, history, config.dp_accountant)
+    return gradients
 
 
 def receive(client: Client, payload: Payload, context: Context) -> nn.Module:

@@ -1,7 +1,8 @@
 """What a node keeps between messages in its ``context.state`` (which survives rounds in
 simulation and deployment alike): its current ranks and the global version it last received; the
 tensors that never leave it (FedSA-LoRA's B and head, Fed-SB's fixed factors), keyed as on the
-wire; and, when base changes travel in messages, its own drifted base."""
+wire; when base changes travel in messages, its own drifted base; and, with sample-level DP, its
+privacy accountant's history, so that the steps of every round it trained in add up."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor
 
 from fedlora.messages import VERSION_KEY, rank_key
+from fedlora.privacy import History, history_from_values, history_to_values
 from fedlora.versioning import BaseCache
 
 FACTS_RECORD = "fedlora.node"
 KEPT_RECORD = "fedlora.kept"
 BASE_RECORD = "fedlora.base"
 BASE_VERSION_RECORD = "fedlora.base-version"
+PRIVACY_RECORD = "fedlora.privacy"
 RANK_PREFIX = rank_key("")
 
 
@@ -65,3 +68,13 @@ def own_base(context: Context) -> BaseCache:
 def save_own_base(context: Context, cache: BaseCache) -> None:
     context.state[BASE_RECORD] = ArrayRecord(dict(cache.shift))
     context.state[BASE_VERSION_RECORD] = ConfigRecord({VERSION_KEY: cache.version})
+
+
+def saved_privacy_history(context: Context, accountant: str) -> History:
+    """The node's privacy accountant history (empty before its first private step)."""
+    values = dict(context.state.config_records.get(PRIVACY_RECORD, {}))
+    return history_from_values(values, accountant)
+
+
+def save_privacy_history(context: Context, history: History, accountant: str) -> None:
+    context.state[PRIVACY_RECORD] = ConfigRecord(history_to_values(history, accountant))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from clients.node import keep_tensors, kept_tensors
 from clients.worker import Worker
 from fedlora.adapter import LoRAFactors, SBCore, lora_scale
+from fedlora.client_dp import CLIP_KEY, UPDATE_NORM_KEY, clip_reply
 from fedlora.client_state import ClientState
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
@@ -34,6 +35,7 @@ from fedlora.messages import (
     adapter_to_tensors,
     modules_with_suffix,
     rank_key,
+    scale_key,
     start_rank_key,
     to_wire,
 )
@@ -183,3 +185,27 @@ def write_sb_head(model: nn.Module, head: Mapping[str, Tensor]) -> None:
 
 def side_for(worker: Worker, rule: AggregationRule) -> LoRASide | SBSide:
     return SBSide(worker, rule) if rule.update_kind is SBCore else LoRASide(worker, rule)
+
+
+def clip_for_client_dp(
+    arrays: Arrays, payload: Payload, facts: Mapping[str, Scalar]
+) -> tuple[Arrays, dict[str, float]]:
+    """Client-level DP: the reply's adapter and head with their change from the payload clipped,
+    as one vector in the client's own shapes and folded (LoRA factors times sqrt(s_i)), to the
+    payload's ``dp-client-clip`` (`fedlora.client_dp.clip_reply`); and the change's norm before
+    clipping. Unchanged, with no metric, when the payload asks for no clipping."""
+    if CLIP_KEY not in payload.config:
+        return arrays, {}
+    received = {ADAPTER_RECORD: payload.adapter, HEAD_RECORD: payload.head}
+    sent, before, folds = {}, {}, {}
+    for name in (ADAPTER_RECORD, HEAD_RECORD):
+        for key, tensor in arrays.get(name, {}).items():
+            sent[(name, key)], before[(name, key)] = tensor, received[name][key]
+            if key.endswith((A_SUFFIX, B_SUFFIX)):
+                module = key.removesuffix(A_SUFFIX).removesuffix(B_SUFFIX)
+                folds[(name, key)] = math.sqrt(float(facts[scale_key(module)]))
+    clipped, norm = clip_reply(sent, before, folds, float(payload.config[CLIP_KEY]))
+    out = {name: dict(named) for name, named in arrays.items()}
+    for (name, key), tensor in clipped.items():
+        out[name][key] = tensor
+    return out, {UPDATE_NORM_KEY: norm}

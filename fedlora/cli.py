@@ -50,9 +50,22 @@ def default_device() -> str:
 # ---- fedlora bench aggregate ----------------------------------------------------------------------
 
 
-def add_bench_commands(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks of the aggregation rules")
+AddCommands = Callable[[argparse._SubParsersAction], None]
+"""Adds one command (group) to a sub-parser collection."""
+
+
+def add_bench_commands(
+    commands: argparse._SubParsersAction, more_benchmarks: Sequence[AddCommands] = ()
+) -> None:
+    """``fedlora bench aggregate`` and the benchmarks ``more_benchmarks`` add."""
+    bench = commands.add_parser("bench", help="benchmarks")
     benchmarks = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
+    add_aggregate_benchmark(benchmarks)
+    for add_benchmark in more_benchmarks:
+        add_benchmark(benchmarks)
+
+
+def add_aggregate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
     aggregate = benchmarks.add_parser(
         "aggregate",
         help="seconds, error and bytes per aggregation of every rule",
@@ -193,7 +206,6 @@ def results_table(config: BenchConfig, results: list[dict]) -> Table:
 
 # ---- entry point ----------------------------------------------------------------------------------
 
-AddCommands = Callable[[argparse._SubParsersAction], None]
 COMMANDS: tuple[AddCommands, ...] = (add_bench_commands,)
 """Each adds one command group to the parser."""
 

@@ -14,16 +14,20 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from fedlora.client_dp import check_client_dp_rule
 from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
 from fedlora.rules import RULES
 
 TASKS = ("classification", "causal-lm")
+DP_ACCOUNTANTS = ("rdp", "prv")
+DP_GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PARTITIONERS = ("iid", "dirichlet", "shard")
 NAMED_MODELS = {
     "minilm": "classification",
     "tiny-bert": "classification",
     "tiny-llama": "causal-lm",
+    "llama-400m": "causal-lm",
 }
 """Models fedlora knows by name, with the one task each supports."""
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
@@ -65,6 +69,26 @@ class RunConfig:
     min_evaluate_nodes: int = 2
     device: str = "auto"
     num_threads: int = 1
+    # sample-level DP (Opacus)
+    dp_sample: bool = False
+    dp_noise_multiplier: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_poisson_sampling: bool = True
+    dp_accountant: str = "rdp"
+    dp_grad_sample_mode: str = "hooks"
+    dp_rounds: int = 0
+    max_epsilon: float = 0.0
+    # client-level DP (DP-FedAvg)
+    dp_client: bool = False
+    dp_client_clip: float = 1.0
+    dp_client_noise_multiplier: float = 1.0
+    dp_client_delta: float = 1e-5
+    dp_client_noise_seed: int = -1
+    dp_client_init_clip: float = 1.0
+    # deployment: seconds a round waits for replies (Flower's default, 3600); late nodes are dropped
+    round_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -148,7 +172,7 @@ def typed_value(key: str, value: Scalar, kind: type) -> Scalar:
 
 
 def default_targets(model: str, task: str) -> str:
-    if model == "tiny-llama" or (model not in NAMED_MODELS and task == "causal-lm"):
+    if NAMED_MODELS.get(model, task) == "causal-lm":
         return CAUSAL_LM_TARGETS
     return CLASSIFICATION_TARGETS
 
@@ -216,13 +240,53 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     **dict.fromkeys(
         ("fraction_train", "fraction_evaluate"), (lambda value: 0 < value <= 1, "in (0, 1]")
     ),
+    **dict.fromkeys(
+        ("dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "max_epsilon"),
+        (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
+    ),
+    "dp_delta": (lambda value: 0 < value < 1, "in (0, 1)"),
+    "dp_max_grad_norm": (lambda value: value > 0, "> 0"),
+    "round_timeout": (lambda value: 0 < value < math.inf, "> 0 and finite"),
 }
 """The numeric fields' allowed ranges."""
 
 
+CLIENT_DP_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **dict.fromkeys(
+        ("dp_client_clip", "dp_client_init_clip"),
+        (lambda value: 0 < value < math.inf, "> 0 and finite"),
+    ),
+    "dp_client_noise_multiplier": (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
+    "dp_client_delta": (lambda value: 0 < value < 1, "in (0, 1)"),
+}
+"""The client-level DP fields' allowed ranges."""
+
+
+def check_client_dp(config: RunConfig) -> None:
+    """Raise `ConfigError` for a client-level DP value out of range, or ``dp-client`` with a
+    strategy whose aggregate one clipped update does not bound (`fedlora.client_dp`)."""
+    for name, (allowed, description) in CLIENT_DP_RANGES.items():
+        value = getattr(config, name)
+        if not allowed(value):
+            raise ConfigError(f"{kebab(name)} must be {description}, got {value!r}")
+    if config.dp_client_noise_seed < -1:
+        raise ConfigError(
+            f"dp-client-noise-seed must be >= 0, or -1 for secret noise, got "
+            f"{config.dp_client_noise_seed!r}"
+        )
+    if config.dp_client:
+        check_client_dp_rule(config.strategy)
+
+
 def check_values(config: RunConfig) -> None:
     """Raise `ConfigError` naming the first key whose value is not allowed."""
-    choices = {"strategy": sorted(RULES), "task": TASKS, "partitioner": PARTITIONERS}
+    choices = {
+        "strategy": sorted(RULES),
+        "task": TASKS,
+        "partitioner": PARTITIONERS,
+        "dp_accountant": DP_ACCOUNTANTS,
+        "dp_grad_sample_mode": DP_GRAD_SAMPLE_MODES,
+    }
     for name, allowed in choices.items():
         value = getattr(config, name)
         if value not in allowed:
@@ -242,3 +306,4 @@ def check_values(config: RunConfig) -> None:
             f"model {config.model!r} supports task {named_task!r}, not task {config.task!r}"
         )
     parse_rank_profile(config.rank_profile)
+    check_client_dp(config)

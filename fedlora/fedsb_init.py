@@ -18,21 +18,25 @@ example weights p_i. Two modes:
   k d_out + l d_in floats per module per client (`sketch_upload_floats`), with k = r + oversample
   and l = 2k + 1 (capped by the matrix).
 
-eta defaults to 1e-4 (`DEFAULT_ETA`); set it to the run's learning rate, as LoRA-SB does. The
-estimates are not privatised here: under DP, clip and noise them and count them in the budget.
+eta defaults to 1e-4 (`DEFAULT_ETA`); set it to the run's learning rate, as LoRA-SB does. Under
+sample-level DP a client estimates G_i with `estimate_private_gradient`: each batch's gradient is
+clipped per example and noised by Opacus' DP-SGD, and its steps count in the client's budget.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
+from fedlora.privacy import History, PrivacyPlan, private_training
 from fedlora.sb_layer import find_targets, to_linear_orientation
 from fedlora.updates import weighted_sum
 
@@ -68,14 +72,10 @@ def estimate_gradient(
     runs in the mode it is in; no ``.grad`` is written and the weights' requires_grad flags are
     restored.
     """
-    modules = find_targets(model, targets)
-    weights = [module.weight for module in modules.values()]
-    flags = [weight.requires_grad for weight in weights]
-    totals = [torch.zeros_like(weight) for weight in weights]
     count = 0
-    try:
-        for weight in weights:
-            weight.requires_grad_(True)
+    with trainable_targets(model, targets) as modules:
+        weights = [module.weight for module in modules.values()]
+        totals = [torch.zeros_like(weight) for weight in weights]
         for batch in batches:
             grads = torch.autograd.grad(
                 loss_fn(model, batch), weights, allow_unused=True, materialize_grads=True
@@ -83,15 +83,73 @@ def estimate_gradient(
             for total, grad in zip(totals, grads):
                 total.add_(grad)
             count += 1
-    finally:
-        for weight, flag in zip(weights, flags):
-            weight.requires_grad_(flag)
     if count == 0:
         raise ConfigError("no batches to estimate the gradient on")
     return {
         name: to_linear_orientation(module, total / count)
         for (name, module), total in zip(modules.items(), totals)
     }
+
+
+def estimate_private_gradient(
+    model: nn.Module,
+    loader: DataLoader,
+    targets: Iterable[str],
+    steps: int,
+    plan: PrivacyPlan,
+    history: History,
+    task: str,
+    device: torch.device,
+) -> tuple[dict[str, Tensor], History]:
+    """G per target module as DP-SGD sees it, and the accountant's history after it.
+
+    Each of ``steps`` batches of ``loader`` (Poisson-sampled under the plan) gives the gradient
+    of the target weights clipped per example to ``max_grad_norm``, summed, noised and divided
+    by the expected batch size (Opacus' DPOptimizer, whose step is never taken); G is their mean,
+    oriented as in `estimate_gradient`. The model runs in the mode it is in, but for the target
+    modules, which run in training mode (Opacus records activations there only; a Linear layer
+    computes the same in both). Every other parameter of ``model`` must be frozen.
+    """
+    with trainable_targets(model, targets) as modules:
+        weights = [module.weight for module in modules.values()]
+        totals = [torch.zeros_like(weight) for weight in weights]
+        carrier = torch.optim.SGD(weights, lr=0.0)
+        modes = {module: module.training for module in modules.values()}
+        with private_training(model, carrier, loader, plan, history, task) as run:
+            for module in modes:
+                module.train()
+            try:
+                for batch in run.batches(steps):
+                    batch = {key: tensor.to(device) for key, tensor in batch.items()}
+                    run.loss(model, batch).backward()
+                    run.optimizer.pre_step()
+                    for total, weight in zip(totals, weights):
+                        total.add_(weight.grad)
+                    run.optimizer.zero_grad(set_to_none=True)
+            finally:
+                for module, mode in modes.items():
+                    module.train(mode)
+    gradients = {
+        name: to_linear_orientation(module, total / steps)
+        for (name, module), total in zip(modules.items(), totals)
+    }
+    return gradients, run.history
+
+
+@contextmanager
+def trainable_targets(model: nn.Module, targets: Iterable[str]) -> Iterator[dict[str, nn.Module]]:
+    """The target modules by path, their weights requiring gradients for the block (the flags
+    restored afterwards)."""
+    modules = find_targets(model, targets)
+    weights = [module.weight for module in modules.values()]
+    flags = [weight.requires_grad for weight in weights]
+    try:
+        for weight in weights:
+            weight.requires_grad_(True)
+        yield modules
+    finally:
+        for weight, flag in zip(weights, flags):
+            weight.requires_grad_(flag)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from fedlora.sb_layer import base_shape, find_targets, inject_sb_layers
 TINY_VOCAB = 1024
 """Vocabulary of the models built from configs (and of their `HashingTokenizer`)."""
 TINY_MAX_POSITIONS = 512
+LLAMA_400M_VOCAB = 32000
 
 Tokenizer = PreTrainedTokenizerBase | HashingTokenizer
 
@@ -66,7 +67,8 @@ def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseMod
     """The base model named by ``config.model``, its classifier head initialised from ``seed``.
 
     ``minilm`` (the packaged all-MiniLM-L6-v2), ``tiny-bert`` / ``tiny-llama`` (small models built
-    from configs, for tests), a local folder, or a Hugging Face id already in the local cache
+    from configs, for tests), ``llama-400m`` (a randomly initialised 0.4B Llama, for GPU
+    throughput), a local folder, or a Hugging Face id already in the local cache
     (nothing is downloaded). ``num_labels`` defaults to the classes of ``config.dataset``.
     """
     if config.task == "classification" and num_labels is None:
@@ -77,6 +79,8 @@ def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseMod
             model, tokenizer = tiny_bert(labels), HashingTokenizer(TINY_VOCAB)
         elif config.model == "tiny-llama":
             model, tokenizer = tiny_llama(), HashingTokenizer(TINY_VOCAB)
+        elif config.model == "llama-400m":
+            model, tokenizer = llama_400m(), HashingTokenizer(LLAMA_400M_VOCAB)
         else:
             model, tokenizer = pretrained(model_location(config.model), config.task, labels)
     for parameter in model.parameters():
@@ -172,6 +176,24 @@ def tiny_llama() -> LlamaForCausalLM:
         num_key_value_heads=2,
         intermediate_size=64,
         max_position_embeddings=TINY_MAX_POSITIONS,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def llama_400m() -> LlamaForCausalLM:
+    """A Llama of about 0.4B parameters built from a config (hidden 1024, 24 layers, 16 heads,
+    intermediate 2816, vocabulary 32000), randomly initialised: enough work to keep a GPU busy."""
+    tokenizer = HashingTokenizer(LLAMA_400M_VOCAB)
+    config = LlamaConfig(
+        vocab_size=LLAMA_400M_VOCAB,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=2816,
+        max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

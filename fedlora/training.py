@@ -2,14 +2,16 @@
 
 On CUDA the forward passes run under bf16 autocast (the weights stay float32); on the CPU in
 float32. Training draws its dropout masks from ``seed`` when one is given, so a client's round is
-reproducible.
+reproducible. `train_private` runs the same steps as DP-SGD (`fedlora.privacy`): Opacus' per-example
+clipping and noise on a (Poisson-sampled) loader over the client's examples.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import datasets
@@ -18,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora.config import RunConfig
-from fedlora.data import IGNORED_LABEL, ordered_batches
+from fedlora.data import IGNORED_LABEL, batches, ordered_batches
 from fedlora.errors import ConfigError
+from fedlora.privacy import History, PrivacyPlan, example_loader, private_training
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,42 @@ def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Te
     return {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
 
 
+def client_seed(run_seed: int, partition_id: int, server_round: int) -> int:
+    """The seed of client ``partition_id``'s round ``server_round``: its batches, dropout masks
+    and DP noise draw from it."""
+    return zlib.crc32(f"{run_seed}:{partition_id}:{server_round}".encode())
+
+
+def train_round(
+    model: nn.Module,
+    examples: datasets.Dataset,
+    tokenizer,
+    config: RunConfig,
+    device: torch.device | str,
+    seed: int,
+) -> TrainReport:
+    """A client's round of plain local training: ``local-steps`` AdamW steps on seeded batches
+    of ``batch-size`` of its examples."""
+    training = batches(
+        examples,
+        tokenizer,
+        config.max_length,
+        config.batch_size,
+        seed,
+        config.local_steps,
+        config.task,
+    )
+    return train_local(
+        model,
+        training,
+        config.local_steps,
+        config.learning_rate,
+        config.weight_decay,
+        device,
+        seed=seed,
+    )
+
+
 def train_local(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
@@ -95,11 +134,13 @@ def train_local(
     device: torch.device | str,
     optimizer: torch.optim.Optimizer | None = None,
     seed: int | None = None,
+    loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor] | None = None,
 ) -> TrainReport:
     """``steps`` AdamW steps on the trainable parameters over the first ``steps`` batches.
 
     The model is trained in train mode (dropout on) and left in eval mode. ``optimizer`` replaces
-    the AdamW made here (e.g. an Opacus DP optimizer over the same parameters).
+    the AdamW made here (e.g. an Opacus DP optimizer over the same parameters), ``loss_fn``
+    the model's own loss (``model(**batch).loss``).
     """
     device = torch.device(device)
     optimizer = optimizer or make_optimizer(model, lr, weight_decay)
@@ -112,7 +153,7 @@ def train_local(
                 batch = to_device(batch, device)
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(device):
-                    loss = model(**batch).loss
+                    loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.detach())
@@ -126,6 +167,35 @@ def train_local(
     return TrainReport(
         loss=mean_loss, num_examples=num_examples, seconds=time.perf_counter() - start
     )
+
+
+def train_private(
+    model: nn.Module,
+    data: datasets.Dataset,
+    tokenizer,
+    config: RunConfig,
+    plan: PrivacyPlan,
+    history: History,
+    device: torch.device | str,
+    seed: int,
+) -> tuple[TrainReport, History]:
+    """``local-steps`` DP-SGD steps (AdamW under Opacus) on ``data`` with the client's plan;
+    the report and the accountant's history, ``history`` followed by these steps."""
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
+    loader = example_loader(data, tokenizer, config, seed)
+    with private_training(model, optimizer, loader, plan, history, config.task) as run:
+        report = train_local(
+            model,
+            run.batches(config.local_steps),
+            config.local_steps,
+            config.learning_rate,
+            config.weight_decay,
+            device,
+            optimizer=run.optimizer,
+            seed=seed,
+            loss_fn=run.loss,
+        )
+    return report, run.history
 
 
 @torch.no_grad()

@@ -12,21 +12,30 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedlora.cli import COMMANDS as BENCH_COMMANDS
-from fedlora.cli import build_parser, output_console
+from deployment.cli import add_deploy_commands
+from fedlora.cli import add_bench_commands, build_parser, output_console
 from fedlora.errors import ConfigError
+from simulations.bench_command import add_simulation_benchmarks
 from simulations.compare import (
     ACCURACY_VS_BYTES,
     ACCURACY_VS_ROUND,
     RESULTS_CSV,
     compare,
     strategy_names,
+)
+from simulations.dp_sweep import (
+    ACCURACY_VS_EPSILON,
+    DEFAULT_STRATEGIES,
+    SWEEP_CSV,
+    dp_sweep,
+    parse_epsilons,
 )
 from simulations.recipes import DEMO_RECIPE, Recipe, load_recipe, resolve
 from simulations.run_dir import (
@@ -95,8 +104,37 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
     compare_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     compare_parser.set_defaults(handler=run_compare)
 
+    sweep_parser = commands.add_parser(
+        "dp-sweep",
+        help="run strategies at several privacy budgets (DP-SGD); accuracy vs epsilon",
+        description=(
+            "Run RECIPE per strategy and budget (identical partitions, ranks and seeds) into "
+            "DIR/<strategy>/eps-<budget>: a finite budget runs DP-SGD with dp-target-epsilon "
+            f"set to it, inf runs without DP. Write DIR/{SWEEP_CSV} and "
+            f"DIR/{ACCURACY_VS_EPSILON} (default DIR: runs/dp-sweep/<recipe name>)."
+        ),
+    )
+    sweep_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    sweep_parser.add_argument(
+        "--epsilons", default="1,3,8,inf", metavar="E,E", help="budgets (default: 1,3,8,inf)"
+    )
+    sweep_parser.add_argument(
+        "--strategies",
+        default=DEFAULT_STRATEGIES,
+        metavar="all|NAME,NAME",
+        help=f"'all' or names separated by commas (default: {DEFAULT_STRATEGIES})",
+    )
+    sweep_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
+    sweep_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
+    sweep_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    sweep_parser.set_defaults(handler=run_dp_sweep)
 
-COMMAND_GROUPS = (add_simulation_commands, *BENCH_COMMANDS)
+
+COMMAND_GROUPS = (
+    add_simulation_commands,
+    partial(add_bench_commands, more_benchmarks=(add_simulation_benchmarks,)),
+    add_deploy_commands,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,6 +252,55 @@ def run_compare(args: argparse.Namespace) -> int:
     files = f"{RESULTS_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
     console.print(f"{out_dir}: {files}, a run directory per strategy")
     return 0
+
+
+def run_dp_sweep(args: argparse.Namespace) -> int:
+    strategies = strategy_names(args.strategies)
+    epsilons = parse_epsilons(args.epsilons)
+    recipe = load_recipe(args.recipe)
+    checked = resolve(recipe, args.overrides, strategies[0], args.rounds)
+    out_dir = args.out or RUNS_DIR / "dp-sweep" / recipe.name
+    rounds = checked.run_config.num_server_rounds
+    runs = [(s, e) for s in strategies for e in epsilons]
+    progress_console = Console(stderr=True)
+    budgets = ", ".join(f"{e:g}" for e in epsilons)
+    progress_console.print(
+        f"{describe(checked)}, strategies {', '.join(strategies)}, eps {budgets}"
+    )
+    with round_progress(progress_console) as progress:
+        task = progress.add_task("starting", total=rounds * len(runs))
+
+        def on_round(strategy: str, epsilon: float, row: MetricsRow) -> None:
+            name = f"{strategy} eps {epsilon:g}"
+            progress.console.print(round_line(row, name))
+            done = runs.index((strategy, epsilon)) * rounds + row["round"]
+            progress.update(task, completed=done, description=f"{name} round {row['round']}")
+
+        results = dp_sweep(
+            recipe, strategies, epsilons, out_dir, args.overrides, args.rounds, on_round
+        )
+    console = output_console()
+    console.print(sweep_table(results, checked))
+    console.print(f"{out_dir}: {SWEEP_CSV}, {ACCURACY_VS_EPSILON}, a run directory per run")
+    return 0
+
+
+def sweep_table(results: list[dict], recipe: Recipe) -> Table:
+    table = Table(title=f"{describe(recipe)}; final accuracy by privacy budget")
+    columns = ("strategy", "target eps", "final acc.", "drop", "eps spent", "stopped", "seconds")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for result in results:
+        table.add_row(
+            result["strategy"],
+            f"{result['target_epsilon']:g}",
+            number(result["final_accuracy"], ".3f"),
+            number(result["accuracy_drop"], "+.3f"),
+            number(result["epsilon_spent"], ".2f"),
+            str(result["dp_stopped"]),
+            f"{result['wall_seconds']:.0f}",
+        )
+    return table
 
 
 def results_table(results: list[dict], recipe: Recipe) -> Table:

@@ -41,17 +41,20 @@ class SimulationSettings:
         CPU cores Ray reserves per ClientApp; Ray runs cores / num_cpus ClientApps at once.
     num_gpus : float (default: 0.0)
         GPUs per ClientApp; a fraction lets several share one (0.25: four per GPU).
+    gpus : int (default: 0)
+        How many of the host's GPUs Ray may hand out (0: every GPU it finds).
     """
 
     num_supernodes: int = 10
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    gpus: int = 0
 
     def __post_init__(self) -> None:
-        if type(self.num_supernodes) is not int or self.num_supernodes < 1:
-            raise ConfigError(
-                f"num-supernodes must be an integer >= 1, got {self.num_supernodes!r}"
-            )
+        for name, least in (("num_supernodes", 1), ("gpus", 0)):
+            value = getattr(self, name)
+            if type(value) is not int or value < least:
+                raise ConfigError(f"{kebab(name)} must be an integer >= {least}, got {value!r}")
         for name, allowed, bound in (
             ("num_cpus", lambda value: value > 0, "> 0"),
             ("num_gpus", lambda value: value >= 0, ">= 0"),
@@ -71,10 +74,14 @@ class SimulationSettings:
         return cls(**{fields[key]: value for key, value in table.items()})
 
     def backend_config(self) -> dict:
-        """Flower's Ray backend config: the client resources, Ray's own logs kept quiet."""
+        """Flower's Ray backend config: the client resources, the GPUs Ray may use, Ray's own
+        logs kept quiet."""
+        init_args = {"logging_level": "error", "log_to_driver": False}
+        if self.gpus:
+            init_args["num_gpus"] = self.gpus
         return {
             "client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "init_args": {"logging_level": "error", "log_to_driver": False},
+            "init_args": init_args,
         }
 
     def table(self) -> dict[str, Scalar]:

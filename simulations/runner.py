@@ -128,13 +128,16 @@ class ErrorRecords(logging.Handler):
 
 @contextmanager
 def quiet_run(path: Path) -> Iterator[list[logging.LogRecord]]:
-    """Send Flower's log to ``path`` instead of the console and silence Ray's tips
-    (FutureWarnings); yield Flower's error records."""
+    """Send Flower's log to ``path`` instead of the console (nor to the root logger, which
+    Opacus gives a console handler on import) and silence Ray's tips (FutureWarnings); yield
+    Flower's error records."""
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
     errors = ErrorRecords()
     console_level = console_handler.level
     console_handler.setLevel(logging.CRITICAL + 1)
+    propagate = FLOWER_LOGGER.propagate
+    FLOWER_LOGGER.propagate = False
     FLOWER_LOGGER.addHandler(file_handler)
     FLOWER_LOGGER.addHandler(errors)
     try:
@@ -146,3 +149,4 @@ def quiet_run(path: Path) -> Iterator[list[logging.LogRecord]]:
         FLOWER_LOGGER.removeHandler(file_handler)
         file_handler.close()
         console_handler.setLevel(console_level)
+        FLOWER_LOGGER.propagate = propagate

@@ -27,6 +27,7 @@ from flwr.supercore import log
 from torch import Tensor
 
 from fedlora.adapter import lora_scale
+from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
 from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import stack
 from fedlora.messages import (
@@ -44,9 +45,11 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
+from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult
 from strategies.base_store import write_round_change
+from strategies.client_dp import ClientLevelDP
 from strategies.records import (
     NodeReport,
     client_update,
@@ -90,6 +93,9 @@ class LoRAStrategy(Strategy):
         docstring); None sends the changes in the messages.
     query_timeout : float (default: 600.0)
         Seconds to wait for the answers to rank queries.
+    client_dp : ClientLevelDP, optional
+        Client-level DP (FedAvg, FedSA-LoRA, Fed-SB only): clients clip their updates, the
+        aggregate is the noised uniform mean of `strategies.client_dp`, no probes are asked for.
 
     Attributes
     ----------
@@ -117,6 +123,7 @@ class LoRAStrategy(Strategy):
         probe_seed: int = 0,
         base_store: str | Path | None = None,
         query_timeout: float = 600.0,
+        client_dp: ClientLevelDP | None = None,
         **rule_options,
     ) -> None:
         if rule is None:
@@ -125,7 +132,10 @@ class LoRAStrategy(Strategy):
             rule = self.rule_class(**rule_options)
         elif rule_options:
             raise TypeError(f"options {sorted(rule_options)} are for strategies that bind a rule")
+        if client_dp is not None:
+            check_client_dp_rule(rule.name)
         self.rule = rule
+        self.client_dp = client_dp
         self.lora_alpha = lora_alpha
         self.rslora = rslora
         self.fraction_train = fraction_train
@@ -160,6 +170,8 @@ class LoRAStrategy(Strategy):
             self.min_evaluate_nodes,
             self.min_available_nodes,
         )
+        if self.client_dp is not None:
+            self.client_dp.summary()
         where = self.base_store if self.base_store else "in the messages"
         log(INFO, "\t└──> Base changes: %s", where)
 
@@ -180,7 +192,11 @@ class LoRAStrategy(Strategy):
         node_ids = self._sample(
             grid, self.fraction_train, self.min_train_nodes, "configure_train", server_round
         )
-        return self._messages(node_ids, MessageType.TRAIN, server_round, config, grid)
+        messages = self._messages(node_ids, MessageType.TRAIN, server_round, config, grid)
+        if self.client_dp is not None:
+            num_nodes = len(list(grid.get_node_ids()))
+            self.client_dp.sampled(server_round, len(messages), num_nodes)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -192,9 +208,13 @@ class LoRAStrategy(Strategy):
         for personalized methods (FedSA-LoRA).
         """
         valid = self._valid_replies(replies, "aggregate_train")
+        sample_dp = sample_dp_metrics(valid, self.nodes)
         updates, parsed = [], []
         for message in valid:
             partition_id = self.nodes[message.metadata.src_node_id].partition_id
+            if message.content[METRICS_RECORD].get(BUDGET_SPENT_KEY):
+                log(INFO, "Partition %d stopped: its privacy budget is spent", partition_id)
+                continue
             try:
                 updates.append(
                     client_update(message.content, self.rule.update_kind, str(partition_id))
@@ -204,11 +224,19 @@ class LoRAStrategy(Strategy):
                 continue
             parsed.append(message)
         if not updates:
-            return None, None
+            if sample_dp:
+                self.train_metrics[server_round] = MetricRecord(sample_dp)
+            return None, self.train_metrics.get(server_round)
         deviation = self._probe_deviation(parsed)
         previous = self.state
         start = time.perf_counter()
-        result = self.rule.aggregate(previous, updates)
+        privacy = {}
+        if self.client_dp is None:
+            result = self.rule.aggregate(previous, updates)
+        else:
+            result, privacy = self.client_dp.aggregate(
+                self.rule, previous, updates, parsed, server_round
+            )
         aggregate_seconds = time.perf_counter() - start
         self.state = result.state
         self._expected_probes = self._ideal_probes(previous, result)
@@ -222,6 +250,8 @@ class LoRAStrategy(Strategy):
             "bytes_down": self._bytes_down[MessageType.TRAIN],
             **self._store_round_change(),
             **self._take_setup_bytes(),
+            **privacy,
+            **sample_dp,
         }
         if deviation is not None:
             metrics["relative_deviation"] = deviation
@@ -309,11 +339,13 @@ class LoRAStrategy(Strategy):
     ) -> list[int]:
         """Flower's sampling rule (wait for the minimum, then a fraction), seeded by the run seed
         and the round over the nodes in partition order, so that simulation and deployment (whose
-        node ids differ) sample the same partitions."""
+        node ids differ) sample the same partitions. A node that never answered its rank query
+        (e.g. it died) is left out."""
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
         self._learn_nodes(all_nodes, grid)
-        ordered = sorted(all_nodes, key=lambda node_id: self.nodes[node_id].partition_id)
+        known = [node_id for node_id in all_nodes if node_id in self.nodes]
+        ordered = sorted(known, key=lambda node_id: self.nodes[node_id].partition_id)
         node_ids = random.Random(self.probe_seed * 1_000_003 + server_round).sample(
             ordered, min(sample_size, len(ordered))
         )
@@ -324,7 +356,11 @@ class LoRAStrategy(Strategy):
         self, node_ids: list[int], kind: str, server_round: int, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         self._learn_nodes(node_ids, grid)
-        common = {**config, ROUND_KEY: server_round, PROBE_SEED_KEY: self.probe_seed}
+        common = {**config, ROUND_KEY: server_round}
+        if self.client_dp is None:
+            common[PROBE_SEED_KEY] = self.probe_seed
+        elif kind == MessageType.TRAIN:
+            common[CLIP_KEY] = self.client_dp.clip
         if self.base_store is not None:
             common[BASE_STORE_KEY] = str(self.base_store)
         messages = []
@@ -414,6 +450,22 @@ class LoRAStrategy(Strategy):
         if not measured:
             return None
         return max(relative_deviation(responses, self._expected_probes) for responses in measured)
+
+
+def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> dict[str, float]:
+    """Sample-level DP: each replying client's epsilon (``epsilon.{partition id}``), the largest
+    (``epsilon_max``) and how many clients stopped with their budget spent (``dp_stopped``);
+    empty when no reply reports an epsilon."""
+    epsilons, stopped = {}, 0
+    for message in replies:
+        metrics = message.content[METRICS_RECORD]
+        if EPSILON_KEY in metrics:
+            partition_id = nodes[message.metadata.src_node_id].partition_id
+            epsilons[f"{EPSILON_KEY}.{partition_id}"] = float(metrics[EPSILON_KEY])
+            stopped += int(metrics.get(BUDGET_SPENT_KEY, 0))
+    if not epsilons:
+        return {}
+    return {**epsilons, "epsilon_max": max(epsilons.values()), "dp_stopped": stopped}
 
 
 def weighted_mean(replies: list[Message], key: str) -> float:

@@ -6,7 +6,9 @@ gradient on its own data, and sets B, A and R_0 from their example-weighted comb
 (`fedlora.fedsb_init`): in ``sketch`` mode (default) nodes send the sketches G Omega and Psi G
 (k d_out + l d_in floats per module) and the first step is SGD-like, -eta G; in ``sign`` mode they
 send the dense G (d_out x d_in per module) and the first step is LoRA-SB's Adam-like -eta sign(G).
-The upload is reported once, as ``setup_bytes_up`` of round 1.
+The upload is reported once, as ``setup_bytes_up`` of round 1. Under client-level DP the
+estimates are one private release: clipped, averaged uniformly and noised
+(`strategies.client_dp.ClientLevelDP.private_estimate`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ class FedSB(LoRAStrategy):
         self.setup_bytes_up = sum(serialized_bytes(m.content) for m in replies)
         counts = [int(m.content[METRICS_RECORD][NUM_EXAMPLES_KEY]) for m in replies]
         estimates = [tensors(m.content, SB_INIT_ACTION) for m in replies]
+        if self.client_dp is not None:
+            num_nodes = len(list(grid.get_node_ids()))
+            estimates = [self.client_dp.private_estimate(estimates, len(queries), num_nodes)]
+            counts = [1]
         if self.init_mode == "sign":
             gradients = [
                 {m: e[m + GRADIENT_SUFFIX] for m in modules_with_suffix(e, GRADIENT_SUFFIX)}

@@ -25,8 +25,10 @@ from fedlora.config import RunConfig
 from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
 from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
 from fedlora.peft_io import read_adapter, read_head
+from fedlora.privacy import EPSILON_KEY
 from fedlora.sb_layer import sb_layers
 from strategies import STRATEGIES, LoRAStrategy
+from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation
 
 DEFAULT_RUN_DIR = "runs/latest"
@@ -62,6 +64,7 @@ def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
         grid,
         initial_arrays(config),
         num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
         evaluate_fn=log.end_of_round,
     )
     if strategy.state is not None:
@@ -85,8 +88,24 @@ def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
         min_evaluate_nodes=config.min_evaluate_nodes,
         min_available_nodes=max(config.min_train_nodes, config.min_evaluate_nodes),
         probe_seed=config.seed,
+        query_timeout=config.round_timeout,
         base_store=base_store,
+        client_dp=client_dp(config),
         **rule_options,
+    )
+
+
+def client_dp(config: RunConfig) -> ClientLevelDP | None:
+    """Client-level DP from the ``dp-client-*`` keys (the accountant: ``dp-accountant``)."""
+    if not config.dp_client:
+        return None
+    return ClientLevelDP(
+        config.dp_client_clip,
+        config.dp_client_noise_multiplier,
+        delta=config.dp_client_delta,
+        accountant=config.dp_accountant,
+        noise_seed=None if config.dp_client_noise_seed < 0 else config.dp_client_noise_seed,
+        init_clip=config.dp_client_init_clip,
     )
 
 
@@ -131,7 +150,10 @@ class MetricsLog:
     FedSA-LoRA), client_accuracy, train_loss, relative_deviation (the worst measured in the round,
     by train and evaluate replies; null when none, as for FedSA-LoRA), bytes_up, bytes_down (train
     and evaluate payloads), seconds (wall time of the round's training and client evaluation) and
-    server_eval_seconds."""
+    server_eval_seconds; with client-level DP, client_dp_epsilon (spent so far) and
+    client_dp_clipped (the fraction of the round's clients that had to clip); with sample-level DP,
+    epsilon_max, epsilon (by partition id, of the clients that replied) and dp_stopped (clients
+    whose budget was spent)."""
 
     def __init__(self, path: Path, strategy: LoRAStrategy, evaluation: ServerEvaluation) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,4 +194,29 @@ class MetricsLog:
             "clients": train.get("clients", 0),
             "seconds": seconds,
             "server_eval_seconds": time.perf_counter() - started,
+            **self.client_dp_columns(train),
+            **sample_dp_columns(train),
         }
+
+    def client_dp_columns(self, train: dict) -> dict:
+        """The round's client-level DP columns (none without it); epsilon from the accountant
+        when the round released nothing."""
+        if self.strategy.client_dp is None:
+            return {}
+        return {
+            EPSILON_METRIC: train.get(EPSILON_METRIC, self.strategy.client_dp.epsilon()),
+            CLIPPED_METRIC: train.get(CLIPPED_METRIC),
+        }
+
+
+def sample_dp_columns(train: dict) -> dict:
+    """The round's sample-level DP columns (none without it)."""
+    if "epsilon_max" not in train:
+        return {}
+    prefix = f"{EPSILON_KEY}."
+    by_partition = {k.removeprefix(prefix): v for k, v in train.items() if k.startswith(prefix)}
+    return {
+        "epsilon_max": train["epsilon_max"],
+        "epsilon": by_partition,
+        "dp_stopped": train["dp_stopped"],
+    }

@@ -507,3 +507,17 @@ def test_sampling_is_seeded_by_run_seed_and_round_over_partitions():
 
     assert sampled(7, 3) == sampled(7, 3)
     assert len({tuple(sampled(7, r)) for r in range(1, 9)}) > 1
+
+
+class GridWithADeadNode(QueryGrid):
+    """Node 102 is connected but never answers (it died before its rank query)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        alive = [m for m in messages if m.metadata.dst_node_id != 102]
+        return super().send_and_receive(alive, timeout)
+
+
+def test_a_node_that_never_answered_its_rank_query_is_not_sampled():
+    strategy = LoRAFedAvg(probe_seed=0, min_available_nodes=1)
+    node_ids = strategy._sample(GridWithADeadNode(), 1.0, 1, "test", 1)
+    assert sorted(node_ids) == [101, 103]

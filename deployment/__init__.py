@@ -1,0 +1,1 @@
+"""Real deployment: credentials, the Flower commands for every machine, start-up measurement."""

@@ -1,0 +1,90 @@
+"""The exact Flower commands of a deployment, as argument lists: `fedlora deploy init` prints them
+and the tests run them, so what the README and the CLI show is what is tested.
+
+Secure by default: the SuperLink serves TLS with the CA-signed certificate and admits only
+registered SuperNode keys; ``insecure=True`` gives the plain-text commands instead.
+Every SuperLink runs with ``--disable-runtime-dependency-installation``: otherwise it would
+``uv sync`` the app's dependencies (torch included: gigabytes) into a fresh environment for every
+run, which is slow, differs from the environment that was tested, and fails offline. The machines
+install fedlora once (``pip install fedlora``) and every run uses that installation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from deployment.credentials import (
+    CA_FILE,
+    NODE_KEY_FILE,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+)
+from simulations.recipes import toml_scalar
+
+DEFAULT_PORT = 9092
+"""The SuperLink's one HTTP port (Fleet, Control and Runtime APIs)."""
+DEFAULT_NODE_PORT = 9094
+"""A SuperNode's own runtime port (on its device; several nodes on one machine need their own)."""
+NodeConfig = Mapping[str, str | int | float | bool]
+
+
+def superlink_command(
+    folder: Path | None, port: int = DEFAULT_PORT, host: str = "0.0.0.0"
+) -> list[str]:
+    """``flower-superlink`` serving on ``host:port``; ``folder`` holds ``ca.pem``, ``server.pem``
+    and ``server.key`` (None: insecure, no node authentication)."""
+    command = ["flower-superlink", "--host", host, "--port", str(port)]
+    if folder is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--ssl-ca-certfile",
+            str(folder / CA_FILE),
+            "--ssl-certfile",
+            str(folder / SERVER_CERT_FILE),
+            "--ssl-keyfile",
+            str(folder / SERVER_KEY_FILE),
+            "--enable-supernode-auth",
+        ]
+    return [*command, "--disable-runtime-dependency-installation"]
+
+
+def supernode_command(
+    folder: Path | None,
+    superlink: str,
+    node_config: NodeConfig,
+    port: int = DEFAULT_NODE_PORT,
+) -> list[str]:
+    """``flower-supernode`` connecting to ``superlink`` (host:port) with ``node_config``;
+    ``folder`` holds the node's ``ca.pem`` and ``node.key`` (None: insecure)."""
+    command = ["flower-supernode", "--superlink", superlink, "--port", str(port)]
+    if folder is None:
+        command.append("--insecure")
+    else:
+        command += [
+            "--root-certificates",
+            str(folder / CA_FILE),
+            "--auth-supernode-private-key",
+            str(folder / NODE_KEY_FILE),
+        ]
+    return [*command, "--node-config", node_config_text(node_config)]
+
+
+def register_command(public_key: Path, connection: str) -> list[str]:
+    """``flwr supernode register``: admit the node holding the private half of ``public_key``."""
+    return ["flwr", "supernode", "register", str(public_key), connection]
+
+
+def run_command(connection: str, run_config: NodeConfig, app: str = ".") -> list[str]:
+    """``flwr run APP`` (the project folder) on ``connection``, streaming the log, with run-config
+    overrides."""
+    command = ["flwr", "run", app, connection, "--stream"]
+    if run_config:
+        command += ["--run-config", node_config_text(run_config)]
+    return command
+
+
+def node_config_text(values: NodeConfig) -> str:
+    """``key=value`` pairs as Flower parses them (TOML values: strings quoted)."""
+    return " ".join(f"{key}={toml_scalar(value)}" for key, value in values.items())

@@ -1,0 +1,471 @@
+"""The apps on Flower's deployment engine: a real SuperLink with TLS and node authentication, real
+SuperNodes of LoRA ranks 2, 4 and 8 as processes on 127.0.0.1, runs submitted with ``flwr run``.
+
+The credentials come from `fedlora deploy init`'s writer, and the processes run the commands it
+prints (`deployment.commands`). A deployed run must give the final global model that simulation
+gives with the same seeds; the nodes' ranks and batch size come from their node config only (the
+run config says rank 8 and batch 16 for everyone). Every process a test starts carries a tag in
+its environment, which Flower's detached children (SuperExec, ServerApp and ClientApp processes)
+inherit; teardown kills every tagged process (found in /proc), whatever happened.
+
+The quick tests check what ``fedlora deploy init`` writes with Flower's own key loaders, its
+insecure mode, and how a node's config sets its capacity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import Context, RecordDict
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from safetensors.torch import load_file
+
+from clients.app import Client, node_run_config
+from deployment.commands import register_command, run_command, superlink_command, supernode_command
+from deployment.credentials import (
+    CA_FILE,
+    NODE_KEY_FILE,
+    NODE_PUBLIC_KEY_FILE,
+    node_key_pair,
+    write,
+    write_credentials,
+)
+from deployment.startup import LOADING, PHASES, measure_startup
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.models import load_base_model
+from simulations.cli import main as cli_main
+from simulations.runner import simulate
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "fedlora-test"
+TAG = "FEDLORA_TEST_PROCESS"
+RANKS = (2, 4, 8)
+NODE_BATCH = 8
+RUN = {
+    "model": "tiny-bert",
+    "num-server-rounds": 2,
+    "partitioner": "iid",
+    "max-length": 32,
+    "local-steps": 2,
+    "learning-rate": 0.01,
+    "min-train-nodes": 3,
+    "fraction-evaluate": 0.34,
+    "min-evaluate-nodes": 1,
+    "base-changes": "messages",
+}
+"""Every node trains, one evaluates: each message starts a process that imports torch."""
+DEPLOYED = {**RUN, "rank-profile": "8:1.0", "batch-size": 16}
+"""What the deployed run says; the nodes' own config sets ranks 2, 4, 8 and batch size 8."""
+SIMULATED = {**RUN, "rank-profile": "2:0.34,4:0.33,8:0.33", "batch-size": NODE_BATCH}
+START_TIMEOUT = 60
+RUN_TIMEOUT = 420
+ROUND_TIMEOUT = 60.0
+"""Enough for a node's cold start (a fresh process imports torch) on a busy 2-core machine."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Processes:
+    """Processes started with a tag in their environment, stopped all at once at the end."""
+
+    def __init__(self, folder: Path, flwr_home: Path) -> None:
+        self.folder, self.tag = folder, uuid.uuid4().hex
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+        }
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        """Start ``command`` in its own session, its output in ``FOLDER/name.log``."""
+        with (self.folder / f"{name}.log").open("w") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**self.env, TAG: f"{self.tag}:{name}"},
+                cwd=self.folder,
+                start_new_session=True,
+            )
+        self.started.append(process)
+        return process
+
+    def run(self, command: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command,
+            check=False,
+            capture_output=True,
+            text=True,
+            env={**self.env, TAG: f"{self.tag}:cli"},
+            cwd=self.folder,
+            timeout=timeout,
+        )
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def kill(self, name: str = "") -> None:
+        """SIGKILL every live process tagged with ``name`` (all of them for ""), children too."""
+        prefix = f"{self.tag}:{name}".encode()
+        for pid in tagged_pids(prefix):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.started:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        for process in self.started:
+            process.wait(timeout=10)
+
+
+def tagged_pids(prefix: bytes) -> list[int]:
+    """This user's processes whose environment has the tag starting with ``prefix``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if any(v.startswith(TAG.encode() + b"=" + prefix) for v in environ.split(b"\0")):
+            pids.append(int(entry.name))
+    return pids
+
+
+class Federation:
+    """A SuperLink with TLS and node authentication, and the nodes started against it."""
+
+    def __init__(self, folder: Path, num_nodes: int) -> None:
+        self.folder = folder
+        self.files = write_credentials(folder / "credentials", num_nodes, ["127.0.0.1"])
+        self.processes = Processes(folder, folder / "flwr-home")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def start_superlink(self) -> None:
+        command = superlink_command(self.files.superlink, self.port, host="127.0.0.1")
+        self.processes.start("superlink", command)
+        connect = [
+            *fedlora_command("deploy", "connect", CONNECTION, self.address),
+            *("--root-certificates", str(self.files.ca)),
+        ]
+        done = self.processes.run(connect, timeout=60)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: self.nodes() is not None, "the SuperLink to answer")
+
+    def register(self, index: int) -> None:
+        public_key = self.files.node(index) / NODE_PUBLIC_KEY_FILE
+        done = self.processes.run(register_command(public_key, CONNECTION), timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def start_node(
+        self, index: int, rank: int, folder: Path | None = None, name: str = ""
+    ) -> subprocess.Popen:
+        node_config = {
+            "partition-id": index,
+            "num-partitions": len(RANKS),
+            "lora-rank": rank,
+            "batch-size": NODE_BATCH,
+            "device": "cpu",
+        }
+        command = supernode_command(
+            folder or self.files.node(index), self.address, node_config, free_port()
+        )
+        return self.processes.start(name or f"node-{index}", command)
+
+    def nodes(self) -> list[dict] | None:
+        """The SuperLink's node list (None while it does not answer)."""
+        try:
+            done = self.processes.run(
+                ["flwr", "supernode", "ls", CONNECTION, "--format", "json"], timeout=30
+            )
+        except subprocess.TimeoutExpired:
+            return None
+        try:
+            return json.loads(done.stdout)["nodes"]
+        except (json.JSONDecodeError, KeyError):
+            return None
+
+    def wait_online(self, count: int) -> None:
+        def online() -> bool:
+            return sum(node["status"] == "online" for node in self.nodes() or []) >= count
+
+        wait_for(online, f"{count} nodes online")
+
+    def run(self, run_config: dict, run_dir: Path, timeout: float = RUN_TIMEOUT):
+        """``flwr run`` of the project with these overrides; the rows of its metrics.jsonl."""
+        overrides = {**run_config, "run-dir": str(run_dir)}
+        done = self.processes.run(run_command(CONNECTION, overrides, str(PROJECT)), timeout=timeout)
+        metrics = run_dir / "metrics.jsonl"
+        assert metrics.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+        return [json.loads(line) for line in metrics.read_text().splitlines()], done
+
+
+def fedlora_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", *args]
+
+
+def wait_for(condition, what: str, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.5)
+
+
+def start_federation(folder: Path) -> Federation:
+    federation = Federation(folder, len(RANKS))
+    try:
+        federation.start_superlink()
+        for index, rank in enumerate(RANKS):
+            federation.register(index)
+            federation.start_node(index, rank)
+        federation.wait_online(len(RANKS))
+    except BaseException:
+        federation.processes.stop()
+        raise
+    return federation
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    federation = start_federation(tmp_path_factory.mktemp("federation"))
+    try:
+        yield federation
+    finally:
+        federation.processes.stop()
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "export" / "model.safetensors")
+
+
+def relative_difference(deployed: dict, simulated: dict, base: dict) -> float:
+    """The largest ||deployed - simulated|| over the tensors, relative to what training changed in
+    the tensor, ||simulated - base||, or to its norm where training left it as it was."""
+    worst = 0.0
+    for key, tensor in simulated.items():
+        change = (tensor - base[key]).norm()
+        scale = change if change > 0 else tensor.norm()
+        difference = (deployed[key] - tensor).norm()
+        worst = max(worst, float(difference / scale) if scale > 0 else float(difference))
+    return worst
+
+
+def test_init_writes_credentials_that_flower_accepts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    root = tmp_path / "deploy"
+    argv = ["deploy", "init", str(root), "--nodes", "2", "--host", "link.example", "10.1.2.3"]
+
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+
+    ca = x509.load_pem_x509_certificate((root / CA_FILE).read_bytes())
+    server = x509.load_pem_x509_certificate((root / "superlink" / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["link.example"]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
+    for index in range(2):
+        folder = root / f"node-{index}"
+        key = load_ssh_private_key((folder / NODE_KEY_FILE).read_bytes(), None)
+        assert isinstance(key.curve, ec.SECP384R1)
+        assert try_load_public_key(folder / NODE_PUBLIC_KEY_FILE) == public_key_to_bytes(
+            key.public_key()
+        )
+        assert (folder / NODE_KEY_FILE).stat().st_mode & 0o777 == 0o600
+        assert (folder / CA_FILE).read_bytes() == (root / CA_FILE).read_bytes()
+        assert f"--auth-supernode-private-key node-{index}/node.key" in printed
+    assert (root / "superlink" / "server.key").stat().st_mode & 0o777 == 0o600
+    connection = read_superlink_connection("fedlora")
+    assert connection.address == "link.example:9092"
+    assert connection.root_certificates == str((root / CA_FILE).resolve())
+    assert "--enable-supernode-auth --disable-runtime-dependency-installation" in printed
+
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    assert cli_main(argv) == 2
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+
+
+def test_init_insecure_writes_no_credentials(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    argv = ["deploy", "init", str(tmp_path / "deploy"), "--nodes", "1", "--insecure"]
+
+    assert cli_main(argv) == 0
+
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "deploy").exists()
+    assert read_superlink_connection("fedlora").insecure
+    assert "flower-superlink --host 0.0.0.0 --port 9092 --insecure" in printed
+    assert "flower-supernode --superlink localhost:9092 --port 9094 --insecure" in printed
+
+
+def test_node_config_sets_the_capacity_and_data():
+    config = RunConfig(batch_size=16, device="auto", dataset="bbcnews", partitioner="dirichlet")
+    node = {"partition-id": 1, "batch-size": 4, "device": "cpu", "data-path": "json:local.json"}
+
+    own = node_run_config(config, node)
+
+    assert (own.batch_size, own.device, own.dataset) == (4, "cpu", "json:local.json")
+    assert (own.partitioner, own.server_eval_fraction) == ("iid", 0.0)
+    assert node_run_config(config, {"partition-id": 0}) is config
+    with pytest.raises(ConfigError, match="node config.*batch-size"):
+        node_run_config(config, {"batch-size": 0})
+
+
+def test_a_node_with_its_own_data_uses_all_of_it(tmp_path):
+    rows = [{"text": f"article {i} on topic {i % 3}", "label": i % 3} for i in range(30)]
+    (tmp_path / "mine.json").write_text(json.dumps(rows))
+    node = {
+        "partition-id": 2,
+        "num-partitions": 3,
+        "data-path": f"json:{tmp_path / 'mine.json'}",
+        "batch-size": 4,
+        "device": "cpu",
+    }
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+
+    client = Client.of(context, {"model": "tiny-bert", "test-fraction": 0.2})
+    data = client.data()
+
+    assert (len(data.train), len(data.test)) == (24, 6)
+    texts = [*data.train["text"], *data.test["text"]]
+    assert sorted(texts) == sorted(row["text"] for row in rows)
+    assert (client.partition_id, client.config.batch_size, client.worker.device.type) == (
+        2,
+        4,
+        "cpu",
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedex", "flora", "fedsa"])
+def test_deployed_run_matches_simulation(federation, strategy, tmp_path):
+    rows, done = federation.run({**DEPLOYED, "strategy": strategy}, tmp_path / "deployed")
+    simulated_dir = simulate(
+        {"run": {**SIMULATED, "strategy": strategy}, "simulation": {"num-supernodes": 3}},
+        out_dir=tmp_path / "simulated",
+    )
+    simulated_rows = [json.loads(line) for line in (simulated_dir / "metrics.jsonl").open()]
+
+    assert [row["round"] for row in rows] == [1, 2], done.stdout[-3000:]
+    assert all(row["clients"] == 3 for row in rows)
+    for row, expected in zip(rows, simulated_rows, strict=True):
+        for key in ("train_loss", "loss", "client_accuracy"):
+            assert row[key] == pytest.approx(expected[key], rel=1e-5), (key, row, expected)
+    if strategy == "fedsa":  # personalized: no global model; the clients' own losses agree above
+        return
+    config = RunConfig.from_flower({k: v for k, v in SIMULATED.items() if k != "base-changes"})
+    base = load_base_model(config).model.state_dict()
+    deployed, simulated = final_weights(tmp_path / "deployed"), final_weights(simulated_dir)
+    assert deployed.keys() == simulated.keys()
+    assert any((simulated[key] - base[key]).norm() > 0 for key in simulated)
+    assert relative_difference(deployed, simulated, base) < 1e-5
+
+
+@pytest.mark.slow
+def test_unregistered_node_is_refused(federation, tmp_path):
+    stranger = tmp_path / "stranger"
+    private_key, _ = node_key_pair("stranger")
+    write(stranger / CA_FILE, federation.files.ca.read_bytes())
+    write(stranger / NODE_KEY_FILE, private_key, private=True)
+
+    process = federation.start_node(0, RANKS[0], stranger, name="stranger")
+    process.wait(timeout=START_TIMEOUT)
+
+    assert process.returncode != 0
+    assert "Failed to activate SuperNode" in federation.processes.log("stranger")
+    assert len(federation.nodes()) == len(RANKS)
+
+
+@pytest.mark.slow
+def test_killed_node_does_not_stop_the_run(tmp_path):
+    federation = start_federation(tmp_path)
+    run_dir = tmp_path / "run"
+    overrides = {
+        **DEPLOYED,
+        "strategy": "fedex",
+        "min-train-nodes": 2,
+        "round-timeout": ROUND_TIMEOUT,
+        "run-dir": str(run_dir),
+    }
+    try:
+        started = time.monotonic()
+        run = federation.processes.start("run", run_command(CONNECTION, overrides, str(PROJECT)))
+        wait_for(
+            lambda: run.poll() is not None or client_app_running(federation, "node-2"),
+            "node 2 to train",
+            RUN_TIMEOUT,
+        )
+        assert run.poll() is None, federation.processes.log("run")[-3000:]
+        federation.processes.kill("node-2")
+        run.wait(timeout=RUN_TIMEOUT)
+        seconds = time.monotonic() - started
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        federation.processes.stop()
+
+    assert [row["round"] for row in rows] == [1, 2], federation.processes.log("run")[-3000:]
+    assert [row["clients"] for row in rows] == [2, 2]
+    assert seconds < RUN_TIMEOUT
+
+
+def client_app_running(federation: Federation, node: str) -> bool:
+    """Whether a ClientApp process of ``node`` is running a train message (the nodes answered
+    their rank queries before the round's nodes were sampled)."""
+    if "configure_train: Sampled" not in federation.processes.log("run"):
+        return False
+    prefix = f"{federation.processes.tag}:{node}".encode()
+    return any(b"flwr-clientapp" in command_line(pid) for pid in tagged_pids(prefix))
+
+
+def command_line(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.slow
+def test_startup_phases_add_up_in_a_fresh_process():
+    result = measure_startup({"model": "tiny-bert", "partitioner": "iid"}, rank=2, repeats=1)
+
+    (run,) = result["runs"]
+    assert all(run[phase] > 0 for phase in PHASES)
+    assert run["loading"] == pytest.approx(sum(run[phase] for phase in LOADING))
+    assert sum(run[phase] for phase in PHASES) <= run["total"]
+    assert result["median"] == result["min"] == run
