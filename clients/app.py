@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ from fedlora.messages import (
     ACCURACY_KEY,
     BASE_STORE_KEY,
     GRADIENT_SUFFIX,
+    HANDLER_SECONDS_KEY,
     LOSS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
@@ -208,6 +210,7 @@ def answer_query(message: Message, context: Context, run_config: BoundRunConfig)
 
 def answer_train(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
     """Apply the client step, probe, train locally, reply with the update."""
+    received = time.perf_counter()
     client, payload, model, probes, data = apply_payload(message, context, run_config)
     config, worker = client.config, client.worker
     seed = client.seed(int(payload.config.get(ROUND_KEY, 0)))
@@ -225,6 +228,7 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
         NUM_EXAMPLES_KEY: len(data.train),
         LOSS_KEY: report.loss,
         SECONDS_KEY: report.seconds,
+        HANDLER_SECONDS_KEY: time.perf_counter() - received,
         **clipping,
         **privacy,
     }

@@ -45,6 +45,8 @@ BASE_STORE_KEY = "base-store"
 LOSS_KEY = "loss"
 ACCURACY_KEY = "accuracy"
 SECONDS_KEY = "seconds"
+HANDLER_SECONDS_KEY = "handler-seconds"
+"""Seconds a client spent on a train message, from receiving it to its reply (training included)."""
 
 # Fed-SB's federated initialisation: a ``query.sb_init`` message asks for gradient estimates;
 # a reply carries ``{module}.sketch_Y``/``{module}.sketch_Z`` (sketch mode) or ``{module}.gradient``.

@@ -251,7 +251,10 @@ def run_compare(args: argparse.Namespace) -> int:
     console.print(results_table(results, checked))
     files = f"{RESULTS_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
     console.print(f"{out_dir}: {files}, a run directory per strategy")
-    return 0
+    failed = [result for result in results if result["error"]]
+    for result in failed:
+        print(f"fedlora: {result['strategy']} failed: {result['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def run_dp_sweep(args: argparse.Namespace) -> int:
@@ -316,7 +319,7 @@ def results_table(results: list[dict], recipe: Recipe) -> Table:
             size(result["bytes_up"]),
             size(result["bytes_down"]),
             number(result["max_relative_deviation"], ".1e"),
-            f"{result['seconds']:.0f}",
+            "failed" if result["error"] else f"{result['seconds']:.0f}",
         )
     return table
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
 from simulations.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round
-from simulations.recipes import Recipe, load_recipe
+from simulations.recipes import Recipe, load_recipe, resolve
 from simulations.run_dir import MetricsRow, read_metrics
-from simulations.runner import simulate
+from simulations.runner import SimulationError, simulate
 from strategies import STRATEGIES
 
 RESULTS_CSV = "results.csv"
@@ -29,9 +29,11 @@ RESULT_COLUMNS = (
     "seconds",
     "wall_seconds",
     "max_relative_deviation",
+    "error",
 )
 """results.csv: accuracies over the rounds' rows, bytes and round seconds summed over rounds,
-the whole run's wall time (Ray's start included), the worst relative deviation (empty: none)."""
+the whole run's wall time (Ray's start included), the worst relative deviation (empty: none),
+why the run failed (empty: it did not)."""
 
 StrategyRowCallback = Callable[[str, MetricsRow], None]
 
@@ -58,10 +60,16 @@ def compare(
     on_round: StrategyRowCallback | None = None,
 ) -> list[dict]:
     """Run ``recipe`` once per strategy into ``out_dir/<strategy>``; write ``results.csv`` and
-    the plots into ``out_dir``; return the results rows. A failed run raises at once
-    (`simulations.runner.SimulationError`)."""
+    the plots into ``out_dir``; return the results rows.
+
+    Every strategy's configuration is checked before any run (a `ConfigError` names the first
+    refused one). A run that fails (`simulations.runner.SimulationError`) does not stop the
+    others: its row keeps the rounds it finished and says why in ``error``.
+    """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    for name in strategies:
+        resolve(recipe, overrides, name, rounds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[MetricsRow]] = {}
@@ -69,17 +77,23 @@ def compare(
     for name in strategies:
         report = None if on_round is None else (lambda row, name=name: on_round(name, row))
         start = time.perf_counter()
-        run_dir = simulate(recipe, overrides, out_dir / name, name, rounds, report)
-        runs[name] = read_metrics(run_dir)
-        results.append(summary(name, runs[name], time.perf_counter() - start))
+        error = None
+        try:
+            simulate(recipe, overrides, out_dir / name, name, rounds, report)
+        except SimulationError as failure:
+            error = str(failure)
+        runs[name] = read_metrics(out_dir / name)
+        results.append(summary(name, runs[name], time.perf_counter() - start, error))
     write_results_csv(out_dir / RESULTS_CSV, results)
     plot_accuracy_vs_round(runs, out_dir / ACCURACY_VS_ROUND, recipe.name)
     plot_accuracy_vs_bytes(runs, out_dir / ACCURACY_VS_BYTES, recipe.name)
     return results
 
 
-def summary(strategy: str, rows: list[MetricsRow], wall_seconds: float) -> dict:
-    """One results row from a run's metrics rows."""
+def summary(
+    strategy: str, rows: list[MetricsRow], wall_seconds: float, error: str | None = None
+) -> dict:
+    """One results row from a run's metrics rows (and why the run failed, if it did)."""
     accuracies = [row["accuracy"] for row in rows if row.get("accuracy") is not None]
     deviations = [
         row["relative_deviation"] for row in rows if row.get("relative_deviation") is not None
@@ -94,6 +108,7 @@ def summary(strategy: str, rows: list[MetricsRow], wall_seconds: float) -> dict:
         "seconds": sum(row["seconds"] for row in rows),
         "wall_seconds": wall_seconds,
         "max_relative_deviation": max(deviations, default=None),
+        "error": error,
     }
 
 

@@ -35,6 +35,7 @@ from fedlora.messages import (
     ACCURACY_KEY,
     B_SUFFIX,
     BASE_STORE_KEY,
+    HANDLER_SECONDS_KEY,
     LOSS_KEY,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
@@ -153,6 +154,8 @@ class LoRAStrategy(Strategy):
         self.evaluate_metrics: dict[int, MetricRecord] = {}
         self._expected_probes: dict[str, Tensor] | None = None
         self._bytes_down = {MessageType.TRAIN: 0, MessageType.EVALUATE: 0}
+        self._bytes_down_by_partition: dict[str, dict[int, int]] = {}
+        self._sent_at: dict[str, float] = {}
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -207,6 +210,8 @@ class LoRAStrategy(Strategy):
         (``{module}.U``/``{module}.V``, or ``{module}.dense`` where smaller) and the head; None
         for personalized methods (FedSA-LoRA).
         """
+        now = time.perf_counter()
+        exchange_seconds = now - self._sent_at.get(MessageType.TRAIN, now)
         valid = self._valid_replies(replies, "aggregate_train")
         sample_dp = sample_dp_metrics(valid, self.nodes)
         updates, parsed = [], []
@@ -244,10 +249,9 @@ class LoRAStrategy(Strategy):
             LOSS_KEY: weighted_mean(parsed, LOSS_KEY),
             "num_examples": sum(update.num_examples for update in updates),
             "clients": len(updates),
-            "client_seconds": max(float(m.content[METRICS_RECORD][SECONDS_KEY]) for m in parsed),
+            **self._timing(parsed, exchange_seconds),
             "aggregate_seconds": aggregate_seconds,
-            "bytes_up": sum(serialized_bytes(m.content) for m in parsed),
-            "bytes_down": self._bytes_down[MessageType.TRAIN],
+            **self._bytes_by_partition(parsed),
             **self._store_round_change(),
             **self._take_setup_bytes(),
             **privacy,
@@ -372,8 +376,44 @@ class LoRAStrategy(Strategy):
             messages.append(
                 Message(payload_record(payload), dst_node_id=node_id, message_type=kind)
             )
-        self._bytes_down[kind] = sum(serialized_bytes(m.content) for m in messages)
+        self._bytes_down_by_partition[kind] = dict(
+            sorted(
+                (self.nodes[m.metadata.dst_node_id].partition_id, serialized_bytes(m.content))
+                for m in messages
+            )
+        )
+        self._bytes_down[kind] = sum(self._bytes_down_by_partition[kind].values())
+        self._sent_at[kind] = time.perf_counter()
         return messages
+
+    def _bytes_by_partition(self, replies: list[Message]) -> dict[str, int]:
+        """The train exchange's serialized bytes: totals (``bytes_up``, ``bytes_down``) and per
+        client (``bytes_up.{partition id}``, ``bytes_down.{partition id}``)."""
+        up = {
+            self.nodes[m.metadata.src_node_id].partition_id: serialized_bytes(m.content)
+            for m in replies
+        }
+        down = self._bytes_down_by_partition.get(MessageType.TRAIN, {})
+        return {
+            "bytes_up": sum(up.values()),
+            "bytes_down": self._bytes_down[MessageType.TRAIN],
+            **{f"bytes_up.{pid}": size for pid, size in up.items()},
+            **{f"bytes_down.{pid}": size for pid, size in down.items()},
+        }
+
+    @staticmethod
+    def _timing(replies: list[Message], exchange_seconds: float) -> dict[str, float]:
+        """Seconds of the train exchange: the slowest client's local training
+        (``train_seconds``) and whole handling of its message (``client_seconds``), and what the
+        exchange took beyond that handling (``communication_seconds``: transport, serialization,
+        the start of the client's process or the wait for a free simulation worker)."""
+        metrics = [m.content[METRICS_RECORD] for m in replies]
+        handling = max(float(m.get(HANDLER_SECONDS_KEY, m[SECONDS_KEY])) for m in metrics)
+        return {
+            "train_seconds": max(float(m[SECONDS_KEY]) for m in metrics),
+            "client_seconds": handling,
+            "communication_seconds": max(exchange_seconds - handling, 0.0),
+        }
 
     def _spec(self, node: NodeReport) -> ClientSpec:
         """The node's ranks and scales, and the base version its payload starts from: the

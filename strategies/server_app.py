@@ -33,6 +33,8 @@ from strategies.evaluation import ServerEvaluation
 
 DEFAULT_RUN_DIR = "runs/latest"
 BASE_CHANGES = ("run-dir", "messages")
+TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
+"""The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
 
 
 def server_app(run_config: Mapping[str, UserConfigValue] | None = None) -> ServerApp:
@@ -146,14 +148,18 @@ def initial_arrays(config: RunConfig) -> ArrayRecord:
 class MetricsLog:
     """Appends one JSON object per round: round, accuracy and loss (``accuracy_source`` says whose:
     "server", the global model at the top rank on the server's held-out set, with
-    ``accuracy_by_rank``; or "clients", their example-weighted held-out accuracy, personal models for
-    FedSA-LoRA), client_accuracy, train_loss, relative_deviation (the worst measured in the round,
-    by train and evaluate replies; null when none, as for FedSA-LoRA), bytes_up, bytes_down (train
-    and evaluate payloads), seconds (wall time of the round's training and client evaluation) and
+    ``accuracy_by_rank``; or "clients", their example-weighted held-out accuracy, personal models
+    for FedSA-LoRA), client_accuracy and client_loss, train_loss, relative_deviation (the worst
+    measured in the round, by train and evaluate replies; null when none, as for FedSA-LoRA),
+    bytes_up, bytes_down (train and evaluate payloads), bytes_up_by_client and
+    bytes_down_by_client (the train exchange, by partition id), seconds (wall time of the round's
+    training and client evaluation), train_seconds and client_seconds (the slowest client's local
+    training and whole handling of its train message), aggregate_seconds (the rule),
+    communication_seconds (the train exchange beyond the slowest client's handling) and
     server_eval_seconds; with client-level DP, client_dp_epsilon (spent so far) and
-    client_dp_clipped (the fraction of the round's clients that had to clip); with sample-level DP,
-    epsilon_max, epsilon (by partition id, of the clients that replied) and dp_stopped (clients
-    whose budget was spent)."""
+    client_dp_clipped (the fraction of the round's clients that had to clip); with sample-level
+    DP, epsilon_max, epsilon (by partition id, of the clients that replied) and dp_stopped
+    (clients whose budget was spent)."""
 
     def __init__(self, path: Path, strategy: LoRAStrategy, evaluation: ServerEvaluation) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,13 +192,17 @@ class MetricsLog:
             "loss": server["loss"] if server else evaluation.get("loss"),
             "accuracy_by_rank": server["accuracy_by_rank"] if server else None,
             "client_accuracy": evaluation.get("accuracy"),
+            "client_loss": evaluation.get("loss"),
             "train_loss": train.get("loss"),
             "relative_deviation": max(deviations) if deviations else None,
             "bytes_up": train.get("bytes_up", 0) + train.get("setup_bytes_up", 0),
             "bytes_down": train.get("bytes_down", 0) + evaluation.get("bytes_down", 0),
+            "bytes_up_by_client": by_partition(train, "bytes_up"),
+            "bytes_down_by_client": by_partition(train, "bytes_down"),
             "base_store_bytes": train.get("base_store_bytes", 0),
             "clients": train.get("clients", 0),
             "seconds": seconds,
+            **{key: train.get(key) for key in TIMING_COLUMNS},
             "server_eval_seconds": time.perf_counter() - started,
             **self.client_dp_columns(train),
             **sample_dp_columns(train),
@@ -209,14 +219,18 @@ class MetricsLog:
         }
 
 
+def by_partition(train: dict, name: str) -> dict[str, float]:
+    """A per-client metric of the train exchange (``{name}.{partition id}``), by partition id."""
+    prefix = f"{name}."
+    return {k.removeprefix(prefix): v for k, v in train.items() if k.startswith(prefix)}
+
+
 def sample_dp_columns(train: dict) -> dict:
     """The round's sample-level DP columns (none without it)."""
     if "epsilon_max" not in train:
         return {}
-    prefix = f"{EPSILON_KEY}."
-    by_partition = {k.removeprefix(prefix): v for k, v in train.items() if k.startswith(prefix)}
     return {
         "epsilon_max": train["epsilon_max"],
-        "epsilon": by_partition,
+        "epsilon": by_partition(train, EPSILON_KEY),
         "dp_stopped": train["dp_stopped"],
     }

@@ -183,6 +183,7 @@ def test_summary_of_a_run():
         "seconds": 4.0,
         "wall_seconds": 9.0,
         "max_relative_deviation": 0.2,
+        "error": None,
     }
 
 
@@ -289,3 +290,29 @@ def test_a_client_that_raises_fails_the_run_with_its_reason(tmp_path, monkeypatc
     monkeypatch.setattr(runner, "client_app", failing_train_app)
     with pytest.raises(SimulationError, match="RuntimeError: no room for the adapter"):
         simulate(TINY, (), tmp_path, rounds=1)
+
+
+def training_fails_for(strategy: str):
+    """`runner.client_app`'s stand-in: the project's ClientApp, whose training raises in runs
+    of ``strategy``."""
+
+    def make(run_config) -> ClientApp:
+        if run_config["strategy"] == strategy:
+            return failing_train_app(run_config)
+        return client_app(run_config)
+
+    return make
+
+
+@pytest.mark.slow
+def test_compare_carries_on_past_a_failed_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "client_app", training_fails_for("fedsa"))
+    out = tmp_path / "compare"
+    args = ["compare", str(TINY), "--strategies", "fedsa,fedavg", "--rounds", "1", "--out"]
+    assert main([*args, str(out)]) == 1
+    with (out / "results.csv").open() as file:
+        results = {row["strategy"]: row for row in csv.DictReader(file)}
+    assert "no room for the adapter" in results["fedsa"]["error"]
+    assert results["fedsa"]["final_accuracy"] == ""  # no client trained
+    assert results["fedavg"]["error"] == "" and results["fedavg"]["rounds"] == "1"
+    assert "fedsa failed" in capsys.readouterr().err

@@ -20,8 +20,9 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from clients.app import client_app
-from fedlora.messages import B_SUFFIX, CONFIG_RECORD, HEAD_RECORD
+from fedlora.messages import B_SUFFIX, CONFIG_RECORD, HEAD_RECORD, PARTITION_ID_KEY
 from strategies import STRATEGIES
+from strategies.records import serialized_bytes
 from strategies.server_app import run
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ class RecordingGrid:
 
     def __init__(self, grid) -> None:
         self.grid = grid
-        self.sent, self.replies = [], []
+        self.sent, self.replies, self.exchanges = [], [], []
 
     def get_node_ids(self):
         return self.grid.get_node_ids()
@@ -57,7 +58,24 @@ class RecordingGrid:
         self.sent.extend(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.replies.extend(replies)
+        self.exchanges.append((messages, replies))
         return replies
+
+    def train_exchanges(self) -> list[tuple[list, list]]:
+        """(messages, replies) of each round's training, in round order."""
+        return [
+            (sent, replies)
+            for sent, replies in self.exchanges
+            if sent and sent[0].metadata.message_type == MessageType.TRAIN
+        ]
+
+
+def by_partition(messages) -> dict[str, int]:
+    """Serialized bytes of each message, by the partition id of its node."""
+    return {
+        str(int(m.content[CONFIG_RECORD][PARTITION_ID_KEY])): serialized_bytes(m.content)
+        for m in messages
+    }
 
 
 def simulate(config: dict, run_dir) -> tuple[list[dict], RecordingGrid]:
@@ -99,6 +117,14 @@ def test_strategy_runs_three_rounds_on_ray(strategy, model, tmp_path):
         if key.startswith("rank.")
     }
     assert ranks == RANKS
+    for row, (sent, replies) in zip(rows, grid.train_exchanges(), strict=True):
+        assert row["bytes_up_by_client"] == by_partition(replies)
+        assert sum(row["bytes_down_by_client"].values()) == sum(
+            serialized_bytes(m.content) for m in sent
+        )
+        assert len(row["bytes_down_by_client"]) == row["clients"]
+        assert 0 < row["train_seconds"] <= row["client_seconds"] < row["seconds"]
+        assert row["communication_seconds"] >= 0 and row["aggregate_seconds"] > 0
     export = tmp_path / "export"
     if strategy == "fedsa":
         assert all(row["accuracy_source"] == "clients" for row in rows)

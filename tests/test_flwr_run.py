@@ -1,0 +1,40 @@
+"""``flwr run`` of the project root, as the README gives it: Flower's own CLI starts a local
+SuperLink in simulation mode and runs the project's ServerApp and ClientApp from
+``[tool.flwr.app]`` in ``pyproject.toml``. The local SuperLink that ``flwr run`` leaves running
+is stopped by the test (it inherits the test's process tag)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from simulations.run_dir import read_metrics
+from tests.processes import Processes
+
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_flwr_run_of_the_project_root(tmp_path):
+    processes = Processes(tmp_path, tmp_path / "flwr-home")
+    processes.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    run_dir = tmp_path / "run"
+    run_config = (
+        f"model='tiny-bert' num-server-rounds=2 max-length=32 local-steps=1 run-dir='{run_dir}'"
+    )
+    command = [
+        *("flwr", "run", str(PROJECT), "--stream", "--run-config", run_config),
+        *("--federation-config", "num-supernodes=3 client-resources-num-cpus=1"),
+    ]
+    try:
+        done = processes.run(command, timeout=600)
+    finally:
+        processes.stop()
+
+    rows = read_metrics(run_dir)
+    assert [row["round"] for row in rows] == [1, 2], done.stdout[-3000:] + done.stderr[-3000:]
+    assert all(row["strategy"] == "fedex" and row["clients"] == 3 for row in rows)
+    assert all(row["relative_deviation"] < 1e-5 for row in rows)
+    assert (run_dir / "export" / "config.json").exists()
