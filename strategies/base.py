@@ -153,7 +153,6 @@ class LoRAStrategy(Strategy):
         self.train_metrics: dict[int, MetricRecord] = {}
         self.evaluate_metrics: dict[int, MetricRecord] = {}
         self._expected_probes: dict[str, Tensor] | None = None
-        self._bytes_down = {MessageType.TRAIN: 0, MessageType.EVALUATE: 0}
         self._bytes_down_by_partition: dict[str, dict[int, int]] = {}
         self._sent_at: dict[str, float] = {}
 
@@ -290,7 +289,7 @@ class LoRAStrategy(Strategy):
             LOSS_KEY: weighted_mean(valid, LOSS_KEY),
             ACCURACY_KEY: weighted_mean(valid, ACCURACY_KEY),
             "num_examples": sum(int(m.content[METRICS_RECORD][NUM_EXAMPLES_KEY]) for m in valid),
-            "bytes_down": self._bytes_down[MessageType.EVALUATE],
+            "bytes_down": self._bytes_down(MessageType.EVALUATE),
         }
         deviation = self._probe_deviation(valid)
         if deviation is not None:
@@ -382,9 +381,12 @@ class LoRAStrategy(Strategy):
                 for m in messages
             )
         )
-        self._bytes_down[kind] = sum(self._bytes_down_by_partition[kind].values())
         self._sent_at[kind] = time.perf_counter()
         return messages
+
+    def _bytes_down(self, kind: str) -> int:
+        """Serialized bytes of the last payloads of this kind, all nodes together."""
+        return sum(self._bytes_down_by_partition.get(kind, {}).values())
 
     def _bytes_by_partition(self, replies: list[Message]) -> dict[str, int]:
         """The train exchange's serialized bytes: totals (``bytes_up``, ``bytes_down``) and per
@@ -396,7 +398,7 @@ class LoRAStrategy(Strategy):
         down = self._bytes_down_by_partition.get(MessageType.TRAIN, {})
         return {
             "bytes_up": sum(up.values()),
-            "bytes_down": self._bytes_down[MessageType.TRAIN],
+            "bytes_down": self._bytes_down(MessageType.TRAIN),
             **{f"bytes_up.{pid}": size for pid, size in up.items()},
             **{f"bytes_down.{pid}": size for pid, size in down.items()},
         }
