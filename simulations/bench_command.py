@@ -136,6 +136,13 @@ def add_gpus_benchmark(benchmarks: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench-gpus"),
+        metavar="DIR",
+        help="the runs' directories, DIR/gpus-N (default: runs/bench-gpus)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
     parser.set_defaults(handler=run_bench_gpus)
 
@@ -148,6 +155,7 @@ def run_bench_gpus(args: argparse.Namespace) -> int:
             args.overrides,
             args.rounds,
             lambda gpus, server_round: say(f"{gpus} GPU(s): round {server_round} done"),
+            args.out,
         )
     )
     table = Table(title=f"{results['setup']['recipe']} on {results['setup']['device']}")

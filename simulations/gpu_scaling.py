@@ -4,13 +4,13 @@ The recipe runs once per GPU count in Flower's Ray simulation, Ray told to hand 
 GPUs (``[simulation] gpus``); the fractional ``num-gpus`` of the recipe decides how many ClientApps
 share each. A client-round is one client's training and evaluation in one round; the rate is taken
 over the rounds after the first (the first builds the model in every Ray worker). Scaling
-efficiency is the rate per GPU relative to the first count's rate per GPU.
+efficiency is the rate per GPU relative to the first count's rate per GPU. Each run's directory
+(metrics, Flower's log) is kept in ``OUT_DIR/gpus-N``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +32,7 @@ def gpu_scaling_benchmark(
     overrides=(),
     rounds: int | None = None,
     on_round: GpuRunCallback | None = None,
+    out_dir: str | Path = "runs/bench-gpus",
 ) -> dict:
     """The recipe's throughput at each GPU count, and the scaling efficiency."""
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
@@ -40,7 +41,9 @@ def gpu_scaling_benchmark(
         raise ConfigError(f"--gpus {list(gpu_counts)}: this host has {available} GPU(s)")
     if recipe.simulation.num_gpus <= 0:
         raise ConfigError(f"recipe {recipe.name!r} gives its ClientApps no GPU (num-gpus = 0)")
-    runs = [throughput(recipe, count, on_round) for count in gpu_counts]
+    runs = [
+        throughput(recipe, count, Path(out_dir) / f"gpus-{count}", on_round) for count in gpu_counts
+    ]
     per_gpu = runs[0]["client_rounds_per_minute"] / runs[0]["gpus"]
     for run in runs:
         run["scaling_efficiency"] = run["client_rounds_per_minute"] / (per_gpu * run["gpus"])
@@ -56,18 +59,18 @@ def gpu_scaling_benchmark(
     }
 
 
-def throughput(recipe: Recipe, gpus: int, on_round: GpuRunCallback | None) -> dict:
-    """One run on ``gpus`` GPUs: client-rounds per minute over the rounds after the first."""
+def throughput(recipe: Recipe, gpus: int, run_dir: Path, on_round: GpuRunCallback | None) -> dict:
+    """One run on ``gpus`` GPUs into ``run_dir``: client-rounds per minute over the rounds after
+    the first."""
     settings = dataclasses.replace(recipe.simulation, gpus=gpus)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fedlora-gpus-") as run_dir:
-        rows = read_metrics(
-            simulate(
-                dataclasses.replace(recipe, simulation=settings),
-                out_dir=run_dir,
-                on_round=(lambda row: on_round(gpus, row["round"])) if on_round else None,
-            )
+    rows = read_metrics(
+        simulate(
+            dataclasses.replace(recipe, simulation=settings),
+            out_dir=run_dir,
+            on_round=(lambda row: on_round(gpus, row["round"])) if on_round else None,
         )
+    )
     wall = time.perf_counter() - started
     steady = rows[1:] or rows
     client_rounds = sum(row["clients"] for row in steady)

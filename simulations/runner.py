@@ -5,12 +5,15 @@ are bound to the resolved run config (`strategies.server_app.server_app`,
 `clients.app.client_app`). Flower's log goes to ``RUN_DIR/flower.log``, not to the console;
 Ray's own logging is set to errors, without its workers' output. A ClientApp that raises does not
 stop Flower's run (the strategy drops the reply); the runner raises afterwards with its reason.
+When the engine itself crashes (Ray cannot start, say), the ServerApp is told to stop waiting for
+replies, and the runner raises with the innermost cause.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -73,20 +76,31 @@ def simulate(
     run_config = {**resolved.run, RUN_DIR_KEY: str(run_dir)}
     settings = resolved.simulation
     logger.info("simulating %s into %s", resolved.name, run_dir)
+    stop = threading.Event()
     with quiet_run(run_dir / FLOWER_LOG) as errors, following(run_dir / METRICS_JSONL, on_round):
         try:
             run_simulation(
-                server_app=server_app(run_config),
+                server_app=server_app(run_config, stop),
                 client_app=client_app(run_config),
                 num_supernodes=settings.num_supernodes,
                 backend_config=settings.backend_config(),
             )
         except Exception as error:
-            raise SimulationError(f"{type(error).__name__}: {error}") from error
+            stop.set()
+            raise SimulationError(f"{root_cause(error)} (see {run_dir / FLOWER_LOG})") from error
     rows = read_metrics(run_dir)
     write_metrics_csv(run_dir, rows)
     check_complete(run_dir, rows, resolved.run_config.num_server_rounds, errors)
     return run_dir
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost exception of ``error``'s chain (Flower wraps the engine's crash twice), as
+    ``Name: first line``."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def check_complete(

@@ -13,6 +13,7 @@ simulation) or ``messages`` (the changes travel in the payloads, for deployment)
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ from fedlora.sb_layer import sb_layers
 from strategies import STRATEGIES, LoRAStrategy
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation
+from strategies.stoppable_grid import StoppableGrid
 
 DEFAULT_RUN_DIR = "runs/latest"
 BASE_CHANGES = ("run-dir", "messages")
@@ -37,12 +39,17 @@ TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "commu
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
 
 
-def server_app(run_config: Mapping[str, UserConfigValue] | None = None) -> ServerApp:
-    """A ServerApp; ``run_config`` (Flower's kebab-case keys) replaces the context's when given."""
+def server_app(
+    run_config: Mapping[str, UserConfigValue] | None = None, stop: threading.Event | None = None
+) -> ServerApp:
+    """A ServerApp; ``run_config`` (Flower's kebab-case keys) replaces the context's when given.
+    With ``stop``, it stops waiting for replies once the event is set (`StoppableGrid`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if stop is not None:
+            grid = StoppableGrid(grid, stop)
         run(grid, context.run_config if run_config is None else run_config)
 
     return app

@@ -4,8 +4,11 @@ end to end on Ray with the tiny BERT (marked slow)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
+import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -290,6 +293,28 @@ def test_a_client_that_raises_fails_the_run_with_its_reason(tmp_path, monkeypatc
     monkeypatch.setattr(runner, "client_app", failing_train_app)
     with pytest.raises(SimulationError, match="RuntimeError: no room for the adapter"):
         simulate(TINY, (), tmp_path, rounds=1)
+
+
+@pytest.mark.slow
+def test_an_engine_that_cannot_start_fails_the_run_and_frees_the_server_thread(tmp_path):
+    """No Ray actor fits 4096 CPUs: Flower's engine crashes while the ServerApp's thread waits for
+    round 1's replies; the error names the cause and the thread ends instead of waiting an hour."""
+    threads_before = set(threading.enumerate())
+    recipe = resolve(load_recipe(TINY), (), rounds=2)
+    recipe = dataclasses.replace(
+        recipe, simulation=dataclasses.replace(recipe.simulation, num_cpus=4096)
+    )
+    with pytest.raises(SimulationError, match="ValueError: ActorPool is empty") as failure:
+        simulate(recipe, (), tmp_path)
+    assert str(tmp_path / "flower.log") in str(failure.value)
+
+    def new_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in threads_before and not t.daemon]
+
+    deadline = time.monotonic() + 10
+    while new_threads() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not new_threads()
 
 
 def training_fails_for(strategy: str):
