@@ -68,8 +68,7 @@ def compare(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    for name in strategies:
-        resolve(recipe, overrides, name, rounds)
+    resolved = {name: resolve(recipe, overrides, name, rounds) for name in strategies}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[MetricsRow]] = {}
@@ -79,7 +78,7 @@ def compare(
         start = time.perf_counter()
         error = None
         try:
-            simulate(recipe, overrides, out_dir / name, name, rounds, report)
+            simulate(resolved[name], out_dir=out_dir / name, on_round=report)
         except SimulationError as failure:
             error = str(failure)
         runs[name] = read_metrics(out_dir / name)
