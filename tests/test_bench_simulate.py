@@ -4,6 +4,7 @@ accuracies every round), and the overhead is what the simulation takes beyond th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 from fedlora.errors import ConfigError
 from simulations.bench import PLAIN_LOOP_STRATEGIES, plain_loop_rounds
 from simulations.cli import main
-from simulations.gpu_scaling import gpu_scaling_benchmark
+from simulations.gpu_scaling import gpu_scaling_benchmark, throughput
 from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.run_dir import FLOWER_LOG, read_metrics
 
 TINY = RECIPES_DIR / "tiny.toml"
 
@@ -59,6 +61,24 @@ def test_bench_simulate_splits_rounds_and_the_loop_trains_like_the_simulation(tm
 def test_gpu_scaling_refuses_more_gpus_than_the_host_has():
     with pytest.raises(ConfigError, match="GPU"):
         gpu_scaling_benchmark(RECIPES_DIR / "multi-gpu.toml", [torch.cuda.device_count() + 1])
+
+
+@pytest.mark.slow
+def test_gpu_throughput_keeps_its_run_directory_and_counts_the_rounds_after_the_first(tmp_path):
+    """Ray is told of one GPU, which two ClientApps share (Ray does not check the device: on a
+    CPU-only host they train on the CPU); the rate is over round 2 alone."""
+    recipe = resolve(load_recipe(TINY), rounds=2)
+    recipe = dataclasses.replace(
+        recipe, simulation=dataclasses.replace(recipe.simulation, num_gpus=0.5)
+    )
+    result = throughput(recipe, 1, tmp_path / "gpus-1", None)
+    rows = read_metrics(tmp_path / "gpus-1")
+    assert (tmp_path / "gpus-1" / FLOWER_LOG).exists() and len(rows) == 2
+    assert result["clients_at_once"] == 2 and result["steady_rounds"] == [2]
+    assert result["client_rounds_per_minute"] == pytest.approx(
+        60 * rows[1]["clients"] / rows[1]["seconds"]
+    )
+    assert result["first_round_seconds"] == rows[0]["seconds"]
 
 
 def test_simulation_gpus_limits_what_ray_hands_out():
