@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from simulations.run_dir import read_metrics
-from tests.processes import Processes
+from tests.support.processes import Processes
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def test_flwr_run_of_the_project_root(tmp_path):

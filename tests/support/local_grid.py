@@ -1,23 +1,15 @@
 """A grid that hands each message to a ClientApp in this process, one Context per node, as
-SuperNodes would (without Ray); it records every message and reply. Messages need a task
-identity, which `task_identity` sets for the test."""
+SuperNodes would (without Ray); it records every message and reply, and each exchange. Messages need a task
+identity, which the `task_identity` fixture sets for the test."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 FIRST_NODE_ID = 1000
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    for attribute in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, attribute, 1)
 
 
 class LocalGrid:
@@ -37,11 +29,13 @@ class LocalGrid:
         }
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self.exchanges: list[tuple[list[Message], list[Message]]] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None):
+        messages = list(messages)
         replies = []
         for message in messages:
             self.sent.append(message)
@@ -51,4 +45,5 @@ class LocalGrid:
                 reply = Message(Error(code=0, reason=repr(error)), reply_to=message)
             replies.append(reply)
         self.replies.extend(replies)
+        self.exchanges.append((messages, replies))
         return replies

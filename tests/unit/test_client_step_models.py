@@ -28,7 +28,7 @@ from fedlora.peft_io import (
 from fedlora.rules import ClientSpec, make_rule
 from fedlora.updates import ClientUpdate
 from fedlora.versioning import BaseCache
-from tests.models import (
+from tests.support.models import (
     FAMILIES,
     logits,
     merged_state,
@@ -36,7 +36,6 @@ from tests.models import (
     plain_model,
     plain_state_with,
     token_batch,
-    torch_threads,
     with_lora,
 )
 
@@ -46,14 +45,10 @@ CLIENTS = (
     {"rank": 4, "pattern_rank": 2},
     {"rank": 8, "rslora": True},
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 COUNTS = (30, 50, 20)
 TOLERANCE = 1e-10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @dataclass

@@ -33,8 +33,9 @@ from fedlora.privacy import (
 from fedlora.training import train_local, train_private
 from simulations.runner import simulate
 from strategies.server_app import run
-from tests.local_grid import FIRST_NODE_ID, LocalGrid, task_identity  # noqa: F401 - a fixture
-from tests.models import torch_threads
+from tests.support.local_grid import FIRST_NODE_ID, LocalGrid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 TINY_FIELDS = {
@@ -47,12 +48,6 @@ TINY_FIELDS = {
     "lora_rank": 4,
 }
 TINY = {kebab(name): value for name, value in TINY_FIELDS.items()}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 def tiny_config(**fields) -> RunConfig:

@@ -13,16 +13,11 @@ from fedlora.errors import ConfigError
 from fedlora.models import load_base_model, with_lora
 from fedlora.peft_io import read_adapter, read_head
 from fedlora.training import device_for, evaluate, train_local
-from tests.models import torch_threads
+from tests.support.models import torch_threads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models only lose from threads on shared cores; the MiniLM test takes two itself."""
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture

@@ -48,9 +48,9 @@ from fedlora.errors import ConfigError
 from fedlora.models import load_base_model
 from simulations.cli import main as cli_main
 from simulations.runner import simulate
-from tests.processes import START_TIMEOUT, Processes, free_port, tagged_pids, wait_for
+from tests.support.processes import START_TIMEOUT, Processes, free_port, tagged_pids, wait_for
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CONNECTION = "fedlora-test"
 RANKS = (2, 4, 8)
 NODE_BATCH = 8

@@ -32,7 +32,7 @@ from simulations.runner import SimulationError, error_reason, simulate
 from strategies import STRATEGIES
 
 TINY = RECIPES_DIR / "tiny.toml"
-PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
 ROW_KEYS = ("round", "accuracy", "loss", "relative_deviation", "bytes_up", "bytes_down", "seconds")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -76,7 +76,7 @@ from strategies import (
 from strategies.base_store import write_round_change
 from strategies.records import client_update, payload_record, serialized_bytes
 from strategies.server_app import run
-from tests.local_grid import LocalGrid, task_identity  # noqa: F401 - a fixture
+from tests.support.local_grid import LocalGrid
 
 ALPHA = 8.0
 TOP = 4

@@ -21,24 +21,19 @@ from fedlora.peft_io import (
     write_adapter,
     write_head,
 )
-from tests.models import (
+from tests.support.models import (
     FAMILIES,
     logits,
     perturb_trainable,
     plain_model,
     plain_state_with,
     token_batch,
-    torch_threads,
     with_lora,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 1e-12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 VARIANTS = [

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlora.rules import make_rule
-from tests.rounds import Federation
+from tests.support.rounds import Federation
 
 EXACT = ["fedex", "flora"]
 

@@ -10,7 +10,9 @@ from fedlora.lowrank import LowRank
 from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
 from fedlora.peft_io import lora_layers, read_adapter
 from fedlora.sb_layer import load_cores, load_fixed_factors, sb_layers
-from tests.models import token_batch, torch_threads
+from tests.support.models import token_batch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MINILM = RunConfig()
 TINY_BERT = RunConfig(model="tiny-bert")
@@ -19,12 +21,6 @@ TINY_BERT = RunConfig(model="tiny-bert")
 @pytest.fixture(scope="module")
 def minilm():
     return load_base_model(MINILM)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 def minilm_lora(base, rank=4, seed=0):

@@ -17,7 +17,7 @@ from fedlora.probes import (
     sb_weight_changes,
 )
 from fedlora.sb_layer import inject_sb_layers
-from tests.models import FAMILIES, PEFT_PREFIX, merged_state, perturb_trainable, with_lora
+from tests.support.models import FAMILIES, PEFT_PREFIX, merged_state, perturb_trainable, with_lora
 
 
 def test_probe_vectors_are_seeded_by_run_and_module():

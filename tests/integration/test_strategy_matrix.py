@@ -1,0 +1,23 @@
+"""Every strategy x the tiny BERT and the tiny Llama for 3 rounds, with the project's ServerApp
+(`strategies.server_app.run`) and ClientApp (`clients.app.client_app`) on an in-process grid of
+three nodes of ranks 2, 4 and 8 (`tests.support.strategy_matrix` holds the checks; a few of these
+cases also run on Ray in ``tests/e2e/test_simulation_e2e.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.app import client_app
+from strategies.server_app import run
+from tests.support.local_grid import LocalGrid
+from tests.support.strategy_matrix import CASES, NUM_NODES, case_id, check_run, run_config
+
+pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
+
+
+@pytest.mark.parametrize(("strategy", "model"), CASES, ids=[case_id(case) for case in CASES])
+def test_strategy_runs_three_rounds(strategy, model, tmp_path):
+    config = run_config(strategy, model)
+    grid = LocalGrid(client_app(config), num_nodes=NUM_NODES)
+    run(grid, {**config, "run-dir": str(tmp_path)})
+    check_run(strategy, model, tmp_path, grid)
