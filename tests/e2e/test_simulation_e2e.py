@@ -17,31 +17,13 @@ from flwr.simulation import run_simulation
 
 from clients.app import client_app
 from strategies.server_app import run
+from tests.support.recording_grid import RecordingGrid
 from tests.support.strategy_matrix import NUM_NODES, case_id, check_run, run_config
 
 pytestmark = pytest.mark.slow
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 RAY_CASES = [("fedex", "tiny-llama"), ("fedsa", "tiny-bert"), ("fedsb", "tiny-bert")]
-
-
-class RecordingGrid:
-    """Flower's grid, with every message it sends and every reply it receives recorded."""
-
-    def __init__(self, grid) -> None:
-        self.grid = grid
-        self.sent, self.replies, self.exchanges = [], [], []
-
-    def get_node_ids(self):
-        return self.grid.get_node_ids()
-
-    def send_and_receive(self, messages, timeout=None):
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.replies.extend(replies)
-        self.exchanges.append((messages, replies))
-        return replies
 
 
 @pytest.mark.parametrize(("strategy", "model"), RAY_CASES, ids=[case_id(c) for c in RAY_CASES])

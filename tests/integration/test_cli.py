@@ -1,23 +1,16 @@
-"""The ``fedlora`` command's recipes, overrides and run directories; ``simulate`` and ``compare``
-end to end on Ray with the tiny BERT (marked slow)."""
+"""The ``fedlora`` command's recipes, overrides and run directories (``simulate`` and ``compare`` on
+Ray are in ``tests/e2e/test_cli_on_ray.py``)."""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import logging
-import threading
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
-from flwr.clientapp import ClientApp
 
-from clients.app import client_app
 from fedlora.errors import ConfigError
-from simulations import runner
 from simulations.cli import main
 from simulations.compare import strategy_names, summary
 from simulations.recipes import (
@@ -27,8 +20,7 @@ from simulations.recipes import (
     parse_overrides,
     resolve,
 )
-from simulations.run_dir import read_metrics
-from simulations.runner import SimulationError, error_reason, simulate
+from simulations.runner import error_reason
 from strategies import STRATEGIES
 
 TINY = RECIPES_DIR / "tiny.toml"
@@ -220,124 +212,3 @@ def test_cli_still_mounts_bench(tmp_path):
     args = ["bench", "aggregate", "--quick", "--device", "cpu", "--methods", "fedavg"]
     assert main([*args, "--clients", "3", "--json", str(out)]) == 0
     assert [row["method"] for row in json.loads(out.read_text())["results"]] == ["fedavg"]
-
-
-# ---- on Ray -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_simulate_through_the_cli_writes_the_run_directory(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["simulate", str(TINY), "--rounds", "2", "--out", str(out), "seed=1"]) == 0
-    rows = read_metrics(out)
-    assert [row["round"] for row in rows] == [1, 2]
-    for row in rows:
-        assert set(ROW_KEYS) <= set(row), row
-        assert 0 <= row["accuracy"] <= 1 and row["loss"] > 0 and row["seconds"] > 0
-        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
-        assert row["relative_deviation"] < 1e-5  # FedEx-LoRA is exact
-    config = load_recipe(out / "config.toml")
-    assert config.run["seed"] == 1 and config.run["num-server-rounds"] == 2
-    assert config.simulation.num_supernodes == 3
-    with (out / "metrics.csv").open() as file:
-        table = list(csv.DictReader(file))
-    assert [int(row["round"]) for row in table] == [1, 2]
-    assert float(table[-1]["accuracy"]) == pytest.approx(rows[-1]["accuracy"])
-    assert (out / "flower.log").stat().st_size > 0
-    err = capsys.readouterr().err
-    assert "round 1: accuracy" in err and "round 2: accuracy" in err
-
-
-@pytest.mark.slow
-def test_compare_writes_results_and_plots(tmp_path):
-    out = tmp_path / "compare"
-    args = ["compare", str(TINY), "--strategies", "fedavg,fedsa", "--rounds", "2", "--out"]
-    assert main([*args, str(out)]) == 0
-    with (out / "results.csv").open() as file:
-        results = {row["strategy"]: row for row in csv.DictReader(file)}
-    assert set(results) == {"fedavg", "fedsa"}
-    for name, result in results.items():
-        rows = read_metrics(out / name)
-        assert int(result["rounds"]) == len(rows) == 2
-        assert float(result["final_accuracy"]) == pytest.approx(rows[-1]["accuracy"])
-        assert int(result["bytes_up"]) == sum(row["bytes_up"] for row in rows)
-    assert float(results["fedavg"]["max_relative_deviation"]) >= 0
-    assert results["fedsa"]["max_relative_deviation"] == ""  # personalized: no global model
-    assert int(results["fedsa"]["bytes_up"]) < int(results["fedavg"]["bytes_up"])  # A only
-    assert load_recipe(out / "fedsa" / "config.toml").run == {
-        **load_recipe(out / "fedavg" / "config.toml").run,
-        "strategy": "fedsa",
-    }
-    for plot in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
-        assert (out / plot).read_bytes()[:8] == PNG_SIGNATURE
-
-
-def failing_train_app(run_config) -> ClientApp:
-    """The project's ClientApp, except that training raises."""
-    real = client_app(run_config)
-    app = ClientApp()
-
-    @app.query()
-    def query(message, context):
-        return real(message, context)
-
-    @app.train()
-    def train(message, context):
-        raise RuntimeError("no room for the adapter")
-
-    return app
-
-
-@pytest.mark.slow
-def test_a_client_that_raises_fails_the_run_with_its_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "client_app", failing_train_app)
-    with pytest.raises(SimulationError, match="RuntimeError: no room for the adapter"):
-        simulate(TINY, (), tmp_path, rounds=1)
-
-
-@pytest.mark.slow
-def test_an_engine_that_cannot_start_fails_the_run_and_frees_the_server_thread(tmp_path):
-    """No Ray actor fits 4096 CPUs: Flower's engine crashes while the ServerApp's thread waits for
-    round 1's replies; the error names the cause and the thread ends instead of waiting an hour."""
-    threads_before = set(threading.enumerate())
-    recipe = resolve(load_recipe(TINY), (), rounds=2)
-    recipe = dataclasses.replace(
-        recipe, simulation=dataclasses.replace(recipe.simulation, num_cpus=4096)
-    )
-    with pytest.raises(SimulationError, match="ValueError: ActorPool is empty") as failure:
-        simulate(recipe, (), tmp_path)
-    assert str(tmp_path / "flower.log") in str(failure.value)
-
-    def new_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t not in threads_before and not t.daemon]
-
-    deadline = time.monotonic() + 10
-    while new_threads() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not new_threads()
-
-
-def training_fails_for(strategy: str):
-    """`runner.client_app`'s stand-in: the project's ClientApp, whose training raises in runs
-    of ``strategy``."""
-
-    def make(run_config) -> ClientApp:
-        if run_config["strategy"] == strategy:
-            return failing_train_app(run_config)
-        return client_app(run_config)
-
-    return make
-
-
-@pytest.mark.slow
-def test_compare_carries_on_past_a_failed_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "client_app", training_fails_for("fedsa"))
-    out = tmp_path / "compare"
-    args = ["compare", str(TINY), "--strategies", "fedsa,fedavg", "--rounds", "1", "--out"]
-    assert main([*args, str(out)]) == 1
-    with (out / "results.csv").open() as file:
-        results = {row["strategy"]: row for row in csv.DictReader(file)}
-    assert "no room for the adapter" in results["fedsa"]["error"]
-    assert results["fedsa"]["final_accuracy"] == ""  # no client trained
-    assert results["fedavg"]["error"] == "" and results["fedavg"]["rounds"] == "1"
-    assert "fedsa failed" in capsys.readouterr().err

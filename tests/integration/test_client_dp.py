@@ -1,23 +1,18 @@
 """Client-level DP (DP-FedAvg): clipping in the client's own shapes, the noise's scale, the
 noiseless private aggregate against the rules, the federation's epsilon against a fresh Opacus
-accountant, refused strategies, and a Ray run of FedAvg, FedSA-LoRA and Fed-SB under DP."""
+accountant, refused strategies, and FedAvg, FedSA-LoRA and Fed-SB federations under DP."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from flwr.app import MessageType
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 from opacus.accountants import create_accountant
 
 from clients.app import client_app
 from fedlora.adapter import LoRAFactors, SBCore, SharedA, lora_scale
 from fedlora.client_dp import (
-    UPDATE_NORM_KEY,
     clip_reply,
     own_update,
     private_round,
@@ -27,18 +22,15 @@ from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
     A_SUFFIX,
-    ADAPTER_RECORD,
     B_SUFFIX,
-    CONFIG_RECORD,
-    HEAD_RECORD,
-    METRICS_RECORD,
-    scale_key,
 )
 from fedlora.rules import make_rule
 from fedlora.updates import ClientUpdate
 from strategies import STRATEGIES
 from strategies.client_dp import ClientLevelDP
 from strategies.server_app import run
+from tests.support.client_dp_run import RUN, check_client_level_dp
+from tests.support.local_grid import LocalGrid
 
 ALPHA = 16.0
 D_OUT, D_IN, TOP = 12, 10, 8
@@ -301,90 +293,14 @@ def test_client_dp_values_out_of_range_are_refused_by_name(key, value):
         RunConfig.from_flower({"strategy": "fedavg", "dp-client": True, key: value})
 
 
-# ---- end to end on Ray ---------------------------------------------------------------------------
-
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
-CLIP, SIGMA, ROUNDS = 0.05, 0.3, 2
-RUN = {
-    "model": "tiny-bert",
-    "partitioner": "iid",
-    "max-length": 32,
-    "batch-size": 8,
-    "local-steps": 2,
-    "num-server-rounds": ROUNDS,
-    "rank-profile": "2:0.3333334,4:0.3333333,8:0.3333333",
-    "learning-rate": 0.01,
-    "dp-client": True,
-    "dp-client-clip": CLIP,
-    "dp-client-noise-multiplier": SIGMA,
-    "dp-client-noise-seed": 0,
-}
+# ---- a federation in this process ---------------------------------------------------------------
 
 
-def sent_update_norm(message, reply) -> float:
-    """||f (sent - received)|| over the reply's adapter and head, f = sqrt(s) for LoRA factors."""
-    config = reply.content[CONFIG_RECORD]
-    squared = 0.0
-    for name in (ADAPTER_RECORD, HEAD_RECORD):
-        if name not in reply.content.array_records:
-            continue
-        received = dict(message.content.array_records[name].to_torch_state_dict())
-        for key, t in reply.content.array_records[name].to_torch_state_dict().items():
-            fold = 1.0
-            if key.endswith((A_SUFFIX, B_SUFFIX)):
-                module = key.removesuffix(A_SUFFIX).removesuffix(B_SUFFIX)
-                fold = math.sqrt(float(config[scale_key(module)]))
-            squared += float((fold * (t.double() - received[key].double())).pow(2).sum())
-    return math.sqrt(squared)
-
-
-@pytest.mark.slow
+@pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("strategy", ["fedavg", "fedsa", "fedsb"])
-def test_client_level_dp_on_ray(strategy, tmp_path, monkeypatch):
-    """3 nodes of ranks 2, 4, 8, every node every round (q = 1): every train reply's update has
-    norm <= C though the clients' own exceeded it, and each round's epsilon is a fresh RDP
-    accountant's after that round's releases (Fed-SB's initialisation is one more)."""
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+def test_client_level_dp_federation(strategy, tmp_path):
+    """3 nodes of ranks 2, 4, 8 for 2 rounds on the in-process grid (see `check_client_level_dp`)."""
     config = {**RUN, "strategy": strategy}
-    sent, replies = [], []
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context) -> None:
-        class Recording:
-            def get_node_ids(self):
-                return grid.get_node_ids()
-
-            def send_and_receive(self, messages, timeout=None):
-                messages = list(messages)
-                sent.extend(messages)
-                answered = list(grid.send_and_receive(messages, timeout=timeout))
-                replies.extend(answered)
-                return answered
-
-        run(Recording(), {**config, "run-dir": str(tmp_path)})
-
-    run_simulation(
-        server_app=server, client_app=client_app(config), num_supernodes=3, backend_config=BACKEND
-    )
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-
-    assert [row["round"] for row in rows] == list(range(1, ROUNDS + 1))
-    assert not [reply for reply in replies if reply.has_error()]
-    by_id = {message.metadata.message_id: message for message in sent}
-    train = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
-    assert len(train) == 3 * ROUNDS
-    norms = [sent_update_norm(by_id[r.metadata.reply_to_message_id], r) for r in train]
-    assert max(norms) <= CLIP * (1 + 1e-5), norms
-    before = [float(r.content[METRICS_RECORD][UPDATE_NORM_KEY]) for r in train]
-    assert max(before) > CLIP
-    assert all(0 < row["client_dp_clipped"] <= 1 for row in rows)
-    initialisation = 1 if strategy == "fedsb" else 0
-    for row in rows:
-        fresh = create_accountant("rdp")
-        for _ in range(row["round"] + initialisation):
-            fresh.step(noise_multiplier=SIGMA, sample_rate=3 / 3)
-        assert row["client_dp_epsilon"] == pytest.approx(
-            fresh.get_epsilon(delta=1e-5), rel=0, abs=1e-6
-        )
-    assert all(row["relative_deviation"] is None for row in rows)
+    grid = LocalGrid(client_app(config), num_nodes=3)
+    run(grid, {**config, "run-dir": str(tmp_path)})
+    check_client_level_dp(strategy, tmp_path, grid)

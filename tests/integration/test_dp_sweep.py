@@ -1,19 +1,14 @@
-"""The DP sweep: budgets parsed and turned into run keys, and a tiny sweep of the CPU recipe
-(MiniLM on BBC News) through the ``fedlora dp-sweep`` command (marked slow)."""
+"""The DP sweep: budgets parsed and turned into run keys, accuracy drops, the DP recipes (a tiny
+sweep on Ray is in ``tests/e2e/test_dp_sweep_on_ray.py``)."""
 
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
 
 from fedlora.errors import ConfigError
-from fedlora.privacy import NOISE_TOLERANCE
-from simulations.cli import main
 from simulations.dp_sweep import (
-    ACCURACY_VS_EPSILON,
-    SWEEP_CSV,
     budget_name,
     budget_overrides,
     parse_epsilons,
@@ -49,43 +44,3 @@ def test_dp_recipes_resolve_with_dp_on():
     for name in ("dp-sample", "dp-sample-gpu"):
         config = resolve(load_recipe(RECIPES_DIR / f"{name}.toml")).run_config
         assert config.dp_sample and config.model == "minilm" and config.dataset == "bbcnews"
-
-
-@pytest.mark.slow
-def test_tiny_dp_sweep_of_the_cpu_recipe(tmp_path, capsys):
-    """Fed-SB on MiniLM at epsilon 3 and without DP, one round of two steps: the private run
-    spends its whole budget (its federated start and that round) to Opacus' tolerance, the other
-    none; the CSV and the plot are written."""
-    out = tmp_path / "sweep"
-    status = main(
-        [
-            "dp-sweep",
-            str(RECIPES_DIR / "dp-sample.toml"),
-            "--strategies",
-            "fedsb",
-            "--epsilons",
-            "3,inf",
-            "--rounds",
-            "1",
-            "--out",
-            str(out),
-            "local-steps=2",
-            "max-length=32",
-        ]
-    )
-    assert status == 0
-    with (out / SWEEP_CSV).open() as file:
-        rows = list(csv.DictReader(file))
-    assert [(r["strategy"], r["target_epsilon"]) for r in rows] == [
-        ("fedsb", "3.0"),
-        ("fedsb", "inf"),
-    ]
-    for row in rows:
-        assert 0 < float(row["final_accuracy"]) <= 1
-        if row["target_epsilon"] == "inf":
-            assert row["epsilon_spent"] == "" and float(row["accuracy_drop"]) == 0
-        else:
-            assert 3 - NOISE_TOLERANCE <= float(row["epsilon_spent"]) <= 3
-    assert (out / ACCURACY_VS_EPSILON).read_bytes().startswith(b"\x89PNG")
-    assert (out / "fedsb" / "eps-3" / "metrics.jsonl").exists()
-    assert f"{SWEEP_CSV}, {ACCURACY_VS_EPSILON}" in capsys.readouterr().out

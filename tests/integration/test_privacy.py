@@ -1,7 +1,7 @@
 """Sample-level DP (Opacus DP-SGD on the clients): the epsilon a client reports against a fresh
 accountant fed by the test's own count, target-epsilon noise over the whole run, noise-free DP-SGD
-against plain training, DoRA refused, hooks removed from cached models, and ``max-epsilon``
-stopping a client while a real Ray simulation goes on."""
+against plain training, DoRA refused, hooks removed from cached models (``max-epsilon`` on Ray is
+in ``tests/e2e/test_privacy_on_ray.py``)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ import math
 import pytest
 import torch
 from flwr.app import MessageType
-from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from clients.app import client_app
 from fedlora import data
-from fedlora.config import RunConfig, kebab
+from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient
 from fedlora.models import load_base_model, with_lora
@@ -31,23 +30,13 @@ from fedlora.privacy import (
     private_training,
 )
 from fedlora.training import train_local, train_private
-from simulations.runner import simulate
 from strategies.server_app import run
 from tests.support.local_grid import FIRST_NODE_ID, LocalGrid
+from tests.support.privacy import TINY, TINY_FIELDS, fresh_epsilon
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-TINY_FIELDS = {
-    "model": "tiny-bert",
-    "partitioner": "iid",
-    "max_length": 16,
-    "batch_size": 8,
-    "local_steps": 2,
-    "learning_rate": 0.01,
-    "lora_rank": 4,
-}
-TINY = {kebab(name): value for name, value in TINY_FIELDS.items()}
 
 
 def tiny_config(**fields) -> RunConfig:
@@ -62,12 +51,6 @@ def tiny_lora(config: RunConfig):
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def fresh_epsilon(kind: str, noise: float, rate: float, steps: int, delta: float) -> float:
-    accountant = create_accountant(kind)
-    accountant.history = [(noise, rate, steps)]
-    return accountant.get_epsilon(delta=delta)
 
 
 # ---- accounting -----------------------------------------------------------------------------------
@@ -286,37 +269,3 @@ def test_private_fed_sb_estimate_without_noise_or_clipping_is_the_plain_estimate
 
 
 # ---- the budget in a real simulation --------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_max_epsilon_stops_a_client_and_the_run_goes_on(tmp_path):
-    """Ray simulation, Dirichlet(0.3) over 3 nodes: the smallest client (largest sample rate)
-    passes max-epsilon in round 2 and stops; the others train all 3 rounds."""
-    overrides = {
-        "strategy": "fedavg",
-        "partitioner": "dirichlet",
-        "num-server-rounds": 3,
-        "local-steps": 2,
-        "batch-size": 8,
-        "dp-sample": True,
-    }
-    config = RunConfig.from_flower({**TINY, **overrides})
-    sizes = [len(data.client_data(config, pid, 3).train) for pid in range(3)]
-    small = sizes.index(min(sizes))
-
-    def epsilon(pid: int, rounds: int) -> float:
-        n = sizes[pid]
-        return fresh_epsilon("rdp", 1.0, 1 / math.ceil(n / 8), 2 * rounds, min(1e-5, 1 / n))
-
-    cap = (epsilon(small, 1) + epsilon(small, 2)) / 2
-    assert max(epsilon(pid, 3) for pid in range(3) if pid != small) < cap
-    run_dir = simulate(
-        "simulations/recipes/tiny.toml", {**overrides, "max-epsilon": cap}, tmp_path / "run"
-    )
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["clients"] for row in rows] == [3, 2, 2]
-    assert [row["dp_stopped"] for row in rows] == [0, 1, 1]
-    assert all(row["accuracy"] is not None for row in rows)
-    spent = [row["epsilon"][str(small)] for row in rows]
-    assert spent == pytest.approx([epsilon(small, 1)] * 3, abs=1e-6)
-    assert max(row["epsilon_max"] for row in rows) <= cap
