@@ -314,8 +314,9 @@ def test_unregistered_node_is_refused(federation, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_node_does_not_stop_the_run(tmp_path):
-    federation = start_federation(tmp_path)
+def test_killed_node_does_not_stop_the_run(federation, tmp_path):
+    """Node 2 is killed while it trains round 1; the run finishes both rounds with the other two.
+    Node 2 is started again afterwards, so the shared federation is whole for later tests."""
     run_dir = tmp_path / "run"
     overrides = {
         **DEPLOYED,
@@ -338,7 +339,9 @@ def test_killed_node_does_not_stop_the_run(tmp_path):
         seconds = time.monotonic() - started
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     finally:
-        federation.processes.stop()
+        federation.processes.kill("run")
+        federation.start_node(2, RANKS[2])
+        federation.wait_online(len(RANKS))
 
     assert [row["round"] for row in rows] == [1, 2], federation.processes.log("run")[-3000:]
     assert [row["clients"] for row in rows] == [2, 2]
