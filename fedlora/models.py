@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
 from fedlora.client_state import fresh_lora_A
@@ -221,7 +222,8 @@ def with_lora(
 
     A module's A is `fresh_lora_A` (peft's Kaiming-uniform) from ``seed`` and its peft path, so
     every client gets the same A, and a rank-r A is the leading r rows of any higher-rank one.
-    ``rank_pattern`` gives chosen modules (peft's patterns) another rank. In eval mode.
+    ``rank_pattern`` gives chosen modules (peft's patterns) another rank. In eval mode. GPT-2's
+    ``Conv1D`` layers (weights stored transposed) get peft's ``fan_in_fan_out``.
     """
     config = LoraConfig(
         r=rank,
@@ -231,6 +233,9 @@ def with_lora(
         target_modules=list(target_modules),
         modules_to_save=list(modules_to_save) or None,
         rank_pattern=dict(rank_pattern or {}),
+        fan_in_fan_out=any(
+            isinstance(module, Conv1D) for module in target_layers(base.model, target_modules)
+        ),
     )
     model = copy.deepcopy(base.model).to(device)
     peft_model = get_peft_model(model, config)
@@ -285,6 +290,16 @@ def zero_sb_factors(
         fixed[name] = LowRank(torch.zeros(d_out, rank, **like), torch.zeros(rank, d_in, **like))
         cores[name] = torch.zeros(rank, rank, **like)
     return fixed, cores
+
+
+def target_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """The modules that LoRA targets: those whose path is one of ``names`` or ends with
+    ``.name`` (peft's rule for a list of names)."""
+    return [
+        module
+        for path, module in model.named_modules()
+        if any(path == name or path.endswith("." + name) for name in names)
+    ]
 
 
 def matching_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:

@@ -32,7 +32,14 @@ def test_plain_model_runs_the_weights_of_a_peft_model(family):
     base = family()
     targets = ["query", "value"] if family is tiny_bert else ["c_attn"]
     peft_model = get_peft_model(
-        family(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        family(),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            init_lora_weights=False,
+            fan_in_fan_out=family is tiny_gpt2,
+        ),
     )
     pretrained_weights(peft_model)
     deltas = {
