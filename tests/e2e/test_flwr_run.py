@@ -1,4 +1,4 @@
-"""``flwr run`` of the project root, as the README gives it: Flower's own CLI starts a local
+"""``flwr run`` of the project root, as docs/deployment.md gives it: Flower's own CLI starts a local
 SuperLink in simulation mode and runs the project's ServerApp and ClientApp from
 ``[tool.flwr.app]`` in ``pyproject.toml``. The local SuperLink that ``flwr run`` leaves running
 is stopped by the test (it inherits the test's process tag)."""
