@@ -81,6 +81,9 @@ class FedSB(LoRAStrategy):
         head = {key: t for key, t in named.items() if not key.endswith(suffixes)}
         fixed = {m: LowRank(named[m + SB_B_SUFFIX], named[m + SB_A_SUFFIX]) for m in modules}
         cores = {m: named[m + SB_R_SUFFIX] for m in modules if m + SB_R_SUFFIX in named}
+        self.expect_replies(
+            {m: f.inner_rank for m, f in fixed.items()}, named[modules[0] + SB_A_SUFFIX]
+        )
         if len(cores) == len(modules) and all(f.U.any() and f.V.any() for f in fixed.values()):
             return self.rule.init_state_from_factors(fixed, cores, head)
         ranks = {f.inner_rank for f in fixed.values()}
@@ -107,9 +110,8 @@ class FedSB(LoRAStrategy):
             )
             for node_id in node_ids
         ]
-        replies = self._valid_replies(
-            grid.send_and_receive(queries, timeout=self.query_timeout), "sb_init"
-        )
+        answers = grid.send_and_receive(queries, timeout=self.query_timeout)
+        replies = self._accept_answers(answers, "sb_init")
         if not replies:
             raise RuntimeError("no node answered Fed-SB's initialisation query")
         self.setup_bytes_up = sum(serialized_bytes(m.content) for m in replies)
