@@ -513,12 +513,7 @@ class LoRAStrategy(Strategy):
             node_id = message.metadata.src_node_id
             if message.has_error():
                 failures += 1
-                log(
-                    INFO,
-                    "\t> Received error in reply from node %d: %s",
-                    node_id,
-                    message.error.reason,
-                )
+                self._drop(node_id, f"error reply: {message.error.reason}")
                 continue
             try:
                 report = self.checks.facts(node_id, message.content, latest_version)

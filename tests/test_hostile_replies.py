@@ -17,6 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch.nn.functional import pad
 
+from clients.app import client_app
 from fedlora.adapter import LoRAFactors
 from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
@@ -49,8 +50,8 @@ from fedlora.versioning import BaseCache
 from strategies import STRATEGIES
 from strategies.client_dp import ClientLevelDP
 from strategies.records import serialized_bytes
-from strategies.server_app import MetricsLog
-from tests.local_grid import task_identity  # noqa: F401 - a fixture
+from strategies.server_app import MetricsLog, run
+from tests.local_grid import FIRST_NODE_ID, LocalGrid, task_identity  # noqa: F401 - a fixture
 
 ALPHA = 8.0
 TOP = 4
@@ -630,3 +631,37 @@ def test_flora_refuses_to_step_from_an_empty_client_state():
     )
     with pytest.raises(InvalidUpdateError, match=r"no adapter for modules \['m1', 'm2'\]"):
         rule.client_step(ClientState(), payload, BaseCache())
+
+
+# ---- the real ClientApp in this process -----------------------------------------------------------
+
+DEVICE_RUN = {
+    "model": "tiny-bert",
+    "partitioner": "iid",
+    "max-length": 16,
+    "batch-size": 4,
+    "local-steps": 1,
+    "rank-profile": "2:0.5,4:0.5",
+    "learning-rate": 0.01,
+    "fraction-evaluate": 0.34,
+    "min-evaluate-nodes": 1,
+    "num-server-rounds": 2,
+}
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "hetlora", "fedsb"])
+def test_a_device_configured_above_the_top_rank_is_left_out_and_the_run_goes_on(strategy, tmp_path):
+    """Node FIRST_NODE_ID + 1 sets ``lora-rank`` 16 over a run whose top rank is 4: its rank
+    answers are refused (a Fed-SB node refuses the capacity itself: an error reply), it is
+    asked again when sampled, the others train both rounds, and every honest reply of the
+    real ClientApp passes the checks."""
+    config = {**DEVICE_RUN, "strategy": strategy}
+    grid = LocalGrid(client_app(config), num_nodes=3)
+    device = FIRST_NODE_ID + 1
+    grid.contexts[device].node_config["lora-rank"] = 16
+    run(grid, {**config, "run-dir": str(tmp_path), "base-changes": "messages"})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["clients"] for row in rows] == [2, 2]
+    for row in rows:  # asked again each round: the device may have been reconfigured
+        assert list(row["dropped"]) == [str(device)]
+        assert re.search(r"16 outside \[?1(, |\.\.)4", row["dropped"][str(device)])
