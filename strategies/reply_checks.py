@@ -251,6 +251,17 @@ class ReplyChecks:
                 raise RejectedReply(f"record {name!r}: non-finite values in {bad}")
         return {key: tensor.to(self.server_dtype) for key, tensor in tensors.items()}
 
+    # ---- Fed-SB's initialisation -----------------------------------------------------------------
+
+    def estimate(
+        self, content: RecordDict, name: str, shapes: Mapping[str, tuple[int, ...]]
+    ) -> tuple[int, dict[str, Tensor]]:
+        """A gradient estimate's example count and its tensors (record ``name``, these shapes)."""
+        metrics = record(content.metric_records, METRICS_RECORD)
+        num_examples = integer(metrics, NUM_EXAMPLES_KEY, low=1, high=self.max_examples)
+        check_records(content, {name})
+        return num_examples, self._tensors(content, name, shapes)
+
     # ---- evaluate replies and probes -------------------------------------------------------------
 
     def evaluation(self, content: RecordDict, state: GlobalState) -> None:

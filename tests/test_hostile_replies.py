@@ -21,6 +21,7 @@ from clients.app import client_app
 from fedlora.adapter import LoRAFactors
 from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
+from fedlora.fedsb_init import sketch_gradients
 from fedlora.lowrank import LowRank
 from fedlora.measurement import worst
 from fedlora.messages import (
@@ -36,8 +37,13 @@ from fedlora.messages import (
     PARTITION_ID_KEY,
     SB_A_SUFFIX,
     SB_B_SUFFIX,
+    SB_INIT_ACTION,
+    SB_INIT_RANK_KEY,
+    SB_INIT_SEED_KEY,
     SB_R_SUFFIX,
     SECONDS_KEY,
+    SKETCH_Y_SUFFIX,
+    SKETCH_Z_SUFFIX,
     VERSION_KEY,
     rank_key,
     scale_key,
@@ -505,6 +511,83 @@ def test_a_bad_rank_answer_leaves_the_node_out_not_the_run(case):
     assert sorted(m.metadata.dst_node_id for m in messages) == [101, 103]
     assert re.search(reason, strategy.dropped[1][BAD]), strategy.dropped[1][BAD]
     assert BAD not in strategy.nodes
+
+
+# ---- Fed-SB's initialisation ----------------------------------------------------------------------
+
+
+class SketchGrid(QueryGrid):
+    """Answers rank queries (capacities) and Fed-SB's initialisation query with sketches of
+    rank-1 gradients; node BAD's sketch is tampered with."""
+
+    def __init__(self, gradients: dict, tamper) -> None:
+        super().__init__(scaled=False)
+        self.gradients, self.tamper = gradients, tamper
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            if message.metadata.message_type == "query":
+                replies.append(self.answer(message))
+                continue
+            node = message.metadata.dst_node_id
+            request = message.content[CONFIG_RECORD]
+            sketches = sketch_gradients(
+                self.gradients[node],
+                int(request[SB_INIT_RANK_KEY]),
+                seed=int(request[SB_INIT_SEED_KEY]),
+            )
+            tensors = {}
+            for m, sketch in sketches.items():
+                tensors[m + SKETCH_Y_SUFFIX], tensors[m + SKETCH_Z_SUFFIX] = sketch.Y, sketch.Z
+            content = RecordDict(
+                {
+                    SB_INIT_ACTION: ArrayRecord(tensors),
+                    CONFIG_RECORD: ConfigRecord(facts(node, scaled=False)),
+                    METRICS_RECORD: MetricRecord({NUM_EXAMPLES_KEY: NODES[node][2]}),
+                }
+            )
+            if node == BAD:
+                self.tamper(content)
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (poison(SB_INIT_ACTION, "m1" + SKETCH_Y_SUFFIX, math.nan), r"non-finite.*m1.sketch_Y"),
+        (set_metric(NUM_EXAMPLES_KEY, math.nan), r"num-examples = nan is not an integer"),
+        (drop_array(SB_INIT_ACTION, "m2" + SKETCH_Z_SUFFIX), r"missing keys \['m2.sketch_Z"),
+    ],
+    ids=["nan sketch", "nan examples", "missing sketch"],
+)
+def test_a_bad_gradient_estimate_is_dropped_from_fedsb_start(tamper, reason):
+    """The start is the one of the two honest estimates: with rank-1 gradients their mean has
+    rank 2 <= r, so the sketched first step is exact, B R_0 A = -eta sum_i p_i G_i."""
+    generator = torch.Generator().manual_seed(3)
+    gradients = {
+        node: {
+            m: randn(generator, d_out, 1) @ randn(generator, 1, d_in)
+            for m, (d_out, d_in) in SHAPES.items()
+        }
+        for node in NODES
+    }
+    placeholders = {}
+    for m, (d_out, d_in) in SHAPES.items():
+        placeholders[m + SB_A_SUFFIX] = torch.zeros(TOP, d_in)
+        placeholders[m + SB_B_SUFFIX] = torch.zeros(d_out, TOP)
+    eta = 0.5
+    strategy = strategy_for("fedsb", eta=eta)
+    grid = SketchGrid(gradients, tamper)
+    strategy.configure_train(1, ArrayRecord(placeholders), ConfigRecord(), grid)
+    assert re.search(reason, strategy.dropped[1][BAD]), strategy.dropped[1][BAD]
+    honest = [node for node in NODES if node != BAD]
+    total = sum(NODES[node][2] for node in honest)
+    for m in SHAPES:
+        expected = -eta * sum(NODES[n][2] / total * gradients[n][m] for n in honest)
+        start = strategy.rule.global_delta(strategy.state, m)
+        assert torch.allclose(start.U @ start.V, expected, atol=1e-5)
 
 
 # ---- a whole run ----------------------------------------------------------------------------------
