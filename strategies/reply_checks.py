@@ -182,9 +182,12 @@ class ReplyChecks:
             **{scale_key(module): scale for module, scale in node.scales.items()},
             **{start_rank_key(module): rank for module, rank in start_ranks.items()},
         }
-        return update_from_tensors(
-            adapter, head, layout, num_examples, self.rule.update_kind, client_id
-        )
+        try:
+            return update_from_tensors(
+                adapter, head, layout, num_examples, self.rule.update_kind, client_id
+            )
+        except ValueError as error:  # the rule's own layout checks (InvalidUpdateError, ...)
+            raise RejectedReply(str(error)) from None
 
     @staticmethod
     def _start_ranks(config: Mapping, node: NodeReport, sent: ClientSpec) -> dict[str, int]:
