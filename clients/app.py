@@ -39,7 +39,7 @@ from clients.node import (
     saved_version,
 )
 from clients.records import message_config, payload_from_record, reply_record
-from clients.steps import LoRASide, SBSide, clip_for_client_dp, ranks_in, side_for
+from clients.steps import LoRASide, SBSide, clip_for_client_dp, side_for
 from clients.worker import Worker, worker_for
 from fedlora.config import RunConfig
 from fedlora.data import ClientData, batches
@@ -63,6 +63,7 @@ from fedlora.messages import (
     SKETCH_Z_SUFFIX,
     VERSION_KEY,
     Payload,
+    ranks_in,
 )
 from fedlora.privacy import (
     BUDGET_SPENT_KEY,

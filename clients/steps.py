@@ -35,6 +35,7 @@ from fedlora.messages import (
     adapter_to_tensors,
     modules_with_suffix,
     rank_key,
+    ranks_in,
     scale_key,
     start_rank_key,
     to_wire,
@@ -50,12 +51,6 @@ from fedlora.versioning import BaseCache
 
 Arrays = dict[str, dict[str, Tensor]]
 """Tensor records of a reply by record name."""
-
-
-def ranks_in(config: Mapping[str, Scalar]) -> dict[str, int]:
-    """The ``rank.{module}`` entries of a payload's config."""
-    prefix = rank_key("")
-    return {key.removeprefix(prefix): int(v) for key, v in config.items() if key.startswith(prefix)}
 
 
 class LoRASide:

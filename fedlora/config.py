@@ -89,6 +89,8 @@ class RunConfig:
     dp_client_init_clip: float = 1.0
     # deployment: seconds a round waits for replies (Flower's default, 3600); late nodes are dropped
     round_timeout: float = 3600.0
+    # the largest example count one client may report; a reply above it is dropped
+    max_examples_per_client: int = 10_000_000
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -227,6 +229,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
             "min_train_nodes",
             "min_evaluate_nodes",
             "num_threads",
+            "max_examples_per_client",
         ),
         (lambda value: value >= 1, ">= 1"),
     ),

@@ -63,6 +63,12 @@ def rank_key(module: str) -> str:
     return f"rank.{module}"
 
 
+def ranks_in(config: Mapping[str, Scalar]) -> dict[str, int]:
+    """The ``rank.{module}`` entries of a config."""
+    prefix = rank_key("")
+    return {key.removeprefix(prefix): int(v) for key, v in config.items() if key.startswith(prefix)}
+
+
 def scale_key(module: str) -> str:
     return f"scale.{module}"
 

@@ -11,6 +11,7 @@ with: serialization, payload, client step and the write into the model.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.lowrank import LowRank
+from fedlora.measurement import worst
 from fedlora.peft_io import base_weights, pretrained_weights, read_adapter
 from fedlora.sb_layer import read_cores, read_fixed_factors, sb_layers
 
@@ -56,17 +58,18 @@ def probe_responses(deltas: Mapping[str, Delta], seed: int) -> dict[str, Tensor]
 
 def relative_deviation(measured: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> float:
     """max over modules of ||measured - expected||_F / ||expected||_F (0 where both are below
-    `ABSOLUTE_FLOOR`); a module missing from ``measured`` is an error."""
+    `ABSOLUTE_FLOOR`, NaN where a response is not finite); a module missing from ``measured`` is
+    an error."""
     missing = sorted(set(expected) - set(measured))
     if missing:
         raise ValueError(f"probe responses missing for modules {missing}")
-    worst = 0.0
+    deviations = []
     for module, target in expected.items():
         error = float(torch.linalg.matrix_norm(measured[module].double() - target))
         scale = float(torch.linalg.matrix_norm(target))
-        if max(error, scale) >= ABSOLUTE_FLOOR:
-            worst = max(worst, error / max(scale, ABSOLUTE_FLOOR))
-    return worst
+        if math.isnan(error) or max(error, scale) >= ABSOLUTE_FLOOR:
+            deviations.append(error / max(scale, ABSOLUTE_FLOOR))
+    return worst(deviations)
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from fedlora.adapter import lora_scale
 from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
-from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import stack
+from fedlora.measurement import worst
 from fedlora.messages import (
     A_SUFFIX,
     ACCURACY_KEY,
@@ -51,22 +51,20 @@ from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult
 from strategies.base_store import write_round_change
 from strategies.client_dp import ClientLevelDP
-from strategies.records import (
-    NodeReport,
-    client_update,
-    node_report,
-    payload_record,
-    serialized_bytes,
-)
+from strategies.records import NodeReport, payload_record, serialized_bytes
 from strategies.records import probe_responses as reply_probes
+from strategies.reply_checks import RejectedReply, ReplyChecks
 
 
 class LoRAStrategy(Strategy):
     """Federated LoRA with one aggregation rule, a payload shaped for each node's ranks.
 
     Before a node's first message the strategy asks it (a QUERY message) for its partition id,
-    ranks and scales; every reply restates them (HetLoRA clients prune their ranks). Replies
-    carrying an error are dropped; the others are ordered by partition id before aggregation.
+    ranks and scales; every reply restates them (HetLoRA clients prune their ranks). Every reply
+    is checked on its own before it can change the state (`strategies.reply_checks`): one
+    carrying an error or failing a check is dropped, with a warning naming the node and the
+    reason (kept in ``dropped``), and the round goes on with the others, ordered by partition id.
+    With fewer than ``min_train_nodes`` valid updates the round makes no update.
 
     Parameters
     ----------
@@ -97,6 +95,9 @@ class LoRAStrategy(Strategy):
     client_dp : ClientLevelDP, optional
         Client-level DP (FedAvg, FedSA-LoRA, Fed-SB only): clients clip their updates, the
         aggregate is the noised uniform mean of `strategies.client_dp`, no probes are asked for.
+    max_examples_per_client : int (default: 10_000_000)
+        The largest example count a reply may report (a reply above it is dropped): it bounds
+        the weight one client can take.
 
     Attributes
     ----------
@@ -106,6 +107,8 @@ class LoRAStrategy(Strategy):
         What each node restated last, by node id.
     train_metrics, evaluate_metrics : dict[int, MetricRecord]
         The aggregated metrics of each round.
+    dropped : dict[int, dict[int, str]]
+        Per round, the nodes whose replies (or rank answers) were dropped, with the reason.
     """
 
     rule_class: ClassVar[type[AggregationRule] | None] = None
@@ -125,6 +128,7 @@ class LoRAStrategy(Strategy):
         base_store: str | Path | None = None,
         query_timeout: float = 600.0,
         client_dp: ClientLevelDP | None = None,
+        max_examples_per_client: int = 10_000_000,
         **rule_options,
     ) -> None:
         if rule is None:
@@ -152,6 +156,10 @@ class LoRAStrategy(Strategy):
         self.setup_bytes_up = 0
         self.train_metrics: dict[int, MetricRecord] = {}
         self.evaluate_metrics: dict[int, MetricRecord] = {}
+        self.checks = ReplyChecks(rule, lora_alpha, rslora, max_examples_per_client)
+        self.dropped: dict[int, dict[int, str]] = {}
+        self._round = 0
+        self._sent_specs: dict[str, dict[int, ClientSpec]] = {}
         self._expected_probes: dict[str, Tensor] | None = None
         self._bytes_down_by_partition: dict[str, dict[int, int]] = {}
         self._sent_at: dict[str, float] = {}
@@ -188,6 +196,7 @@ class LoRAStrategy(Strategy):
         ``{module}.lora_A.weight``/``lora_B.weight``) and the head (every other key). Later
         rounds use the strategy's own state.
         """
+        self._round = server_round
         if self.state is None:
             self.state = self.initial_state(arrays, grid)
             self._expected_probes = self._probes_of_state(self.state)
@@ -210,27 +219,41 @@ class LoRAStrategy(Strategy):
         for personalized methods (FedSA-LoRA).
         """
         now = time.perf_counter()
+        self._round = server_round
         exchange_seconds = now - self._sent_at.get(MessageType.TRAIN, now)
-        valid = self._valid_replies(replies, "aggregate_train")
-        sample_dp = sample_dp_metrics(valid, self.nodes)
-        updates, parsed = [], []
-        for message in valid:
-            partition_id = self.nodes[message.metadata.src_node_id].partition_id
-            if message.content[METRICS_RECORD].get(BUDGET_SPENT_KEY):
-                log(INFO, "Partition %d stopped: its privacy budget is spent", partition_id)
-                continue
+        updates, parsed, stopped = [], [], []
+        for message, report in self._valid_replies(replies, "aggregate_train"):
+            node_id = message.metadata.src_node_id
             try:
-                updates.append(
-                    client_update(message.content, self.rule.update_kind, str(partition_id))
-                )
-            except (InvalidUpdateError, KeyError) as error:
-                log(WARNING, "Dropping the update of partition %d: %s", partition_id, error)
+                sent = self._sent_spec(node_id, MessageType.TRAIN)
+                if content_metrics(message).get(BUDGET_SPENT_KEY):
+                    log(
+                        INFO,
+                        "Partition %d stopped: its privacy budget is spent",
+                        report.partition_id,
+                    )
+                    stopped.append(message)
+                else:
+                    update = self.checks.update(
+                        message.content, report, sent, self.state, str(report.partition_id)
+                    )
+                    updates.append(update)
+                    parsed.append(message)
+            except RejectedReply as error:
+                self._drop(node_id, str(error))
                 continue
-            parsed.append(message)
-        if not updates:
-            if sample_dp:
-                self.train_metrics[server_round] = MetricRecord(sample_dp)
-            return None, self.train_metrics.get(server_round)
+            self._accept(node_id, report)
+        sample_dp = sample_dp_metrics(stopped + parsed, self.nodes)
+        if len(updates) < self.min_train_nodes:
+            log(
+                WARNING,
+                "Round %d: %d valid updates, fewer than min_train_nodes (%d): no update",
+                server_round,
+                len(updates),
+                self.min_train_nodes,
+            )
+            self.train_metrics[server_round] = MetricRecord({"clients": 0, **sample_dp})
+            return None, self.train_metrics[server_round]
         deviation = self._probe_deviation(parsed)
         previous = self.state
         start = time.perf_counter()
@@ -267,6 +290,7 @@ class LoRAStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per sampled node; the client applies its step, then evaluates."""
+        self._round = server_round
         if self.fraction_evaluate == 0.0 or self.state is None:
             return []
         node_ids = self._sample(
@@ -282,7 +306,18 @@ class LoRAStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted loss and accuracy of the clients, and the measured deviation."""
-        valid = self._valid_replies(replies, "aggregate_evaluate")
+        self._round = server_round
+        valid = []
+        for message, report in self._valid_replies(replies, "aggregate_evaluate"):
+            node_id = message.metadata.src_node_id
+            try:
+                self._sent_spec(node_id, MessageType.EVALUATE)
+                self.checks.evaluation(message.content, self.state)
+            except RejectedReply as error:
+                self._drop(node_id, str(error))
+                continue
+            self._accept(node_id, report)
+            valid.append(message)
         if not valid:
             return None
         metrics = {
@@ -310,7 +345,15 @@ class LoRAStrategy(Strategy):
                 module, rank = key.removesuffix(A_SUFFIX), A.shape[0]
                 config[rank_key(module)] = rank
                 config[scale_key(module)] = lora_scale(self.lora_alpha, rank, self.rslora)
-        return self.rule.init_state(adapter_from_tensors(factors, config), head)
+        adapter = adapter_from_tensors(factors, config)
+        self.expect_replies({m: f.rank for m, f in adapter.items()}, next(iter(factors.values())))
+        return self.rule.init_state(adapter, head)
+
+    def expect_replies(self, top_ranks: dict[str, int], example: Tensor) -> None:
+        """Set the run's top rank per module and the server's dtype (that of ``example``) for
+        the checks of the replies."""
+        self.checks.top_ranks = dict(top_ranks)
+        self.checks.server_dtype = example.dtype
 
     def _global_arrays(self) -> ArrayRecord | None:
         if self.rule.personalized:
@@ -366,11 +409,12 @@ class LoRAStrategy(Strategy):
             common[CLIP_KEY] = self.client_dp.clip
         if self.base_store is not None:
             common[BASE_STORE_KEY] = str(self.base_store)
-        messages = []
+        messages, specs = [], {}
         for node_id in node_ids:
             if node_id not in self.nodes:
                 continue
-            payload = self.rule.client_payload(self.state, self._spec(self.nodes[node_id]))
+            specs[node_id] = self._spec(self.nodes[node_id])
+            payload = self.rule.client_payload(self.state, specs[node_id])
             payload.config = {**common, **payload.config}
             messages.append(
                 Message(payload_record(payload), dst_node_id=node_id, message_type=kind)
@@ -381,8 +425,16 @@ class LoRAStrategy(Strategy):
                 for m in messages
             )
         )
+        self._sent_specs[kind] = specs
         self._sent_at[kind] = time.perf_counter()
         return messages
+
+    def _sent_spec(self, node_id: int, kind: str) -> ClientSpec:
+        """What the node was sent in this exchange (taken once: a second reply is refused)."""
+        spec = self._sent_specs.get(kind, {}).pop(node_id, None)
+        if spec is None:
+            raise RejectedReply(f"no {kind} message awaits its reply (not sent, or answered)")
+        return spec
 
     def _bytes_down(self, kind: str) -> int:
         """Serialized bytes of the last payloads of this kind, all nodes together."""
@@ -433,35 +485,56 @@ class LoRAStrategy(Strategy):
             Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.QUERY)
             for node_id in unseen
         ]
-        self._valid_replies(grid.send_and_receive(queries, timeout=self.query_timeout), "query")
+        self._accept_answers(grid.send_and_receive(queries, timeout=self.query_timeout), "query")
 
-    def _valid_replies(self, replies: Iterable[Message], caller: str) -> list[Message]:
-        """Replies without errors whose node restated its facts, by partition id; the nodes'
-        records are updated from them."""
+    def _accept_answers(self, answers: Iterable[Message], caller: str) -> list[Message]:
+        """The valid answers to a query, their nodes recorded; of two new nodes that claim one
+        partition, the first (by node id) keeps it."""
+        accepted = []
+        for message, report in self._valid_replies(answers, caller):
+            node_id = message.metadata.src_node_id
+            try:
+                self.checks.check_identity(node_id, report.partition_id)
+            except RejectedReply as error:
+                self._drop(node_id, str(error))
+                continue
+            self._accept(node_id, report)
+            accepted.append(message)
+        return accepted
+
+    def _valid_replies(
+        self, replies: Iterable[Message], caller: str
+    ) -> list[tuple[Message, NodeReport]]:
+        """Replies without errors whose node restated valid facts, with those facts, by
+        partition id; the others are dropped. Nothing is recorded yet (`_accept`)."""
         valid, failures = [], 0
+        latest_version = 0 if self.state is None else self.state.version
         for message in replies:
             node_id = message.metadata.src_node_id
             if message.has_error():
                 failures += 1
-                log(
-                    INFO,
-                    "\t> Received error in reply from node %d: %s",
-                    node_id,
-                    message.error.reason,
-                )
+                self._drop(node_id, f"error reply: {message.error.reason}")
                 continue
             try:
-                self.nodes[node_id] = node_report(message.content)
-            except (KeyError, ValueError) as error:
+                report = self.checks.facts(node_id, message.content, latest_version)
+            except RejectedReply as error:
                 failures += 1
-                log(WARNING, "\t> Node %d did not restate its ranks: %s", node_id, error)
+                self._drop(node_id, str(error))
                 continue
-            valid.append(message)
+            valid.append((message, report))
         log(INFO, "%s: Received %s results and %s failures", caller, len(valid), failures)
-        return sorted(
-            valid,
-            key=lambda m: (self.nodes[m.metadata.src_node_id].partition_id, m.metadata.src_node_id),
-        )
+        return sorted(valid, key=lambda pair: (pair[1].partition_id, pair[0].metadata.src_node_id))
+
+    def _accept(self, node_id: int, report: NodeReport) -> None:
+        """Record what an accepted reply restated; its first binds the node to its partition."""
+        self.nodes[node_id] = report
+        self.checks.bind(node_id, report.partition_id)
+
+    def _drop(self, node_id: int, reason: str) -> None:
+        """Log a dropped reply, naming the node and the reason, and keep it for the round."""
+        log(WARNING, "\t> Dropping the reply of node %d: %s", node_id, reason)
+        dropped = self.dropped.setdefault(self._round, {})
+        dropped[node_id] = f"{dropped[node_id]}; {reason}" if node_id in dropped else reason
 
     # ---- exactness probes ------------------------------------------------------------------------
 
@@ -491,7 +564,7 @@ class LoRAStrategy(Strategy):
         measured = [responses for responses in measured if responses]
         if not measured:
             return None
-        return max(relative_deviation(responses, self._expected_probes) for responses in measured)
+        return worst(relative_deviation(responses, self._expected_probes) for responses in measured)
 
 
 def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> dict[str, float]:
@@ -508,6 +581,11 @@ def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> d
     if not epsilons:
         return {}
     return {**epsilons, "epsilon_max": max(epsilons.values()), "dp_stopped": stopped}
+
+
+def content_metrics(message: Message) -> MetricRecord:
+    """The reply's metrics record (empty when it has none)."""
+    return message.content.metric_records.get(METRICS_RECORD, MetricRecord())
 
 
 def weighted_mean(replies: list[Message], key: str) -> float:

@@ -17,13 +17,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import rules
-from fedlora.fedsb_init import DEFAULT_ETA, GradientSketch, SBInit, sign_init, sketch_init
+from fedlora.fedsb_init import (
+    DEFAULT_ETA,
+    DEFAULT_OVERSAMPLE,
+    GradientSketch,
+    SBInit,
+    sign_init,
+    sketch_init,
+    sketch_sizes,
+)
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
     CONFIG_RECORD,
     GRADIENT_SUFFIX,
-    METRICS_RECORD,
-    NUM_EXAMPLES_KEY,
     SB_A_SUFFIX,
     SB_B_SUFFIX,
     SB_INIT_ACTION,
@@ -37,7 +43,8 @@ from fedlora.messages import (
 )
 from fedlora.rules import GlobalState
 from strategies.base import LoRAStrategy
-from strategies.records import serialized_bytes, tensors
+from strategies.records import serialized_bytes
+from strategies.reply_checks import RejectedReply
 
 INIT_MODES = ("sketch", "sign")
 
@@ -81,16 +88,21 @@ class FedSB(LoRAStrategy):
         head = {key: t for key, t in named.items() if not key.endswith(suffixes)}
         fixed = {m: LowRank(named[m + SB_B_SUFFIX], named[m + SB_A_SUFFIX]) for m in modules}
         cores = {m: named[m + SB_R_SUFFIX] for m in modules if m + SB_R_SUFFIX in named}
+        self.expect_replies(
+            {m: f.inner_rank for m, f in fixed.items()}, named[modules[0] + SB_A_SUFFIX]
+        )
         if len(cores) == len(modules) and all(f.U.any() and f.V.any() for f in fixed.values()):
             return self.rule.init_state_from_factors(fixed, cores, head)
         ranks = {f.inner_rank for f in fixed.values()}
         if len(ranks) != 1:
             raise ValueError(f"Fed-SB's fixed factors need one rank, got {sorted(ranks)}")
-        start = self._federated_init(grid, ranks.pop())
+        shapes = {m: f.shape for m, f in fixed.items()}
+        start = self._federated_init(grid, ranks.pop(), shapes)
         return self.rule.init_state_from_factors(start.fixed, start.cores, head)
 
-    def _federated_init(self, grid: Grid, rank: int) -> SBInit:
-        """Gradient estimates from the sampled nodes, combined by their example counts."""
+    def _federated_init(self, grid: Grid, rank: int, shapes: dict[str, tuple[int, int]]) -> SBInit:
+        """Gradient estimates from the sampled nodes, combined by their example counts; an
+        estimate that fails its checks (`ReplyChecks.estimate`) is dropped."""
         node_ids = self._sample(grid, 1.0, self.min_train_nodes, "sb_init", 0)
         config = ConfigRecord(
             {
@@ -107,14 +119,21 @@ class FedSB(LoRAStrategy):
             )
             for node_id in node_ids
         ]
-        replies = self._valid_replies(
-            grid.send_and_receive(queries, timeout=self.query_timeout), "sb_init"
-        )
+        answers = grid.send_and_receive(queries, timeout=self.query_timeout)
+        expected = estimate_shapes(self.init_mode, shapes, rank)
+        replies, counts, estimates = [], [], []
+        for message in self._accept_answers(answers, "sb_init"):
+            try:
+                count, estimate = self.checks.estimate(message.content, SB_INIT_ACTION, expected)
+            except RejectedReply as error:
+                self._drop(message.metadata.src_node_id, str(error))
+                continue
+            replies.append(message)
+            counts.append(count)
+            estimates.append(estimate)
         if not replies:
             raise RuntimeError("no node answered Fed-SB's initialisation query")
         self.setup_bytes_up = sum(serialized_bytes(m.content) for m in replies)
-        counts = [int(m.content[METRICS_RECORD][NUM_EXAMPLES_KEY]) for m in replies]
-        estimates = [tensors(m.content, SB_INIT_ACTION) for m in replies]
         if self.client_dp is not None:
             num_nodes = len(list(grid.get_node_ids()))
             estimates = [self.client_dp.private_estimate(estimates, len(queries), num_nodes)]
@@ -133,3 +152,19 @@ class FedSB(LoRAStrategy):
             for e in estimates
         ]
         return sketch_init(sketches, counts, rank, self.eta, seed=self.init_seed)
+
+
+def estimate_shapes(
+    mode: str, shapes: dict[str, tuple[int, int]], rank: int
+) -> dict[str, tuple[int, int]]:
+    """The tensors of one node's gradient estimate, by key: G (d_out x d_in) per module in
+    ``sign`` mode; Y = G Omega (d_out x k) and Z = Psi G (l x d_in) in ``sketch`` mode."""
+    expected = {}
+    for module, (d_out, d_in) in shapes.items():
+        if mode == "sign":
+            expected[module + GRADIENT_SUFFIX] = (d_out, d_in)
+            continue
+        k, l = sketch_sizes((d_out, d_in), rank, DEFAULT_OVERSAMPLE)
+        expected[module + SKETCH_Y_SUFFIX] = (d_out, k)
+        expected[module + SKETCH_Z_SUFFIX] = (l, d_in)
+    return expected

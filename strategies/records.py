@@ -26,8 +26,6 @@ from fedlora.messages import (
     HEAD_RECORD,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
-    PARTITION_ID_KEY,
-    VERSION_KEY,
     Payload,
     adapter_from_tensors,
     modules_with_suffix,
@@ -82,30 +80,28 @@ class NodeReport:
     version: int
 
 
-def node_report(content: RecordDict) -> NodeReport:
-    """The node's restated facts from a reply's config (Fed-SB replies have no scales)."""
-    config = content.config_records[CONFIG_RECORD]
-    ranks = {
-        key.removeprefix("rank."): int(v) for key, v in config.items() if key.startswith("rank.")
-    }
-    scales = {
-        key.removeprefix("scale."): float(v)
-        for key, v in config.items()
-        if key.startswith("scale.")
-    }
-    return NodeReport(
-        partition_id=int(config[PARTITION_ID_KEY]),
-        ranks=ranks,
-        scales=scales,
-        version=int(config[VERSION_KEY]),
+def client_update(content: RecordDict, update_kind: type, client_id: str) -> ClientUpdate:
+    """A train reply as the rules take it: LoRA factors, FedSA-LoRA's A alone or Fed-SB's R."""
+    metrics = content.metric_records[METRICS_RECORD]
+    return update_from_tensors(
+        tensors(content, ADAPTER_RECORD),
+        tensors(content, HEAD_RECORD),
+        dict(content.config_records[CONFIG_RECORD]),
+        int(metrics[NUM_EXAMPLES_KEY]),
+        update_kind,
+        client_id,
     )
 
 
-def client_update(content: RecordDict, update_kind: type, client_id: str) -> ClientUpdate:
-    """A train reply as the rules take it: LoRA factors, FedSA-LoRA's A alone or Fed-SB's R."""
-    config = dict(content.config_records[CONFIG_RECORD])
-    metrics = content.metric_records[METRICS_RECORD]
-    adapter = tensors(content, ADAPTER_RECORD)
+def update_from_tensors(
+    adapter: dict[str, Tensor],
+    head: dict[str, Tensor],
+    config: dict,
+    num_examples: int,
+    update_kind: type,
+    client_id: str,
+) -> ClientUpdate:
+    """A client's update from its tensors and its ``rank``/``scale``/``start-rank`` config."""
     if update_kind is LoRAFactors:
         modules = adapter_from_tensors(adapter, config)
     elif update_kind is SharedA:
@@ -121,9 +117,9 @@ def client_update(content: RecordDict, update_kind: type, client_id: str) -> Cli
     }
     return ClientUpdate(
         client_id=client_id,
-        num_examples=int(metrics[NUM_EXAMPLES_KEY]),
+        num_examples=num_examples,
         modules=modules,
-        head=tensors(content, HEAD_RECORD),
+        head=head,
         start_ranks=start_ranks,
     )
 

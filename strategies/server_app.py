@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
+from fedlora.measurement import worst
 from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
 from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
 from fedlora.peft_io import read_adapter, read_head
@@ -98,6 +99,7 @@ def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
         min_available_nodes=max(config.min_train_nodes, config.min_evaluate_nodes),
         probe_seed=config.seed,
         query_timeout=config.round_timeout,
+        max_examples_per_client=config.max_examples_per_client,
         base_store=base_store,
         client_dp=client_dp(config),
         **rule_options,
@@ -157,7 +159,9 @@ class MetricsLog:
     "server", the global model at the top rank on the server's held-out set, with
     ``accuracy_by_rank``; or "clients", their example-weighted held-out accuracy, personal models
     for FedSA-LoRA), client_accuracy and client_loss, train_loss, relative_deviation (the worst
-    measured in the round, by train and evaluate replies; null when none, as for FedSA-LoRA),
+    measured in the round, by train and evaluate replies, NaN when one measured NaN; null when
+    none, as for FedSA-LoRA), dropped (the nodes whose replies or rank answers were dropped in the
+    round, by node id, with the reason),
     bytes_up, bytes_down (train and evaluate payloads), bytes_up_by_client and
     bytes_down_by_client (the train exchange, by partition id), seconds (wall time of the round's
     training and client evaluation), train_seconds and client_seconds (the slowest client's local
@@ -201,13 +205,16 @@ class MetricsLog:
             "client_accuracy": evaluation.get("accuracy"),
             "client_loss": evaluation.get("loss"),
             "train_loss": train.get("loss"),
-            "relative_deviation": max(deviations) if deviations else None,
+            "relative_deviation": worst(deviations) if deviations else None,
             "bytes_up": train.get("bytes_up", 0) + train.get("setup_bytes_up", 0),
             "bytes_down": train.get("bytes_down", 0) + evaluation.get("bytes_down", 0),
             "bytes_up_by_client": by_partition(train, "bytes_up"),
             "bytes_down_by_client": by_partition(train, "bytes_down"),
             "base_store_bytes": train.get("base_store_bytes", 0),
             "clients": train.get("clients", 0),
+            "dropped": {
+                str(node): why for node, why in self.strategy.dropped.get(server_round, {}).items()
+            },
             "seconds": seconds,
             **{key: train.get(key) for key in TIMING_COLUMNS},
             "server_eval_seconds": time.perf_counter() - started,

@@ -24,7 +24,10 @@ from fedlora.adapter import Adapter, LoRAFactors
 from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import LowRank, stack
+from fedlora.measurement import worst
 from fedlora.messages import (
+    A_SUFFIX,
+    B_SUFFIX,
     VERSION_KEY,
     Payload,
     adapter_config,
@@ -94,10 +97,11 @@ class RoundResult:
     reference_norm: Mapping[str, float] | None
 
     def relative_deviation(self) -> float | None:
-        """max over modules of ||global update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense GEMM)."""
+        """max over modules of ||global update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense GEMM;
+        NaN if any module's is)."""
         if self.global_update is None or self.ideal_update is None or self.reference_norm is None:
             return None
-        worst = 0.0
+        deviations = []
         for module, update in self.global_update.items():
             reference = self.reference_norm[module]
             if reference < ABSOLUTE_FLOOR:
@@ -106,8 +110,8 @@ class RoundResult:
             if update is ideal:
                 continue  # the rule's update is the ideal one itself: identical products
             difference = stack([update, LowRank(-ideal.U, ideal.V)]).dense()
-            worst = max(worst, float(torch.linalg.matrix_norm(difference)) / reference)
-        return worst
+            deviations.append(float(torch.linalg.matrix_norm(difference)) / reference)
+        return worst(deviations)
 
 
 class AggregationRule(ABC):
@@ -117,6 +121,8 @@ class AggregationRule(ABC):
     exact: ClassVar[bool]
     personalized: ClassVar[bool] = False
     update_kind: ClassVar[type] = LoRAFactors
+    scaled: ClassVar[bool] = True
+    """Whether clients run their update at a LoRA scale alpha / r (restated in every reply)."""
 
     def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
         """Round 0 from the common initial adapter (all clients start from its slices)."""
@@ -150,6 +156,17 @@ class AggregationRule(ABC):
     def global_delta(self, state: GlobalState, module: str) -> LowRank:
         """The global model's weight minus the pretrained one, at the top rank."""
         return state.factors[module]
+
+    def reply_shapes(
+        self, state: GlobalState, ranks: Mapping[str, int]
+    ) -> dict[str, tuple[int, ...]]:
+        """The update tensors a client of these ranks sends back, by key, with their shapes:
+        ``lora_A`` (r x d_in) and ``lora_B`` (d_out x r) per module."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for module, (d_out, d_in) in state.shapes.items():
+            shapes[module + A_SUFFIX] = (ranks[module], d_in)
+            shapes[module + B_SUFFIX] = (d_out, ranks[module])
+        return shapes
 
     def _check_against_state(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
         """Updates must adapt the state's modules, with its shapes, at no more than its rank."""

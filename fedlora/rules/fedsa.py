@@ -66,6 +66,12 @@ class FedSALoRA(AggregationRule):
             config[scale_key(module)] = float(scale)
         return Payload(adapter=adapter, config=config)
 
+    def reply_shapes(self, state: GlobalState, ranks) -> dict[str, tuple[int, ...]]:
+        """Only ``lora_A`` (r x d_in) per module: B stays on the client."""
+        return {
+            module + A_SUFFIX: (ranks[module], d_in) for module, (_, d_in) in state.shapes.items()
+        }
+
     def client_step(self, local: ClientState, payload: Payload, cache=None) -> ClientState:
         """Load the shared A; keep the client's own B and head."""
         adapter: Adapter = {}

@@ -39,6 +39,7 @@ class FedSB(AggregationRule):
     name = "fedsb"
     exact = True
     update_kind = SBCore
+    scaled = False
 
     def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
         """Round 0 from a LoRA adapter: its B and A become the fixed factors and R_0 = s I, so the
@@ -104,6 +105,13 @@ class FedSB(AggregationRule):
                         f"client {update.client_id!r}: module {module!r} sends R of shape "
                         f"{tuple(core.R.shape)}, the global R is {rank} x {rank}"
                     )
+
+    def reply_shapes(self, state: GlobalState, ranks) -> dict[str, tuple[int, ...]]:
+        """The full R (r x r, the global r) per module, whatever the client's capacity."""
+        return {
+            module + SB_R_SUFFIX: (fixed.inner_rank, fixed.inner_rank)
+            for module, fixed in state.sb_factors.items()
+        }
 
     def global_delta(self, state: GlobalState, module: str) -> LowRank:
         """B R_t A."""

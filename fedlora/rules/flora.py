@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fedlora.adapter import Adapter, LoRAFactors
 from fedlora.client_state import ClientState, fresh_lora_A
+from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
     FRESH_ADAPTER_SEED_KEY,
@@ -25,6 +26,7 @@ from fedlora.messages import (
     change_from_tensors,
     change_to_tensors,
     rank_key,
+    ranks_in,
     scale_key,
     to_wire,
 )
@@ -103,10 +105,20 @@ class FLoRA(AggregationRule):
     def client_step(
         self, local: ClientState, payload: Payload, cache: BaseCache | None = None
     ) -> ClientState:
-        """Merge every pending stack into the shared base, then start a fresh adapter (B = 0)."""
+        """Merge every pending stack into the shared base, then start a fresh adapter (B = 0).
+
+        The payload names the modules (``rank.{module}``) but not their shapes, which come from
+        the client's adapter: a client state without one of them is refused.
+        """
         if cache is None:
             raise ValueError("FLoRA's client step needs the worker's BaseCache")
         config = payload.config
+        missing = sorted(set(ranks_in(config)) - set(local.adapter))
+        if missing:
+            raise InvalidUpdateError(
+                f"FLoRA's client step builds the fresh adapter in the shapes of the client's own; "
+                f"the client state has no adapter for modules {missing}"
+            )
         cache.catch_up(
             change_from_tensors(payload.base_change),
             int(config[FROM_VERSION_KEY]),

@@ -501,7 +501,7 @@ def test_base_changes_in_messages_stay_exact_under_partial_participation(strateg
 
 def test_sampling_is_seeded_by_run_seed_and_round_over_partitions():
     def sampled(seed, server_round):
-        strategy = LoRAFedAvg(probe_seed=seed, min_available_nodes=1)
+        strategy = LoRAFedAvg(lora_alpha=ALPHA, probe_seed=seed, min_available_nodes=1)
         node_ids = strategy._sample(QueryGrid(), 0.5, 1, "test", server_round)
         return sorted(strategy.nodes[n].partition_id for n in node_ids)
 
@@ -518,6 +518,6 @@ class GridWithADeadNode(QueryGrid):
 
 
 def test_a_node_that_never_answered_its_rank_query_is_not_sampled():
-    strategy = LoRAFedAvg(probe_seed=0, min_available_nodes=1)
+    strategy = LoRAFedAvg(lora_alpha=ALPHA, probe_seed=0, min_available_nodes=1)
     node_ids = strategy._sample(GridWithADeadNode(), 1.0, 1, "test", 1)
     assert sorted(node_ids) == [101, 103]
