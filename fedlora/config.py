@@ -25,6 +25,7 @@ DP_GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PARTITIONERS = ("iid", "dirichlet", "shard")
 NAMED_MODELS = {
     "minilm": "classification",
+    "smollm2": "causal-lm",
     "tiny-bert": "classification",
     "tiny-llama": "causal-lm",
     "llama-400m": "causal-lm",
