@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedlora.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.errors import ConfigError
 
-INSTRUCTION, INPUT, RESPONSE = "instruction", "input", "response"
 IGNORED_LABEL = -100
 """Label of a position the causal-LM loss skips, as transformers expects."""
 PLAIN_PROMPT = "### Instruction:\n{user}\n\n### Response:\n"
