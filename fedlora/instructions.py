@@ -11,8 +11,8 @@ generation sees them, so the prompt's ids are exactly those of the prompt tokeni
 
 Labels are the input ids with every prompt position and every padding position set to -100.
 When prompt and response exceed ``max_length``, the input (or, without one, the instruction) is
-cut from its end, a word at a time, so that the response is kept whole; a prompt too long even
-with that text emptied is cut with the response at ``max_length``.
+cut at a word boundary, keeping its beginning, so that the response is kept whole; a prompt too
+long even with that text emptied is cut with the response at ``max_length``.
 """
 
 from __future__ import annotations
@@ -81,16 +81,24 @@ def response_ids(tokenizer, user: str, response: str) -> list[int]:
 
 
 def fitted_prompt_ids(tokenizer, instruction: str, input_text: str, budget: int) -> list[int]:
-    """The prompt's ids, the input (else the instruction) cut from its end a word at a time until
-    they are at most ``budget`` long (or that text is empty)."""
+    """The prompt's ids, the input (else the instruction) cut to its first words until they are at
+    most ``budget`` long (or that text is empty). Each cut keeps as many words as the current
+    text's tokens per word say fit, so that a long text takes few tokenizations (on text of
+    uneven tokens per word it may keep a little less than would fit)."""
     ids = prompt_ids(tokenizer, user_turn(instruction, input_text))
+    if len(ids) <= budget:
+        return ids
+
+    def user(text: str) -> str:
+        return user_turn(instruction, text) if input_text else text
+
+    overhead = len(prompt_ids(tokenizer, user("")))
     words = (input_text or instruction).split(" ")
     while len(ids) > budget and words:
-        drop = max(1, math.ceil((len(ids) - budget) * len(words) / len(ids)))
-        words = words[: len(words) - drop]
-        cut = " ".join(words)
-        user = user_turn(instruction, cut) if input_text else cut
-        ids = prompt_ids(tokenizer, user)
+        tokens_per_word = max(len(ids) - overhead, 1) / len(words)
+        keep = min(len(words) - 1, math.floor((budget - overhead) / tokens_per_word))
+        words = words[: max(keep, 0)]
+        ids = prompt_ids(tokenizer, user(" ".join(words)))
     return ids
 
 
