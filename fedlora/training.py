@@ -286,7 +286,8 @@ def evaluate(
     """Loss and accuracy over every example of ``data`` (in batches of ``batch-size``).
 
     Classification: mean cross-entropy and accuracy over examples. Causal LM: mean next-token
-    cross-entropy and next-token accuracy over the non-padding target tokens.
+    cross-entropy and next-token accuracy over the labelled target tokens (not padding; for
+    instruction data, the response's tokens only).
     """
     if len(data) == 0:
         return EvalReport(loss=0.0, accuracy=0.0, num_examples=0)
