@@ -214,13 +214,16 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
     received = time.perf_counter()
     client, payload, model, probes, data = apply_payload(message, context, run_config)
     config, worker = client.config, client.worker
-    seed = client.seed(int(payload.config.get(ROUND_KEY, 0)))
+    server_round = int(payload.config.get(ROUND_KEY, 0))
+    seed = client.seed(server_round)
     if config.dp_sample:
-        report, privacy = train_privately(client, model, data, seed, context)
+        report, privacy = train_privately(client, model, data, seed, server_round, context)
         if report is None:
             return budget_spent_reply(message, context, client, payload, privacy, len(data.train))
     else:
-        report = train_round(model, data.train, worker.base.tokenizer, config, worker.device, seed)
+        report = train_round(
+            model, data.train, worker.base.tokenizer, config, worker.device, seed, server_round
+        )
         privacy = {}
     arrays, facts = client.side.reply(model, payload, context)
     arrays, clipping = clip_for_client_dp(arrays, payload, facts)
@@ -240,7 +243,7 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
 
 
 def train_privately(
-    client: Client, model: nn.Module, data, seed: int, context: Context
+    client: Client, model: nn.Module, data, seed: int, server_round: int, context: Context
 ) -> tuple[TrainReport | None, dict[str, float]]:
     """DP-SGD for the round, unless it would take the node past ``max-epsilon`` (then no
     report); and the privacy metrics: epsilon (after the round, or so far), delta, and whether
@@ -252,7 +255,15 @@ def train_privately(
         spent = {EPSILON_KEY: plan.epsilon(history), DELTA_KEY: plan.delta, BUDGET_SPENT_KEY: 1}
         return None, spent
     report, history = train_private(
-        model, data.train, worker.base.tokenizer, config, plan, history, worker.device, seed
+        model,
+        data.train,
+        worker.base.tokenizer,
+        config,
+        plan,
+        history,
+        worker.device,
+        seed,
+        server_round,
     )
     save_privacy_history(context, history, config.dp_accountant)
     return report, {EPSILON_KEY: plan.epsilon(history), DELTA_KEY: plan.delta, BUDGET_SPENT_KEY: 0}

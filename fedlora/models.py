@@ -39,6 +39,7 @@ from fedlora.fedsb_init import module_seed
 from fedlora.lowrank import LowRank
 from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers
 from fedlora.sb_layer import base_shape, find_targets, inject_sb_layers
+from fedlora.smollm2 import SMOLLM2, smollm2_folder
 
 TINY_VOCAB = 1024
 """Vocabulary of the models built from configs (and of their `HashingTokenizer`)."""
@@ -69,9 +70,10 @@ def minilm_folder() -> Path:
 def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseModel:
     """The base model named by ``config.model``, its classifier head initialised from ``seed``.
 
-    ``minilm`` (the packaged all-MiniLM-L6-v2), ``tiny-bert`` / ``tiny-llama`` (small models built
-    from configs, for tests), ``llama-400m`` (a randomly initialised 0.4B Llama, for GPU
-    throughput), a local folder, or a Hugging Face id already in the local cache
+    ``minilm`` (the packaged all-MiniLM-L6-v2), ``smollm2`` (the packaged SmolLM2-135M-Instruct,
+    dequantized once into fedlora's cache: `fedlora.smollm2`), ``tiny-bert`` / ``tiny-llama``
+    (small models built from configs, for tests), ``llama-400m`` (a randomly initialised 0.4B
+    Llama, for GPU throughput), a local folder, or a Hugging Face id already in the local cache
     (nothing is downloaded). ``num_labels`` defaults to the classes of ``config.dataset``.
     """
     if config.task == "classification" and num_labels is None:
@@ -122,6 +124,8 @@ def model_location(name: str) -> str:
     """The folder or hub id to load ``name`` from; a path that does not exist is named."""
     if name == "minilm":
         return str(minilm_folder())
+    if name == SMOLLM2:
+        return str(smollm2_folder())
     path = Path(name).expanduser()
     if path.exists():
         return str(path)

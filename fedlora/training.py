@@ -2,16 +2,20 @@
 
 On CUDA the forward passes run under bf16 autocast (the weights stay float32); on the CPU in
 float32. Training draws its dropout masks from ``seed`` when one is given, so a client's round is
-reproducible. `train_private` runs the same steps as DP-SGD (`fedlora.privacy`): Opacus' per-example
+reproducible. An optimizer step may accumulate the gradients of several batches, each batch's loss
+weighted by its share of the step's loss targets, so that the step equals one on all of them
+together; its learning rate follows the run's schedule (`fedlora.lr_schedule`). `train_private`
+runs the same steps as DP-SGD (`fedlora.privacy`): Opacus' per-example
 clipping and noise on a (Poisson-sampled) loader over the client's examples.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import datasets
@@ -22,6 +26,7 @@ from torch import Tensor, nn
 from fedlora.config import RunConfig
 from fedlora.data import IGNORED_LABEL, batches, ordered_batches
 from fedlora.errors import ConfigError
+from fedlora.lr_schedule import round_learning_rates
 from fedlora.privacy import History, PrivacyPlan, example_loader, private_training
 
 
@@ -95,6 +100,27 @@ def client_seed(run_seed: int, partition_id: int, server_round: int) -> int:
     return zlib.crc32(f"{run_seed}:{partition_id}:{server_round}".encode())
 
 
+def learning_rates(config: RunConfig, server_round: int) -> list[float]:
+    """The learning rate of each of a client's local steps in round ``server_round``."""
+    return round_learning_rates(
+        config.learning_rate,
+        server_round,
+        config.local_steps,
+        config.num_server_rounds,
+        config.warmup_steps,
+        config.lr_schedule,
+    )
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant so that frozen inputs need no grad)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def train_round(
     model: nn.Module,
     examples: datasets.Dataset,
@@ -102,18 +128,23 @@ def train_round(
     config: RunConfig,
     device: torch.device | str,
     seed: int,
+    server_round: int = 1,
 ) -> TrainReport:
-    """A client's round of plain local training: ``local-steps`` AdamW steps on seeded batches
-    of ``batch-size`` of its examples."""
+    """A client's round of plain local training: ``local-steps`` AdamW steps, each on
+    ``gradient-accumulation-steps`` seeded batches of ``batch-size`` of its examples, at the
+    schedule's learning rates for round ``server_round``."""
+    accumulation = config.gradient_accumulation_steps
     training = batches(
         examples,
         tokenizer,
         config.max_length,
         config.batch_size,
         seed,
-        config.local_steps,
+        config.local_steps * accumulation,
         config.task,
     )
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     return train_local(
         model,
         training,
@@ -122,7 +153,34 @@ def train_round(
         config.weight_decay,
         device,
         seed=seed,
+        accumulation_steps=accumulation,
+        learning_rates=learning_rates(config, server_round),
     )
+
+
+def loss_targets(batch: Mapping[str, Tensor]) -> int:
+    """How many targets a batch's mean loss averages: its examples (class labels), or its
+    labelled next tokens (token labels, -100 ignored)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return len(labels)
+    return int((labels[:, 1:] != IGNORED_LABEL).sum())
+
+
+def batch_weights(group: Sequence[Mapping[str, Tensor]]) -> list[float]:
+    """Each batch's share of a step's loss targets (equal shares if there are none)."""
+    if len(group) == 1:
+        return [1.0]
+    counts = [loss_targets(batch) for batch in group]
+    total = sum(counts)
+    if total == 0:
+        return [1.0 / len(group)] * len(group)
+    return [count / total for count in counts]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = rate
 
 
 def train_local(
@@ -135,29 +193,44 @@ def train_local(
     optimizer: torch.optim.Optimizer | None = None,
     seed: int | None = None,
     loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor] | None = None,
+    accumulation_steps: int = 1,
+    learning_rates: Sequence[float] | None = None,
 ) -> TrainReport:
-    """``steps`` AdamW steps on the trainable parameters over the first ``steps`` batches.
+    """``steps`` AdamW steps on the trainable parameters, each accumulating the gradients of the
+    next ``accumulation_steps`` batches (each batch's loss weighted by `batch_weights`).
 
     The model is trained in train mode (dropout on) and left in eval mode. ``optimizer`` replaces
     the AdamW made here (e.g. an Opacus DP optimizer over the same parameters), ``loss_fn``
-    the model's own loss (``model(**batch).loss``).
+    the model's own loss (``model(**batch).loss``), ``learning_rates`` (one per step) ``lr``.
+    The reported loss of a step is the weighted sum of its batches' losses.
     """
     device = torch.device(device)
     optimizer = optimizer or make_optimizer(model, lr, weight_decay)
+    batches = iter(batches)
     losses, num_examples = [], 0
     start = time.perf_counter()
     model.train()
     try:
         with seeded_rng(seed, device):
-            for _, batch in zip(range(steps), batches, strict=False):
-                batch = to_device(batch, device)
+            for step in range(steps):
+                group = [
+                    to_device(batch, device)
+                    for batch in itertools.islice(batches, accumulation_steps)
+                ]
+                if not group:
+                    break
                 optimizer.zero_grad(set_to_none=True)
-                with autocast(device):
-                    loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
-                loss.backward()
+                step_loss = 0.0
+                for batch, weight in zip(group, batch_weights(group), strict=True):
+                    with autocast(device):
+                        loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+                    (loss * weight).backward()
+                    step_loss = step_loss + loss.detach() * weight
+                    num_examples += len(batch["labels"])
+                if learning_rates is not None:
+                    set_learning_rate(optimizer, learning_rates[step])
                 optimizer.step()
-                losses.append(loss.detach())
-                num_examples += len(batch["labels"])
+                losses.append(step_loss)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()
@@ -178,9 +251,11 @@ def train_private(
     history: History,
     device: torch.device | str,
     seed: int,
+    server_round: int = 1,
 ) -> tuple[TrainReport, History]:
-    """``local-steps`` DP-SGD steps (AdamW under Opacus) on ``data`` with the client's plan;
-    the report and the accountant's history, ``history`` followed by these steps."""
+    """``local-steps`` DP-SGD steps (AdamW under Opacus) on ``data`` with the client's plan, at
+    the schedule's learning rates for round ``server_round``; the report and the accountant's
+    history, ``history`` followed by these steps."""
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     loader = example_loader(data, tokenizer, config, seed)
     with private_training(model, optimizer, loader, plan, history, config.task) as run:
@@ -194,6 +269,7 @@ def train_private(
             optimizer=run.optimizer,
             seed=seed,
             loss_fn=run.loss,
+            learning_rates=learning_rates(config, server_round),
         )
     return report, run.history
 
@@ -210,7 +286,8 @@ def evaluate(
     """Loss and accuracy over every example of ``data`` (in batches of ``batch-size``).
 
     Classification: mean cross-entropy and accuracy over examples. Causal LM: mean next-token
-    cross-entropy and next-token accuracy over the non-padding target tokens.
+    cross-entropy and next-token accuracy over the labelled target tokens (not padding; for
+    instruction data, the response's tokens only).
     """
     if len(data) == 0:
         return EvalReport(loss=0.0, accuracy=0.0, num_examples=0)

