@@ -2,8 +2,9 @@
 SuperNodes of LoRA ranks 2, 4 and 8 as processes on 127.0.0.1, runs submitted with ``flwr run``.
 
 The credentials come from `fedlora deploy init`'s writer, and the processes run the commands it
-prints (`deployment.commands`). A deployed run must give the final global model that simulation
-gives with the same seeds; the nodes' ranks and batch size come from their node config only (the
+prints (`deployment.commands`). A deployed run must give the final global model that the same
+apps give on the in-process grid with the same seeds (the strategy matrix and the Ray runs show
+that Ray's simulation gives it too); the nodes' ranks and batch size come from their node config only (the
 run config says rank 8 and batch 16 for everyone). Every process a test starts carries a tag in
 its environment, which Flower's detached children (SuperExec, ServerApp and ClientApp processes)
 inherit; teardown kills every tagged process (found in /proc), whatever happened.
@@ -32,7 +33,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from safetensors.torch import load_file
 
-from clients.app import Client, node_run_config
+from clients.app import Client, client_app, node_run_config
 from deployment.commands import register_command, run_command, superlink_command, supernode_command
 from deployment.credentials import (
     CA_FILE,
@@ -47,7 +48,8 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.models import load_base_model
 from simulations.cli import main as cli_main
-from simulations.runner import simulate
+from strategies.server_app import run
+from tests.support.local_grid import LocalGrid
 from tests.support.processes import START_TIMEOUT, Processes, free_port, tagged_pids, wait_for
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -274,12 +276,17 @@ def test_a_node_with_its_own_data_uses_all_of_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("strategy", ["fedex", "flora", "fedsa"])
 def test_deployed_run_matches_simulation(federation, strategy, tmp_path):
+    """The deployed run against the same run of the project's apps on the in-process grid of
+    three nodes (partition ids 0, 1, 2: ranks 2, 4, 8 from the rank profile)."""
     rows, done = federation.run({**DEPLOYED, "strategy": strategy}, tmp_path / "deployed")
-    simulated_dir = simulate(
-        {"run": {**SIMULATED, "strategy": strategy}, "simulation": {"num-supernodes": 3}},
-        out_dir=tmp_path / "simulated",
+    simulated_dir = tmp_path / "simulated"
+    simulated = {**SIMULATED, "strategy": strategy}
+    run(
+        LocalGrid(client_app(simulated), num_nodes=len(RANKS)),
+        {**simulated, "run-dir": str(simulated_dir)},
     )
     simulated_rows = [json.loads(line) for line in (simulated_dir / "metrics.jsonl").open()]
 
