@@ -18,6 +18,8 @@ from fedlora.client_dp import check_client_dp_rule
 from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
 from fedlora.rules import RULES
+from fedlora.rules.base import check_robustness
+from fedlora.rules.robust import Robustness
 
 TASKS = ("classification", "causal-lm")
 DP_ACCOUNTANTS = ("rdp", "prv")
@@ -91,6 +93,12 @@ class RunConfig:
     round_timeout: float = 3600.0
     # the largest example count one client may report; a reply above it is dropped
     max_examples_per_client: int = 10_000_000
+    # robust aggregation (`fedlora.rules.robust`): norm bounds of each client's change (0: off)
+    # and the combination of client factors where the strategy averages factors
+    robust_norm_bound: float = 0.0
+    robust_norm_median_multiple: float = 0.0
+    robust_aggregation: str = "mean"
+    robust_trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -144,6 +152,16 @@ class RunConfig:
             rank for (rank, _), count in zip(profile, counts, strict=True) for _ in range(count)
         ]
         return ranks[partition_id]
+
+    @property
+    def robustness(self) -> Robustness:
+        """The ``robust-*`` keys as the rule's options."""
+        return Robustness(
+            norm_bound=self.robust_norm_bound,
+            norm_median_multiple=self.robust_norm_median_multiple,
+            combination=self.robust_aggregation,
+            trim_fraction=self.robust_trim_fraction,
+        )
 
     @property
     def max_rank(self) -> int:
@@ -310,3 +328,10 @@ def check_values(config: RunConfig) -> None:
         )
     parse_rank_profile(config.rank_profile)
     check_client_dp(config)
+    robustness = config.robustness
+    check_robustness(RULES[config.strategy], robustness)
+    if config.dp_client and (robustness.bounds_norms or robustness.combination != "mean"):
+        raise ConfigError(
+            "robust-* options do not apply with dp-client: client-level DP clips every update and "
+            "its analysis assumes the noised mean"
+        )

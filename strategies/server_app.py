@@ -83,12 +83,14 @@ def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
 
 
 def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
-    """The strategy named by ``strategy``, its sampling and seeds from the run config."""
+    """The strategy named by ``strategy``, its sampling, seeds and robust options from the run
+    config."""
     rule_options = {
         "flora": {"seed": config.seed},
         "flexlora": {"seed": config.seed},
         "fedsb": {"eta": config.learning_rate, "init_seed": config.seed},
     }.get(config.strategy, {})
+    rule_options["robustness"] = config.robustness
     return STRATEGIES[config.strategy](
         lora_alpha=config.lora_alpha,
         rslora=config.rslora,

@@ -34,6 +34,7 @@ FROM_VERSION_KEY = "base-from-version"
 class FedExLoRA(FedAvg):
     name = "fedex"
     exact = True
+    combinations = ("mean",)
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         state = super().init_state(initial, head)

@@ -23,6 +23,7 @@ from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank, pad_cols, pad_rows, randomized_truncated_svd
 from fedlora.rules.base import concatenate_folded
 from fedlora.rules.fedavg import FedAvg
+from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate
 
 
@@ -42,8 +43,16 @@ class FlexLoRA(FedAvg):
 
     name = "flexlora"
     exact = False
+    combinations = ("mean",)
 
-    def __init__(self, oversample: int = 32, iterations: int = 4, seed: int = 0):
+    def __init__(
+        self,
+        oversample: int = 32,
+        iterations: int = 4,
+        seed: int = 0,
+        robustness: Robustness | None = None,
+    ):
+        super().__init__(robustness)
         if oversample < 0 or iterations < 0:
             raise ConfigError(
                 f"FlexLoRA needs oversample >= 0 and iterations >= 0; got {oversample}, {iterations}"

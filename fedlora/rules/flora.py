@@ -38,6 +38,7 @@ from fedlora.rules.base import (
     RoundResult,
 )
 from fedlora.rules.fedex import FROM_VERSION_KEY
+from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate, ClientUpdates, average_head
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
@@ -57,8 +58,13 @@ class FLoRA(AggregationRule):
     name = "flora"
     exact = True
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, robustness: Robustness | None = None):
+        super().__init__(robustness)
         self.seed = seed
+
+    def client_starts(self, state: GlobalState) -> dict[str, LowRank | None]:
+        """FLoRA's clients start every round from B = 0: a zero product."""
+        return dict.fromkeys(state.modules)
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """FLoRA's adapters start each round at B = 0: only the shapes and the head matter."""
