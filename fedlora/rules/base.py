@@ -89,17 +89,20 @@ class RoundResult:
     """A round's outcome: the next state, the global model's change and the ideal change, per module.
 
     ``global_update`` and ``ideal_update`` are None for personalized methods (FedSA-LoRA).
-    ``reference_norm`` is max(||dW*||, sum_i p_i ||dW_i||) per module.
+    ``reference_norm`` is max(||dW*||, sum_i p_i ||dW_i||) per module. ``reconstructed``, where the
+    global update is the ideal one by construction (FedEx-LoRA, FLoRA), holds per module the dense
+    float64 update each rank class reconstructs from its payload (`fedlora.rules.reconstruction`).
     """
 
     state: GlobalState
     global_update: dict[str, LowRank] | None
     ideal_update: dict[str, LowRank] | None
     reference_norm: Mapping[str, float] | None
+    reconstructed: Mapping[str, list[Tensor]] | None = None
 
     def relative_deviation(self) -> float | None:
-        """max over modules of ||global update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense GEMM;
-        NaN if any module's is)."""
+        """max over modules (and rank classes, when reconstructed) of
+        ||update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense; NaN if any is)."""
         if self.global_update is None or self.ideal_update is None or self.reference_norm is None:
             return None
         deviations = []
@@ -108,10 +111,12 @@ class RoundResult:
             if reference < ABSOLUTE_FLOOR:
                 continue
             ideal = self.ideal_update[module]
-            if update is ideal:
-                continue  # the rule's update is the ideal one itself: identical products
-            difference = stack([update, LowRank(-ideal.U, ideal.V)]).dense()
-            deviations.append(float(torch.linalg.matrix_norm(difference)) / reference)
+            if self.reconstructed is None:
+                differences = [stack([update, LowRank(-ideal.U, ideal.V)]).dense()]
+            else:
+                ideal_dense = ideal.U.double() @ ideal.V.double()
+                differences = [measured - ideal_dense for measured in self.reconstructed[module]]
+            deviations += [float(torch.linalg.matrix_norm(d)) / reference for d in differences]
         return worst(deviations)
 
 

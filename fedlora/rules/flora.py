@@ -38,6 +38,7 @@ from fedlora.rules.base import (
     RoundResult,
 )
 from fedlora.rules.fedex import FROM_VERSION_KEY
+from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
 from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate, ClientUpdates, average_head
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
@@ -88,7 +89,9 @@ class FLoRA(AggregationRule):
             head=average_head(updates, weights) or state.head,
             changes=changes,
         )
-        return RoundResult(new_state, change, change, reference)  # the stack is dW* itself
+        dtype = next(iter(change.values())).U.dtype
+        reconstructed = ReconstructedUpdates(self, state, new_state, rank_classes(updates), dtype)
+        return RoundResult(new_state, change, change, reference, reconstructed)
 
     def global_delta(self, state: GlobalState, module: str) -> LowRank:
         return accumulated_changes(state, module)
