@@ -182,7 +182,13 @@ def field_type(field: dataclasses.Field) -> type:
 def typed_value(key: str, value: Scalar, kind: type) -> Scalar:
     """``value`` as ``kind``; an int passes as a float, nothing else is converted."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(
+                f"run_config key {key!r}: an integer of {len(str(abs(value)))} digits is beyond "
+                "a float's range"
+            ) from None
     if type(value) is not kind:
         raise ConfigError(
             f"run_config key {key!r}: expected {kind.__name__}, got {value!r} "
@@ -252,9 +258,11 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
         (lambda value: value >= 1, ">= 1"),
     ),
     **dict.fromkeys(
-        ("dirichlet_alpha", "lora_alpha", "learning_rate"), (lambda value: value > 0, "> 0")
+        ("dirichlet_alpha", "lora_alpha", "learning_rate"),
+        (lambda value: 0 < value < math.inf, "> 0 and finite"),
     ),
-    **dict.fromkeys(("seed", "weight_decay"), (lambda value: value >= 0, ">= 0")),
+    "seed": (lambda value: value >= 0, ">= 0"),
+    "weight_decay": (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
     **dict.fromkeys(
         ("test_fraction", "server_eval_fraction"), (lambda value: 0 <= value < 1, "in [0, 1)")
     ),

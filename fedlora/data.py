@@ -107,17 +107,33 @@ def read_local(spec: str) -> datasets.Dataset:
             f"dataset {spec!r}: {path} does not exist (use bbcnews, json:PATH, csv:PATH, "
             "parquet:PATH or a folder saved with datasets' save_to_disk)"
         )
-    if kind == "json":
-        return datasets.Dataset.from_list(json_records(path))
-    if kind:
+    if not kind:
+        return saved_dataset(path, spec)
+    if not path.is_file():
+        raise ConfigError(f"dataset {spec!r}: {path} is not a file")
+    try:
+        if kind == "json":
+            return datasets.Dataset.from_list(json_records(path))
         frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
         return datasets.Dataset.from_pandas(frame, preserve_index=False)
-    return saved_dataset(path, spec)
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"dataset {spec!r}: {path} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except (OSError, ValueError, TypeError) as error:  # JSON, CSV, parquet and Arrow errors
+        raise ConfigError(f"dataset {spec!r}: {path} cannot be read as {kind}: {error}") from None
 
 
 def json_records(path: Path) -> list[dict]:
-    """The records of a JSON array (or an object holding one list) or of JSON lines."""
-    text = path.read_text()
+    """The records (objects) of a JSON array (or an object holding one list) or of JSON lines."""
+    records = json_values(path.read_text(encoding="utf-8"))
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError("every record must be a JSON object")
+    return records
+
+
+def json_values(text: str) -> list:
+    """The values of a JSON array (or an object holding one list) or of JSON lines."""
     if text.lstrip().startswith(("[", "{")):
         try:
             loaded = json.loads(text)
