@@ -120,7 +120,7 @@ def read_local(spec: str) -> datasets.Dataset:
         raise ConfigError(
             f"dataset {spec!r}: {path} is not UTF-8 text ({error.reason} at byte {error.start})"
         ) from None
-    except (OSError, ValueError, TypeError) as error:  # JSON, CSV, parquet and Arrow errors
+    except (OSError, ValueError, TypeError, OverflowError) as error:  # JSON, CSV, parquet, Arrow
         raise ConfigError(f"dataset {spec!r}: {path} cannot be read as {kind}: {error}") from None
 
 
@@ -169,6 +169,7 @@ def saved_dataset(path: Path, spec: str) -> datasets.Dataset:
 def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
     """``text`` and ``label`` only, the label a ClassLabel (class names sorted if given as text)."""
     require_columns(raw, spec, [TEXT, LABEL])
+    require_strings(raw, spec, [TEXT])
     raw = raw.select_columns([TEXT, LABEL])
     if isinstance(raw.features[LABEL], datasets.ClassLabel):
         return raw
@@ -192,8 +193,11 @@ def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset
 
 def causal_lm_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
     """``text`` (instruction and response joined in a prompt template), plus ``label`` if any."""
-    if TEXT not in raw.column_names:
+    if TEXT in raw.column_names:
+        require_strings(raw, spec, [TEXT])
+    else:
         require_columns(raw, spec, [INSTRUCTION, RESPONSE], alternative=TEXT)
+        require_strings(raw, spec, [INSTRUCTION, RESPONSE])
         with quiet_progress():
             raw = raw.map(
                 lambda row: {TEXT: instruction_text(row[INSTRUCTION], row[RESPONSE])},
@@ -215,6 +219,13 @@ def require_columns(
         raise ConfigError(
             f"dataset {spec!r} lacks column(s) {missing}{either}; it has {data.column_names}"
         )
+
+
+def require_strings(data: datasets.Dataset, spec: str, columns: Sequence[str]) -> None:
+    """Every value of these columns is a string."""
+    for column in columns:
+        if not all(isinstance(value, str) for value in data[column]):
+            raise ConfigError(f"dataset {spec!r}: column {column!r} must hold text in every row")
 
 
 def num_labels(data: datasets.Dataset) -> int:
