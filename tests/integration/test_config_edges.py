@@ -105,3 +105,9 @@ def test_an_unreadable_data_file_is_a_config_error_naming_it(tmp_path, name, con
     with pytest.raises(ConfigError, match=reason) as error:
         load_dataset(config)
     assert str(data) in str(error.value)
+
+
+def test_bench_gpus_out_under_a_file(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    line = one_line_error(capsys, ["bench", "gpus", "--out", str(tmp_path / "file" / "runs")])
+    assert "on its path is a file" in line
