@@ -19,6 +19,8 @@ from fedlora.errors import ConfigError
 from fedlora.lr_schedule import LR_SCHEDULES
 from fedlora.messages import Scalar
 from fedlora.rules import RULES
+from fedlora.rules.base import check_robustness
+from fedlora.rules.robust import Robustness
 
 TASKS = ("classification", "causal-lm")
 DP_ACCOUNTANTS = ("rdp", "prv")
@@ -100,6 +102,12 @@ class RunConfig:
     round_timeout: float = 3600.0
     # the largest example count one client may report; a reply above it is dropped
     max_examples_per_client: int = 10_000_000
+    # robust aggregation (`fedlora.rules.robust`): norm bounds of each client's change (0: off)
+    # and the combination of client factors where the strategy averages factors
+    robust_norm_bound: float = 0.0
+    robust_norm_median_multiple: float = 0.0
+    robust_aggregation: str = "mean"
+    robust_trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -155,6 +163,16 @@ class RunConfig:
         return ranks[partition_id]
 
     @property
+    def robustness(self) -> Robustness:
+        """The ``robust-*`` keys as the rule's options."""
+        return Robustness(
+            norm_bound=self.robust_norm_bound,
+            norm_median_multiple=self.robust_norm_median_multiple,
+            combination=self.robust_aggregation,
+            trim_fraction=self.robust_trim_fraction,
+        )
+
+    @property
     def max_rank(self) -> int:
         """The largest rank any client may get from the profile or ``lora-rank``."""
         profile = parse_rank_profile(self.rank_profile)
@@ -173,7 +191,13 @@ def field_type(field: dataclasses.Field) -> type:
 def typed_value(key: str, value: Scalar, kind: type) -> Scalar:
     """``value`` as ``kind``; an int passes as a float, nothing else is converted."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(
+                f"run_config key {key!r}: an integer of {len(str(abs(value)))} digits is beyond "
+                "a float's range"
+            ) from None
     if type(value) is not kind:
         raise ConfigError(
             f"run_config key {key!r}: expected {kind.__name__}, got {value!r} "
@@ -244,9 +268,11 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
         (lambda value: value >= 1, ">= 1"),
     ),
     **dict.fromkeys(
-        ("dirichlet_alpha", "lora_alpha", "learning_rate"), (lambda value: value > 0, "> 0")
+        ("dirichlet_alpha", "lora_alpha", "learning_rate"),
+        (lambda value: 0 < value < math.inf, "> 0 and finite"),
     ),
-    **dict.fromkeys(("seed", "weight_decay", "warmup_steps"), (lambda value: value >= 0, ">= 0")),
+    **dict.fromkeys(("seed", "warmup_steps"), (lambda value: value >= 0, ">= 0")),
+    "weight_decay": (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
     **dict.fromkeys(
         ("test_fraction", "server_eval_fraction"), (lambda value: 0 <= value < 1, "in [0, 1)")
     ),
@@ -322,6 +348,13 @@ def check_values(config: RunConfig) -> None:
     parse_rank_profile(config.rank_profile)
     check_training_steps(config)
     check_client_dp(config)
+    robustness = config.robustness
+    check_robustness(RULES[config.strategy], robustness)
+    if config.dp_client and (robustness.bounds_norms or robustness.combination != "mean"):
+        raise ConfigError(
+            "robust-* options do not apply with dp-client: client-level DP clips every update and "
+            "its analysis assumes the noised mean"
+        )
 
 
 def check_training_steps(config: RunConfig) -> None:

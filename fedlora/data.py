@@ -117,17 +117,33 @@ def read_local(spec: str) -> datasets.Dataset:
             f"dataset {spec!r}: {path} does not exist (use bbcnews, json:PATH, csv:PATH, "
             "parquet:PATH or a folder saved with datasets' save_to_disk)"
         )
-    if kind == "json":
-        return datasets.Dataset.from_list(json_records(path))
-    if kind:
+    if not kind:
+        return saved_dataset(path, spec)
+    if not path.is_file():
+        raise ConfigError(f"dataset {spec!r}: {path} is not a file")
+    try:
+        if kind == "json":
+            return datasets.Dataset.from_list(json_records(path))
         frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
         return datasets.Dataset.from_pandas(frame, preserve_index=False)
-    return saved_dataset(path, spec)
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"dataset {spec!r}: {path} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except (OSError, ValueError, TypeError, OverflowError) as error:  # JSON, CSV, parquet, Arrow
+        raise ConfigError(f"dataset {spec!r}: {path} cannot be read as {kind}: {error}") from None
 
 
 def json_records(path: Path) -> list[dict]:
-    """The records of a JSON array (or an object holding one list) or of JSON lines."""
-    text = path.read_text()
+    """The records (objects) of a JSON array (or an object holding one list) or of JSON lines."""
+    records = json_values(path.read_text(encoding="utf-8"))
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError("every record must be a JSON object")
+    return records
+
+
+def json_values(text: str) -> list:
+    """The values of a JSON array (or an object holding one list) or of JSON lines."""
     if text.lstrip().startswith(("[", "{")):
         try:
             loaded = json.loads(text)
@@ -163,6 +179,7 @@ def saved_dataset(path: Path, spec: str) -> datasets.Dataset:
 def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
     """``text`` and ``label`` only, the label a ClassLabel (class names sorted if given as text)."""
     require_columns(raw, spec, [TEXT, LABEL])
+    require_strings(raw, spec, [TEXT])
     raw = raw.select_columns([TEXT, LABEL])
     if isinstance(raw.features[LABEL], datasets.ClassLabel):
         return raw
@@ -185,11 +202,15 @@ def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset
 
 
 def causal_lm_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
-    """``text``, else ``instruction``, ``input`` (if any) and ``response``; and ``label`` if any."""
+    """``text``, else ``instruction``, ``input`` (if any) and ``response``; and ``label`` if any.
+    ``text``, ``instruction`` and ``response`` must hold strings (``input`` may be missing in a
+    row)."""
     if TEXT in raw.column_names:
+        require_strings(raw, spec, [TEXT])
         columns = [TEXT]
     else:
         require_columns(raw, spec, [INSTRUCTION, RESPONSE], alternative=TEXT)
+        require_strings(raw, spec, [INSTRUCTION, RESPONSE])
         columns = [c for c in (INSTRUCTION, INPUT, RESPONSE) if c in raw.column_names]
     if LABEL in raw.column_names:
         columns.append(LABEL)
@@ -205,6 +226,13 @@ def require_columns(
         raise ConfigError(
             f"dataset {spec!r} lacks column(s) {missing}{either}; it has {data.column_names}"
         )
+
+
+def require_strings(data: datasets.Dataset, spec: str, columns: Sequence[str]) -> None:
+    """Every value of these columns is a string."""
+    for column in columns:
+        if not all(isinstance(value, str) for value in data[column]):
+            raise ConfigError(f"dataset {spec!r}: column {column!r} must hold text in every row")
 
 
 def num_labels(data: datasets.Dataset) -> int:

@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -91,6 +92,49 @@ def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseMod
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return BaseModel(model=model.float().eval(), tokenizer=tokenizer, num_labels=labels)
+
+
+BUILT_MODEL_LIMITS = {
+    "tiny-bert": (TINY_MAX_POSITIONS, 32),
+    "tiny-llama": (TINY_MAX_POSITIONS, 32),
+    "llama-400m": (2048, 1024),
+}
+"""(max positions, hidden size) of the models built from configs."""
+
+
+def model_limits(config: RunConfig) -> tuple[int | None, int | None]:
+    """The configured model's (max positions, hidden size), from its config file alone (None
+    where the config does not say)."""
+    if config.model in BUILT_MODEL_LIMITS:
+        return BUILT_MODEL_LIMITS[config.model]
+    location = model_location(config.model)
+    try:
+        model_config = AutoConfig.from_pretrained(location, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"model {location!r} is neither a local folder nor in the local Hugging Face cache "
+            f"(models load offline): {error}"
+        ) from error
+    positions = getattr(model_config, "max_position_embeddings", None)
+    hidden = getattr(model_config, "hidden_size", None)
+    return positions, hidden
+
+
+def check_model_limits(config: RunConfig) -> None:
+    """``max-length`` within the model's positions and every LoRA rank within its hidden size,
+    checked before anything runs."""
+    positions, hidden = model_limits(config)
+    if positions is not None and config.max_length > positions:
+        raise ConfigError(
+            f"max-length = {config.max_length}: model {config.model!r} takes at most "
+            f"{positions} positions"
+        )
+    ranks = {"lora-rank": config.lora_rank, "rank-profile": config.max_rank}
+    for key, rank in ranks.items():
+        if hidden is not None and rank > hidden:
+            raise ConfigError(
+                f"{key}: rank {rank} is above model {config.model!r}'s hidden size {hidden}"
+            )
 
 
 def dataset_classes(config: RunConfig) -> int:

@@ -17,6 +17,7 @@ from fedlora.cli import comma_ints, output_console
 from simulations.bench import simulate_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
 from simulations.recipes import DEMO_RECIPE, RECIPES_DIR
+from simulations.run_dir import check_out_dir
 
 DEFAULT_ROUNDS = 3
 MULTI_GPU_RECIPE = RECIPES_DIR / "multi-gpu.toml"
@@ -148,6 +149,7 @@ def add_gpus_benchmark(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def run_bench_gpus(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
     results = with_spinner(
         lambda say: gpu_scaling_benchmark(
             args.recipe,

@@ -44,6 +44,7 @@ from simulations.run_dir import (
     METRICS_CSV,
     METRICS_JSONL,
     MetricsRow,
+    check_out_dir,
     read_metrics,
 )
 from simulations.runner import SimulationError, simulate
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_recipe(args: argparse.Namespace) -> int:
     recipe = resolve(load_recipe(args.recipe), args.overrides, args.strategy, args.rounds)
     out_dir = args.out or RUNS_DIR / recipe.name
+    check_out_dir(out_dir)
     rounds = recipe.run_config.num_server_rounds
     progress_console = Console(stderr=True)
     progress_console.print(f"{describe(recipe)}, strategy {recipe.run['strategy']}")
@@ -235,6 +237,7 @@ def run_compare(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     checked = resolve(recipe, args.overrides, strategies[0], args.rounds)
     out_dir = args.out or RUNS_DIR / "compare" / recipe.name
+    check_out_dir(out_dir)
     rounds = checked.run_config.num_server_rounds
     progress_console = Console(stderr=True)
     progress_console.print(f"{describe(checked)}, strategies {', '.join(strategies)}")
@@ -263,6 +266,7 @@ def run_dp_sweep(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     checked = resolve(recipe, args.overrides, strategies[0], args.rounds)
     out_dir = args.out or RUNS_DIR / "dp-sweep" / recipe.name
+    check_out_dir(out_dir)
     rounds = checked.run_config.num_server_rounds
     runs = [(s, e) for s in strategies for e in epsilons]
     progress_console = Console(stderr=True)

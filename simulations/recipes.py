@@ -18,8 +18,10 @@ from pathlib import Path
 
 from clients.app import SERVER_APP_KEYS
 from fedlora.config import RunConfig, kebab
+from fedlora.data import load_dataset
 from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
+from fedlora.models import check_model_limits
 from strategies.server_app import BASE_CHANGES
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -111,22 +113,39 @@ def load_recipe(source: str | Path | Mapping) -> Recipe:
         name, tables = "recipe", dict(source)
     else:
         path = Path(source)
-        try:
-            tables = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"recipe {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"recipe {str(path)!r} is not valid TOML: {error}") from None
+        tables = read_toml(path)
         name = path.stem
     unknown = sorted(set(tables) - {"run", "simulation"})
     if unknown:
         raise ConfigError(
             f"recipe {name!r}: unknown table(s) {unknown}; use [run] and [simulation]"
         )
+    for table in ("run", "simulation"):
+        if not isinstance(tables.get(table, {}), Mapping):
+            raise ConfigError(f"recipe {name!r}: {table!r} must be a table ([{table}])")
     run = dict(tables.get("run", {}))
     if RUN_DIR_KEY in run:
         raise ConfigError(f"recipe {name!r}: {RUN_DIR_KEY!r} is the output directory (use --out)")
     return Recipe(name, run, SimulationSettings.from_table(tables.get("simulation", {})))
+
+
+def read_toml(path: Path) -> dict:
+    """A recipe file's tables; a missing, unreadable, non-UTF-8 or invalid file is named."""
+    where = f"recipe {str(path)!r}"
+    if not path.exists():
+        raise ConfigError(f"{where} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{where} is not a file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{where} is not UTF-8 text: {error.reason} at byte {error.start}"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{where} cannot be read: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{where} is not valid TOML: {error}") from None
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Scalar]:
@@ -160,7 +179,8 @@ def resolve(
     rounds: int | None = None,
 ) -> Recipe:
     """The recipe with the overrides applied (then ``strategy``, ``rounds``), every run key
-    checked and written out: RunConfig's fields resolved, the ServerApp's keys as given."""
+    checked and written out: RunConfig's fields resolved, the ServerApp's keys as given; the
+    model's limits (positions, hidden size) and a local dataset file checked too."""
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
     if RUN_DIR_KEY in overrides:
@@ -171,6 +191,9 @@ def resolve(
     if rounds is not None:
         run["num-server-rounds"] = rounds
     config = run_config_of(run)
+    check_model_limits(config)
+    if config.dataset != "bbcnews":
+        load_dataset(config)  # a local file that cannot be read is named before anything runs
     resolved = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
     if BASE_CHANGES_KEY in run:
         resolved[BASE_CHANGES_KEY] = run[BASE_CHANGES_KEY]

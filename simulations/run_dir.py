@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from fedlora.errors import ConfigError
 
 CONFIG_FILE = "config.toml"
 METRICS_JSONL = "metrics.jsonl"
@@ -22,6 +25,22 @@ FOLLOW_INTERVAL = 0.5
 
 MetricsRow = dict
 RowCallback = Callable[[MetricsRow], None]
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Make the output directory now, so that one that cannot be made (an existing file, a file on
+    its path, a folder this process may not write in) is refused, named, before anything runs."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file, not a directory")
+    file_on_path = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if file_on_path is not None:
+        raise ConfigError(f"--out {str(out_dir)!r}: {str(file_on_path)!r} on its path is a file")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {str(out_dir)!r} cannot be made: {error.strerror}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(out_dir)!r} is not writable")
 
 
 def clear_run_dir(run_dir: Path) -> None:

@@ -25,7 +25,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.config import RunConfig
 from fedlora.measurement import worst
 from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
-from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
+from fedlora.models import (
+    check_model_limits,
+    load_base_model,
+    sb_head_parameters,
+    with_lora,
+    with_sb_layers,
+)
 from fedlora.peft_io import read_adapter, read_head
 from fedlora.privacy import EPSILON_KEY
 from fedlora.sb_layer import sb_layers
@@ -67,6 +73,7 @@ def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
     if base_changes not in BASE_CHANGES:
         raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
     config = RunConfig.from_flower(values)
+    check_model_limits(config)
     strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
     evaluation = ServerEvaluation(config)
     log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation)
@@ -83,12 +90,14 @@ def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
 
 
 def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
-    """The strategy named by ``strategy``, its sampling and seeds from the run config."""
+    """The strategy named by ``strategy``, its sampling, seeds and robust options from the run
+    config."""
     rule_options = {
         "flora": {"seed": config.seed},
         "flexlora": {"seed": config.seed},
         "fedsb": {"eta": config.learning_rate, "init_seed": config.seed},
     }.get(config.strategy, {})
+    rule_options["robustness"] = config.robustness
     return STRATEGIES[config.strategy](
         lora_alpha=config.lora_alpha,
         rslora=config.rslora,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fedlora.adapter import Adapter, LoRAFactors
 from fedlora.client_state import ClientState
-from fedlora.errors import InvalidUpdateError
+from fedlora.errors import ConfigError, InvalidUpdateError
 from fedlora.lowrank import LowRank, stack
 from fedlora.measurement import worst
 from fedlora.messages import (
@@ -35,6 +35,7 @@ from fedlora.messages import (
     adapter_to_tensors,
     to_wire,
 )
+from fedlora.rules.robust import Robustness, bounded_lora, robust_padded_rows, with_modules
 from fedlora.updates import (
     ClientUpdate,
     ClientUpdates,
@@ -88,17 +89,20 @@ class RoundResult:
     """A round's outcome: the next state, the global model's change and the ideal change, per module.
 
     ``global_update`` and ``ideal_update`` are None for personalized methods (FedSA-LoRA).
-    ``reference_norm`` is max(||dW*||, sum_i p_i ||dW_i||) per module.
+    ``reference_norm`` is max(||dW*||, sum_i p_i ||dW_i||) per module. ``reconstructed``, where the
+    global update is the ideal one by construction (FedEx-LoRA, FLoRA), holds per module the dense
+    float64 update each rank class reconstructs from its payload (`fedlora.rules.reconstruction`).
     """
 
     state: GlobalState
     global_update: dict[str, LowRank] | None
     ideal_update: dict[str, LowRank] | None
     reference_norm: Mapping[str, float] | None
+    reconstructed: Mapping[str, list[Tensor]] | None = None
 
     def relative_deviation(self) -> float | None:
-        """max over modules of ||global update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense GEMM;
-        NaN if any module's is)."""
+        """max over modules (and rank classes, when reconstructed) of
+        ||update - dW*||_F / max(||dW*||, sum_i p_i ||dW_i||) (dense; NaN if any is)."""
         if self.global_update is None or self.ideal_update is None or self.reference_norm is None:
             return None
         deviations = []
@@ -107,10 +111,12 @@ class RoundResult:
             if reference < ABSOLUTE_FLOOR:
                 continue
             ideal = self.ideal_update[module]
-            if update is ideal:
-                continue  # the rule's update is the ideal one itself: identical products
-            difference = stack([update, LowRank(-ideal.U, ideal.V)]).dense()
-            deviations.append(float(torch.linalg.matrix_norm(difference)) / reference)
+            if self.reconstructed is None:
+                differences = [stack([update, LowRank(-ideal.U, ideal.V)]).dense()]
+            else:
+                ideal_dense = ideal.U.double() @ ideal.V.double()
+                differences = [measured - ideal_dense for measured in self.reconstructed[module]]
+            deviations += [float(torch.linalg.matrix_norm(d)) / reference for d in differences]
         return worst(deviations)
 
 
@@ -123,6 +129,15 @@ class AggregationRule(ABC):
     update_kind: ClassVar[type] = LoRAFactors
     scaled: ClassVar[bool] = True
     """Whether clients run their update at a LoRA scale alpha / r (restated in every reply)."""
+    bounds_norms: ClassVar[bool] = True
+    """Whether the rule takes norm bounding of each client's change (`fedlora.rules.robust`)."""
+    combinations: ClassVar[tuple[str, ...]] = ("mean",)
+    """The combinations of client factors the rule takes: its own "mean", and where the rule
+    averages factors coordinate-wise, "trimmed-mean" and "median"."""
+
+    def __init__(self, robustness: Robustness | None = None):
+        self.robustness = robustness or Robustness()
+        check_robustness(type(self), self.robustness)
 
     def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
         """Round 0 from the common initial adapter (all clients start from its slices)."""
@@ -137,7 +152,27 @@ class AggregationRule(ABC):
         batch = ClientUpdates(updates)
         validate_updates(batch, self.update_kind)
         self._check_against_state(state, batch)
-        return self._aggregate(state, batch, example_weights(batch))
+        weights = example_weights(batch)
+        if self.robustness.bounds_norms:
+            batch = ClientUpdates(self.bounded_updates(state, batch))
+        return self._aggregate(state, batch, weights)
+
+    def bounded_updates(
+        self, state: GlobalState, updates: Sequence[ClientUpdate]
+    ) -> list[ClientUpdate]:
+        """Every client's change per module shrunk to the round's bound (`fedlora.rules.robust`)."""
+        starts = self.client_starts(state)
+        bounded: list[dict] = [{} for _ in updates]
+        for module in state.modules:
+            norms = client_change_norms_per_client(starts[module], updates, module).double()
+            bound = self.robustness.bound(norms)
+            for i, (update, norm) in enumerate(zip(updates, norms.tolist())):
+                bounded[i][module] = bounded_lora(update, module, starts[module], norm, bound)
+        return [with_modules(update, modules) for update, modules in zip(updates, bounded)]
+
+    def client_starts(self, state: GlobalState) -> dict[str, LowRank | None]:
+        """The folded global factors each client starts from, per module (None: a zero product)."""
+        return {module: state.factors[module] for module in state.modules}
 
     @abstractmethod
     def _aggregate(
@@ -192,6 +227,19 @@ class AggregationRule(ABC):
                     )
 
 
+def check_robustness(rule: type[AggregationRule], robustness: Robustness) -> None:
+    """Refuse options the rule does not declare, naming the rule and the key."""
+    if robustness.bounds_norms and not rule.bounds_norms:
+        raise ConfigError(
+            f"strategy {rule.name!r} does not take robust-norm-bound / -median-multiple"
+        )
+    if robustness.combination not in rule.combinations:
+        raise ConfigError(
+            f"robust-aggregation = {robustness.combination!r} does not apply to strategy "
+            f"{rule.name!r}; it takes {list(rule.combinations)}"
+        )
+
+
 # ---- shared plumbing ------------------------------------------------------------------------------
 
 
@@ -210,6 +258,16 @@ def padded_average(
     U = c.U.new_zeros(c.U.shape[0], rank).index_add_(1, c.position, c.U * w)
     V = c.V.new_zeros(rank, c.V.shape[1]).index_add_(0, c.position, c.V * w[:, None])
     return LowRank(U, V)
+
+
+def robust_padded_factors(
+    updates: Sequence[ClientUpdate], module: str, rank: int, robustness: Robustness
+) -> LowRank:
+    """The coordinate-wise median or trimmed mean of the clients' padded folded factors."""
+    folded = [update.modules[module].folded() for update in updates]
+    combine = robustness.combination, robustness.trim_fraction
+    U = robust_padded_rows([f.U.T for f in folded], rank, *combine).T
+    return LowRank(U, robust_padded_rows([f.V for f in folded], rank, *combine))
 
 
 def start_coverage(

@@ -2,7 +2,8 @@
 
 A = sum_i p_i pad(sqrt(s_i) A_i), B = sum_i p_i pad(sqrt(s_i) B_i); client i loads the leading r_i
 rows of A and columns of B with its own sqrt(s_i) divided out. Not exact: the product of the averages
-is not the average of the products.
+is not the average of the products. Robust options: norm bounding, and the coordinate-wise median or
+trimmed mean of the padded folded factors in place of the weighted mean.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fedlora.client_state import ClientState
+from fedlora.lowrank import LowRank
 from fedlora.messages import Payload
 from fedlora.rules.base import (
     AggregationRule,
@@ -21,6 +23,7 @@ from fedlora.rules.base import (
     ideal_and_reference,
     load_adapter,
     padded_average,
+    robust_padded_factors,
 )
 from fedlora.updates import ClientUpdate, average_head
 
@@ -28,6 +31,7 @@ from fedlora.updates import ClientUpdate, average_head
 class FedAvg(AggregationRule):
     name = "fedavg"
     exact = False
+    combinations = ("mean", "trimmed-mean", "median")
 
     def _aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
@@ -37,9 +41,15 @@ class FedAvg(AggregationRule):
 
     def _average_factors(self, state, updates, weights) -> dict:
         return {
-            module: padded_average(updates, weights, module, state.top_rank(module))
+            module: self._combine(updates, weights, module, state.top_rank(module))
             for module in state.modules
         }
+
+    def _combine(self, updates, weights: Tensor, module: str, rank: int) -> LowRank:
+        """The weighted mean of the padded folded factors, or the configured robust combination."""
+        if self.robustness.combination == "mean":
+            return padded_average(updates, weights, module, rank)
+        return robust_padded_factors(updates, module, rank, self.robustness)
 
     def _result(self, state, updates, weights, factors) -> RoundResult:
         ideal, reference = ideal_and_reference(state.factors, updates, weights)

@@ -25,6 +25,7 @@ from fedlora.messages import (
 )
 from fedlora.rules.base import ClientSpec, GlobalState, RoundResult, adapter_payload, load_adapter
 from fedlora.rules.fedavg import FedAvg
+from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes, state_dtype
 from fedlora.updates import ClientUpdate
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
@@ -34,6 +35,7 @@ FROM_VERSION_KEY = "base-from-version"
 class FedExLoRA(FedAvg):
     name = "fedex"
     exact = True
+    combinations = ("mean",)
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         state = super().init_state(initial, head)
@@ -47,8 +49,15 @@ class FedExLoRA(FedAvg):
         changes = ChangeLog(list(state.changes.rounds))
         changes.append(result.ideal_update)
         new_state = replace(result.state, changes=changes)
+        reconstructed = ReconstructedUpdates(
+            self, state, new_state, rank_classes(updates), state_dtype(state)
+        )
         return RoundResult(
-            new_state, dict(result.ideal_update), result.ideal_update, result.reference_norm
+            new_state,
+            dict(result.ideal_update),
+            result.ideal_update,
+            result.reference_norm,
+            reconstructed,
         )
 
     def global_delta(self, state: GlobalState, module: str) -> LowRank:

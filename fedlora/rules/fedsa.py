@@ -27,6 +27,12 @@ from fedlora.messages import (
     to_wire,
 )
 from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
+from fedlora.rules.robust import (
+    bounded_shared_a,
+    robust_padded_rows,
+    shared_a_norms,
+    with_modules,
+)
 from fedlora.updates import ClientUpdate
 
 
@@ -35,6 +41,7 @@ class FedSALoRA(AggregationRule):
     exact = False
     personalized = True
     update_kind = SharedA
+    combinations = ("mean", "trimmed-mean", "median")
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """Only A is global; the head starts from the same seed on every client and stays there."""
@@ -46,12 +53,28 @@ class FedSALoRA(AggregationRule):
         factors = {}
         for module in state.modules:
             shared = [u.modules[module] for u in updates]
-            factors[module] = LowRank(
-                state.factors[module].U, padded_row_average(shared, weights, state.top_rank(module))
-            )
+            rank, robust = state.top_rank(module), self.robustness
+            if robust.combination == "mean":
+                rows = padded_row_average(shared, weights, rank)
+            else:
+                folded = [a.A * math.sqrt(a.scale) for a in shared]
+                rows = robust_padded_rows(folded, rank, robust.combination, robust.trim_fraction)
+            factors[module] = LowRank(state.factors[module].U, rows)
         return RoundResult(
             replace(state, version=state.version + 1, factors=factors), None, None, None
         )
+
+    def bounded_updates(self, state: GlobalState, updates) -> list[ClientUpdate]:
+        """The server never sees B_i: it bounds the shared change ||sqrt(s_i) (A_i - A_i0)||_F."""
+        bounded: list[dict] = [{} for _ in updates]
+        for module in state.modules:
+            start = state.factors[module]
+            shrink = self.robustness.shrink_factors(shared_a_norms(updates, start, module))
+            for i, update in enumerate(updates):
+                bounded[i][module] = bounded_shared_a(
+                    update.modules[module], start, float(shrink[i])
+                )
+        return [with_modules(update, modules) for update, modules in zip(updates, bounded)]
 
     def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
         adapter, config = {}, {VERSION_KEY: state.version}

@@ -32,6 +32,7 @@ from fedlora.messages import (
     to_wire,
 )
 from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
+from fedlora.rules.robust import bounded_core, robust_combine, with_modules
 from fedlora.updates import ClientUpdate, average_head
 
 
@@ -40,6 +41,7 @@ class FedSB(AggregationRule):
     exact = True
     update_kind = SBCore
     scaled = False
+    combinations = ("mean", "trimmed-mean", "median")
 
     def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
         """Round 0 from a LoRA adapter: its B and A become the fixed factors and R_0 = s I, so the
@@ -81,7 +83,7 @@ class FedSB(AggregationRule):
             core_changes = (
                 torch.stack([u.modules[module].R.to(previous) for u in updates]) - previous
             )
-            change = torch.tensordot(p, core_changes, dims=1)
+            change = self._combine(core_changes, p)
             cores[module] = previous + change
             global_update[module] = LowRank(fixed.U, change @ fixed.V)
             ideal[module] = ideal_core_update(fixed, core_changes, p)
@@ -93,6 +95,25 @@ class FedSB(AggregationRule):
             head=average_head(updates, weights) or state.head,
         )
         return RoundResult(new_state, global_update, ideal, reference)
+
+    def _combine(self, core_changes: Tensor, p: Tensor) -> Tensor:
+        """sum_i p_i dR_i, or the configured coordinate-wise median / trimmed mean of the dR_i."""
+        robust = self.robustness
+        if robust.combination == "mean":
+            return torch.tensordot(p, core_changes, dims=1)
+        return robust_combine(core_changes, robust.combination, robust.trim_fraction)
+
+    def bounded_updates(self, state: GlobalState, updates) -> list[ClientUpdate]:
+        """R_i' = R_{t-1} + c_i (R_i - R_{t-1}) with c_i from ||B dR_i A||_F: exact, R is linear."""
+        bounded: list[dict] = [{} for _ in updates]
+        for module in state.modules:
+            previous = state.cores[module]
+            changes = torch.stack([u.modules[module].R.to(previous) for u in updates]) - previous
+            norms = core_change_norms(state.sb_factors[module], changes).double()
+            shrink = self.robustness.shrink_factors(norms).tolist()
+            for i, update in enumerate(updates):
+                bounded[i][module] = bounded_core(update.modules[module], previous, shrink[i])
+        return [with_modules(update, modules) for update, modules in zip(updates, bounded)]
 
     def _check_against_state(self, state: GlobalState, updates) -> None:
         """The base's checks (modules, capacities within 1..r), and every R r x r (global r)."""

@@ -2,14 +2,24 @@
 
 The server forms T = sum_i p_i s_i B_i A_i (the clients' full products, as stacked folded factors) and
 keeps its best rank-r approximation at the global rank r, T ~ P diag(S) Q^T, never forming a dense
-product: randomized subspace iteration on the factors (`fedlora.lowrank.randomized_truncated_svd`),
-batched over the modules of one shape. It is exact up to round-off when the stack's inner rank
-sum_i r_i is at most r + ``oversample`` (the sketch then spans the whole range); otherwise each power
-step shrinks the excess error over the optimal truncation. The singular values are split evenly,
-U = P sqrt(S) and V = sqrt(S) Q^T, so the leading r_i columns/rows are the best rank-r_i factors;
-client i receives them with its own sqrt(s_i) divided out (Bai et al., "Federated Fine-tuning of
-Large Language Models under Heterogeneous Tasks and Client Resources").
-Not exact: the truncation drops the tail of the spectrum.
+product, batched over the modules of one shape. Two paths (``svd``):
+
+- "exact": QR of the stacked B and of the stacked A^T, then the SVD of the small (sum_i r_i)^2 core
+  (`fedlora.lowrank.exact_truncated_svd`): exact up to round-off at any total rank, at a cost
+  growing as (d_out + d_in) (sum_i r_i)^2;
+- "randomized": randomized subspace iteration on the factors
+  (`fedlora.lowrank.randomized_truncated_svd`), exact only while the stack's inner rank sum_i r_i is
+  at most r + ``oversample``; beyond, each power step shrinks the excess error over the optimal
+  truncation (about 1e-3 of it), at a cost growing as (d_out + d_in) (sum_i r_i) (r + oversample).
+- "auto" (the default): exact while sum_i r_i <= 4 (r + ``oversample``), randomized beyond, where
+  the exact path is measurably slower (13x at 100 clients of rank 16 on 4096 x 4096 modules on the
+  CPU, 1.2x at 10; docs/benchmarks.md).
+
+The singular values are split evenly, U = P sqrt(S) and V = sqrt(S) Q^T, so the leading r_i
+columns/rows are the best rank-r_i factors; client i receives them with its own sqrt(s_i) divided out
+(Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
+Resources"). Not exact: the truncation drops the tail of the spectrum. Robust options: norm bounding
+only (the SVD is of the product average, which a factor median would leave poisoned).
 """
 
 from __future__ import annotations
@@ -20,10 +30,21 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank, pad_cols, pad_rows, randomized_truncated_svd
+from fedlora.lowrank import (
+    LowRank,
+    exact_truncated_svd,
+    pad_cols,
+    pad_rows,
+    randomized_truncated_svd,
+)
 from fedlora.rules.base import concatenate_folded
 from fedlora.rules.fedavg import FedAvg
+from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate
+
+SVD_PATHS = ("auto", "exact", "randomized")
+EXACT_WIDTH_MULTIPLE = 4
+"""``svd="auto"``: the exact path up to this multiple of the randomized sketch's width."""
 
 
 class FlexLoRA(FedAvg):
@@ -31,24 +52,40 @@ class FlexLoRA(FedAvg):
 
     Parameters
     ----------
+    svd : str, default "auto"
+        "exact" (QR of the stacked factors and an SVD of the core), "randomized", or "auto": exact
+        while the stack's inner rank is at most ``EXACT_WIDTH_MULTIPLE`` (r + oversample).
     oversample : int, default 32
-        Extra sketch columns beyond the global rank.
+        Randomized path: extra sketch columns beyond the global rank.
     iterations : int, default 4
         Power steps of the subspace iteration (on a flat spectrum of 100 random rank-16 clients,
         4 steps with oversample 32 leave an excess Frobenius error about 1e-3 of the optimal one).
     seed : int, default 0
         Seed of the Gaussian sketch.
+    robustness : Robustness, optional
+        Norm bounding of each client's change (`fedlora.rules.robust`).
     """
 
     name = "flexlora"
     exact = False
+    combinations = ("mean",)
 
-    def __init__(self, oversample: int = 32, iterations: int = 4, seed: int = 0):
+    def __init__(
+        self,
+        svd: str = "auto",
+        oversample: int = 32,
+        iterations: int = 4,
+        seed: int = 0,
+        robustness: Robustness | None = None,
+    ):
+        super().__init__(robustness)
         if oversample < 0 or iterations < 0:
             raise ConfigError(
                 f"FlexLoRA needs oversample >= 0 and iterations >= 0; got {oversample}, {iterations}"
             )
-        self.oversample, self.iterations, self.seed = oversample, iterations, seed
+        if svd not in SVD_PATHS:
+            raise ConfigError(f"FlexLoRA's svd = {svd!r}: choose one of {list(SVD_PATHS)}")
+        self.svd, self.oversample, self.iterations, self.seed = svd, oversample, iterations, seed
 
     def _average_factors(self, state, updates, weights) -> dict:
         products = {module: averaged_product(updates, weights, module) for module in state.modules}
@@ -59,12 +96,21 @@ class FlexLoRA(FedAvg):
         for (_, _, rank), modules in groups.items():
             U = torch.stack([products[m].U for m in modules])
             V = torch.stack([products[m].V for m in modules])
-            P, S, Q = randomized_truncated_svd(
-                U, V, rank, self.oversample, self.iterations, self.seed
-            )
+            if self.exact_path(U.shape[-1], rank):
+                P, S, Q = exact_truncated_svd(U, V, rank)
+            else:
+                P, S, Q = randomized_truncated_svd(
+                    U, V, rank, self.oversample, self.iterations, self.seed
+                )
             for index, module in enumerate(modules):
                 factors[module] = balanced_truncation(P[index], S[index], Q[index], rank)
         return factors
+
+    def exact_path(self, inner_rank: int, rank: int) -> bool:
+        """Whether a stack of this inner rank takes the exact SVD."""
+        if self.svd == "auto":
+            return inner_rank <= EXACT_WIDTH_MULTIPLE * (rank + self.oversample)
+        return self.svd == "exact"
 
 
 def averaged_product(updates: list[ClientUpdate], weights: Tensor, module: str) -> LowRank:

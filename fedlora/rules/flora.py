@@ -38,6 +38,8 @@ from fedlora.rules.base import (
     RoundResult,
 )
 from fedlora.rules.fedex import FROM_VERSION_KEY
+from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
+from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate, ClientUpdates, average_head
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
@@ -57,8 +59,13 @@ class FLoRA(AggregationRule):
     name = "flora"
     exact = True
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, robustness: Robustness | None = None):
+        super().__init__(robustness)
         self.seed = seed
+
+    def client_starts(self, state: GlobalState) -> dict[str, LowRank | None]:
+        """FLoRA's clients start every round from B = 0: a zero product."""
+        return dict.fromkeys(state.modules)
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """FLoRA's adapters start each round at B = 0: only the shapes and the head matter."""
@@ -82,7 +89,9 @@ class FLoRA(AggregationRule):
             head=average_head(updates, weights) or state.head,
             changes=changes,
         )
-        return RoundResult(new_state, change, change, reference)  # the stack is dW* itself
+        dtype = next(iter(change.values())).U.dtype
+        reconstructed = ReconstructedUpdates(self, state, new_state, rank_classes(updates), dtype)
+        return RoundResult(new_state, change, change, reference, reconstructed)
 
     def global_delta(self, state: GlobalState, module: str) -> LowRank:
         return accumulated_changes(state, module)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fedlora.adapter import LoRAFactors
 from fedlora.lowrank import LowRank, frobenius_norm
-from fedlora.rules.base import client_change_norms_per_client, padded_average
+from fedlora.rules.base import client_change_norms_per_client
 from fedlora.rules.fedavg import FedAvg
 from fedlora.updates import ClientUpdate
 
@@ -34,7 +34,7 @@ class HetLoRA(FedAvg):
 
     def _average_factors(self, state, updates, weights) -> dict:
         return {
-            module: padded_average(
+            module: self._combine(
                 updates,
                 sparsity_weights(updates, weights, module),
                 module,

@@ -22,6 +22,7 @@ from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank, frobenius_norm, stack
 from fedlora.rules.base import ideal_update
 from fedlora.rules.fedavg import FedAvg
+from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate
 
 
@@ -43,8 +44,16 @@ class LoRAFAIR(FedAvg):
 
     name = "lorafair"
     exact = False
+    combinations = ("mean",)
 
-    def __init__(self, steps: int = 200, lam: float = 0.01, lr: float = 0.01):
+    def __init__(
+        self,
+        steps: int = 200,
+        lam: float = 0.01,
+        lr: float = 0.01,
+        robustness: Robustness | None = None,
+    ):
+        super().__init__(robustness)
         if steps < 0 or lam < 0 or lr <= 0:
             raise ConfigError(
                 f"LoRA-FAIR needs steps >= 0, lam >= 0 and lr > 0; got {steps}, {lam}, {lr}"

@@ -101,3 +101,33 @@ def test_without_a_profile_every_node_takes_lora_rank_unless_it_sets_its_own():
     assert config.rank_for(1, 3, node_rank=2) == 2
     with pytest.raises(ConfigError, match="partition id 3"):
         config.rank_for(3, 3)
+
+
+def test_robust_keys_become_the_rules_options():
+    config = RunConfig.from_flower(
+        {
+            "strategy": "fedavg",
+            "robust-norm-median-multiple": 2,
+            "robust-aggregation": "median",
+            "robust-trim-fraction": 0.2,
+        }
+    )
+    robustness = config.robustness
+    assert (robustness.norm_median_multiple, robustness.combination) == (2.0, "median")
+    assert robustness.trim_fraction == 0.2 and robustness.norm_bound == 0.0
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"robust-norm-bound": -1}, "robust-norm-bound"),
+        ({"robust-norm-median-multiple": float("inf")}, "robust-norm-median-multiple"),
+        ({"robust-aggregation": "mode"}, "robust-aggregation"),
+        ({"robust-trim-fraction": 0.5}, "robust-trim-fraction"),
+        ({"strategy": "fedex", "robust-aggregation": "median"}, "robust-aggregation"),
+        ({"strategy": "fedavg", "dp-client": True, "robust-norm-bound": 1}, "robust-"),
+    ],
+)
+def test_robust_keys_out_of_range_or_not_for_the_strategy_are_refused(values, key):
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_flower(values)

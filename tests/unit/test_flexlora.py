@@ -7,7 +7,7 @@ import torch
 
 from fedlora.adapter import LoRAFactors
 from fedlora.client_state import ClientState
-from fedlora.errors import InvalidUpdateError
+from fedlora.errors import ConfigError, InvalidUpdateError
 from fedlora.rules import ClientSpec, make_rule
 from fedlora.updates import ClientUpdate
 
@@ -57,8 +57,8 @@ def dense_truncation(matrix, rank):
     return P[:, :rank] @ torch.diag(S[:rank]) @ Qh[:rank]
 
 
-def aggregate(initial, updates):
-    rule = make_rule("flexlora")
+def aggregate(initial, updates, **options):
+    rule = make_rule("flexlora", **options)
     return rule, rule.aggregate(rule.init_state(initial), updates)
 
 
@@ -154,11 +154,45 @@ def test_bad_input_is_refused(how):
         rule.aggregate(rule.init_state(initial), broken(updates, how))
 
 
+@pytest.mark.parametrize(("ranks", "top"), [([8] * 6, 8), ([4, 8, 16] * 4, 16), ([8] * 60, 8)])
+def test_the_exact_path_is_the_dense_truncated_svd_past_the_global_rank_plus_32(ranks, top):
+    """Total ranks 48, 112 and 480 (past the global rank + 32) on 96 x 80: the default path stays exact."""
+    shapes = {"q": (96, 80), "k": (96, 80), "o": (40, 120)}
+    initial, updates = federation(7, shapes, top, ranks, list(range(1, len(ranks) + 1)))
+    _, result = aggregate(initial, updates, svd="exact")
+    for module in shapes:
+        expected = dense_truncation(dense_average(updates, module), top)
+        assert torch.allclose(result.state.factors[module].dense(), expected, rtol=0, atol=1e-10)
+
+
+def test_the_randomized_path_misses_exactness_past_the_global_rank_plus_32():
+    """The option the exact path replaced: 60 rank-8 clients, excess error measurable but small."""
+    shapes = {"q": (96, 80)}
+    initial, updates = federation(7, shapes, 8, [8] * 60, list(range(1, 61)))
+    _, result = aggregate(initial, updates, svd="randomized")
+    expected = dense_truncation(dense_average(updates, "q"), 8)
+    assert not torch.allclose(result.state.factors["q"].dense(), expected, rtol=0, atol=1e-10)
+
+
+def test_auto_takes_the_exact_path_up_to_four_sketch_widths():
+    rule = make_rule("flexlora")
+    assert rule.svd == "auto"
+    assert rule.exact_path(4 * (8 + 32), 8) and not rule.exact_path(4 * (8 + 32) + 1, 8)
+    assert make_rule("flexlora", svd="exact").exact_path(10_000, 8)
+    assert not make_rule("flexlora", svd="randomized").exact_path(8, 8)
+
+
+def test_an_unknown_svd_path_is_refused():
+    with pytest.raises(ConfigError, match="svd"):
+        make_rule("flexlora", svd="dense")
+
+
 def test_a_stack_wider_than_the_sketch_is_near_the_optimal_truncation():
-    """60 clients of rank 8 (inner rank 480) on 96 x 80: subspace iteration's excess error is tiny."""
+    """Randomized path, 60 clients of rank 8 (inner rank 480) on 96 x 80: subspace iteration's
+    excess error is tiny."""
     shapes = {"q": (96, 80)}
     initial, updates = federation(6, shapes, 8, [8] * 60, list(range(1, 61)))
-    _, result = aggregate(initial, updates)
+    _, result = aggregate(initial, updates, svd="randomized")
     target = dense_average(updates, "q")
     optimal = torch.linalg.matrix_norm(target - dense_truncation(target, 8))
     achieved = torch.linalg.matrix_norm(target - result.state.factors["q"].dense())
