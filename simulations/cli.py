@@ -52,8 +52,12 @@ RUNS_DIR = Path("runs")
 OVERRIDE_HELP = "run-config overrides of the recipe's [run] table, e.g. learning-rate=1e-3"
 
 
+OVERWRITE_HELP = "replace what an earlier run left in the run directory"
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR", help="the run directory")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--strategy", metavar="NAME", help="the method (run key 'strategy')")
     parser.add_argument(
         "--rounds", type=int, metavar="N", help="server rounds (run key 'num-server-rounds')"
@@ -100,6 +104,7 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
         help="'all' (default) or names separated by commas",
     )
     compare_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
+    compare_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     compare_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
     compare_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     compare_parser.set_defaults(handler=run_compare)
@@ -125,6 +130,7 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
         help=f"'all' or names separated by commas (default: {DEFAULT_STRATEGIES})",
     )
     sweep_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
+    sweep_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sweep_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
     sweep_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     sweep_parser.set_defaults(handler=run_dp_sweep)
@@ -173,7 +179,7 @@ def run_recipe(args: argparse.Namespace) -> int:
             progress.console.print(round_line(row))
             progress.update(task, completed=row["round"], description=f"round {row['round']}")
 
-        run_dir = simulate(recipe, out_dir=out_dir, on_round=on_round)
+        run_dir = simulate(recipe, out_dir=out_dir, on_round=on_round, overwrite=args.overwrite)
     wall = time.perf_counter() - start
     console = output_console()
     console.print(rounds_table(recipe, read_metrics(run_dir)))
@@ -246,7 +252,9 @@ def run_compare(args: argparse.Namespace) -> int:
             done = strategies.index(strategy) * rounds + row["round"]
             progress.update(task, completed=done, description=f"{strategy} round {row['round']}")
 
-        results = compare(recipe, strategies, out_dir, args.overrides, args.rounds, on_round)
+        results = compare(
+            recipe, strategies, out_dir, args.overrides, args.rounds, on_round, args.overwrite
+        )
     console = output_console()
     console.print(results_table(results, checked))
     files = f"{RESULTS_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
@@ -280,7 +288,14 @@ def run_dp_sweep(args: argparse.Namespace) -> int:
             progress.update(task, completed=done, description=f"{name} round {row['round']}")
 
         results = dp_sweep(
-            recipe, strategies, epsilons, out_dir, args.overrides, args.rounds, on_round
+            recipe,
+            strategies,
+            epsilons,
+            out_dir,
+            args.overrides,
+            args.rounds,
+            on_round,
+            args.overwrite,
         )
     console = output_console()
     console.print(sweep_table(results, checked))

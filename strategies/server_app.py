@@ -2,9 +2,14 @@
 with one JSON row per round in ``RUN_DIR/metrics.jsonl``.
 
 Besides `fedlora.config.RunConfig`'s keys the run config may hold two of the ServerApp's own:
-``run-dir`` (default ``runs/latest``) and ``base-changes``: ``run-dir`` (default; FedEx-LoRA and
-FLoRA clients catch their base up from ``RUN_DIR/base``, which they must be able to read, as in
-simulation) or ``messages`` (the changes travel in the payloads, for deployment).
+``run-dir`` (default: empty, a directory of the run's own, ``runs/flwr/<Flower run id>``) and
+``base-changes``: ``run-dir`` (default; FedEx-LoRA and FLoRA clients catch their base up from
+``RUN_DIR/base``, which they must be able to read, as in simulation) or ``messages`` (the changes
+travel in the payloads, for deployment).
+
+The ServerApp owns its run directory's record (`strategies.run_record`): the manifest and the
+status, ``running`` until the run ends ``finished``, ``interrupted`` or ``failed: <reason>``. A
+run in which no round aggregated an update has failed; only a finished run is exported.
 
 ``app`` reads the run config from the context (``flwr run``); `server_app` binds one instead
 (``flwr.simulation.run_simulation`` passes an empty run_config).
@@ -29,12 +34,22 @@ from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_
 from fedlora.peft_io import read_adapter, read_head
 from fedlora.privacy import EPSILON_KEY
 from fedlora.sb_layer import sb_layers
+from fedlora.training import device_for
 from strategies import STRATEGIES, LoRAStrategy
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation
+from strategies.run_record import (
+    EXPORT_DIR,
+    FINISHED,
+    INTERRUPTED,
+    mark_failed,
+    record_start,
+    write_status,
+)
 from strategies.stoppable_grid import StoppableGrid
 
-DEFAULT_RUN_DIR = "runs/latest"
+FLWR_RUNS_DIR = Path("runs/flwr")
+"""Where each run without a ``run-dir`` gets a directory of its own."""
 BASE_CHANGES = ("run-dir", "messages")
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
@@ -51,7 +66,7 @@ def server_app(
     def main(grid: Grid, context: Context) -> None:
         if stop is not None:
             grid = StoppableGrid(grid, stop)
-        run(grid, context.run_config if run_config is None else run_config)
+        run(grid, context.run_config if run_config is None else run_config, context.run_id)
 
     return app
 
@@ -59,27 +74,50 @@ def server_app(
 app = server_app()
 
 
-def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
-    """Run the configured strategy for ``num-server-rounds`` rounds; return it."""
+def run(
+    grid: Grid, run_config: Mapping[str, UserConfigValue], flower_run_id: int | None = None
+) -> LoRAStrategy:
+    """Run the configured strategy for ``num-server-rounds`` rounds, recording how the run went
+    in its run directory; return the strategy."""
     values = dict(run_config)
-    run_dir = Path(str(values.pop("run-dir", DEFAULT_RUN_DIR)))
+    run_dir = run_directory(str(values.pop("run-dir", "")), flower_run_id)
     base_changes = str(values.pop("base-changes", "run-dir"))
     if base_changes not in BASE_CHANGES:
         raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
     config = RunConfig.from_flower(values)
-    strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
-    evaluation = ServerEvaluation(config)
-    log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation)
-    strategy.start(
-        grid,
-        initial_arrays(config),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        evaluate_fn=log.end_of_round,
-    )
-    if strategy.state is not None:
-        evaluation.export(strategy.rule, strategy.state, run_dir / "export")
+    record_start(run_dir, str(device_for(config)), flower_run_id)
+    try:
+        strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
+        evaluation = ServerEvaluation(config)
+        log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation)
+        strategy.start(
+            grid,
+            initial_arrays(config),
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            evaluate_fn=log.end_of_round,
+        )
+        if not any(metrics["clients"] for metrics in strategy.train_metrics.values()):
+            mark_failed(run_dir, "no round aggregated an update (see the log's dropped replies)")
+            return strategy
+        evaluation.export(strategy.rule, strategy.state, run_dir / EXPORT_DIR)
+    except KeyboardInterrupt:
+        write_status(run_dir, INTERRUPTED)
+        raise
+    except BaseException as error:
+        mark_failed(run_dir, f"{type(error).__name__}: {error}")
+        raise
+    write_status(run_dir, FINISHED)
     return strategy
+
+
+def run_directory(run_dir: str, flower_run_id: int | None) -> Path:
+    """``run-dir`` when given, else a directory of the run's own under `FLWR_RUNS_DIR`: its
+    Flower run id, or the start time when it has none."""
+    if run_dir:
+        return Path(run_dir)
+    name = str(flower_run_id) if flower_run_id else time.strftime("%Y%m%d-%H%M%S")
+    return FLWR_RUNS_DIR / name
 
 
 def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
