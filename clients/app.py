@@ -87,7 +87,7 @@ from fedlora.training import (
 )
 from fedlora.versioning import BaseCache
 
-SERVER_APP_KEYS = ("run-dir", "base-changes")
+SERVER_APP_KEYS = ("run-dir", "base-changes", "resume")
 """Run-config keys of the ServerApp's own (not `RunConfig` fields); the ClientApp ignores them."""
 NODE_RANK_KEY = "lora-rank"
 """Node-config key of a node's own LoRA rank (else the run's rank-profile decides)."""

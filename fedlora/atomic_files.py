@@ -39,10 +39,12 @@ def write_json_atomic(path: Path, value: object) -> None:
 
 
 def save_tensors_atomic(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    """``tensors`` as a safetensors file, written atomically."""
+    """``tensors`` as a safetensors file, written atomically (each one copied to the CPU on its
+    own: safetensors refuses tensors that share memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial")
-    save_file({key: t.detach().contiguous() for key, t in tensors.items()}, str(temporary))
+    copies = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
+    save_file(copies, str(temporary))
     with temporary.open("rb") as file:
         os.fsync(file.fileno())
     os.replace(temporary, path)

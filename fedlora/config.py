@@ -91,6 +91,8 @@ class RunConfig:
     round_timeout: float = 3600.0
     # the largest example count one client may report; a reply above it is dropped
     max_examples_per_client: int = 10_000_000
+    # the server checkpoints the run every k rounds (and after the last), to resume it from
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -230,6 +232,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
             "min_evaluate_nodes",
             "num_threads",
             "max_examples_per_client",
+            "checkpoint_every",
         ),
         (lambda value: value >= 1, ">= 1"),
     ),

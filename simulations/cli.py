@@ -46,7 +46,7 @@ from simulations.run_dir import (
     MetricsRow,
     read_metrics,
 )
-from simulations.runner import SimulationError, simulate
+from simulations.runner import SimulationError, resume, simulate
 
 RUNS_DIR = Path("runs")
 OVERRIDE_HELP = "run-config overrides of the recipe's [run] table, e.g. learning-rate=1e-3"
@@ -81,9 +81,15 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
     simulate_parser = commands.add_parser(
         "simulate",
         help="run a recipe (TOML) in Flower's simulation engine on Ray",
-        description="Run RECIPE (default run directory: runs/<recipe name>).",
+        description=(
+            "Run RECIPE (default run directory: runs/<recipe name>), or continue the run in "
+            "--resume RUN_DIR from its last checkpoint (its config.toml is the recipe)."
+        ),
     )
-    simulate_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    simulate_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml", nargs="?")
+    simulate_parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue this run from its checkpoint"
+    )
     add_run_options(simulate_parser)
     simulate_parser.set_defaults(handler=run_recipe)
 
@@ -166,8 +172,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_recipe(args: argparse.Namespace) -> int:
-    recipe = resolve(load_recipe(args.recipe), args.overrides, args.strategy, args.rounds)
-    out_dir = args.out or RUNS_DIR / recipe.name
+    if getattr(args, "resume", None) is not None:
+        given = [args.recipe, args.out, args.strategy, args.rounds, args.overrides, args.overwrite]
+        if any(given):
+            raise ConfigError(
+                "--resume RUN_DIR continues with the run directory's config.toml: give no "
+                "recipe, overrides, --out, --strategy, --rounds or --overwrite"
+            )
+        recipe, out_dir = load_recipe(args.resume / CONFIG_FILE), args.resume
+    elif args.recipe is None:
+        raise ConfigError("simulate needs RECIPE.toml, or --resume RUN_DIR")
+    else:
+        recipe = resolve(load_recipe(args.recipe), args.overrides, args.strategy, args.rounds)
+        out_dir = args.out or RUNS_DIR / recipe.name
     rounds = recipe.run_config.num_server_rounds
     progress_console = Console(stderr=True)
     progress_console.print(f"{describe(recipe)}, strategy {recipe.run['strategy']}")
@@ -179,7 +196,10 @@ def run_recipe(args: argparse.Namespace) -> int:
             progress.console.print(round_line(row))
             progress.update(task, completed=row["round"], description=f"round {row['round']}")
 
-        run_dir = simulate(recipe, out_dir=out_dir, on_round=on_round, overwrite=args.overwrite)
+        if getattr(args, "resume", None) is not None:
+            run_dir = resume(out_dir, on_round)
+        else:
+            run_dir = simulate(recipe, out_dir=out_dir, on_round=on_round, overwrite=args.overwrite)
     wall = time.perf_counter() - start
     console = output_console()
     console.print(rounds_table(recipe, read_metrics(run_dir)))

@@ -25,8 +25,9 @@ from flwr.simulation import run_simulation
 
 from clients.app import client_app
 from fedlora.atomic_files import write_text_atomic
+from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
-from simulations.recipes import RUN_DIR_KEY, Recipe, load_recipe, resolve
+from simulations.recipes import RESUME_KEY, RUN_DIR_KEY, Recipe, load_recipe, resolve
 from simulations.run_dir import (
     CONFIG_FILE,
     FLOWER_LOG,
@@ -37,7 +38,15 @@ from simulations.run_dir import (
     read_metrics,
     write_metrics_csv,
 )
-from strategies.run_record import EXPORT_DIR, INTERRUPTED, mark_failed, write_status
+from strategies.checkpoint import checkpoint_rounds
+from strategies.run_record import (
+    EXPORT_DIR,
+    FINISHED,
+    INTERRUPTED,
+    mark_failed,
+    read_status,
+    write_status,
+)
 from strategies.server_app import server_app
 
 logger = logging.getLogger(__name__)
@@ -79,8 +88,37 @@ def simulate(
     run_dir = Path(out_dir).resolve()
     claim_run_dir(run_dir, overwrite)
     write_text_atomic(run_dir / CONFIG_FILE, resolved.to_toml())
-    run_config = {**resolved.run, RUN_DIR_KEY: str(run_dir)}
     logger.info("simulating %s into %s", resolved.name, run_dir)
+    return run_in(run_dir, resolved, {**resolved.run, RUN_DIR_KEY: str(run_dir)}, on_round)
+
+
+def resume(run_dir: str | Path, on_round: RowCallback | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its newest checkpoint, with the recipe its
+    ``config.toml`` holds; return the run directory. The rows and base changes newer than the
+    checkpoint are discarded; the nodes go on from their own stores. Raises
+    `fedlora.errors.ConfigError` when the directory holds no run to resume, and
+    `SimulationError` as `simulate` does."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"{run_dir} holds no {CONFIG_FILE}: not a fedlora run directory")
+    if read_status(run_dir) == FINISHED:
+        raise ConfigError(f"the run in {run_dir} is finished: nothing to resume")
+    if not checkpoint_rounds(run_dir):
+        raise ConfigError(f"{run_dir} holds no checkpoint to resume from")
+    recipe = load_recipe(run_dir / CONFIG_FILE)
+    logger.info("resuming %s", run_dir)
+    run_config = {**recipe.run, RUN_DIR_KEY: str(run_dir), RESUME_KEY: True}
+    return run_in(run_dir, recipe, run_config, on_round)
+
+
+def run_in(
+    run_dir: Path,
+    resolved: Recipe,
+    run_config: Mapping[str, Scalar],
+    on_round: RowCallback | None,
+) -> Path:
+    """Run the engine into ``run_dir``; the metrics CSV after it, and the status (failed:
+    no export; interrupted)."""
     stop = threading.Event()
     try:
         with (

@@ -19,6 +19,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -355,6 +356,51 @@ class LoRAStrategy(Strategy):
         self.checks.top_ranks = dict(top_ranks)
         self.checks.server_dtype = example.dtype
 
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """What the strategy needs to go on after its last round, as named tensors and JSON-able
+        facts: the rule's global state, the probe responses the next round is measured against,
+        the checks' top ranks and dtype, the nodes' last restated facts (by partition id: node
+        ids change with a new Flower run) and client-level DP's accountant."""
+        state_tensors, state_facts = self.state.state_dict()
+        tensors = {f"state/{key}": t for key, t in state_tensors.items()}
+        probes = self._expected_probes
+        if probes is not None:
+            tensors.update({f"probes/{module}": t for module, t in probes.items()})
+        facts = {
+            "round": self._round,
+            "state": state_facts,
+            "probes": probes is not None,
+            "top_ranks": dict(self.checks.top_ranks),
+            "server_dtype": str(self.checks.server_dtype).removeprefix("torch."),
+            "setup_bytes_up": self.setup_bytes_up,
+            "nodes": {
+                str(node.partition_id): {
+                    "ranks": node.ranks,
+                    "scales": node.scales,
+                    "version": node.version,
+                }
+                for node in self.nodes.values()
+            },
+            "client_dp": None if self.client_dp is None else self.client_dp.state_dict(),
+        }
+        return tensors, facts
+
+    def load_state_dict(self, tensors: dict[str, Tensor], facts: dict) -> None:
+        """Go on from what `state_dict` returned; the nodes are asked for their facts again."""
+        groups: dict[str, dict[str, Tensor]] = {"state": {}, "probes": {}}
+        for key, tensor in tensors.items():
+            group, name = key.split("/", 1)
+            groups[group][name] = tensor
+        self._round = int(facts["round"])
+        self.state = GlobalState.from_state_dict(groups["state"], facts["state"])
+        self._expected_probes = groups["probes"] if facts["probes"] else None
+        self.expect_replies(facts["top_ranks"], torch.empty(0, dtype=dtype_named(facts)))
+        self.setup_bytes_up = int(facts["setup_bytes_up"])
+        if (facts["client_dp"] is None) != (self.client_dp is None):
+            raise ValueError("client-level DP must be on in both the checkpoint and the run")
+        if self.client_dp is not None:
+            self.client_dp.load_state_dict(facts["client_dp"])
+
     def _global_arrays(self) -> ArrayRecord | None:
         if self.rule.personalized:
             return None
@@ -581,6 +627,14 @@ def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> d
     if not epsilons:
         return {}
     return {**epsilons, "epsilon_max": max(epsilons.values()), "dp_stopped": stopped}
+
+
+def dtype_named(facts: dict) -> torch.dtype:
+    """The server's dtype a checkpoint names (``float32``, ``float64``)."""
+    dtype = getattr(torch, facts["server_dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"checkpoint: {facts['server_dtype']!r} is not a torch dtype")
+    return dtype
 
 
 def content_metrics(message: Message) -> MetricRecord:

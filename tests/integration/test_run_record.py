@@ -133,3 +133,14 @@ def test_the_cli_refuses_a_taken_directory_with_status_2(tmp_path, capsys):
     error = capsys.readouterr().err
     assert str(tmp_path) in error and "--overwrite" in error and "--resume" in error
     assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_resume_takes_only_a_run_directory_with_a_checkpoint(tmp_path, capsys):
+    tiny = str(RECIPES_DIR / "tiny.toml")
+    assert main(["simulate", tiny, "--resume", str(tmp_path)]) == 2
+    assert "give no recipe" in capsys.readouterr().err
+    assert main(["simulate"]) == 2
+    assert "--resume RUN_DIR" in capsys.readouterr().err
+    (tmp_path / "config.toml").write_text((RECIPES_DIR / "tiny.toml").read_text())
+    assert main(["simulate", "--resume", str(tmp_path)]) == 2
+    assert f"{tmp_path} holds no checkpoint" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""Checkpoints: every strategy's state (the rule's global state with its base history, Fed-SB's
+fixed factors and cores, the expected probes, client-level DP's accountant) survives a round
+trip through the files exactly, and a run resumed from its checkpoint after a crash ends with the
+rows and the state of the uninterrupted run (the in-process grid, no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clients.app import client_app
+from fedlora.config import RunConfig
+from strategies import STRATEGIES
+from strategies.checkpoint import checkpoint_rounds, read_checkpoint
+from strategies.run_record import FINISHED, read_manifest, read_status
+from strategies.server_app import make_strategy, run
+from tests.support.local_grid import LocalGrid
+
+pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
+
+TINY_RUN = {
+    "model": "tiny-bert",
+    "partitioner": "iid",
+    "max-length": 16,
+    "batch-size": 4,
+    "local-steps": 1,
+    "rank-profile": "2:0.5,4:0.5",
+    "learning-rate": 0.01,
+    "num-server-rounds": 2,
+}
+CLIENT_DP = {"dp-client": True, "dp-client-clip": 0.5, "dp-client-noise-multiplier": 0.3}
+TIMING = (
+    "seconds",
+    "train_seconds",
+    "client_seconds",
+    "aggregate_seconds",
+    "communication_seconds",
+    "server_eval_seconds",
+)
+
+
+def run_in_process(run_dir, config, grid=None, **keys):
+    grid = grid or LocalGrid(client_app(config), num_nodes=2)
+    return run(grid, {**config, "run-dir": str(run_dir), **keys}, flower_run_id=5)
+
+
+def same_tensors(left: dict, right: dict) -> bool:
+    return left.keys() == right.keys() and all(
+        left[k].dtype == right[k].dtype and torch.equal(left[k], right[k]) for k in left
+    )
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_s_state_survives_the_checkpoint_files(strategy, tmp_path):
+    config = {**TINY_RUN, "strategy": strategy, "num-server-rounds": 1}
+    if strategy in ("fedavg", "fedsa"):
+        config.update({**CLIENT_DP, "dp-client-noise-seed": 3})
+    ran = run_in_process(tmp_path, config)
+    assert checkpoint_rounds(tmp_path) == [1]
+    checkpoint = read_checkpoint(tmp_path)
+    fresh = make_strategy(RunConfig.from_flower(config), ran.base_store)
+    checkpoint.restore(fresh)
+    tensors, facts = ran.state_dict()
+    again_tensors, again_facts = fresh.state_dict()
+    assert same_tensors(tensors, again_tensors)
+    nodes = facts.pop("nodes")
+    assert set(nodes) == {"0", "1"} and again_facts.pop("nodes") == {}  # asked again on resume
+    assert checkpoint.strategy["nodes"] == nodes
+    assert json.dumps(facts, sort_keys=True) == json.dumps(again_facts, sort_keys=True)
+    assert ran.state.version == fresh.state.version == 1
+    if ran.state.changes is not None:
+        assert len(fresh.state.changes.rounds) == 1
+    if ran.client_dp is not None:
+        assert fresh.client_dp.epsilon() == ran.client_dp.epsilon() > 0
+    assert [row["round"] for row in checkpoint.rows] == [1]
+
+
+class CrashingGrid(LocalGrid):
+    """Raises (as a killed server would stop) at its ``crash_at``-th exchange."""
+
+    def __init__(self, app, num_nodes: int, crash_at: int) -> None:
+        super().__init__(app, num_nodes)
+        self.crash_at = crash_at
+
+    def send_and_receive(self, messages, timeout=None):
+        if len(self.exchanges) + 1 == self.crash_at:
+            raise KeyboardInterrupt
+        return super().send_and_receive(messages, timeout)
+
+
+def without(columns, rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in columns} for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "keys"),
+    [("fedex", {}), ("flora", {}), ("fedavg", CLIENT_DP)],
+)
+def test_a_resumed_run_ends_as_the_uninterrupted_one(strategy, keys, tmp_path):
+    """Round 3 of 3 crashes after its training exchange; the resumed run (new nodes: only the
+    files remain) repeats round 3 and ends with the uninterrupted run's rows (timings aside)
+    and bitwise the same global state."""
+    config = {**TINY_RUN, "strategy": strategy, "num-server-rounds": 3, "seed": 4, **keys}
+    if "dp-client" in keys:
+        config["dp-client-noise-seed"] = 9
+    whole = run_in_process(tmp_path / "whole", config)
+    crash = CrashingGrid(client_app(config), num_nodes=2, crash_at=6)  # query, 2 x (train, eval)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(tmp_path / "resumed", config, grid=crash)
+    assert read_status(tmp_path / "resumed") == "interrupted"
+    assert checkpoint_rounds(tmp_path / "resumed") == [1, 2]
+    resumed = run_in_process(tmp_path / "resumed", config, resume=True)
+    assert read_status(tmp_path / "resumed") == FINISHED
+    assert len(read_manifest(tmp_path / "resumed")["runs"]) == 2
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
+    expected = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").open()]
+    assert without(TIMING, rows) == without(TIMING, expected)
+    assert same_tensors(resumed.state_dict()[0], whole.state_dict()[0])
