@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr.app import Context, Message, UserConfigValue
+from flwr.app import Context, Message, MessageType, UserConfigValue
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
@@ -38,6 +38,7 @@ from clients.node import (
     saved_ranks,
     saved_version,
 )
+from clients.node_store import NodeStore
 from clients.records import message_config, payload_from_record, reply_record
 from clients.steps import LoRASide, SBSide, clip_for_client_dp, side_for
 from clients.worker import Worker, worker_for
@@ -182,21 +183,41 @@ def client_app(run_config: BoundRunConfig = None) -> ClientApp:
 
     @app.query()
     def on_query(message: Message, context: Context) -> Message:
-        return answer_query(message, context, run_config)
+        return with_node_store(answer_query, message, context, run_config)
 
     @app.query(SB_INIT_ACTION)
     def on_sb_init(message: Message, context: Context) -> Message:
-        return answer_sb_init(message, context, run_config)
+        return with_node_store(answer_sb_init, message, context, run_config)
 
     @app.train()
     def on_train(message: Message, context: Context) -> Message:
-        return answer_train(message, context, run_config)
+        return with_node_store(answer_train, message, context, run_config)
 
     @app.evaluate()
     def on_evaluate(message: Message, context: Context) -> Message:
-        return answer_evaluate(message, context, run_config)
+        return with_node_store(answer_evaluate, message, context, run_config)
 
     return app
+
+
+def with_node_store(answer, message: Message, context: Context, run_config: BoundRunConfig):
+    """``answer`` the message with the node's state brought from its store first (a fresh or
+    stale state) and saved to it after (train and evaluate messages as of their round, Fed-SB's
+    initialisation as of round 0); as is without a store (`clients.node_store`)."""
+    values = context.run_config if run_config is None else run_config
+    keep = int(values.get("checkpoint-every", 1)) + 2
+    store = NodeStore.of(context, values, keep)
+    if store is None:
+        return answer(message, context, run_config)
+    kind = message.metadata.message_type
+    server_round = message_config(message.content).get(ROUND_KEY)
+    if kind == f"{MessageType.QUERY}.{SB_INIT_ACTION}":
+        server_round = 0
+    store.before(context, kind, None if server_round is None else int(server_round))
+    reply = answer(message, context, run_config)
+    if server_round is not None:
+        store.after(context, int(server_round))
+    return reply
 
 
 app = client_app()

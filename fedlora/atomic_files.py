@@ -38,13 +38,15 @@ def write_json_atomic(path: Path, value: object) -> None:
     write_text_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
-def save_tensors_atomic(path: Path, tensors: Mapping[str, Tensor]) -> None:
-    """``tensors`` as a safetensors file, written atomically (each one copied to the CPU on its
-    own: safetensors refuses tensors that share memory)."""
+def save_tensors_atomic(
+    path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """``tensors`` (and string ``metadata``) as a safetensors file, written atomically (each
+    tensor copied to the CPU on its own: safetensors refuses tensors that share memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial")
     copies = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
-    save_file(copies, str(temporary))
+    save_file(copies, str(temporary), metadata=dict(metadata) if metadata else None)
     with temporary.open("rb") as file:
         os.fsync(file.fileno())
     os.replace(temporary, path)

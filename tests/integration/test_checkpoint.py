@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from clients.app import client_app
+from clients.node_store import STATE_DIR_KEY
 from fedlora.config import RunConfig
 from strategies import STRATEGIES
 from strategies.checkpoint import checkpoint_rounds, read_checkpoint
@@ -41,9 +42,17 @@ TIMING = (
 )
 
 
-def run_in_process(run_dir, config, grid=None, **keys):
-    grid = grid or LocalGrid(client_app(config), num_nodes=2)
-    return run(grid, {**config, "run-dir": str(run_dir), **keys}, flower_run_id=5)
+def run_in_process(run_dir, config, grid_class=LocalGrid, **keys):
+    """A run of fresh nodes (the node stores hold what they keep across runs), as in
+    simulation: the ClientApp knows the run directory; with base changes in the messages, as on
+    devices, each node's store is its node config's ``state-dir``."""
+    config = {**config, "run-dir": str(run_dir), **keys}
+    grid = grid_class(client_app(config), num_nodes=2)
+    if config.get("base-changes") == "messages":
+        for context in grid.contexts.values():
+            partition = context.node_config["partition-id"]
+            context.node_config[STATE_DIR_KEY] = str(run_dir / "devices" / str(partition))
+    return run(grid, config, flower_run_id=5)
 
 
 def same_tensors(left: dict, right: dict) -> bool:
@@ -78,14 +87,11 @@ def test_every_strategy_s_state_survives_the_checkpoint_files(strategy, tmp_path
 
 
 class CrashingGrid(LocalGrid):
-    """Raises (as a killed server would stop) at its ``crash_at``-th exchange."""
-
-    def __init__(self, app, num_nodes: int, crash_at: int) -> None:
-        super().__init__(app, num_nodes)
-        self.crash_at = crash_at
+    """Stops (as a killed server would) at its sixth exchange, after round 3's training: query,
+    then train and evaluate of rounds 1 and 2, then round 3's train."""
 
     def send_and_receive(self, messages, timeout=None):
-        if len(self.exchanges) + 1 == self.crash_at:
+        if len(self.exchanges) == 6:
             raise KeyboardInterrupt
         return super().send_and_receive(messages, timeout)
 
@@ -96,19 +102,26 @@ def without(columns, rows: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("strategy", "keys"),
-    [("fedex", {}), ("flora", {}), ("fedavg", CLIENT_DP)],
+    [
+        ("fedex", {}),
+        ("fedsa", {}),
+        ("flora", {"base-changes": "messages"}),
+        ("fedavg", CLIENT_DP),
+        ("fedavg", {"dp-sample": True, "dp-noise-multiplier": 1.0}),
+    ],
 )
 def test_a_resumed_run_ends_as_the_uninterrupted_one(strategy, keys, tmp_path):
     """Round 3 of 3 crashes after its training exchange; the resumed run (new nodes: only the
     files remain) repeats round 3 and ends with the uninterrupted run's rows (timings aside)
-    and bitwise the same global state."""
+    and bitwise the same global state: the nodes' stores give back FedSA-LoRA's personal B, the
+    own drifted base of a node that gets base changes in messages, and the sample-level DP
+    accountants (the same epsilon), all as of round 2."""
     config = {**TINY_RUN, "strategy": strategy, "num-server-rounds": 3, "seed": 4, **keys}
     if "dp-client" in keys:
         config["dp-client-noise-seed"] = 9
     whole = run_in_process(tmp_path / "whole", config)
-    crash = CrashingGrid(client_app(config), num_nodes=2, crash_at=6)  # query, 2 x (train, eval)
     with pytest.raises(KeyboardInterrupt):
-        run_in_process(tmp_path / "resumed", config, grid=crash)
+        run_in_process(tmp_path / "resumed", config, grid_class=CrashingGrid)
     assert read_status(tmp_path / "resumed") == "interrupted"
     assert checkpoint_rounds(tmp_path / "resumed") == [1, 2]
     resumed = run_in_process(tmp_path / "resumed", config, resume=True)
