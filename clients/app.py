@@ -51,6 +51,7 @@ from fedlora.messages import (
     BASE_STORE_KEY,
     GRADIENT_SUFFIX,
     HANDLER_SECONDS_KEY,
+    HELD_ROUND_KEY,
     LOSS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
@@ -209,11 +210,17 @@ def with_node_store(answer, message: Message, context: Context, run_config: Boun
     store = NodeStore.of(context, values, keep)
     if store is None:
         return answer(message, context, run_config)
-    kind = message.metadata.message_type
-    server_round = message_config(message.content).get(ROUND_KEY)
+    kind, config = message.metadata.message_type, message_config(message.content)
+    server_round = config.get(ROUND_KEY)
     if kind == f"{MessageType.QUERY}.{SB_INIT_ACTION}":
         server_round = 0
-    store.before(context, kind, None if server_round is None else int(server_round))
+    if kind == MessageType.TRAIN:
+        newest = int(server_round) - 1
+    elif kind == MessageType.EVALUATE:
+        newest = int(server_round)
+    else:
+        newest = config.get(HELD_ROUND_KEY)
+    store.before(context, None if newest is None else int(newest))
     reply = answer(message, context, run_config)
     if server_round is not None:
         store.after(context, int(server_round))

@@ -9,7 +9,8 @@ One file per round, ``round-{t}.safetensors``: the array records as tensors
 (``record/key``), the config records as JSON in its metadata. A node whose state is empty (a
 fresh run) or ahead of the message (a snapshot of a round the server did not finish) loads the
 newest snapshot before the message's round (for a train message; up to it for an evaluate
-message) and deletes the newer ones: the node goes on from the round the server resumes at.
+message; up to the query's ``held-round`` for a rank query) and deletes the newer ones: the node
+goes on from the round the server resumes at.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from safetensors import safe_open
 
 from fedlora.atomic_files import save_tensors_atomic
@@ -56,15 +57,10 @@ class NodeStore:
     def path(self, server_round: int) -> Path:
         return self.directory / f"round-{server_round}.safetensors"
 
-    def before(self, context: Context, kind: str, server_round: int | None) -> None:
-        """Bring the node's state to where the message expects it (see the module's doc)."""
+    def before(self, context: Context, newest: int | None) -> None:
+        """Bring the node's state to round ``newest`` at most (None: any) when it is fresh or
+        ahead: load the newest snapshot up to it, delete the ones after it."""
         held = stored_round(context)
-        if kind == MessageType.TRAIN:
-            newest = server_round - 1
-        elif kind == MessageType.EVALUATE:
-            newest = server_round
-        else:
-            newest = None
         stale = held is not None and newest is not None and held > newest
         if held is not None and not stale:
             return

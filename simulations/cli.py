@@ -166,6 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimulationError as error:
         print(f"fedlora: simulation failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "fedlora: interrupted; a run is marked so in its status and goes on from its last "
+            "checkpoint with: fedlora simulate --resume RUN_DIR",
+            file=sys.stderr,
+        )
+        return 130
 
 
 # ---- demo, simulate -------------------------------------------------------------------------------

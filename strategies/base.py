@@ -36,7 +36,9 @@ from fedlora.messages import (
     ACCURACY_KEY,
     B_SUFFIX,
     BASE_STORE_KEY,
+    CONFIG_RECORD,
     HANDLER_SECONDS_KEY,
+    HELD_ROUND_KEY,
     LOSS_KEY,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
@@ -435,7 +437,8 @@ class LoRAStrategy(Strategy):
         (e.g. it died) is left out."""
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
-        self._learn_nodes(all_nodes, grid)
+        held_round = server_round - 1 if caller == "configure_train" else server_round
+        self._learn_nodes(all_nodes, grid, held_round)
         known = [node_id for node_id in all_nodes if node_id in self.nodes]
         ordered = sorted(known, key=lambda node_id: self.nodes[node_id].partition_id)
         node_ids = random.Random(self.probe_seed * 1_000_003 + server_round).sample(
@@ -447,7 +450,9 @@ class LoRAStrategy(Strategy):
     def _messages(
         self, node_ids: list[int], kind: str, server_round: int, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        self._learn_nodes(node_ids, grid)
+        self._learn_nodes(
+            node_ids, grid, server_round - 1 if kind == MessageType.TRAIN else server_round
+        )
         common = {**config, ROUND_KEY: server_round}
         if self.client_dp is None:
             common[PROBE_SEED_KEY] = self.probe_seed
@@ -522,13 +527,18 @@ class LoRAStrategy(Strategy):
         version = self.state.version if store_serves_base else node.version
         return ClientSpec(ranks=node.ranks, scales=node.scales, version=version)
 
-    def _learn_nodes(self, node_ids: list[int], grid: Grid) -> None:
-        """Ask the nodes not seen yet for their partition id, ranks and scales."""
+    def _learn_nodes(self, node_ids: list[int], grid: Grid, held_round: int) -> None:
+        """Ask the nodes not seen yet for their partition id, ranks and scales, as of
+        ``held_round`` (a node resuming from its store loads that round's state)."""
         unseen = [node_id for node_id in node_ids if node_id not in self.nodes]
         if not unseen:
             return
         queries = [
-            Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.QUERY)
+            Message(
+                RecordDict({CONFIG_RECORD: ConfigRecord({HELD_ROUND_KEY: held_round})}),
+                dst_node_id=node_id,
+                message_type=MessageType.QUERY,
+            )
             for node_id in unseen
         ]
         self._accept_answers(grid.send_and_receive(queries, timeout=self.query_timeout), "query")

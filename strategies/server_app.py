@@ -55,7 +55,7 @@ from strategies.run_record import (
     record_start,
     write_status,
 )
-from strategies.stoppable_grid import StoppableGrid
+from strategies.stoppable_grid import SimulationStopped, StoppableGrid
 
 FLWR_RUNS_DIR = Path("runs/flwr")
 """Where each run without a ``run-dir`` gets a directory of its own."""
@@ -132,6 +132,8 @@ def run(
     except KeyboardInterrupt:
         write_status(run_dir, INTERRUPTED)
         raise
+    except SimulationStopped:
+        raise  # the runner that stopped the engine says how the run ended
     except BaseException as error:
         mark_failed(run_dir, f"{type(error).__name__}: {error}")
         raise

@@ -13,8 +13,8 @@ import torch
 from clients.app import client_app
 from clients.node_store import STATE_DIR_KEY
 from fedlora.config import RunConfig
-from strategies import STRATEGIES
-from strategies.checkpoint import checkpoint_rounds, read_checkpoint
+from strategies import STRATEGIES, server_app
+from strategies.checkpoint import checkpoint_rounds, read_checkpoint, write_checkpoint
 from strategies.run_record import FINISHED, read_manifest, read_status
 from strategies.server_app import make_strategy, run
 from tests.support.local_grid import LocalGrid
@@ -86,14 +86,16 @@ def test_every_strategy_s_state_survives_the_checkpoint_files(strategy, tmp_path
     assert [row["round"] for row in checkpoint.rows] == [1]
 
 
-class CrashingGrid(LocalGrid):
-    """Stops (as a killed server would) at its sixth exchange, after round 3's training: query,
-    then train and evaluate of rounds 1 and 2, then round 3's train."""
+def crash_before_checkpoint(crash_round: int):
+    """`write_checkpoint`, except that it stops the server (as a kill would) before writing
+    round ``crash_round``'s: its row is written, the nodes hold their state of that round."""
 
-    def send_and_receive(self, messages, timeout=None):
-        if len(self.exchanges) == 6:
+    def write(run_dir, server_round, strategy, rows):
+        if server_round == crash_round:
             raise KeyboardInterrupt
-        return super().send_and_receive(messages, timeout)
+        return write_checkpoint(run_dir, server_round, strategy, rows)
+
+    return write
 
 
 def without(columns, rows: list[dict]) -> list[dict]:
@@ -110,9 +112,10 @@ def without(columns, rows: list[dict]) -> list[dict]:
         ("fedavg", {"dp-sample": True, "dp-noise-multiplier": 1.0}),
     ],
 )
-def test_a_resumed_run_ends_as_the_uninterrupted_one(strategy, keys, tmp_path):
-    """Round 3 of 3 crashes after its training exchange; the resumed run (new nodes: only the
-    files remain) repeats round 3 and ends with the uninterrupted run's rows (timings aside)
+def test_a_resumed_run_ends_as_the_uninterrupted_one(strategy, keys, tmp_path, monkeypatch):
+    """Round 3 of 3 stops before its checkpoint (its row is written, the nodes hold their
+    round-3 state); the resumed run (new nodes: only the files remain) drops the row, asks the
+    nodes for their state as of round 2, repeats round 3 and ends with the uninterrupted run's rows (timings aside)
     and bitwise the same global state: the nodes' stores give back FedSA-LoRA's personal B, the
     own drifted base of a node that gets base changes in messages, and the sample-level DP
     accountants (the same epsilon), all as of round 2."""
@@ -120,8 +123,11 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(strategy, keys, tmp_path):
     if "dp-client" in keys:
         config["dp-client-noise-seed"] = 9
     whole = run_in_process(tmp_path / "whole", config)
-    with pytest.raises(KeyboardInterrupt):
-        run_in_process(tmp_path / "resumed", config, grid_class=CrashingGrid)
+    with monkeypatch.context() as patch:
+        patch.setattr(server_app, "write_checkpoint", crash_before_checkpoint(3))
+        with pytest.raises(KeyboardInterrupt):
+            run_in_process(tmp_path / "resumed", config)
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
     assert read_status(tmp_path / "resumed") == "interrupted"
     assert checkpoint_rounds(tmp_path / "resumed") == [1, 2]
     resumed = run_in_process(tmp_path / "resumed", config, resume=True)
