@@ -71,6 +71,7 @@ from fedlora.privacy import (
     BUDGET_SPENT_KEY,
     DELTA_KEY,
     EPSILON_KEY,
+    SPENT_BEFORE_KEY,
     client_plan,
     example_loader,
 )
@@ -214,10 +215,10 @@ def with_node_store(answer, message: Message, context: Context, run_config: Boun
     server_round = config.get(ROUND_KEY)
     if kind == f"{MessageType.QUERY}.{SB_INIT_ACTION}":
         server_round = 0
-    if kind == MessageType.TRAIN:
-        newest = int(server_round) - 1
-    elif kind == MessageType.EVALUATE:
-        newest = int(server_round)
+    if kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        if server_round is None:  # not the server's message: no state of a round to keep
+            return answer(message, context, run_config)
+        newest = int(server_round) - (kind == MessageType.TRAIN)
     else:
         newest = config.get(HELD_ROUND_KEY)
     store.before(context, None if newest is None else int(newest))
@@ -244,7 +245,8 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
     config, worker = client.config, client.worker
     seed = client.seed(int(payload.config.get(ROUND_KEY, 0)))
     if config.dp_sample:
-        report, privacy = train_privately(client, model, data, seed, context)
+        spent_before = bool(payload.config.get(SPENT_BEFORE_KEY))
+        report, privacy = train_privately(client, model, data, seed, context, spent_before)
         if report is None:
             return budget_spent_reply(message, context, client, payload, privacy, len(data.train))
     else:
@@ -268,14 +270,21 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
 
 
 def train_privately(
-    client: Client, model: nn.Module, data, seed: int, context: Context
+    client: Client, model: nn.Module, data, seed: int, context: Context, spent_before: bool
 ) -> tuple[TrainReport | None, dict[str, float]]:
     """DP-SGD for the round, unless it would take the node past ``max-epsilon`` (then no
     report); and the privacy metrics: epsilon (after the round, or so far), delta, and whether
-    the budget stopped the node. The node's accountant history grows by the round's steps."""
+    the budget stopped the node. The node's accountant history grows by the round's steps. A
+    node the server saw spend budget before (``spent_before``) whose history is missing (a lost
+    node store) refuses to train rather than count its budget from 0 again."""
     config, worker = client.config, client.worker
     plan = client_plan(config, len(data.train))
     history = saved_privacy_history(context, config.dp_accountant)
+    if spent_before and not history:
+        raise ConfigError(
+            f"partition {client.partition_id} spent privacy budget before, but its accountant "
+            "history is missing (its node store is lost?): refusing to train from epsilon 0"
+        )
     if not plan.allows(history, config.local_steps):
         spent = {EPSILON_KEY: plan.epsilon(history), DELTA_KEY: plan.delta, BUDGET_SPENT_KEY: 1}
         return None, spent

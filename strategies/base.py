@@ -49,7 +49,7 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
-from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY
+from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult
 from strategies.base_store import write_round_change
@@ -161,6 +161,7 @@ class LoRAStrategy(Strategy):
         self.evaluate_metrics: dict[int, MetricRecord] = {}
         self.checks = ReplyChecks(rule, lora_alpha, rslora, max_examples_per_client)
         self.dropped: dict[int, dict[int, str]] = {}
+        self.private_partitions: set[int] = set()
         self._round = 0
         self._sent_specs: dict[str, dict[int, ClientSpec]] = {}
         self._expected_probes: dict[str, Tensor] | None = None
@@ -247,6 +248,11 @@ class LoRAStrategy(Strategy):
                 continue
             self._accept(node_id, report)
         sample_dp = sample_dp_metrics(stopped + parsed, self.nodes)
+        self.private_partitions.update(
+            self.nodes[m.metadata.src_node_id].partition_id
+            for m in stopped + parsed
+            if EPSILON_KEY in content_metrics(m)
+        )
         if len(updates) < self.min_train_nodes:
             log(
                 WARNING,
@@ -362,7 +368,8 @@ class LoRAStrategy(Strategy):
         """What the strategy needs to go on after its last round, as named tensors and JSON-able
         facts: the rule's global state, the probe responses the next round is measured against,
         the checks' top ranks and dtype, the nodes' last restated facts (by partition id: node
-        ids change with a new Flower run) and client-level DP's accountant."""
+        ids change with a new Flower run), the partitions seen spending sample-level DP budget
+        and client-level DP's accountant."""
         state_tensors, state_facts = self.state.state_dict()
         tensors = {f"state/{key}": t for key, t in state_tensors.items()}
         probes = self._expected_probes
@@ -375,6 +382,7 @@ class LoRAStrategy(Strategy):
             "top_ranks": dict(self.checks.top_ranks),
             "server_dtype": str(self.checks.server_dtype).removeprefix("torch."),
             "setup_bytes_up": self.setup_bytes_up,
+            "private_partitions": sorted(self.private_partitions),
             "nodes": {
                 str(node.partition_id): {
                     "ranks": node.ranks,
@@ -398,6 +406,7 @@ class LoRAStrategy(Strategy):
         self._expected_probes = groups["probes"] if facts["probes"] else None
         self.expect_replies(facts["top_ranks"], torch.empty(0, dtype=dtype_named(facts)))
         self.setup_bytes_up = int(facts["setup_bytes_up"])
+        self.private_partitions = set(facts["private_partitions"])
         if (facts["client_dp"] is None) != (self.client_dp is None):
             raise ValueError("client-level DP must be on in both the checkpoint and the run")
         if self.client_dp is not None:
@@ -467,6 +476,11 @@ class LoRAStrategy(Strategy):
             specs[node_id] = self._spec(self.nodes[node_id])
             payload = self.rule.client_payload(self.state, specs[node_id])
             payload.config = {**common, **payload.config}
+            if (
+                kind == MessageType.TRAIN
+                and self.nodes[node_id].partition_id in self.private_partitions
+            ):
+                payload.config[SPENT_BEFORE_KEY] = 1
             messages.append(
                 Message(payload_record(payload), dst_node_id=node_id, message_type=kind)
             )

@@ -1,19 +1,21 @@
 """The server's checkpoint: ``RUN_DIR/checkpoints/round-{t}/`` holds ``tensors.safetensors``
-(the rule's global state, the expected probe responses, torch's RNG state) and
-``checkpoint.json`` (a format version, the round, the strategy's facts, Python's RNG state and
-the metrics rows so far); no pickle. Each is written into a fresh directory renamed into place,
-so a checkpoint directory is complete or absent; the newest `KEEP` are kept.
+(the rule's global state, the expected probe responses) and ``checkpoint.json`` (a format
+version, the round, the strategy's facts and the metrics rows so far); no pickle. Each is written
+into a fresh directory renamed into place, so a checkpoint directory is complete or absent; the
+newest `KEEP` are kept.
+
+No global RNG state is saved because the strategy draws from none: node sampling, the probes and
+FLoRA's and FlexLoRA's draws are seeded by the run seed and the round, client-level DP's noise by
+its secret seed and the round (in the strategy's facts).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -30,7 +32,6 @@ TENSORS_FILE = "tensors.safetensors"
 FACTS_FILE = "checkpoint.json"
 FORMAT_VERSION = 1
 KEEP = 2
-TORCH_RNG_KEY = "rng/torch"
 
 
 class CheckpointError(RuntimeError):
@@ -44,16 +45,11 @@ class Checkpoint:
     server_round: int
     tensors: dict[str, Tensor]
     strategy: dict
-    python_rng: list
     rows: list[dict]
 
     def restore(self, strategy: LoRAStrategy) -> None:
-        """Put the strategy and the RNGs back where they were after the round."""
-        tensors = {k: t for k, t in self.tensors.items() if k != TORCH_RNG_KEY}
-        strategy.load_state_dict(tensors, self.strategy)
-        torch.set_rng_state(self.tensors[TORCH_RNG_KEY])
-        version, internal, gauss = self.python_rng
-        random.setstate((version, tuple(internal), gauss))
+        """Put the strategy back where it was after the round."""
+        strategy.load_state_dict(self.tensors, self.strategy)
 
 
 def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
@@ -67,14 +63,13 @@ def write_checkpoint(
     tensors, facts = strategy.state_dict()
     directory = checkpoint_dir(run_dir, server_round)
     fresh = fresh_directory_beside(directory)
-    save_tensors_atomic(fresh / TENSORS_FILE, {**tensors, TORCH_RNG_KEY: torch.get_rng_state()})
+    save_tensors_atomic(fresh / TENSORS_FILE, tensors)
     write_json_atomic(
         fresh / FACTS_FILE,
         {
             "format": FORMAT_VERSION,
             "round": server_round,
             "strategy": facts,
-            "python_rng": random.getstate(),
             "rows": rows,
         },
     )
@@ -113,6 +108,5 @@ def read_checkpoint(run_dir: Path, server_round: int | None = None) -> Checkpoin
         server_round=int(facts["round"]),
         tensors=tensors,
         strategy=facts["strategy"],
-        python_rng=facts["python_rng"],
         rows=facts["rows"],
     )

@@ -6,12 +6,13 @@ rows and the state of the uninterrupted run (the in-process grid, no Ray)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from clients.app import client_app
-from clients.node_store import STATE_DIR_KEY
+from clients.node_store import NODES_DIR, STATE_DIR_KEY
 from fedlora.config import RunConfig
 from strategies import STRATEGIES, server_app
 from strategies.checkpoint import checkpoint_rounds, read_checkpoint, write_checkpoint
@@ -137,3 +138,21 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one(strategy, keys, tmp_path, m
     expected = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").open()]
     assert without(TIMING, rows) == without(TIMING, expected)
     assert same_tensors(resumed.state_dict()[0], whole.state_dict()[0])
+
+
+def test_a_node_whose_accountant_is_lost_refuses_to_train(tmp_path, monkeypatch):
+    """Sample-level DP: partition 0's store is lost before the resume; the server saw it spend
+    budget, so it refuses to train (its reply is dropped, naming why) instead of restarting
+    its accountant at epsilon 0."""
+    config = {**TINY_RUN, "strategy": "fedavg", "num-server-rounds": 3, "dp-sample": True}
+    with monkeypatch.context() as patch:
+        patch.setattr(server_app, "write_checkpoint", crash_before_checkpoint(3))
+        with pytest.raises(KeyboardInterrupt):
+            run_in_process(tmp_path, config)
+    shutil.rmtree(tmp_path / NODES_DIR / "0")
+    run_in_process(tmp_path, config, resume=True)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["round"] == 3 and last["clients"] == 0
+    (reason,) = last["dropped"].values()
+    assert "partition 0 spent privacy budget before" in reason
+    assert "accountant history is missing" in reason
