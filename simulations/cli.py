@@ -47,6 +47,7 @@ from simulations.run_dir import (
     read_metrics,
 )
 from simulations.runner import SimulationError, resume, simulate
+from strategies.run_record import MANIFEST_FILE, STATUS_FILE
 
 RUNS_DIR = Path("runs")
 OVERRIDE_HELP = "run-config overrides of the recipe's [run] table, e.g. learning-rate=1e-3"
@@ -72,7 +73,8 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
         description=(
             f"Run the demo recipe ({DEMO_RECIPE.name}) in Flower's simulation engine on Ray: "
             "progress, accuracy per round, a final table; the run directory (default "
-            "runs/demo) gets config.toml, metrics.jsonl, metrics.csv and flower.log."
+            "runs/demo) gets config.toml, status, manifest.json, metrics.jsonl, metrics.csv, "
+            "flower.log, checkpoints and export/."
         ),
     )
     add_run_options(demo)
@@ -210,7 +212,8 @@ def run_recipe(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     console = output_console()
     console.print(rounds_table(recipe, read_metrics(run_dir)))
-    files = f"{CONFIG_FILE}, {METRICS_JSONL}, {METRICS_CSV}, {FLOWER_LOG}"
+    names = (STATUS_FILE, MANIFEST_FILE, CONFIG_FILE, METRICS_JSONL, METRICS_CSV, FLOWER_LOG)
+    files = ", ".join(names)
     console.print(f"wall time {wall:.0f} s; {run_dir}: {files}")
     return 0
 
