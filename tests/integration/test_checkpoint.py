@@ -156,3 +156,10 @@ def test_a_node_whose_accountant_is_lost_refuses_to_train(tmp_path, monkeypatch)
     (reason,) = last["dropped"].values()
     assert "partition 0 spent privacy budget before" in reason
     assert "accountant history is missing" in reason
+
+
+def test_checkpoint_every_k_rounds_and_after_the_last(tmp_path):
+    config = {**TINY_RUN, "strategy": "fedavg", "num-server-rounds": 3, "checkpoint-every": 2}
+    run_in_process(tmp_path, config)
+    assert checkpoint_rounds(tmp_path) == [2, 3]
+    assert [row["round"] for row in read_checkpoint(tmp_path, 2).rows] == [1, 2]
