@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr.app import Context, Message, UserConfigValue
+from flwr.app import Context, Message, MessageType, UserConfigValue
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
@@ -38,6 +38,7 @@ from clients.node import (
     saved_ranks,
     saved_version,
 )
+from clients.node_store import NodeStore
 from clients.records import message_config, payload_from_record, reply_record
 from clients.steps import LoRASide, SBSide, clip_for_client_dp, side_for
 from clients.worker import Worker, worker_for
@@ -50,6 +51,7 @@ from fedlora.messages import (
     BASE_STORE_KEY,
     GRADIENT_SUFFIX,
     HANDLER_SECONDS_KEY,
+    HELD_ROUND_KEY,
     LOSS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
@@ -69,6 +71,7 @@ from fedlora.privacy import (
     BUDGET_SPENT_KEY,
     DELTA_KEY,
     EPSILON_KEY,
+    SPENT_BEFORE_KEY,
     client_plan,
     example_loader,
 )
@@ -87,7 +90,7 @@ from fedlora.training import (
 )
 from fedlora.versioning import BaseCache
 
-SERVER_APP_KEYS = ("run-dir", "base-changes")
+SERVER_APP_KEYS = ("run-dir", "base-changes", "resume")
 """Run-config keys of the ServerApp's own (not `RunConfig` fields); the ClientApp ignores them."""
 NODE_RANK_KEY = "lora-rank"
 """Node-config key of a node's own LoRA rank (else the run's rank-profile decides)."""
@@ -182,21 +185,47 @@ def client_app(run_config: BoundRunConfig = None) -> ClientApp:
 
     @app.query()
     def on_query(message: Message, context: Context) -> Message:
-        return answer_query(message, context, run_config)
+        return with_node_store(answer_query, message, context, run_config)
 
     @app.query(SB_INIT_ACTION)
     def on_sb_init(message: Message, context: Context) -> Message:
-        return answer_sb_init(message, context, run_config)
+        return with_node_store(answer_sb_init, message, context, run_config)
 
     @app.train()
     def on_train(message: Message, context: Context) -> Message:
-        return answer_train(message, context, run_config)
+        return with_node_store(answer_train, message, context, run_config)
 
     @app.evaluate()
     def on_evaluate(message: Message, context: Context) -> Message:
-        return answer_evaluate(message, context, run_config)
+        return with_node_store(answer_evaluate, message, context, run_config)
 
     return app
+
+
+def with_node_store(answer, message: Message, context: Context, run_config: BoundRunConfig):
+    """``answer`` the message with the node's state brought from its store first (a fresh or
+    stale state) and saved to it after (train and evaluate messages as of their round, Fed-SB's
+    initialisation as of round 0); as is without a store (`clients.node_store`)."""
+    values = context.run_config if run_config is None else run_config
+    keep = int(values.get("checkpoint-every", 1)) + 2
+    store = NodeStore.of(context, values, keep)
+    if store is None:
+        return answer(message, context, run_config)
+    kind, config = message.metadata.message_type, message_config(message.content)
+    server_round = config.get(ROUND_KEY)
+    if kind == f"{MessageType.QUERY}.{SB_INIT_ACTION}":
+        server_round = 0
+    if kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        if server_round is None:  # not the server's message: no state of a round to keep
+            return answer(message, context, run_config)
+        newest = int(server_round) - (kind == MessageType.TRAIN)
+    else:
+        newest = config.get(HELD_ROUND_KEY)
+    store.before(context, None if newest is None else int(newest))
+    reply = answer(message, context, run_config)
+    if server_round is not None:
+        store.after(context, int(server_round))
+    return reply
 
 
 app = client_app()
@@ -217,7 +246,10 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
     server_round = int(payload.config.get(ROUND_KEY, 0))
     seed = client.seed(server_round)
     if config.dp_sample:
-        report, privacy = train_privately(client, model, data, seed, server_round, context)
+        spent_before = bool(payload.config.get(SPENT_BEFORE_KEY))
+        report, privacy = train_privately(
+            client, model, data, seed, server_round, context, spent_before
+        )
         if report is None:
             return budget_spent_reply(message, context, client, payload, privacy, len(data.train))
     else:
@@ -243,14 +275,27 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
 
 
 def train_privately(
-    client: Client, model: nn.Module, data, seed: int, server_round: int, context: Context
+    client: Client,
+    model: nn.Module,
+    data,
+    seed: int,
+    server_round: int,
+    context: Context,
+    spent_before: bool,
 ) -> tuple[TrainReport | None, dict[str, float]]:
     """DP-SGD for the round, unless it would take the node past ``max-epsilon`` (then no
     report); and the privacy metrics: epsilon (after the round, or so far), delta, and whether
-    the budget stopped the node. The node's accountant history grows by the round's steps."""
+    the budget stopped the node. The node's accountant history grows by the round's steps. A
+    node the server saw spend budget before (``spent_before``) whose history is missing (a lost
+    node store) refuses to train rather than count its budget from 0 again."""
     config, worker = client.config, client.worker
     plan = client_plan(config, len(data.train))
     history = saved_privacy_history(context, config.dp_accountant)
+    if spent_before and not history:
+        raise ConfigError(
+            f"partition {client.partition_id} spent privacy budget before, but its accountant "
+            "history is missing (its node store is lost?): refusing to train from epsilon 0"
+        )
     if not plan.allows(history, config.local_steps):
         spent = {EPSILON_KEY: plan.epsilon(history), DELTA_KEY: plan.delta, BUDGET_SPENT_KEY: 1}
         return None, spent

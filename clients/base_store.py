@@ -7,17 +7,16 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from fedlora.errors import InvalidUpdateError
 from fedlora.messages import base_change_file, change_from_tensors
 from fedlora.versioning import BaseCache
 
 
 def catch_up_from_store(cache: BaseCache, store: str, version: int) -> None:
-    """Add the changes of rounds cache.version+1..version, one file per round."""
+    """Add the changes of rounds cache.version+1..version, one file per round. A cache ahead of
+    ``version`` held rounds that a resumed run discarded and writes again: it is rebuilt from
+    the store's files."""
     if cache.version > version:
-        raise InvalidUpdateError(
-            f"this worker's base is at version {cache.version}, ahead of the payload's {version}"
-        )
+        cache.version, cache.shift = 0, {}
     for round_version in range(cache.version + 1, version + 1):
         path = Path(base_change_file(store, round_version))
         if not path.exists():

@@ -258,6 +258,21 @@ class FederationAccountant:
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
+    def state_dict(self) -> dict:
+        """The mechanism and Opacus's history (noise multiplier, sample rate, steps), JSON-able,
+        so that the budget survives a checkpoint."""
+        history = [list(step) for step in self.accountant.state_dict()["history"]]
+        return {"mechanism": self.mechanism, "history": history}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Go on from the history `state_dict` returned (of the same mechanism)."""
+        if state["mechanism"] != self.mechanism:
+            raise ConfigError(
+                f"accountant {self.mechanism!r} cannot go on from a {state['mechanism']!r} history"
+            )
+        history = [tuple(step) for step in state["history"]]
+        self.accountant.load_state_dict({**self.accountant.state_dict(), "history": history})
+
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0 before any release, inf with no noise)."""
         if not self.accountant.history:

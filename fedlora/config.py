@@ -108,6 +108,8 @@ class RunConfig:
     robust_norm_median_multiple: float = 0.0
     robust_aggregation: str = "mean"
     robust_trim_fraction: float = 0.1
+    # the server checkpoints the run every k rounds (and after the last), to resume it from
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -264,6 +266,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
             "min_evaluate_nodes",
             "num_threads",
             "max_examples_per_client",
+            "checkpoint_every",
         ),
         (lambda value: value >= 1, ">= 1"),
     ),

@@ -240,6 +240,15 @@ def num_labels(data: datasets.Dataset) -> int:
     return data.features[LABEL].num_classes
 
 
+def class_names(config: RunConfig) -> list[str] | None:
+    """The names of the classes, by label id, when the labels were names (not integers); else
+    None (causal LM, or integer labels)."""
+    if config.task != "classification":
+        return None
+    names = list(load_dataset(config).features[LABEL].names)
+    return None if names == [str(i) for i in range(len(names))] else names
+
+
 # ---- splitting and partitioning -------------------------------------------------------------------
 
 

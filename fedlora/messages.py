@@ -41,6 +41,10 @@ FRESH_ADAPTER_SEED_KEY = "fresh-adapter-seed"
 METRICS_RECORD = "metrics"
 PARTITION_ID_KEY = "partition-id"
 ROUND_KEY = "server-round"
+HELD_ROUND_KEY = "held-round"
+"""In a rank query: the newest round whose state the node should hold (the round before a
+training exchange, the round itself before an evaluation), for a node that resumes from its
+store."""
 BASE_STORE_KEY = "base-store"
 LOSS_KEY = "loss"
 ACCURACY_KEY = "accuracy"

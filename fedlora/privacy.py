@@ -52,6 +52,9 @@ DELTA_KEY = "delta"
 """Reply metric: the client's delta, min(dp-delta, 1 / N_i)."""
 BUDGET_SPENT_KEY = "dp-budget-spent"
 """Reply metric: 1 when the client did not train because it would pass ``max-epsilon``."""
+SPENT_BEFORE_KEY = "dp-spent-before"
+"""Train payload config: 1 when the server has seen the client spend privacy budget before, so
+that a client whose accountant history is missing refuses to train instead of counting from 0."""
 NOISE_TOLERANCE = 0.01
 """Epsilon tolerance of the noise search in target-epsilon mode (Opacus' default)."""
 

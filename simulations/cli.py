@@ -47,14 +47,19 @@ from simulations.run_dir import (
     check_out_dir,
     read_metrics,
 )
-from simulations.runner import SimulationError, simulate
+from simulations.runner import SimulationError, resume, simulate
+from strategies.run_record import MANIFEST_FILE, STATUS_FILE
 
 RUNS_DIR = Path("runs")
 OVERRIDE_HELP = "run-config overrides of the recipe's [run] table, e.g. learning-rate=1e-3"
 
 
+OVERWRITE_HELP = "replace what an earlier run left in the run directory"
+
+
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR", help="the run directory")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--strategy", metavar="NAME", help="the method (run key 'strategy')")
     parser.add_argument(
         "--rounds", type=int, metavar="N", help="server rounds (run key 'num-server-rounds')"
@@ -69,7 +74,8 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
         description=(
             f"Run the demo recipe ({DEMO_RECIPE.name}) in Flower's simulation engine on Ray: "
             "progress, accuracy per round, a final table; the run directory (default "
-            "runs/demo) gets config.toml, metrics.jsonl, metrics.csv and flower.log."
+            "runs/demo) gets config.toml, status, manifest.json, metrics.jsonl, metrics.csv, "
+            "flower.log, checkpoints and export/."
         ),
     )
     add_run_options(demo)
@@ -78,9 +84,15 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
     simulate_parser = commands.add_parser(
         "simulate",
         help="run a recipe (TOML) in Flower's simulation engine on Ray",
-        description="Run RECIPE (default run directory: runs/<recipe name>).",
+        description=(
+            "Run RECIPE (default run directory: runs/<recipe name>), or continue the run in "
+            "--resume RUN_DIR from its last checkpoint (its config.toml is the recipe)."
+        ),
     )
-    simulate_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    simulate_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml", nargs="?")
+    simulate_parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue this run from its checkpoint"
+    )
     add_run_options(simulate_parser)
     simulate_parser.set_defaults(handler=run_recipe)
 
@@ -101,6 +113,7 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
         help="'all' (default) or names separated by commas",
     )
     compare_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
+    compare_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     compare_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
     compare_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     compare_parser.set_defaults(handler=run_compare)
@@ -126,6 +139,7 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
         help=f"'all' or names separated by commas (default: {DEFAULT_STRATEGIES})",
     )
     sweep_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
+    sweep_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sweep_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
     sweep_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     sweep_parser.set_defaults(handler=run_dp_sweep)
@@ -155,15 +169,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SimulationError as error:
         print(f"fedlora: simulation failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "fedlora: interrupted; a run is marked so in its status and goes on from its last "
+            "checkpoint with: fedlora simulate --resume RUN_DIR",
+            file=sys.stderr,
+        )
+        return 130
 
 
 # ---- demo, simulate -------------------------------------------------------------------------------
 
 
 def run_recipe(args: argparse.Namespace) -> int:
-    recipe = resolve(load_recipe(args.recipe), args.overrides, args.strategy, args.rounds)
-    out_dir = args.out or RUNS_DIR / recipe.name
-    check_out_dir(out_dir)
+    if getattr(args, "resume", None) is not None:
+        given = [args.recipe, args.out, args.strategy, args.rounds, args.overrides, args.overwrite]
+        if any(given):
+            raise ConfigError(
+                "--resume RUN_DIR continues with the run directory's config.toml: give no "
+                "recipe, overrides, --out, --strategy, --rounds or --overwrite"
+            )
+        recipe, out_dir = load_recipe(args.resume / CONFIG_FILE), args.resume
+    elif args.recipe is None:
+        raise ConfigError("simulate needs RECIPE.toml, or --resume RUN_DIR")
+    else:
+        recipe = resolve(load_recipe(args.recipe), args.overrides, args.strategy, args.rounds)
+        out_dir = args.out or RUNS_DIR / recipe.name
+        check_out_dir(out_dir)
     rounds = recipe.run_config.num_server_rounds
     progress_console = Console(stderr=True)
     progress_console.print(f"{describe(recipe)}, strategy {recipe.run['strategy']}")
@@ -175,11 +207,15 @@ def run_recipe(args: argparse.Namespace) -> int:
             progress.console.print(round_line(row))
             progress.update(task, completed=row["round"], description=f"round {row['round']}")
 
-        run_dir = simulate(recipe, out_dir=out_dir, on_round=on_round)
+        if getattr(args, "resume", None) is not None:
+            run_dir = resume(out_dir, on_round)
+        else:
+            run_dir = simulate(recipe, out_dir=out_dir, on_round=on_round, overwrite=args.overwrite)
     wall = time.perf_counter() - start
     console = output_console()
     console.print(rounds_table(recipe, read_metrics(run_dir)))
-    files = f"{CONFIG_FILE}, {METRICS_JSONL}, {METRICS_CSV}, {FLOWER_LOG}"
+    names = (STATUS_FILE, MANIFEST_FILE, CONFIG_FILE, METRICS_JSONL, METRICS_CSV, FLOWER_LOG)
+    files = ", ".join(names)
     console.print(f"wall time {wall:.0f} s; {run_dir}: {files}")
     return 0
 
@@ -249,7 +285,9 @@ def run_compare(args: argparse.Namespace) -> int:
             done = strategies.index(strategy) * rounds + row["round"]
             progress.update(task, completed=done, description=f"{strategy} round {row['round']}")
 
-        results = compare(recipe, strategies, out_dir, args.overrides, args.rounds, on_round)
+        results = compare(
+            recipe, strategies, out_dir, args.overrides, args.rounds, on_round, args.overwrite
+        )
     console = output_console()
     console.print(results_table(results, checked))
     files = f"{RESULTS_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
@@ -284,7 +322,14 @@ def run_dp_sweep(args: argparse.Namespace) -> int:
             progress.update(task, completed=done, description=f"{name} round {row['round']}")
 
         results = dp_sweep(
-            recipe, strategies, epsilons, out_dir, args.overrides, args.rounds, on_round
+            recipe,
+            strategies,
+            epsilons,
+            out_dir,
+            args.overrides,
+            args.rounds,
+            on_round,
+            args.overwrite,
         )
     console = output_console()
     console.print(sweep_table(results, checked))

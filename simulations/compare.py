@@ -58,9 +58,11 @@ def compare(
     overrides: Mapping[str, Scalar] | Sequence[str] = (),
     rounds: int | None = None,
     on_round: StrategyRowCallback | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run ``recipe`` once per strategy into ``out_dir/<strategy>``; write ``results.csv`` and
-    the plots into ``out_dir``; return the results rows.
+    the plots into ``out_dir``; return the results rows. ``overwrite`` lets each run replace an
+    earlier run's directory (`simulations.runner.simulate`).
 
     Every strategy's configuration is checked before any run (a `ConfigError` names the first
     refused one). A run that fails (`simulations.runner.SimulationError`) does not stop the
@@ -78,7 +80,7 @@ def compare(
         start = time.perf_counter()
         error = None
         try:
-            simulate(resolved[name], out_dir=out_dir / name, on_round=report)
+            simulate(resolved[name], out_dir=out_dir / name, on_round=report, overwrite=overwrite)
         except SimulationError as failure:
             error = str(failure)
         runs[name] = read_metrics(out_dir / name)

@@ -81,10 +81,12 @@ def dp_sweep(
     overrides: Mapping[str, Scalar] | Sequence[str] = (),
     rounds: int | None = None,
     on_round: BudgetRowCallback | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run ``recipe`` per strategy and budget into ``out_dir/<strategy>/eps-<budget>``; write
     ``dp_results.csv`` and the plot into ``out_dir``; return the results rows. A failed run raises
-    at once (`simulations.runner.SimulationError`)."""
+    at once (`simulations.runner.SimulationError`). ``overwrite`` lets each run replace an
+    earlier run's directory."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if not isinstance(overrides, Mapping):
@@ -108,6 +110,7 @@ def dp_sweep(
                 strategy,
                 rounds,
                 report,
+                overwrite,
             )
             rows = read_metrics(run_dir)
             runs.append(budget_result(strategy, epsilon, rows, time.perf_counter() - start))

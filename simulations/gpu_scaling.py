@@ -60,8 +60,8 @@ def gpu_scaling_benchmark(
 
 
 def throughput(recipe: Recipe, gpus: int, run_dir: Path, on_round: GpuRunCallback | None) -> dict:
-    """One run on ``gpus`` GPUs into ``run_dir``: client-rounds per minute over the rounds after
-    the first."""
+    """One run on ``gpus`` GPUs into ``run_dir`` (replacing an earlier benchmark's run there):
+    client-rounds per minute over the rounds after the first."""
     settings = dataclasses.replace(recipe.simulation, gpus=gpus)
     started = time.perf_counter()
     rows = read_metrics(
@@ -69,6 +69,7 @@ def throughput(recipe: Recipe, gpus: int, run_dir: Path, on_round: GpuRunCallbac
             dataclasses.replace(recipe, simulation=settings),
             out_dir=run_dir,
             on_round=(lambda row: on_round(gpus, row["round"])) if on_round else None,
+            overwrite=True,
         )
     )
     wall = time.perf_counter() - started

@@ -27,6 +27,9 @@ from strategies.server_app import BASE_CHANGES
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEMO_RECIPE = RECIPES_DIR / "demo.toml"
 RUN_DIR_KEY = "run-dir"
+RESUME_KEY = "resume"
+OUTPUT_KEYS = {RUN_DIR_KEY: "--out", RESUME_KEY: "--resume"}
+"""ServerApp keys a recipe leaves to the command's options."""
 BASE_CHANGES_KEY = "base-changes"
 QUOTES_AND_BRACKETS = "\"'[{"
 
@@ -124,8 +127,9 @@ def load_recipe(source: str | Path | Mapping) -> Recipe:
         if not isinstance(tables.get(table, {}), Mapping):
             raise ConfigError(f"recipe {name!r}: {table!r} must be a table ([{table}])")
     run = dict(tables.get("run", {}))
-    if RUN_DIR_KEY in run:
-        raise ConfigError(f"recipe {name!r}: {RUN_DIR_KEY!r} is the output directory (use --out)")
+    for key, option in OUTPUT_KEYS.items():
+        if key in run:
+            raise ConfigError(f"recipe {name!r}: {key!r} is the command's to set (use {option})")
     return Recipe(name, run, SimulationSettings.from_table(tables.get("simulation", {})))
 
 
@@ -183,8 +187,9 @@ def resolve(
     model's limits (positions, hidden size) and a local dataset file checked too."""
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
-    if RUN_DIR_KEY in overrides:
-        raise ConfigError(f"{RUN_DIR_KEY!r} is the output directory (use --out)")
+    for key, option in OUTPUT_KEYS.items():
+        if key in overrides:
+            raise ConfigError(f"{key!r} is the command's to set (use {option})")
     run = {**recipe.run, **overrides}
     if strategy is not None:
         run["strategy"] = strategy

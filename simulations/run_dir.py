@@ -1,5 +1,9 @@
 """A run directory's files: the resolved recipe, the ServerApp's per-round metrics (JSONL, and CSV
-written after the run), Flower's log, and the base store of the methods that change the base."""
+written after the run), Flower's log, and the base store of the methods that change the base.
+
+A run directory belongs to one experiment: a new run takes only an empty (or absent) one, or,
+with ``overwrite``, an earlier run's directory, which it empties first.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedlora.errors import ConfigError
+from strategies.run_record import MANIFEST_FILE, STATUS_FILE
 
 CONFIG_FILE = "config.toml"
 METRICS_JSONL = "metrics.jsonl"
@@ -20,6 +25,8 @@ METRICS_CSV = "metrics.csv"
 FLOWER_LOG = "flower.log"
 BASE_STORE = "base"
 """`strategies.server_app` writes each round's base change here (FedEx-LoRA, FLoRA)."""
+RUN_MARKERS = (STATUS_FILE, MANIFEST_FILE, CONFIG_FILE, METRICS_JSONL)
+"""Files that only a run leaves: a directory holding one of them is a run directory."""
 FOLLOW_INTERVAL = 0.5
 """Seconds between looks at metrics.jsonl while a run goes on."""
 
@@ -43,13 +50,27 @@ def check_out_dir(out_dir: Path) -> None:
         raise ConfigError(f"--out {str(out_dir)!r} is not writable")
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Make ``run_dir`` and remove what an earlier run left there (stale rows or base changes
-    would be read as this run's)."""
+class RunDirTaken(ConfigError):
+    """The run directory holds files and may not be reused."""
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Make ``run_dir`` for a new run. A directory with files is refused, unless ``overwrite``
+    is set and it is an earlier run's (it holds a run's record or metrics): then everything in it
+    goes, so that no stale row, base change or exported file is read as the new run's."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirTaken(
+                f"run directory {run_dir} is not empty: pass --overwrite to replace the run in "
+                f"it, or --resume {run_dir} to continue it"
+            )
+        if not any((run_dir / name).exists() for name in RUN_MARKERS):
+            raise RunDirTaken(
+                f"run directory {run_dir} holds files but no run (none of {list(RUN_MARKERS)}): "
+                "--overwrite empties only a run's directory; choose another --out"
+            )
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, METRICS_JSONL, METRICS_CSV, FLOWER_LOG):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / BASE_STORE, ignore_errors=True)
 
 
 def read_metrics(run_dir: Path) -> list[MetricsRow]:

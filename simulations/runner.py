@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,17 +24,28 @@ from flwr.common.logger import FLOWER_LOGGER, console_handler
 from flwr.simulation import run_simulation
 
 from clients.app import client_app
+from fedlora.atomic_files import write_text_atomic
+from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
-from simulations.recipes import RUN_DIR_KEY, Recipe, load_recipe, resolve
+from simulations.recipes import RESUME_KEY, RUN_DIR_KEY, Recipe, load_recipe, resolve
 from simulations.run_dir import (
     CONFIG_FILE,
     FLOWER_LOG,
     METRICS_JSONL,
     RowCallback,
-    clear_run_dir,
+    claim_run_dir,
     following,
     read_metrics,
     write_metrics_csv,
+)
+from strategies.checkpoint import checkpoint_rounds
+from strategies.run_record import (
+    EXPORT_DIR,
+    FINISHED,
+    INTERRUPTED,
+    mark_failed,
+    read_status,
+    write_status,
 )
 from strategies.server_app import server_app
 
@@ -56,42 +68,94 @@ def simulate(
     strategy: str | None = None,
     rounds: int | None = None,
     on_round: RowCallback | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Run ``recipe`` (a TOML path, a dict of tables or a `Recipe`) with the overrides applied;
     return the run directory.
 
-    ``out_dir`` receives ``config.toml`` (the resolved recipe), ``metrics.jsonl`` (one row per
-    round, from the ServerApp), ``metrics.csv`` (the same rows, written after the run) and
+    ``out_dir`` must be empty or absent, or, with ``overwrite``, an earlier run's directory (it
+    is emptied). It receives ``config.toml`` (the resolved recipe), the manifest and status of
+    `strategies.run_record`, ``metrics.jsonl`` (one row per round, from the ServerApp),
+    ``metrics.csv`` (the same rows, written after the run, even a failed one) and
     ``flower.log``. ``on_round`` is called with each row as the ServerApp writes it (from another
     thread). Raises `fedlora.errors.ConfigError` before anything starts when a key or value is
-    bad, and `SimulationError` when the run fails, a node's ClientApp raised, or rounds are
-    missing.
+    bad or the directory is taken, and `SimulationError` when the run fails, a node's ClientApp
+    raised, or rounds are missing: the run is then marked failed and has no export.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     resolved = resolve(recipe, overrides, strategy, rounds)
     run_dir = Path(out_dir).resolve()
-    clear_run_dir(run_dir)
-    (run_dir / CONFIG_FILE).write_text(resolved.to_toml())
-    run_config = {**resolved.run, RUN_DIR_KEY: str(run_dir)}
-    settings = resolved.simulation
+    claim_run_dir(run_dir, overwrite)
+    write_text_atomic(run_dir / CONFIG_FILE, resolved.to_toml())
     logger.info("simulating %s into %s", resolved.name, run_dir)
+    return run_in(run_dir, resolved, {**resolved.run, RUN_DIR_KEY: str(run_dir)}, on_round)
+
+
+def resume(run_dir: str | Path, on_round: RowCallback | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its newest checkpoint, with the recipe its
+    ``config.toml`` holds; return the run directory. The rows and base changes newer than the
+    checkpoint are discarded; the nodes go on from their own stores. Raises
+    `fedlora.errors.ConfigError` when the directory holds no run to resume, and
+    `SimulationError` as `simulate` does."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"{run_dir} holds no {CONFIG_FILE}: not a fedlora run directory")
+    if read_status(run_dir) == FINISHED:
+        raise ConfigError(f"the run in {run_dir} is finished: nothing to resume")
+    if not checkpoint_rounds(run_dir):
+        raise ConfigError(f"{run_dir} holds no checkpoint to resume from")
+    recipe = load_recipe(run_dir / CONFIG_FILE)
+    logger.info("resuming %s", run_dir)
+    run_config = {**recipe.run, RUN_DIR_KEY: str(run_dir), RESUME_KEY: True}
+    return run_in(run_dir, recipe, run_config, on_round)
+
+
+def run_in(
+    run_dir: Path,
+    resolved: Recipe,
+    run_config: Mapping[str, Scalar],
+    on_round: RowCallback | None,
+) -> Path:
+    """Run the engine into ``run_dir``; the metrics CSV after it, and the status (failed:
+    no export; interrupted)."""
     stop = threading.Event()
-    with quiet_run(run_dir / FLOWER_LOG) as errors, following(run_dir / METRICS_JSONL, on_round):
-        try:
-            run_simulation(
-                server_app=server_app(run_config, stop),
-                client_app=client_app(run_config),
-                num_supernodes=settings.num_supernodes,
-                backend_config=settings.backend_config(),
-            )
-        except Exception as error:
-            stop.set()
-            raise SimulationError(f"{root_cause(error)} (see {run_dir / FLOWER_LOG})") from error
-    rows = read_metrics(run_dir)
-    write_metrics_csv(run_dir, rows)
-    check_complete(run_dir, rows, resolved.run_config.num_server_rounds, errors)
+    try:
+        with (
+            quiet_run(run_dir / FLOWER_LOG) as errors,
+            following(run_dir / METRICS_JSONL, on_round),
+        ):
+            try:
+                run_engine(resolved, run_config, stop)
+            finally:
+                stop.set()
+                rows = read_metrics(run_dir)
+                write_metrics_csv(run_dir, rows)
+        check_complete(run_dir, rows, resolved.run_config.num_server_rounds, errors)
+    except SimulationError as error:
+        mark_failed(run_dir, str(error))
+        shutil.rmtree(run_dir / EXPORT_DIR, ignore_errors=True)
+        raise
+    except KeyboardInterrupt:
+        write_status(run_dir, INTERRUPTED)
+        raise
     return run_dir
+
+
+def run_engine(recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading.Event) -> None:
+    """Flower's simulation engine on Ray with the bound apps; `SimulationError` with the
+    innermost cause when the engine itself fails."""
+    settings = recipe.simulation
+    try:
+        run_simulation(
+            server_app=server_app(run_config, stop),
+            client_app=client_app(run_config),
+            num_supernodes=settings.num_supernodes,
+            backend_config=settings.backend_config(),
+        )
+    except Exception as error:
+        log_file = Path(str(run_config[RUN_DIR_KEY])) / FLOWER_LOG
+        raise SimulationError(f"{root_cause(error)} (see {log_file})") from error
 
 
 def root_cause(error: BaseException) -> str:

@@ -19,6 +19,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -35,7 +36,9 @@ from fedlora.messages import (
     ACCURACY_KEY,
     B_SUFFIX,
     BASE_STORE_KEY,
+    CONFIG_RECORD,
     HANDLER_SECONDS_KEY,
+    HELD_ROUND_KEY,
     LOSS_KEY,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
@@ -46,7 +49,7 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
-from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY
+from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult
 from strategies.base_store import write_round_change
@@ -158,6 +161,7 @@ class LoRAStrategy(Strategy):
         self.evaluate_metrics: dict[int, MetricRecord] = {}
         self.checks = ReplyChecks(rule, lora_alpha, rslora, max_examples_per_client)
         self.dropped: dict[int, dict[int, str]] = {}
+        self.private_partitions: set[int] = set()
         self._round = 0
         self._sent_specs: dict[str, dict[int, ClientSpec]] = {}
         self._expected_probes: dict[str, Tensor] | None = None
@@ -244,6 +248,11 @@ class LoRAStrategy(Strategy):
                 continue
             self._accept(node_id, report)
         sample_dp = sample_dp_metrics(stopped + parsed, self.nodes)
+        self.private_partitions.update(
+            self.nodes[m.metadata.src_node_id].partition_id
+            for m in stopped + parsed
+            if EPSILON_KEY in content_metrics(m)
+        )
         if len(updates) < self.min_train_nodes:
             log(
                 WARNING,
@@ -355,6 +364,54 @@ class LoRAStrategy(Strategy):
         self.checks.top_ranks = dict(top_ranks)
         self.checks.server_dtype = example.dtype
 
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """What the strategy needs to go on after its last round, as named tensors and JSON-able
+        facts: the rule's global state, the probe responses the next round is measured against,
+        the checks' top ranks and dtype, the nodes' last restated facts (by partition id: node
+        ids change with a new Flower run), the partitions seen spending sample-level DP budget
+        and client-level DP's accountant."""
+        state_tensors, state_facts = self.state.state_dict()
+        tensors = {f"state/{key}": t for key, t in state_tensors.items()}
+        probes = self._expected_probes
+        if probes is not None:
+            tensors.update({f"probes/{module}": t for module, t in probes.items()})
+        facts = {
+            "round": self._round,
+            "state": state_facts,
+            "probes": probes is not None,
+            "top_ranks": dict(self.checks.top_ranks),
+            "server_dtype": str(self.checks.server_dtype).removeprefix("torch."),
+            "setup_bytes_up": self.setup_bytes_up,
+            "private_partitions": sorted(self.private_partitions),
+            "nodes": {
+                str(node.partition_id): {
+                    "ranks": node.ranks,
+                    "scales": node.scales,
+                    "version": node.version,
+                }
+                for node in self.nodes.values()
+            },
+            "client_dp": None if self.client_dp is None else self.client_dp.state_dict(),
+        }
+        return tensors, facts
+
+    def load_state_dict(self, tensors: dict[str, Tensor], facts: dict) -> None:
+        """Go on from what `state_dict` returned; the nodes are asked for their facts again."""
+        groups: dict[str, dict[str, Tensor]] = {"state": {}, "probes": {}}
+        for key, tensor in tensors.items():
+            group, name = key.split("/", 1)
+            groups[group][name] = tensor
+        self._round = int(facts["round"])
+        self.state = GlobalState.from_state_dict(groups["state"], facts["state"])
+        self._expected_probes = groups["probes"] if facts["probes"] else None
+        self.expect_replies(facts["top_ranks"], torch.empty(0, dtype=dtype_named(facts)))
+        self.setup_bytes_up = int(facts["setup_bytes_up"])
+        self.private_partitions = set(facts["private_partitions"])
+        if (facts["client_dp"] is None) != (self.client_dp is None):
+            raise ValueError("client-level DP must be on in both the checkpoint and the run")
+        if self.client_dp is not None:
+            self.client_dp.load_state_dict(facts["client_dp"])
+
     def _global_arrays(self) -> ArrayRecord | None:
         if self.rule.personalized:
             return None
@@ -389,7 +446,8 @@ class LoRAStrategy(Strategy):
         (e.g. it died) is left out."""
         sample_size = max(int(len(list(grid.get_node_ids())) * fraction), minimum)
         _, all_nodes = sample_nodes(grid, self.min_available_nodes, sample_size)
-        self._learn_nodes(all_nodes, grid)
+        held_round = server_round - 1 if caller == "configure_train" else server_round
+        self._learn_nodes(all_nodes, grid, held_round)
         known = [node_id for node_id in all_nodes if node_id in self.nodes]
         ordered = sorted(known, key=lambda node_id: self.nodes[node_id].partition_id)
         node_ids = random.Random(self.probe_seed * 1_000_003 + server_round).sample(
@@ -401,7 +459,9 @@ class LoRAStrategy(Strategy):
     def _messages(
         self, node_ids: list[int], kind: str, server_round: int, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
-        self._learn_nodes(node_ids, grid)
+        self._learn_nodes(
+            node_ids, grid, server_round - 1 if kind == MessageType.TRAIN else server_round
+        )
         common = {**config, ROUND_KEY: server_round}
         if self.client_dp is None:
             common[PROBE_SEED_KEY] = self.probe_seed
@@ -416,6 +476,11 @@ class LoRAStrategy(Strategy):
             specs[node_id] = self._spec(self.nodes[node_id])
             payload = self.rule.client_payload(self.state, specs[node_id])
             payload.config = {**common, **payload.config}
+            if (
+                kind == MessageType.TRAIN
+                and self.nodes[node_id].partition_id in self.private_partitions
+            ):
+                payload.config[SPENT_BEFORE_KEY] = 1
             messages.append(
                 Message(payload_record(payload), dst_node_id=node_id, message_type=kind)
             )
@@ -476,13 +541,18 @@ class LoRAStrategy(Strategy):
         version = self.state.version if store_serves_base else node.version
         return ClientSpec(ranks=node.ranks, scales=node.scales, version=version)
 
-    def _learn_nodes(self, node_ids: list[int], grid: Grid) -> None:
-        """Ask the nodes not seen yet for their partition id, ranks and scales."""
+    def _learn_nodes(self, node_ids: list[int], grid: Grid, held_round: int) -> None:
+        """Ask the nodes not seen yet for their partition id, ranks and scales, as of
+        ``held_round`` (a node resuming from its store loads that round's state)."""
         unseen = [node_id for node_id in node_ids if node_id not in self.nodes]
         if not unseen:
             return
         queries = [
-            Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.QUERY)
+            Message(
+                RecordDict({CONFIG_RECORD: ConfigRecord({HELD_ROUND_KEY: held_round})}),
+                dst_node_id=node_id,
+                message_type=MessageType.QUERY,
+            )
             for node_id in unseen
         ]
         self._accept_answers(grid.send_and_receive(queries, timeout=self.query_timeout), "query")
@@ -581,6 +651,14 @@ def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> d
     if not epsilons:
         return {}
     return {**epsilons, "epsilon_max": max(epsilons.values()), "dp_stopped": stopped}
+
+
+def dtype_named(facts: dict) -> torch.dtype:
+    """The server's dtype a checkpoint names (``float32``, ``float64``)."""
+    dtype = getattr(torch, facts["server_dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"checkpoint: {facts['server_dtype']!r} is not a torch dtype")
+    return dtype
 
 
 def content_metrics(message: Message) -> MetricRecord:

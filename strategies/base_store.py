@@ -21,3 +21,10 @@ def write_round_change(store: Path, version: int, change: dict[str, LowRank]) ->
     save_file(tensors, str(partial))
     os.replace(partial, path)
     return path.stat().st_size
+
+
+def discard_changes_after(store: Path, version: int) -> None:
+    """Remove the changes of rounds after ``version`` (a resumed run writes them again)."""
+    for path in store.glob("round-*.safetensors"):
+        if int(path.stem.removeprefix("round-")) > version:
+            path.unlink()

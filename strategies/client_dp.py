@@ -161,3 +161,12 @@ class ClientLevelDP:
 
     def epsilon(self) -> float:
         return self.accountant.epsilon(self.delta)
+
+    def state_dict(self) -> dict:
+        """The accountant's history and the noise's secret seed (a resumed run draws the noise
+        the uninterrupted one would; the checkpoint must stay as private as the server)."""
+        return {"accountant": self.accountant.state_dict(), "secret_seed": self._secret_seed}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self._secret_seed = int(state["secret_seed"])

@@ -9,11 +9,13 @@ have no global model: their accuracy stays the clients' personal one.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from fedlora.adapter import LoRAFactors, lora_scale
+from fedlora.atomic_files import fresh_directory_beside, swap_in_directory, write_json_atomic
 from fedlora.config import RunConfig, parse_rank_profile
-from fedlora.data import server_eval_set
+from fedlora.data import class_names, server_eval_set
 from fedlora.global_model import plain_model_with, rank_class_deltas
 from fedlora.models import load_base_model, quiet_transformers, with_lora
 from fedlora.peft_io import write_adapter, write_head
@@ -21,6 +23,8 @@ from fedlora.rules import AggregationRule, GlobalState
 from fedlora.training import device_for, evaluate
 
 logger = logging.getLogger(__name__)
+LABELS_FILE = "labels.json"
+"""Beside an exported adapter: ``id2label`` and ``label2id`` when the labels were names."""
 
 
 class ServerEvaluation:
@@ -55,12 +59,26 @@ class ServerEvaluation:
         return plain_model_with(self.base.model, deltas, state.head)
 
     def export(self, rule: AggregationRule, state: GlobalState, directory: Path) -> None:
-        """The final global model at the top rank: peft's adapter (``save_pretrained``) where the base
-        weights never change, else the merged model; nothing for a personalized method."""
+        """The final global model at the top rank: peft's adapter (``save_pretrained``) where the
+        base weights never change, else the merged model; nothing for a personalized method.
+
+        It is written into a fresh directory that then replaces ``directory`` whole, so no file
+        of an earlier export stays beside it. The tokenizer goes with it (when the model has one)
+        and, when the labels were names, ``id2label``/``label2id``: in the merged model's
+        config, and in `LABELS_FILE` beside an adapter (whose config is peft's)."""
         if rule.personalized:
             logger.info("%s is personalized: no global model to export", rule.name)
             return
-        directory.mkdir(parents=True, exist_ok=True)
+        fresh = fresh_directory_beside(directory)
+        try:
+            self._save(rule, state, fresh)
+        except BaseException:
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise
+        swap_in_directory(fresh, directory)
+
+    def _save(self, rule: AggregationRule, state: GlobalState, directory: Path) -> None:
+        labels = label_maps(class_names(self.config))
         top = max(self.ranks)
         if state.factors and state.changes is None:
             model = with_lora(
@@ -77,9 +95,23 @@ class ServerEvaluation:
                 {m: LoRAFactors.from_folded(f, top, scale) for m, f in state.factors.items()},
             )
             write_head(model, state.head)
+            if labels:
+                write_json_atomic(directory / LABELS_FILE, labels)
         else:
             model = self.model_for(rule, state, top)
+            if labels:
+                model.config.update(labels)
         with quiet_transformers():
             model.save_pretrained(directory)
             if hasattr(self.base.tokenizer, "save_pretrained"):
                 self.base.tokenizer.save_pretrained(directory)
+
+
+def label_maps(names: list[str] | None) -> dict[str, dict]:
+    """transformers' ``id2label`` and ``label2id`` for class ``names`` (empty for None)."""
+    if names is None:
+        return {}
+    return {
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+    }

@@ -2,9 +2,19 @@
 with one JSON row per round in ``RUN_DIR/metrics.jsonl``.
 
 Besides `fedlora.config.RunConfig`'s keys the run config may hold two of the ServerApp's own:
-``run-dir`` (default ``runs/latest``) and ``base-changes``: ``run-dir`` (default; FedEx-LoRA and
-FLoRA clients catch their base up from ``RUN_DIR/base``, which they must be able to read, as in
-simulation) or ``messages`` (the changes travel in the payloads, for deployment).
+``run-dir`` (default: empty, a directory of the run's own, ``runs/flwr/<Flower run id>``) and
+``base-changes``: ``run-dir`` (default; FedEx-LoRA and FLoRA clients catch their base up from
+``RUN_DIR/base``, which they must be able to read, as in simulation) or ``messages`` (the changes
+travel in the payloads, for deployment).
+
+With ``resume = true`` it continues the experiment in ``run-dir`` from its newest checkpoint
+(`strategies.checkpoint`, written every ``checkpoint-every`` rounds and after the last): a new
+Flower run that adds its run id to the manifest; metrics rows and base changes newer than the
+checkpoint are discarded.
+
+The ServerApp owns its run directory's record (`strategies.run_record`): the manifest and the
+status, ``running`` until the run ends ``finished``, ``interrupted`` or ``failed: <reason>``. A
+run in which no round aggregated an update has failed; only a finished run is exported.
 
 ``app`` reads the run config from the context (``flwr run``); `server_app` binds one instead
 (``flwr.simulation.run_simulation`` passes an empty run_config).
@@ -22,6 +32,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.atomic_files import write_text_atomic
 from fedlora.config import RunConfig
 from fedlora.measurement import worst
 from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
@@ -35,12 +46,25 @@ from fedlora.models import (
 from fedlora.peft_io import read_adapter, read_head
 from fedlora.privacy import EPSILON_KEY
 from fedlora.sb_layer import sb_layers
+from fedlora.training import device_for
 from strategies import STRATEGIES, LoRAStrategy
+from strategies.base_store import discard_changes_after
+from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation
-from strategies.stoppable_grid import StoppableGrid
+from strategies.round_loop import run_rounds
+from strategies.run_record import (
+    EXPORT_DIR,
+    FINISHED,
+    INTERRUPTED,
+    mark_failed,
+    record_start,
+    write_status,
+)
+from strategies.stoppable_grid import SimulationStopped, StoppableGrid
 
-DEFAULT_RUN_DIR = "runs/latest"
+FLWR_RUNS_DIR = Path("runs/flwr")
+"""Where each run without a ``run-dir`` gets a directory of its own."""
 BASE_CHANGES = ("run-dir", "messages")
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
@@ -57,7 +81,7 @@ def server_app(
     def main(grid: Grid, context: Context) -> None:
         if stop is not None:
             grid = StoppableGrid(grid, stop)
-        run(grid, context.run_config if run_config is None else run_config)
+        run(grid, context.run_config if run_config is None else run_config, context.run_id)
 
     return app
 
@@ -65,28 +89,72 @@ def server_app(
 app = server_app()
 
 
-def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
-    """Run the configured strategy for ``num-server-rounds`` rounds; return it."""
+def run(
+    grid: Grid, run_config: Mapping[str, UserConfigValue], flower_run_id: int | None = None
+) -> LoRAStrategy:
+    """Run the configured strategy for ``num-server-rounds`` rounds, recording how the run went
+    in its run directory; return the strategy."""
     values = dict(run_config)
-    run_dir = Path(str(values.pop("run-dir", DEFAULT_RUN_DIR)))
+    run_dir = run_directory(str(values.pop("run-dir", "")), flower_run_id)
+    resume = values.pop("resume", False)
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume = {resume!r}: true or false")
     base_changes = str(values.pop("base-changes", "run-dir"))
     if base_changes not in BASE_CHANGES:
         raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
     config = RunConfig.from_flower(values)
     check_model_limits(config)
-    strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
-    evaluation = ServerEvaluation(config)
-    log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation)
-    strategy.start(
-        grid,
-        initial_arrays(config),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        evaluate_fn=log.end_of_round,
-    )
-    if strategy.state is not None:
-        evaluation.export(strategy.rule, strategy.state, run_dir / "export")
+    checkpoint = read_checkpoint(run_dir) if resume else None
+    record_start(run_dir, str(device_for(config)), flower_run_id)
+    try:
+        strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
+        evaluation = ServerEvaluation(config)
+        arrays, first_round, rows = initial_arrays(config), 1, []
+        if checkpoint is not None:
+            checkpoint.restore(strategy)
+            first_round, rows = checkpoint.server_round + 1, checkpoint.rows
+            if strategy.base_store is not None:
+                discard_changes_after(strategy.base_store, checkpoint.server_round)
+        log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation, rows)
+
+        def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
+            log.end_of_round(server_round, arrays)
+            last = server_round == config.num_server_rounds
+            if server_round > 0 and (server_round % config.checkpoint_every == 0 or last):
+                write_checkpoint(run_dir, server_round, strategy, log.rows)
+
+        run_rounds(
+            strategy,
+            grid,
+            arrays,
+            first_round,
+            config.num_server_rounds,
+            config.round_timeout,
+            end_of_round,
+        )
+        if not any(row["clients"] for row in log.rows):
+            mark_failed(run_dir, "no round aggregated an update (see the log's dropped replies)")
+            return strategy
+        evaluation.export(strategy.rule, strategy.state, run_dir / EXPORT_DIR)
+    except KeyboardInterrupt:
+        write_status(run_dir, INTERRUPTED)
+        raise
+    except SimulationStopped:
+        raise  # the runner that stopped the engine says how the run ended
+    except BaseException as error:
+        mark_failed(run_dir, f"{type(error).__name__}: {error}")
+        raise
+    write_status(run_dir, FINISHED)
     return strategy
+
+
+def run_directory(run_dir: str, flower_run_id: int | None) -> Path:
+    """``run-dir`` when given, else a directory of the run's own under `FLWR_RUNS_DIR`: its
+    Flower run id, or the start time when it has none."""
+    if run_dir:
+        return Path(run_dir)
+    name = str(flower_run_id) if flower_run_id else time.strftime("%Y%m%d-%H%M%S")
+    return FLWR_RUNS_DIR / name
 
 
 def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
@@ -181,16 +249,24 @@ class MetricsLog:
     DP, epsilon_max, epsilon (by partition id, of the clients that replied) and dp_stopped
     (clients whose budget was spent)."""
 
-    def __init__(self, path: Path, strategy: LoRAStrategy, evaluation: ServerEvaluation) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+    def __init__(
+        self,
+        path: Path,
+        strategy: LoRAStrategy,
+        evaluation: ServerEvaluation,
+        rows: list[dict] | None = None,
+    ) -> None:
+        self.rows = list(rows or [])
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in self.rows))
         self.path, self.strategy, self.evaluation = path, strategy, evaluation
         self.round_start = time.perf_counter()
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn`` hook, called before round 1 and after every round."""
-        if server_round > 0:
+        """Called before the first round and after every round; a row per round not written yet
+        (a resumed run's hook before its first round, at its checkpoint's round, writes none)."""
+        if server_round > 0 and server_round > len(self.rows):
             row = self.row(server_round, time.perf_counter() - self.round_start)
+            self.rows.append(row)
             with self.path.open("a") as file:
                 file.write(json.dumps(row) + "\n")
         self.round_start = time.perf_counter()

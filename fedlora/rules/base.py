@@ -83,6 +83,62 @@ class GlobalState:
     def top_rank(self, module: str) -> int:
         return self.factors[module].inner_rank
 
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """The state as named tensors (``group/module/part``) and JSON-able facts, which
+        `from_state_dict` turns back into an identical state (a checkpoint holds them)."""
+        tensors: dict[str, Tensor] = {}
+        for group, factors in (("factors", self.factors), ("sb_factors", self.sb_factors)):
+            tensors.update(low_rank_tensors(group, factors))
+        tensors.update({f"cores/{module}": core for module, core in self.cores.items()})
+        tensors.update({f"head/{name}": t for name, t in self.head.items()})
+        if self.changes is not None:
+            for version, change in enumerate(self.changes.rounds, start=1):
+                tensors.update(low_rank_tensors(f"changes/{version}", change))
+        facts = {
+            "version": self.version,
+            "shapes": {module: list(shape) for module, shape in self.shapes.items()},
+            "changes": None if self.changes is None else self.changes.version,
+        }
+        return tensors, facts
+
+    @classmethod
+    def from_state_dict(cls, tensors: Mapping[str, Tensor], facts: Mapping) -> GlobalState:
+        """The state `state_dict` described."""
+        groups: dict[str, dict[str, Tensor]] = {}
+        for key, tensor in tensors.items():
+            group, name = key.split("/", 1)
+            if group == "changes":
+                version, name = name.split("/", 1)
+                group = f"changes/{version}"
+            groups.setdefault(group, {})[name] = tensor
+        changes = None
+        if facts["changes"] is not None:
+            rounds = range(1, facts["changes"] + 1)
+            changes = ChangeLog([low_rank_of(groups.get(f"changes/{t}", {})) for t in rounds])
+        return cls(
+            version=int(facts["version"]),
+            shapes={module: tuple(shape) for module, shape in facts["shapes"].items()},
+            factors=low_rank_of(groups.get("factors", {})),
+            head=dict(groups.get("head", {})),
+            changes=changes,
+            cores=dict(groups.get("cores", {})),
+            sb_factors=low_rank_of(groups.get("sb_factors", {})),
+        )
+
+
+def low_rank_tensors(group: str, factors: Mapping[str, LowRank]) -> dict[str, Tensor]:
+    """``{group}/{module}/U`` and ``.../V`` of each module's factors."""
+    tensors = {}
+    for module, f in factors.items():
+        tensors[f"{group}/{module}/U"], tensors[f"{group}/{module}/V"] = f.U, f.V
+    return tensors
+
+
+def low_rank_of(tensors: Mapping[str, Tensor]) -> dict[str, LowRank]:
+    """The factors `low_rank_tensors` named ``{module}/U`` and ``{module}/V`` (group removed)."""
+    modules = sorted({name.rsplit("/", 1)[0] for name in tensors})
+    return {module: LowRank(tensors[f"{module}/U"], tensors[f"{module}/V"]) for module in modules}
+
 
 @dataclass
 class RoundResult:

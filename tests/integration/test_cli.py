@@ -144,7 +144,8 @@ def test_flwr_run_config_in_pyproject_is_the_demo():
         "clientapp": "clients.app:app",
     }
     config = dict(app["config"])
-    assert (config.pop("run-dir"), config.pop("base-changes")) == ("runs/flwr", "run-dir")
+    server_app_keys = (config.pop("run-dir"), config.pop("base-changes"), config.pop("resume"))
+    assert server_app_keys == ("", "run-dir", False)
     demo = resolve(load_recipe(DEMO_RECIPE)).run
     assert config == {
         k: v for k, v in demo.items() if k not in ("target-modules", "modules-to-save")

@@ -1,0 +1,132 @@
+"""A simulation stopped by Ctrl-C leaves a resumable run marked interrupted within seconds; a
+simulation killed with SIGKILL (every process of it, Ray's too) during a round or between
+rounds, then resumed with ``fedlora simulate --resume``, ends as the same run uninterrupted:
+the same metrics rows (timings aside), bitwise the same final checkpoint and node stores, and
+for FedEx-LoRA the same exported model (CPU, one thread per client, seeds per round and
+partition: nothing is left to chance)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from clients.node_store import NODES_DIR
+from simulations.recipes import RECIPES_DIR
+from simulations.run_dir import read_metrics
+from strategies.checkpoint import TENSORS_FILE, checkpoint_dir, checkpoint_rounds
+from strategies.run_record import FINISHED, read_manifest, read_status
+from tests.support.processes import Processes, wait_for
+
+pytestmark = pytest.mark.slow
+
+TINY = RECIPES_DIR / "tiny.toml"
+ROUNDS = 3
+TIMING = (
+    "seconds",
+    "train_seconds",
+    "client_seconds",
+    "aggregate_seconds",
+    "communication_seconds",
+    "server_eval_seconds",
+)
+RUN_SECONDS = 240
+
+
+def simulate_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", "simulate", *args]
+
+
+def rows_of(run_dir) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(run_dir)]
+
+
+def tensors_of(path) -> dict:
+    return load_file(str(path))
+
+
+def same_tensors(left: dict, right: dict) -> bool:
+    return left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
+
+
+def node_snapshots(run_dir) -> dict:
+    """Each node's newest snapshot, by partition id."""
+    snapshots = {}
+    for node in sorted((run_dir / NODES_DIR).iterdir()):
+        newest = max(node.glob("round-*.safetensors"), key=lambda p: int(p.stem[6:]))
+        snapshots[node.name] = (newest.name, tensors_of(newest))
+    return snapshots
+
+
+def has_node_snapshot(run_dir, server_round: int) -> bool:
+    return any((run_dir / NODES_DIR).glob(f"*/round-{server_round}.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "killed_when"),
+    [("fedex", "during round 2"), ("fedsa", "between rounds 2 and 3")],
+)
+def test_a_killed_simulation_resumes_to_the_uninterrupted_run(strategy, killed_when, tmp_path):
+    processes = Processes(tmp_path, tmp_path / "flwr-home")
+    args = [str(TINY), "--rounds", str(ROUNDS), "--strategy", strategy, "seed=3"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    try:
+        done = processes.run(simulate_command(*args, "--out", str(whole)), RUN_SECONDS)
+        assert done.returncode == 0, done.stderr
+        processes.start("killed", simulate_command(*args, "--out", str(killed)))
+        if killed_when == "during round 2":
+            wait_for(
+                lambda: len(read_metrics(killed)) == 1 and has_node_snapshot(killed, 2),
+                "a node to finish its round-2 training",
+                RUN_SECONDS,
+            )
+        else:
+            wait_for(lambda: 2 in checkpoint_rounds(killed), "round 2's checkpoint", RUN_SECONDS)
+        processes.kill("killed")
+        assert read_status(killed) == "running"  # nothing could mark it
+        resumed = processes.run(simulate_command("--resume", str(killed)), RUN_SECONDS)
+        assert resumed.returncode == 0, resumed.stderr
+    finally:
+        processes.stop()
+    assert read_status(killed) == FINISHED
+    assert len(read_manifest(killed)["runs"]) == 2
+    assert rows_of(killed) == rows_of(whole)
+    assert [row["round"] for row in rows_of(killed)] == [1, 2, 3]
+    final = checkpoint_dir(killed, ROUNDS) / TENSORS_FILE
+    assert same_tensors(tensors_of(final), tensors_of(checkpoint_dir(whole, ROUNDS) / TENSORS_FILE))
+    killed_nodes, whole_nodes = node_snapshots(killed), node_snapshots(whole)
+    assert killed_nodes.keys() == whole_nodes.keys()
+    for partition, (name, tensors) in killed_nodes.items():
+        assert name == whole_nodes[partition][0]
+        assert same_tensors(tensors, whole_nodes[partition][1])
+    if strategy == "fedex":
+        exported = tensors_of(killed / "export" / "model.safetensors")
+        assert same_tensors(exported, tensors_of(whole / "export" / "model.safetensors"))
+    assert json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 3
+
+
+def test_ctrl_c_stops_a_simulation_within_seconds_leaving_it_resumable(tmp_path):
+    """SIGINT (Ctrl-C) during round 2: the command exits within 10 s with status 130 and no
+    traceback; the run is marked interrupted and round 1's checkpoint is there to resume from."""
+    processes = Processes(tmp_path, tmp_path / "flwr-home")
+    out = tmp_path / "run"
+    try:
+        command = simulate_command(str(TINY), "--rounds", str(ROUNDS), "--out", str(out))
+        process = processes.start("interrupted", command)
+        wait_for(lambda: 1 in checkpoint_rounds(out), "round 1's checkpoint", RUN_SECONDS)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+        seconds = time.monotonic() - started
+    finally:
+        processes.stop()
+    assert process.returncode == 130
+    assert seconds < 10, seconds
+    output = processes.log("interrupted")
+    assert "Traceback" not in output and "fedlora simulate --resume" in output
+    assert read_status(out) == "interrupted"
+    assert checkpoint_rounds(out)[0] == 1
