@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fedlora.client_dp import check_client_dp_rule
 from fedlora.errors import ConfigError
+from fedlora.generation import GENERATION_METRICS
 from fedlora.lr_schedule import LR_SCHEDULES
 from fedlora.messages import Scalar
 from fedlora.rules import RULES
@@ -100,6 +101,13 @@ class RunConfig:
     round_timeout: float = 3600.0
     # the largest example count one client may report; a reply above it is dropped
     max_examples_per_client: int = 10_000_000
+    # generation evaluation on the server's held-out set every k rounds and after the last (0: off;
+    # instruction data only; fedlora.generation)
+    generation_every: int = 0
+    max_new_tokens: int = 32
+    generation_metric: str = "auto"
+    # total MB (10^6 bytes) up and down over the run above which a warning is logged (0: none)
+    communication_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -240,13 +248,17 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
             "min_evaluate_nodes",
             "num_threads",
             "max_examples_per_client",
+            "max_new_tokens",
         ),
         (lambda value: value >= 1, ">= 1"),
     ),
     **dict.fromkeys(
         ("dirichlet_alpha", "lora_alpha", "learning_rate"), (lambda value: value > 0, "> 0")
     ),
-    **dict.fromkeys(("seed", "weight_decay", "warmup_steps"), (lambda value: value >= 0, ">= 0")),
+    **dict.fromkeys(
+        ("seed", "weight_decay", "warmup_steps", "generation_every"),
+        (lambda value: value >= 0, ">= 0"),
+    ),
     **dict.fromkeys(
         ("test_fraction", "server_eval_fraction"), (lambda value: 0 <= value < 1, "in [0, 1)")
     ),
@@ -254,7 +266,13 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
         ("fraction_train", "fraction_evaluate"), (lambda value: 0 < value <= 1, "in (0, 1]")
     ),
     **dict.fromkeys(
-        ("dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "max_epsilon"),
+        (
+            "dp_noise_multiplier",
+            "dp_target_epsilon",
+            "dp_rounds",
+            "max_epsilon",
+            "communication_budget_mb",
+        ),
         (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
     ),
     "dp_delta": (lambda value: 0 < value < 1, "in (0, 1)"),
@@ -300,6 +318,7 @@ def check_values(config: RunConfig) -> None:
         "dp_accountant": DP_ACCOUNTANTS,
         "dp_grad_sample_mode": DP_GRAD_SAMPLE_MODES,
         "lr_schedule": LR_SCHEDULES,
+        "generation_metric": GENERATION_METRICS,
     }
     for name, allowed in choices.items():
         value = getattr(config, name)

@@ -13,6 +13,8 @@ simulation) or ``messages`` (the changes travel in the payloads, for deployment)
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -34,7 +36,14 @@ from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation
 from strategies.stoppable_grid import StoppableGrid
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_RUN_DIR = "runs/latest"
+SAMPLES_DIR = "samples"
+"""``RUN_DIR/samples/round-N.jsonl``: the generation rounds' prompts, references and generations;
+cleared as a run starts."""
+MB = 1e6
+"""Bytes in the megabyte of ``mb_up_total``, ``mb_down_total`` and ``communication-budget-mb``."""
 BASE_CHANGES = ("run-dir", "messages")
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
@@ -69,7 +78,7 @@ def run(grid: Grid, run_config: Mapping[str, UserConfigValue]) -> LoRAStrategy:
     config = RunConfig.from_flower(values)
     strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
     evaluation = ServerEvaluation(config)
-    log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation)
+    log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation, config)
     strategy.start(
         grid,
         initial_arrays(config),
@@ -170,13 +179,25 @@ class MetricsLog:
     server_eval_seconds; with client-level DP, client_dp_epsilon (spent so far) and
     client_dp_clipped (the fraction of the round's clients that had to clip); with sample-level
     DP, epsilon_max, epsilon (by partition id, of the clients that replied) and dp_stopped
-    (clients whose budget was spent)."""
+    (clients whose budget was spent); mb_up_total and mb_down_total (the run's bytes_up and
+    bytes_down so far, in MB of 10^6 bytes; a warning is logged in the round their sum first
+    passes ``communication-budget-mb``); with ``generation-every``, the generation score's column
+    (answer_accuracy or rouge_l) and eval_loss (the held-out responses' loss) in the rounds that
+    generate, null in the others, and ``samples/round-N.jsonl`` (prompt, reference, generation)."""
 
-    def __init__(self, path: Path, strategy: LoRAStrategy, evaluation: ServerEvaluation) -> None:
+    def __init__(
+        self,
+        path: Path,
+        strategy: LoRAStrategy,
+        evaluation: ServerEvaluation,
+        config: RunConfig,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
-        self.path, self.strategy, self.evaluation = path, strategy, evaluation
+        shutil.rmtree(path.parent / SAMPLES_DIR, ignore_errors=True)
+        self.path, self.strategy, self.evaluation, self.config = path, strategy, evaluation, config
         self.round_start = time.perf_counter()
+        self.mb_up_total = self.mb_down_total = 0.0
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn`` hook, called before round 1 and after every round."""
@@ -194,7 +215,9 @@ class MetricsLog:
             m["relative_deviation"] for m in (train, evaluation) if "relative_deviation" in m
         ]
         started = time.perf_counter()
-        server = self.evaluation(self.strategy.rule, self.strategy.state)
+        server = self.evaluation(self.strategy.rule, self.strategy.state, server_round)
+        bytes_up = train.get("bytes_up", 0) + train.get("setup_bytes_up", 0)
+        bytes_down = train.get("bytes_down", 0) + evaluation.get("bytes_down", 0)
         return {
             "round": server_round,
             "strategy": self.strategy.rule.name,
@@ -206,8 +229,9 @@ class MetricsLog:
             "client_loss": evaluation.get("loss"),
             "train_loss": train.get("loss"),
             "relative_deviation": worst(deviations) if deviations else None,
-            "bytes_up": train.get("bytes_up", 0) + train.get("setup_bytes_up", 0),
-            "bytes_down": train.get("bytes_down", 0) + evaluation.get("bytes_down", 0),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            **self.communication_columns(server_round, bytes_up, bytes_down),
             "bytes_up_by_client": by_partition(train, "bytes_up"),
             "bytes_down_by_client": by_partition(train, "bytes_down"),
             "base_store_bytes": train.get("base_store_bytes", 0),
@@ -220,7 +244,39 @@ class MetricsLog:
             "server_eval_seconds": time.perf_counter() - started,
             **self.client_dp_columns(train),
             **sample_dp_columns(train),
+            **self.generation_columns(server_round, server),
         }
+
+    def communication_columns(self, server_round: int, bytes_up: int, bytes_down: int) -> dict:
+        """The running totals in MB; warns in the round their sum first passes the budget."""
+        before = self.mb_up_total + self.mb_down_total
+        self.mb_up_total += bytes_up / MB
+        self.mb_down_total += bytes_down / MB
+        budget = self.config.communication_budget_mb
+        if 0 < budget < self.mb_up_total + self.mb_down_total and before <= budget:
+            logger.warning(
+                "round %d: the run has sent %.3f MB up and %.3f MB down, past its "
+                "communication budget of %g MB",
+                server_round,
+                self.mb_up_total,
+                self.mb_down_total,
+                budget,
+            )
+        return {"mb_up_total": self.mb_up_total, "mb_down_total": self.mb_down_total}
+
+    def generation_columns(self, server_round: int, server: dict | None) -> dict:
+        """The generation score's column and eval_loss (null in rounds without generation), and
+        the round's samples file; nothing without ``generation-every``."""
+        if not self.config.generation_every:
+            return {}
+        report = server["generation"] if server else None
+        column = self.evaluation.generation.column
+        if report is None:
+            return {column: None, "eval_loss": None}
+        samples = self.path.parent / SAMPLES_DIR / f"round-{server_round}.jsonl"
+        samples.parent.mkdir(exist_ok=True)
+        samples.write_text("".join(json.dumps(sample) + "\n" for sample in report.samples))
+        return {column: report.value, "eval_loss": server["loss"]}
 
     def client_dp_columns(self, train: dict) -> dict:
         """The round's client-level DP columns (none without it); epsilon from the accountant

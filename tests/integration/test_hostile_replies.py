@@ -20,6 +20,7 @@ from torch.nn.functional import pad
 from clients.app import client_app
 from fedlora.adapter import LoRAFactors
 from fedlora.client_state import ClientState
+from fedlora.config import RunConfig
 from fedlora.errors import InvalidUpdateError
 from fedlora.fedsb_init import sketch_gradients
 from fedlora.lowrank import LowRank
@@ -616,7 +617,9 @@ class HostileGrid(QueryGrid):
 def test_a_run_with_a_hostile_node_completes_and_logs_what_it_dropped(tmp_path):
     generator = torch.Generator().manual_seed(0)
     strategy = strategy_for("fedavg", fraction_evaluate=0.0)
-    log = MetricsLog(tmp_path / "metrics.jsonl", strategy, lambda rule, state: None)
+    log = MetricsLog(
+        tmp_path / "metrics.jsonl", strategy, lambda rule, state, server_round: None, RunConfig()
+    )
     strategy.start(
         HostileGrid(),
         initial_arrays("fedavg", generator),
