@@ -22,6 +22,7 @@ from rich.table import Table
 from deployment.cli import add_deploy_commands
 from fedlora.cli import add_bench_commands, build_parser, output_console
 from fedlora.errors import ConfigError
+from simulations.baselines_command import add_baselines_command
 from simulations.bench_command import add_simulation_benchmarks
 from simulations.compare import (
     ACCURACY_VS_BYTES,
@@ -133,6 +134,7 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
 
 COMMAND_GROUPS = (
     add_simulation_commands,
+    add_baselines_command,
     partial(add_bench_commands, more_benchmarks=(add_simulation_benchmarks,)),
     add_deploy_commands,
 )
