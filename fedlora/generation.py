@@ -26,6 +26,8 @@ from rouge_score import rouge_scorer
 from fedlora.errors import ConfigError
 
 GENERATION_METRICS = ("auto", "answer", "rouge-l")
+METRIC_COLUMNS = {"answer": "answer_accuracy", "rouge-l": "rouge_l"}
+"""The metrics.jsonl column of each generation metric."""
 TASK_METRICS = {"bbc-topic": "answer", "bbc-headline": "rouge-l"}
 """The generation metric of each packaged task; ``auto`` takes it, else ``answer``."""
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -65,7 +67,7 @@ class GenerationScores:
 
     @property
     def column(self) -> str:
-        return {"answer": "answer_accuracy", "rouge-l": "rouge_l"}[self.metric]
+        return METRIC_COLUMNS[self.metric]
 
 
 def score(metric: str, generations: Sequence[str], references: Sequence[str]) -> GenerationScores:

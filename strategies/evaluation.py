@@ -38,9 +38,7 @@ class ServerEvaluation:
         self.ranks = sorted({rank for rank, _ in profile} or {config.lora_rank})
         self.generation = GenerationEvaluation(config, self.data, self.base.tokenizer)
 
-    def __call__(
-        self, rule: AggregationRule, state: GlobalState, server_round: int = 0
-    ) -> dict | None:
+    def __call__(self, rule: AggregationRule, state: GlobalState, server_round: int) -> dict | None:
         """accuracy, loss and accuracy_by_rank; in a generation round also ``generation``, the
         top rank's `GenerationReport`."""
         if rule.personalized or len(self.data) == 0:

@@ -12,7 +12,7 @@ from fedlora.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.config import RunConfig
 from fedlora.data import is_instruction_data
 from fedlora.errors import ConfigError
-from fedlora.generation import GenerationScores, generation_metric, greedy_replies, score
+from fedlora.generation import METRIC_COLUMNS, generation_metric, greedy_replies, score
 from fedlora.instructions import example_ids, user_turn
 
 
@@ -37,7 +37,7 @@ class GenerationEvaluation:
             )
         self.config, self.tokenizer = config, tokenizer
         self.metric = generation_metric(config.generation_metric, config.dataset)
-        self.column = GenerationScores(self.metric, 0.0).column
+        self.column = METRIC_COLUMNS[self.metric]
         if not config.generation_every:
             return
         inputs = data[INPUT] if INPUT in data.column_names else [""] * len(data)
@@ -56,7 +56,7 @@ class GenerationEvaluation:
         """Rounds k, 2k, ... of ``generation-every`` = k, and the last round; never with k = 0."""
         every = self.config.generation_every
         last = server_round == self.config.num_server_rounds
-        return every > 0 and (server_round % every == 0 or last)
+        return every > 0 and server_round >= 1 and (server_round % every == 0 or last)
 
     def __call__(self, model) -> GenerationReport:
         generations = greedy_replies(

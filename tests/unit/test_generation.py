@@ -1,10 +1,12 @@
-"""Greedy generation in left-padded batches, and the answer-matching and ROUGE-L scores."""
+"""Greedy generation in left-padded batches, the answer-matching and ROUGE-L scores, and the\nrounds and prompts of the server's generation evaluation."""
 
 import math
 
+import datasets
 import pytest
 import torch
 
+from fedlora.config import RunConfig
 from fedlora.data import HashingTokenizer
 from fedlora.errors import ConfigError
 from fedlora.generation import (
@@ -17,6 +19,7 @@ from fedlora.generation import (
     score,
 )
 from fedlora.models import TINY_VOCAB, tiny_llama
+from strategies.generation_eval import GenerationEvaluation
 
 
 @pytest.mark.parametrize(
@@ -103,3 +106,34 @@ def test_each_row_stops_at_eos_and_nothing_after_it_is_kept(one_thread):
     model.lm_head.register_forward_hook(forced)
     replies = greedy_replies(model, tokenizer, [[1, 5, 6], [1, 4]], max_new_tokens=4, batch_size=2)
     assert replies == ["w7", "w7 w8 w9 w9"]
+
+
+def generation_evaluation(every: int, rounds: int, **columns) -> GenerationEvaluation:
+    config = RunConfig(
+        model="tiny-llama",
+        task="causal-lm",
+        num_server_rounds=rounds,
+        generation_every=every,
+        max_length=16,
+    )
+    data = datasets.Dataset.from_dict(
+        columns or {"instruction": ["Say red.", "Say blue."], "response": ["red", "blue"]}
+    )
+    return GenerationEvaluation(config, data, HashingTokenizer(TINY_VOCAB))
+
+
+def test_generation_rounds_are_the_multiples_of_k_and_the_last():
+    due = generation_evaluation(every=2, rounds=5).due
+    assert [r for r in range(6) if due(r)] == [2, 4, 5]
+    assert not any(generation_evaluation(every=0, rounds=5).due(r) for r in range(6))
+
+
+def test_generation_prompts_are_the_training_prompts_and_need_instructions():
+    evaluation = generation_evaluation(every=1, rounds=1)
+    assert evaluation.prompts[0] == [
+        1,
+        *HashingTokenizer(TINY_VOCAB).token_ids("### Instruction:\nSay red.\n\n### Response:\n"),
+    ]
+    assert evaluation.references == ["red", "blue"]
+    with pytest.raises(ConfigError, match="generation-every needs instruction data"):
+        generation_evaluation(every=1, rounds=1, text=["plain text"])
