@@ -102,10 +102,11 @@ class RunConfig:
     # the largest example count one client may report; a reply above it is dropped
     max_examples_per_client: int = 10_000_000
     # generation evaluation on the server's held-out set every k rounds and after the last (0: off;
-    # instruction data only; fedlora.generation)
+    # instruction data only; fedlora.generation), on the clients' held-out splits too if asked
     generation_every: int = 0
     max_new_tokens: int = 32
     generation_metric: str = "auto"
+    client_generation: bool = False
     # total MB (10^6 bytes) up and down over the run above which a warning is logged (0: none)
     communication_budget_mb: float = 0.0
 
@@ -341,6 +342,8 @@ def check_values(config: RunConfig) -> None:
     parse_rank_profile(config.rank_profile)
     check_training_steps(config)
     check_client_dp(config)
+    if config.client_generation and not config.generation_every:
+        raise ConfigError("client-generation needs generation-every > 0")
 
 
 def check_training_steps(config: RunConfig) -> None:

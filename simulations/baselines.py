@@ -12,7 +12,7 @@
 
 Each is evaluated as the server evaluates the global model: loss and accuracy on its held-out set
 (`fedlora.training.evaluate`) and, for instruction data, the generation score
-(`strategies.generation_eval`). ``results.csv`` has one row per baseline.
+(`fedlora.generation_eval`). ``results.csv`` has one row per baseline.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import datasets
 
 from fedlora.config import RunConfig
 from fedlora.data import client_data, is_instruction_data, server_eval_set
+from fedlora.generation_eval import GenerationEvaluation
 from fedlora.models import BaseModel, load_base_model, with_lora
 from fedlora.training import client_seed, device_for, evaluate, set_torch_threads, train_round
 from simulations.recipes import Recipe
-from strategies.generation_eval import GenerationEvaluation
 
 BASELINES = ("pretrained", "centralized", "local-only")
 BASELINES_CSV = "results.csv"

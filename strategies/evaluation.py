@@ -5,7 +5,7 @@ The server evaluates, on its held-out set, the model a client of each rank class
 and per rank for the others; the row's accuracy is the top rank's. Personalized methods (FedSA-LoRA)
 have no global model: their accuracy stays the clients' personal one. In the rounds that
 ``generation-every`` names, the top rank's model also answers the held-out instructions
-(`strategies.generation_eval`).
+(`fedlora.generation_eval`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 from fedlora.adapter import LoRAFactors, lora_scale
 from fedlora.config import RunConfig, parse_rank_profile
 from fedlora.data import server_eval_set
+from fedlora.generation_eval import GenerationEvaluation, GenerationReport
 from fedlora.global_model import plain_model_with, rank_class_deltas
 from fedlora.models import load_base_model, quiet_transformers, with_lora
 from fedlora.peft_io import write_adapter, write_head
 from fedlora.rules import AggregationRule, GlobalState
 from fedlora.training import device_for, evaluate
-from strategies.generation_eval import GenerationEvaluation, GenerationReport
 
 logger = logging.getLogger(__name__)
 

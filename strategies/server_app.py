@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
 from fedlora.measurement import worst
-from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
+from fedlora.messages import GENERATION_KEY, SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
 from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
 from fedlora.peft_io import read_adapter, read_head
 from fedlora.privacy import EPSILON_KEY
@@ -183,7 +183,9 @@ class MetricsLog:
     bytes_down so far, in MB of 10^6 bytes; a warning is logged in the round their sum first
     passes ``communication-budget-mb``); with ``generation-every``, the generation score's column
     (answer_accuracy or rouge_l) and eval_loss (the held-out responses' loss) in the rounds that
-    generate, null in the others, and ``samples/round-N.jsonl`` (prompt, reference, generation)."""
+    generate, null in the others, and ``samples/round-N.jsonl`` (prompt, reference, generation);
+    with ``client-generation``, client_answer_accuracy or client_rouge_l (the clients'
+    example-weighted score on their held-out splits)."""
 
     def __init__(
         self,
@@ -271,12 +273,16 @@ class MetricsLog:
             return {}
         report = server["generation"] if server else None
         column = self.evaluation.generation.column
+        clients = {}
+        if self.config.client_generation:
+            evaluation = self.strategy.evaluate_metrics.get(server_round, {})
+            clients = {f"client_{column}": evaluation.get(GENERATION_KEY)}
         if report is None:
-            return {column: None, "eval_loss": None}
+            return {column: None, "eval_loss": None, **clients}
         samples = self.path.parent / SAMPLES_DIR / f"round-{server_round}.jsonl"
         samples.parent.mkdir(exist_ok=True)
         samples.write_text("".join(json.dumps(sample) + "\n" for sample in report.samples))
-        return {column: report.value, "eval_loss": server["loss"]}
+        return {column: report.value, "eval_loss": server["loss"], **clients}
 
     def client_dp_columns(self, train: dict) -> dict:
         """The round's client-level DP columns (none without it); epsilon from the accountant

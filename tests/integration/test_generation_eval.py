@@ -1,5 +1,6 @@
 """A 2-round federation in this process (the real ServerApp and ClientApp on `LocalGrid`) with
-evaluation by generation in round 2 and a communication budget passed in round 1."""
+evaluation by generation in round 2, on the server and the clients, and a communication budget
+passed in round 1."""
 
 import json
 import logging
@@ -40,6 +41,7 @@ def test_generation_rounds_write_samples_scores_and_running_totals(
         "local-steps": 1,
         "server-eval-fraction": 0.15,
         "generation-every": 2,
+        "client-generation": True,
         "max-new-tokens": 3,
         "communication-budget-mb": 0.001,
     }
@@ -49,6 +51,8 @@ def test_generation_rounds_write_samples_scores_and_running_totals(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     assert rows[0]["answer_accuracy"] is None and rows[0]["eval_loss"] is None
+    assert rows[0]["client_answer_accuracy"] is None
+    assert 0 <= rows[1]["client_answer_accuracy"] <= 1
     assert "rouge_l" not in rows[1] and rows[1]["eval_loss"] == rows[1]["loss"]
     assert [path.name for path in (run_dir / "samples").iterdir()] == ["round-2.jsonl"]
     samples = [

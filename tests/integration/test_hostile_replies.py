@@ -31,6 +31,7 @@ from fedlora.messages import (
     ADAPTER_RECORD,
     B_SUFFIX,
     CONFIG_RECORD,
+    GENERATION_KEY,
     HEAD_RECORD,
     LOSS_KEY,
     METRICS_RECORD,
@@ -700,6 +701,26 @@ def test_an_evaluate_reply_with_a_nan_loss_is_dropped():
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics["loss"] == 1.0 and metrics["num_examples"] == 20
     assert re.search(r"metric 'loss' = nan", strategy.dropped[1][BAD])
+
+
+def test_an_evaluate_reply_with_a_generation_score_above_one_is_dropped():
+    strategy, *_ = play_round("fedavg")
+    evaluation = strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), QueryGrid())
+    replies = []
+    for message in evaluation:
+        node = message.metadata.dst_node_id
+        metrics = {NUM_EXAMPLES_KEY: 10, LOSS_KEY: 1.0, ACCURACY_KEY: 0.5}
+        metrics[GENERATION_KEY] = 7.0 if node == BAD else 0.25
+        content = RecordDict(
+            {
+                CONFIG_RECORD: ConfigRecord(facts(node, version=1)),
+                METRICS_RECORD: MetricRecord(metrics),
+            }
+        )
+        replies.append(Message(content, reply_to=message))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics[GENERATION_KEY] == 0.25 and metrics["num_examples"] == 20
+    assert re.search(r"metric 'generation' = 7.0 not in \[0, 1\]", strategy.dropped[1][BAD])
 
 
 # ---- FLoRA's client step --------------------------------------------------------------------------

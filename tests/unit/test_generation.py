@@ -18,8 +18,8 @@ from fedlora.generation import (
     rouge_l,
     score,
 )
+from fedlora.generation_eval import GenerationEvaluation
 from fedlora.models import TINY_VOCAB, tiny_llama
-from strategies.generation_eval import GenerationEvaluation
 
 
 @pytest.mark.parametrize(
@@ -137,3 +137,5 @@ def test_generation_prompts_are_the_training_prompts_and_need_instructions():
     assert evaluation.references == ["red", "blue"]
     with pytest.raises(ConfigError, match="generation-every needs instruction data"):
         generation_evaluation(every=1, rounds=1, text=["plain text"])
+    with pytest.raises(ConfigError, match="client-generation needs generation-every"):
+        RunConfig(client_generation=True)

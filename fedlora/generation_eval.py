@@ -1,6 +1,6 @@
-"""The server's evaluation by generation: the global model's greedy answers to its held-out
-instructions, scored against the references (`fedlora.generation`), in rounds k, 2k, ... of
-``generation-every`` = k and after the last round."""
+"""Evaluation by generation on a held-out set of instructions (the server's, or a client's with
+``client-generation``): a model's greedy answers scored against the references
+(`fedlora.generation`), in rounds k, 2k, ... of ``generation-every`` = k and after the last."""
 
 from __future__ import annotations
 
