@@ -16,12 +16,12 @@ package computes it (its default tokenizer: lower case, letters and digits only;
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from rouge_score import rouge_scorer
 
 from fedlora.errors import ConfigError
 
@@ -30,7 +30,6 @@ METRIC_COLUMNS = {"answer": "answer_accuracy", "rouge-l": "rouge_l"}
 """The metrics.jsonl column of each generation metric."""
 TASK_METRICS = {"bbc-topic": "answer", "bbc-headline": "rouge-l"}
 """The generation metric of each packaged task; ``auto`` takes it, else ``answer``."""
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def generation_metric(setting: str, dataset: str) -> str:
@@ -53,9 +52,18 @@ def answer_correct(generation: str, reference: str) -> bool:
     return bool(answer) and f" {answer} " in f" {normalise(generation)} "
 
 
+@functools.cache
+def rouge_l_scorer():
+    """``rouge-score``'s ROUGE-L scorer without stemming (imported on first use, so that runs
+    that never score ROUGE-L do not need the package)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
 def rouge_l(generation: str, reference: str) -> float:
     """ROUGE-L F1 of the generation against the reference (``rouge-score``, no stemming)."""
-    return _ROUGE.score(reference, generation)["rougeL"].fmeasure
+    return rouge_l_scorer().score(reference, generation)["rougeL"].fmeasure
 
 
 @dataclass(frozen=True)
