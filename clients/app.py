@@ -45,7 +45,7 @@ from fedlora.config import RunConfig
 from fedlora.data import ClientData, batches
 from fedlora.errors import ConfigError
 from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
-from fedlora.generation_eval import GenerationEvaluation
+from fedlora.generation_eval import GenerationEvaluation, generation_due
 from fedlora.messages import (
     ACCURACY_KEY,
     BASE_STORE_KEY,
@@ -297,10 +297,10 @@ def answer_evaluate(message: Message, context: Context, run_config: BoundRunConf
         LOSS_KEY: report.loss,
         ACCURACY_KEY: report.accuracy,
     }
-    if config.client_generation and len(data.test) > 0:
+    server_round = int(payload.config.get(ROUND_KEY, 0))
+    if config.client_generation and generation_due(config, server_round) and len(data.test):
         generation = GenerationEvaluation(config, data.test, worker.base.tokenizer)
-        if generation.due(int(payload.config.get(ROUND_KEY, 0))):
-            metrics[GENERATION_KEY] = generation(model).value
+        metrics[GENERATION_KEY] = generation(model).value
     facts = client.side.facts(ranks_in(payload.config))
     content = reply_record({PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics)
     return Message(content, reply_to=message)

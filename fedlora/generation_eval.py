@@ -16,6 +16,13 @@ from fedlora.generation import METRIC_COLUMNS, generation_metric, greedy_replies
 from fedlora.instructions import example_ids, user_turn
 
 
+def generation_due(config: RunConfig, server_round: int) -> bool:
+    """Rounds k, 2k, ... of ``generation-every`` = k, and the last round; never with k = 0."""
+    every = config.generation_every
+    last = server_round == config.num_server_rounds
+    return every > 0 and server_round >= 1 and (server_round % every == 0 or last)
+
+
 @dataclass(frozen=True)
 class GenerationReport:
     """The score's column and value, and one sample per example: prompt (the user turn before any
@@ -53,10 +60,7 @@ class GenerationEvaluation:
             self.prompts.append(ids[:prompt_length])
 
     def due(self, server_round: int) -> bool:
-        """Rounds k, 2k, ... of ``generation-every`` = k, and the last round; never with k = 0."""
-        every = self.config.generation_every
-        last = server_round == self.config.num_server_rounds
-        return every > 0 and server_round >= 1 and (server_round % every == 0 or last)
+        return generation_due(self.config, server_round)
 
     def __call__(self, model) -> GenerationReport:
         generations = greedy_replies(
