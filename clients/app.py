@@ -46,9 +46,11 @@ from fedlora.config import RunConfig
 from fedlora.data import ClientData, batches
 from fedlora.errors import ConfigError
 from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
+from fedlora.generation_eval import GenerationEvaluation, generation_due
 from fedlora.messages import (
     ACCURACY_KEY,
     BASE_STORE_KEY,
+    GENERATION_KEY,
     GRADIENT_SUFFIX,
     HANDLER_SECONDS_KEY,
     HELD_ROUND_KEY,
@@ -330,7 +332,8 @@ def budget_spent_reply(
 
 
 def answer_evaluate(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
-    """Apply the client step, probe, evaluate on the node's held-out data."""
+    """Apply the client step, probe, evaluate on the node's held-out data (with
+    ``client-generation``, by generation too in the rounds that ``generation-every`` names)."""
     client, payload, model, probes, data = apply_payload(message, context, run_config)
     config, worker = client.config, client.worker
     report = evaluate(model, data.test, worker.base.tokenizer, config, worker.device)
@@ -339,6 +342,10 @@ def answer_evaluate(message: Message, context: Context, run_config: BoundRunConf
         LOSS_KEY: report.loss,
         ACCURACY_KEY: report.accuracy,
     }
+    server_round = int(payload.config.get(ROUND_KEY, 0))
+    if config.client_generation and generation_due(config, server_round) and len(data.test):
+        generation = GenerationEvaluation(config, data.test, worker.base.tokenizer)
+        metrics[GENERATION_KEY] = generation(model).value
     facts = client.side.facts(ranks_in(payload.config))
     content = reply_record({PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics)
     return Message(content, reply_to=message)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fedlora.client_dp import check_client_dp_rule
 from fedlora.errors import ConfigError
+from fedlora.generation import GENERATION_METRICS
 from fedlora.lr_schedule import LR_SCHEDULES
 from fedlora.messages import Scalar
 from fedlora.rules import RULES
@@ -110,6 +111,14 @@ class RunConfig:
     robust_trim_fraction: float = 0.1
     # the server checkpoints the run every k rounds (and after the last), to resume it from
     checkpoint_every: int = 1
+    # generation evaluation on the server's held-out set every k rounds and after the last (0: off;
+    # instruction data only; fedlora.generation), on the clients' held-out splits too if asked
+    generation_every: int = 0
+    max_new_tokens: int = 32
+    generation_metric: str = "auto"
+    client_generation: bool = False
+    # total MB (10^6 bytes) up and down over the run above which a warning is logged (0: none)
+    communication_budget_mb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -267,6 +276,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
             "num_threads",
             "max_examples_per_client",
             "checkpoint_every",
+            "max_new_tokens",
         ),
         (lambda value: value >= 1, ">= 1"),
     ),
@@ -274,7 +284,9 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
         ("dirichlet_alpha", "lora_alpha", "learning_rate"),
         (lambda value: 0 < value < math.inf, "> 0 and finite"),
     ),
-    **dict.fromkeys(("seed", "warmup_steps"), (lambda value: value >= 0, ">= 0")),
+    **dict.fromkeys(
+        ("seed", "warmup_steps", "generation_every"), (lambda value: value >= 0, ">= 0")
+    ),
     "weight_decay": (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
     **dict.fromkeys(
         ("test_fraction", "server_eval_fraction"), (lambda value: 0 <= value < 1, "in [0, 1)")
@@ -283,7 +295,13 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
         ("fraction_train", "fraction_evaluate"), (lambda value: 0 < value <= 1, "in (0, 1]")
     ),
     **dict.fromkeys(
-        ("dp_noise_multiplier", "dp_target_epsilon", "dp_rounds", "max_epsilon"),
+        (
+            "dp_noise_multiplier",
+            "dp_target_epsilon",
+            "dp_rounds",
+            "max_epsilon",
+            "communication_budget_mb",
+        ),
         (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
     ),
     "dp_delta": (lambda value: 0 < value < 1, "in (0, 1)"),
@@ -329,6 +347,7 @@ def check_values(config: RunConfig) -> None:
         "dp_accountant": DP_ACCOUNTANTS,
         "dp_grad_sample_mode": DP_GRAD_SAMPLE_MODES,
         "lr_schedule": LR_SCHEDULES,
+        "generation_metric": GENERATION_METRICS,
     }
     for name, allowed in choices.items():
         value = getattr(config, name)
@@ -358,6 +377,8 @@ def check_values(config: RunConfig) -> None:
             "robust-* options do not apply with dp-client: client-level DP clips every update and "
             "its analysis assumes the noised mean"
         )
+    if config.client_generation and not config.generation_every:
+        raise ConfigError("client-generation needs generation-every > 0")
 
 
 def check_training_steps(config: RunConfig) -> None:

@@ -390,13 +390,20 @@ class HashingTokenizer:
     punctuation hashed (CRC-32) into ids 3..vocab_size-1, between BOS (1) and EOS (2); PAD is 0.
 
     Called like a transformers tokenizer with ``truncation``, ``max_length``, ``padding`` and
-    ``return_tensors="pt"``; it pads on the right to the longest sequence of the batch.
+    ``return_tensors="pt"``; it pads on the right to the longest sequence of the batch. Hashing
+    cannot be undone: `decode` writes each id as ``w{id}``.
     """
 
     vocab_size: int
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
+
+    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = False) -> str:
+        """The ids as words ``w{id}``, joined by spaces; PAD, BOS and EOS left out if asked."""
+        special = {self.pad_token_id, self.bos_token_id, self.eos_token_id}
+        ids = [int(i) for i in ids]
+        return " ".join(f"w{i}" for i in ids if not (skip_special_tokens and i in special))
 
     def token_ids(self, text: str) -> list[int]:
         first = self.eos_token_id + 1

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fedlora.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.errors import ConfigError
+from fedlora.generation import greedy_replies
 
 IGNORED_LABEL = -100
 """Label of a position the causal-LM loss skips, as transformers expects."""
@@ -141,21 +142,10 @@ def collate(examples: Sequence[tuple[list[int], int]], pad_token_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-@torch.no_grad()
 def greedy_reply(
     model, tokenizer, instruction: str, input_text: str = "", max_new_tokens: int = 32
 ) -> str:
     """The model's greedy answer to one instruction, stopping at the tokenizer's EOS (the chat
     template's end of turn for chat models, which their generation configs may not stop at)."""
     prompt = prompt_ids(tokenizer, user_turn(instruction, input_text))
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt], device=device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True).strip()
+    return greedy_replies(model, tokenizer, [prompt], max_new_tokens, batch_size=1)[0]

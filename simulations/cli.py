@@ -22,10 +22,12 @@ from rich.table import Table
 from deployment.cli import add_deploy_commands
 from fedlora.cli import add_bench_commands, build_parser, output_console
 from fedlora.errors import ConfigError
+from simulations.baselines_command import add_baselines_command
 from simulations.bench_command import add_simulation_benchmarks
 from simulations.compare import (
     ACCURACY_VS_BYTES,
     ACCURACY_VS_ROUND,
+    GENERATION_COLUMNS,
     RESULTS_CSV,
     compare,
     strategy_names,
@@ -147,6 +149,7 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
 
 COMMAND_GROUPS = (
     add_simulation_commands,
+    add_baselines_command,
     partial(add_bench_commands, more_benchmarks=(add_simulation_benchmarks,)),
     add_deploy_commands,
 )
@@ -250,16 +253,21 @@ def round_line(row: MetricsRow, strategy: str = "") -> str:
 
 def rounds_table(recipe: Recipe, rows: list[MetricsRow]) -> Table:
     table = Table(title=f"{describe(recipe)}, strategy {recipe.run['strategy']}")
-    for column in ("round", "accuracy", "loss", "rel. deviation", "up", "down", "seconds"):
+    generated = [c for c in GENERATION_COLUMNS if any(c in row for row in rows)]
+    columns = ("round", "accuracy", "loss", *generated, "rel. deviation", "up", "down")
+    for column in (*columns, "MB up, run", "MB down, run", "seconds"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             str(row["round"]),
             number(row.get("accuracy"), ".3f"),
             number(row.get("loss"), ".3f"),
+            *(number(row.get(column), ".3f") for column in generated),
             number(row.get("relative_deviation"), ".1e"),
             size(row["bytes_up"]),
             size(row["bytes_down"]),
+            number(row.get("mb_up_total"), ".2f"),
+            number(row.get("mb_down_total"), ".2f"),
             f"{row['seconds']:.1f}",
         )
     return table

@@ -29,11 +29,14 @@ RESULT_COLUMNS = (
     "seconds",
     "wall_seconds",
     "max_relative_deviation",
+    "answer_accuracy",
+    "rouge_l",
     "error",
 )
 """results.csv: accuracies over the rounds' rows, bytes and round seconds summed over rounds,
 the whole run's wall time (Ray's start included), the worst relative deviation (empty: none),
-why the run failed (empty: it did not)."""
+the last generation scores (empty: none), why the run failed (empty: it did not)."""
+GENERATION_COLUMNS = ("answer_accuracy", "rouge_l")
 
 StrategyRowCallback = Callable[[str, MetricsRow], None]
 
@@ -109,8 +112,15 @@ def summary(
         "seconds": sum(row["seconds"] for row in rows),
         "wall_seconds": wall_seconds,
         "max_relative_deviation": max(deviations, default=None),
+        **{column: last_value(rows, column) for column in GENERATION_COLUMNS},
         "error": error,
     }
+
+
+def last_value(rows: list[MetricsRow], column: str) -> float | None:
+    """The column's value in the last row where it is not null (None: no such row)."""
+    values = [row[column] for row in rows if row.get(column) is not None]
+    return values[-1] if values else None
 
 
 def write_results_csv(path: Path, results: list[dict]) -> None:

@@ -37,6 +37,7 @@ from fedlora.messages import (
     B_SUFFIX,
     BASE_STORE_KEY,
     CONFIG_RECORD,
+    GENERATION_KEY,
     HANDLER_SECONDS_KEY,
     HELD_ROUND_KEY,
     LOSS_KEY,
@@ -338,6 +339,8 @@ class LoRAStrategy(Strategy):
         deviation = self._probe_deviation(valid)
         if deviation is not None:
             metrics["relative_deviation"] = deviation
+        if all(GENERATION_KEY in m.content[METRICS_RECORD] for m in valid):
+            metrics[GENERATION_KEY] = weighted_mean(valid, GENERATION_KEY)
         self.evaluate_metrics[server_round] = MetricRecord(metrics)
         return self.evaluate_metrics[server_round]
 

@@ -3,7 +3,9 @@
 The server evaluates, on its held-out set, the model a client of each rank class runs
 (`fedlora.global_model.rank_class_deltas`): once for the exact methods, whose clients all run W_t,
 and per rank for the others; the row's accuracy is the top rank's. Personalized methods (FedSA-LoRA)
-have no global model: their accuracy stays the clients' personal one.
+have no global model: their accuracy stays the clients' personal one. In the rounds that
+``generation-every`` names, the top rank's model also answers the held-out instructions
+(`fedlora.generation_eval`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fedlora.adapter import LoRAFactors, lora_scale
 from fedlora.atomic_files import fresh_directory_beside, swap_in_directory, write_json_atomic
 from fedlora.config import RunConfig, parse_rank_profile
 from fedlora.data import class_names, server_eval_set
+from fedlora.generation_eval import GenerationEvaluation, GenerationReport
 from fedlora.global_model import plain_model_with, rank_class_deltas
 from fedlora.models import load_base_model, quiet_transformers, with_lora
 from fedlora.peft_io import write_adapter, write_head
@@ -37,21 +40,28 @@ class ServerEvaluation:
         self.device = device_for(config)
         profile = parse_rank_profile(config.rank_profile)
         self.ranks = sorted({rank for rank, _ in profile} or {config.lora_rank})
+        self.generation = GenerationEvaluation(config, self.data, self.base.tokenizer)
 
-    def __call__(self, rule: AggregationRule, state: GlobalState) -> dict | None:
+    def __call__(self, rule: AggregationRule, state: GlobalState, server_round: int) -> dict | None:
+        """accuracy, loss and accuracy_by_rank; in a generation round also ``generation``, the
+        top rank's `GenerationReport`."""
         if rule.personalized or len(self.data) == 0:
             return None
         ranks = [max(self.ranks)] if rule.exact else self.ranks
         by_rank = {}
+        generation: GenerationReport | None = None
         for rank in ranks:
             model = self.model_for(rule, state, rank).to(self.device)
             report = evaluate(model, self.data, self.base.tokenizer, self.config, self.device)
             by_rank[rank] = report
+            if rank == max(ranks) and self.generation.due(server_round):
+                generation = self.generation(model)
         top = by_rank[max(ranks)]
         return {
             "accuracy": top.accuracy,
             "loss": top.loss,
             "accuracy_by_rank": {str(rank): report.accuracy for rank, report in by_rank.items()},
+            "generation": generation,
         }
 
     def model_for(self, rule: AggregationRule, state: GlobalState, rank: int):

@@ -38,6 +38,7 @@ from fedlora.messages import (
     ACCURACY_KEY,
     ADAPTER_RECORD,
     CONFIG_RECORD,
+    GENERATION_KEY,
     HANDLER_SECONDS_KEY,
     HEAD_RECORD,
     LOSS_KEY,
@@ -62,7 +63,7 @@ NPY_HEADER_BYTES = 1024
 """What a serialized array may take beyond its data (numpy's header)."""
 TRAIN_METRICS = (LOSS_KEY, SECONDS_KEY)
 EVALUATE_METRICS = (LOSS_KEY, ACCURACY_KEY)
-OPTIONAL_METRICS = (HANDLER_SECONDS_KEY,)
+OPTIONAL_METRICS = (HANDLER_SECONDS_KEY, GENERATION_KEY)
 SCALE_TOLERANCE = 1e-6
 """Relative tolerance of a restated scale against the server's."""
 
@@ -268,10 +269,15 @@ class ReplyChecks:
     # ---- evaluate replies and probes -------------------------------------------------------------
 
     def evaluation(self, content: RecordDict, state: GlobalState) -> None:
-        """An evaluate reply's example count, loss and accuracy, and its probe responses."""
+        """An evaluate reply's example count, loss and accuracy, a generation score (optional,
+        in [0, 1]), and its probe responses."""
         metrics = record(content.metric_records, METRICS_RECORD)
         integer(metrics, NUM_EXAMPLES_KEY, low=0, high=self.max_examples)
         finite_metrics(metrics, EVALUATE_METRICS)
+        if GENERATION_KEY in metrics and not 0 <= metrics[GENERATION_KEY] <= 1:
+            raise RejectedReply(
+                f"metric {GENERATION_KEY!r} = {metrics[GENERATION_KEY]} not in [0, 1]"
+            )
         check_records(content, {PROBE_RECORD})
         self.probes(content, state)
 

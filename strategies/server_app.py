@@ -23,6 +23,7 @@ run in which no round aggregated an update has failed; only a finished run is ex
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -35,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.atomic_files import write_text_atomic
 from fedlora.config import RunConfig
 from fedlora.measurement import worst
-from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
+from fedlora.messages import GENERATION_KEY, SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
 from fedlora.models import (
     check_model_limits,
     load_base_model,
@@ -63,8 +64,15 @@ from strategies.run_record import (
 )
 from strategies.stoppable_grid import SimulationStopped, StoppableGrid
 
+logger = logging.getLogger(__name__)
+
 FLWR_RUNS_DIR = Path("runs/flwr")
 """Where each run without a ``run-dir`` gets a directory of its own."""
+SAMPLES_DIR = "samples"
+"""``RUN_DIR/samples/round-N.jsonl``: the generation rounds' prompts, references and generations;
+those of rounds after the one a run starts from are removed as it starts."""
+MB = 1e6
+"""Bytes in the megabyte of ``mb_up_total``, ``mb_down_total`` and ``communication-budget-mb``."""
 BASE_CHANGES = ("run-dir", "messages")
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
@@ -115,7 +123,7 @@ def run(
             first_round, rows = checkpoint.server_round + 1, checkpoint.rows
             if strategy.base_store is not None:
                 discard_changes_after(strategy.base_store, checkpoint.server_round)
-        log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation, rows)
+        log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation, config, rows)
 
         def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
             log.end_of_round(server_round, arrays)
@@ -247,19 +255,30 @@ class MetricsLog:
     server_eval_seconds; with client-level DP, client_dp_epsilon (spent so far) and
     client_dp_clipped (the fraction of the round's clients that had to clip); with sample-level
     DP, epsilon_max, epsilon (by partition id, of the clients that replied) and dp_stopped
-    (clients whose budget was spent)."""
+    (clients whose budget was spent); mb_up_total and mb_down_total (the run's bytes_up and
+    bytes_down so far, in MB of 10^6 bytes; a warning is logged in the round their sum first
+    passes ``communication-budget-mb``); with ``generation-every``, the generation score's column
+    (answer_accuracy or rouge_l) and eval_loss (the held-out responses' loss) in the rounds that
+    generate, null in the others, and ``samples/round-N.jsonl`` (prompt, reference, generation);
+    with ``client-generation``, client_answer_accuracy or client_rouge_l (the clients'
+    example-weighted score on their held-out splits)."""
 
     def __init__(
         self,
         path: Path,
         strategy: LoRAStrategy,
         evaluation: ServerEvaluation,
+        config: RunConfig,
         rows: list[dict] | None = None,
     ) -> None:
         self.rows = list(rows or [])
         write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in self.rows))
-        self.path, self.strategy, self.evaluation = path, strategy, evaluation
+        discard_samples_after(path.parent / SAMPLES_DIR, self.rows[-1]["round"] if self.rows else 0)
+        self.path, self.strategy, self.evaluation, self.config = path, strategy, evaluation, config
         self.round_start = time.perf_counter()
+        last = self.rows[-1] if self.rows else {}
+        self.mb_up_total = last.get("mb_up_total", 0.0)
+        self.mb_down_total = last.get("mb_down_total", 0.0)
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called before the first round and after every round; a row per round not written yet
@@ -279,7 +298,9 @@ class MetricsLog:
             m["relative_deviation"] for m in (train, evaluation) if "relative_deviation" in m
         ]
         started = time.perf_counter()
-        server = self.evaluation(self.strategy.rule, self.strategy.state)
+        server = self.evaluation(self.strategy.rule, self.strategy.state, server_round)
+        bytes_up = train.get("bytes_up", 0) + train.get("setup_bytes_up", 0)
+        bytes_down = train.get("bytes_down", 0) + evaluation.get("bytes_down", 0)
         return {
             "round": server_round,
             "strategy": self.strategy.rule.name,
@@ -291,8 +312,9 @@ class MetricsLog:
             "client_loss": evaluation.get("loss"),
             "train_loss": train.get("loss"),
             "relative_deviation": worst(deviations) if deviations else None,
-            "bytes_up": train.get("bytes_up", 0) + train.get("setup_bytes_up", 0),
-            "bytes_down": train.get("bytes_down", 0) + evaluation.get("bytes_down", 0),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            **self.communication_columns(server_round, bytes_up, bytes_down),
             "bytes_up_by_client": by_partition(train, "bytes_up"),
             "bytes_down_by_client": by_partition(train, "bytes_down"),
             "base_store_bytes": train.get("base_store_bytes", 0),
@@ -305,7 +327,43 @@ class MetricsLog:
             "server_eval_seconds": time.perf_counter() - started,
             **self.client_dp_columns(train),
             **sample_dp_columns(train),
+            **self.generation_columns(server_round, server),
         }
+
+    def communication_columns(self, server_round: int, bytes_up: int, bytes_down: int) -> dict:
+        """The running totals in MB; warns in the round their sum first passes the budget."""
+        before = self.mb_up_total + self.mb_down_total
+        self.mb_up_total += bytes_up / MB
+        self.mb_down_total += bytes_down / MB
+        budget = self.config.communication_budget_mb
+        if 0 < budget < self.mb_up_total + self.mb_down_total and before <= budget:
+            logger.warning(
+                "round %d: the run has sent %.3f MB up and %.3f MB down, past its "
+                "communication budget of %g MB",
+                server_round,
+                self.mb_up_total,
+                self.mb_down_total,
+                budget,
+            )
+        return {"mb_up_total": self.mb_up_total, "mb_down_total": self.mb_down_total}
+
+    def generation_columns(self, server_round: int, server: dict | None) -> dict:
+        """The generation score's column and eval_loss (null in rounds without generation), and
+        the round's samples file; nothing without ``generation-every``."""
+        if not self.config.generation_every:
+            return {}
+        report = server["generation"] if server else None
+        column = self.evaluation.generation.column
+        clients = {}
+        if self.config.client_generation:
+            evaluation = self.strategy.evaluate_metrics.get(server_round, {})
+            clients = {f"client_{column}": evaluation.get(GENERATION_KEY)}
+        if report is None:
+            return {column: None, "eval_loss": None, **clients}
+        samples = self.path.parent / SAMPLES_DIR / f"round-{server_round}.jsonl"
+        samples.parent.mkdir(exist_ok=True)
+        samples.write_text("".join(json.dumps(sample) + "\n" for sample in report.samples))
+        return {column: report.value, "eval_loss": server["loss"], **clients}
 
     def client_dp_columns(self, train: dict) -> dict:
         """The round's client-level DP columns (none without it); epsilon from the accountant
@@ -316,6 +374,14 @@ class MetricsLog:
             EPSILON_METRIC: train.get(EPSILON_METRIC, self.strategy.client_dp.epsilon()),
             CLIPPED_METRIC: train.get(CLIPPED_METRIC),
         }
+
+
+def discard_samples_after(folder: Path, server_round: int) -> None:
+    """Remove the samples files of rounds after ``server_round`` (all of them for a new run):
+    a resumed run writes those rounds again."""
+    for path in folder.glob("round-*.jsonl"):
+        if int(path.stem.removeprefix("round-")) > server_round:
+            path.unlink()
 
 
 def by_partition(train: dict, name: str) -> dict[str, float]:

@@ -19,4 +19,7 @@ def test_llm_recipe_runs_two_rounds_and_lowers_the_answer_loss(tmp_path):
     assert all(row["clients"] == 3 for row in rows)
     assert all(row["relative_deviation"] < 1e-3 for row in rows)  # exact up to float32
     assert rows[1]["loss"] < rows[0]["loss"], [row["loss"] for row in rows]
+    assert all(0 <= row["answer_accuracy"] <= 1 for row in rows)
+    assert all(row["eval_loss"] == row["loss"] for row in rows)
+    assert len((tmp_path / "samples" / "round-2.jsonl").read_text().splitlines()) == 11
     assert (tmp_path / "export" / "model.safetensors").exists()

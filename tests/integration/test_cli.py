@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.errors import ConfigError
-from simulations.cli import main
+from simulations.cli import main, rounds_table
 from simulations.compare import strategy_names, summary
 from simulations.recipes import (
     DEMO_RECIPE,
@@ -165,9 +165,9 @@ def test_summary_of_a_run():
         {"round": 1, "accuracy": 0.5, "relative_deviation": 0.2, "bytes_up": 10, "bytes_down": 30,
          "seconds": 1.5},
         {"round": 2, "accuracy": 0.8, "relative_deviation": None, "bytes_up": 10, "bytes_down": 30,
-         "seconds": 2.0},
+         "seconds": 2.0, "answer_accuracy": 0.4, "rouge_l": None},
         {"round": 3, "accuracy": 0.7, "relative_deviation": 0.1, "bytes_up": 12, "bytes_down": 31,
-         "seconds": 0.5},
+         "seconds": 0.5, "answer_accuracy": None, "rouge_l": None},
     ]  # fmt: skip
     assert summary("fedavg", rows, 9.0) == {
         "strategy": "fedavg",
@@ -179,8 +179,23 @@ def test_summary_of_a_run():
         "seconds": 4.0,
         "wall_seconds": 9.0,
         "max_relative_deviation": 0.2,
+        "answer_accuracy": 0.4,
+        "rouge_l": None,
         "error": None,
     }
+
+
+def test_the_final_table_shows_the_generation_score_and_the_run_s_megabytes():
+    rows = [
+        {"round": 1, "accuracy": 0.5, "loss": 1.0, "answer_accuracy": None, "bytes_up": 2_000_000,
+         "bytes_down": 3_000_000, "mb_up_total": 2.0, "mb_down_total": 3.0, "seconds": 1.0},
+        {"round": 2, "accuracy": 0.6, "loss": 0.8, "answer_accuracy": 0.25, "bytes_up": 2_000_000,
+         "bytes_down": 3_000_000, "mb_up_total": 4.0, "mb_down_total": 6.0, "seconds": 1.0},
+    ]  # fmt: skip
+    table = rounds_table(load_recipe(TINY), rows)
+    cells = {column.header: list(column.cells) for column in table.columns}
+    assert cells["answer_accuracy"] == ["-", "0.250"] and "rouge_l" not in cells
+    assert cells["MB up, run"] == ["2.00", "4.00"] and cells["MB down, run"] == ["3.00", "6.00"]
 
 
 def test_error_reason_looks_past_flower_and_ray_wrappers():

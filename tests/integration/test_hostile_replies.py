@@ -20,6 +20,7 @@ from torch.nn.functional import pad
 from clients.app import client_app
 from fedlora.adapter import LoRAFactors
 from fedlora.client_state import ClientState
+from fedlora.config import RunConfig
 from fedlora.errors import InvalidUpdateError
 from fedlora.fedsb_init import sketch_gradients
 from fedlora.lowrank import LowRank
@@ -30,6 +31,7 @@ from fedlora.messages import (
     ADAPTER_RECORD,
     B_SUFFIX,
     CONFIG_RECORD,
+    GENERATION_KEY,
     HEAD_RECORD,
     LOSS_KEY,
     METRICS_RECORD,
@@ -616,7 +618,9 @@ class HostileGrid(QueryGrid):
 def test_a_run_with_a_hostile_node_completes_and_logs_what_it_dropped(tmp_path):
     generator = torch.Generator().manual_seed(0)
     strategy = strategy_for("fedavg", fraction_evaluate=0.0)
-    log = MetricsLog(tmp_path / "metrics.jsonl", strategy, lambda rule, state: None)
+    log = MetricsLog(
+        tmp_path / "metrics.jsonl", strategy, lambda rule, state, server_round: None, RunConfig()
+    )
     strategy.start(
         HostileGrid(),
         initial_arrays("fedavg", generator),
@@ -697,6 +701,26 @@ def test_an_evaluate_reply_with_a_nan_loss_is_dropped():
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics["loss"] == 1.0 and metrics["num_examples"] == 20
     assert re.search(r"metric 'loss' = nan", strategy.dropped[1][BAD])
+
+
+def test_an_evaluate_reply_with_a_generation_score_above_one_is_dropped():
+    strategy, *_ = play_round("fedavg")
+    evaluation = strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), QueryGrid())
+    replies = []
+    for message in evaluation:
+        node = message.metadata.dst_node_id
+        metrics = {NUM_EXAMPLES_KEY: 10, LOSS_KEY: 1.0, ACCURACY_KEY: 0.5}
+        metrics[GENERATION_KEY] = 7.0 if node == BAD else 0.25
+        content = RecordDict(
+            {
+                CONFIG_RECORD: ConfigRecord(facts(node, version=1)),
+                METRICS_RECORD: MetricRecord(metrics),
+            }
+        )
+        replies.append(Message(content, reply_to=message))
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics[GENERATION_KEY] == 0.25 and metrics["num_examples"] == 20
+    assert re.search(r"metric 'generation' = 7.0 not in \[0, 1\]", strategy.dropped[1][BAD])
 
 
 # ---- FLoRA's client step --------------------------------------------------------------------------

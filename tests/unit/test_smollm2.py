@@ -10,7 +10,8 @@ import torch
 from fedlora import smollm2
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.instructions import greedy_reply
+from fedlora.generation import greedy_replies
+from fedlora.instructions import greedy_reply, prompt_ids
 from fedlora.models import load_base_model
 from tests.support.models import torch_threads
 
@@ -36,6 +37,17 @@ def test_smollm2_answers_through_its_chat_template(smol):
             smol.model, smol.tokenizer, "What is the capital of France?", max_new_tokens=10
         )
     assert "Paris" in answer and "<|im_end|>" not in answer
+
+
+@needs_package
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(smol):
+    questions = ["What is 2 + 2?", "Name a colour.", "What is the capital city of Italy, please?"]
+    prompts = [prompt_ids(smol.tokenizer, question) for question in questions]
+    assert len({len(prompt) for prompt in prompts}) == 3  # the batch is padded
+    with torch_threads(2):
+        batched = greedy_replies(smol.model, smol.tokenizer, prompts, 6, batch_size=3)
+        alone = greedy_replies(smol.model, smol.tokenizer, prompts, 6, batch_size=1)
+    assert batched == alone and all(batched)
 
 
 @needs_package
