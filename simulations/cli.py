@@ -49,7 +49,7 @@ from simulations.run_dir import (
     check_out_dir,
     read_metrics,
 )
-from simulations.runner import SimulationError, resume, simulate
+from simulations.runner import INTERRUPTED_HINT, SimulationError, resume, simulate
 from strategies.run_record import MANIFEST_FILE, STATUS_FILE
 
 RUNS_DIR = Path("runs")
@@ -173,11 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedlora: simulation failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
-            "fedlora: interrupted; a run is marked so in its status and goes on from its last "
-            "checkpoint with: fedlora simulate --resume RUN_DIR",
-            file=sys.stderr,
-        )
+        print(INTERRUPTED_HINT, file=sys.stderr)
         return 130
 
 

@@ -12,9 +12,13 @@ replies, and the runner raises with the innermost cause.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import signal
+import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -54,6 +58,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(\w*(?:Error|Exception)): .*$", re.MULTILINE)
 """A traceback's last line, e.g. ``ValueError: bad shape``."""
 WRAPPING_EXCEPTIONS = ("ClientAppException", "RayTaskError")
+INTERRUPTED_HINT = (
+    "fedlora: interrupted; a run is marked so in its status and goes on from its last "
+    "checkpoint with: fedlora simulate --resume RUN_DIR"
+)
+INTERRUPT_GRACE_SECONDS = 5.0
+"""How long Ctrl-C waits for the engine to wind down before the process exits (status 130)."""
 """Exceptions Flower and Ray wrap a ClientApp's own in; the reason is the wrapped one."""
 
 
@@ -122,6 +132,7 @@ def run_in(
     stop = threading.Event()
     try:
         with (
+            interruptible(run_dir, stop),
             quiet_run(run_dir / FLOWER_LOG) as errors,
             following(run_dir / METRICS_JSONL, on_round),
         ):
@@ -140,6 +151,36 @@ def run_in(
         write_status(run_dir, INTERRUPTED)
         raise
     return run_dir
+
+
+@contextmanager
+def interruptible(run_dir: Path, stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C (SIGINT) while the engine runs: the ServerApp stops waiting for replies, the run is
+    marked interrupted and KeyboardInterrupt is raised; if the engine has not wound down within
+    `INTERRUPT_GRACE_SECONDS` (Ray or Flower may hold the main thread), the process exits with
+    status 130. Checkpoints are written atomically, so the last one stays valid either way.
+    Only the main thread can take signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum, frame) -> None:
+        stop.set()
+        write_status(run_dir, INTERRUPTED)
+        threading.Thread(target=exit_after_grace, daemon=True).start()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def exit_after_grace() -> None:
+    time.sleep(INTERRUPT_GRACE_SECONDS)
+    print(INTERRUPTED_HINT, file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def run_engine(recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading.Event) -> None:

@@ -12,35 +12,16 @@ passes an empty run_config, so both apps are bound to the run config here.
 from __future__ import annotations
 
 import pytest
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
-from clients.app import client_app
-from strategies.server_app import run
-from tests.support.recording_grid import RecordingGrid
+from tests.support.recording_grid import simulate_on_ray
 from tests.support.strategy_matrix import NUM_NODES, case_id, check_run, run_config
 
 pytestmark = pytest.mark.slow
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 RAY_CASES = [("fedex", "tiny-llama"), ("fedsa", "tiny-bert"), ("fedsb", "tiny-bert")]
 
 
 @pytest.mark.parametrize(("strategy", "model"), RAY_CASES, ids=[case_id(c) for c in RAY_CASES])
 def test_strategy_runs_three_rounds_on_ray(strategy, model, tmp_path):
-    config = run_config(strategy, model)
-    recorded = []
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context) -> None:
-        recorded.append(RecordingGrid(grid))
-        run(recorded[0], {**config, "run-dir": str(tmp_path)})
-
-    run_simulation(
-        server_app=server,
-        client_app=client_app(config),
-        num_supernodes=NUM_NODES,
-        backend_config=BACKEND,
-    )
-    check_run(strategy, model, tmp_path, recorded[0])
+    grid = simulate_on_ray(run_config(strategy, model), tmp_path, NUM_NODES)
+    check_run(strategy, model, tmp_path, grid)

@@ -1,7 +1,19 @@
 """Flower's grid with every message it sends and every reply it receives recorded, exchange by
-exchange (as `tests.support.local_grid.LocalGrid` records its own)."""
+exchange (as `tests.support.local_grid.LocalGrid` records its own), and a run of the project's
+apps in Flower's simulation engine on Ray through it."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from clients.app import client_app
+from strategies.server_app import run
+
+RAY_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+"""One CPU per ClientApp, two in all: two Ray actors on a 2-core machine."""
 
 
 class RecordingGrid:
@@ -21,3 +33,23 @@ class RecordingGrid:
         self.replies.extend(replies)
         self.exchanges.append((messages, replies))
         return replies
+
+
+def simulate_on_ray(config: dict, run_dir: Path, num_nodes: int) -> RecordingGrid:
+    """Run the project's ServerApp and ClientApp, bound to ``config`` (``run_simulation`` passes
+    an empty run config), with ``num_nodes`` nodes on Ray; the grid that recorded the run."""
+    recorded = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:
+        recorded.append(RecordingGrid(grid))
+        run(recorded[0], {**config, "run-dir": str(run_dir)})
+
+    run_simulation(
+        server_app=server,
+        client_app=client_app(config),
+        num_supernodes=num_nodes,
+        backend_config=RAY_BACKEND,
+    )
+    return recorded[0]
