@@ -35,6 +35,9 @@ TIMING = (
     "server_eval_seconds",
 )
 RUN_SECONDS = 240
+KILL_WINDOW = "local-steps=20"
+"""Rounds long enough (for both runs alike) that the kill lands before the next round ends."""
+POLL_SECONDS = 0.02
 
 
 def simulate_command(*args: str) -> list[str]:
@@ -72,7 +75,7 @@ def has_node_snapshot(run_dir, server_round: int) -> bool:
 )
 def test_a_killed_simulation_resumes_to_the_uninterrupted_run(strategy, killed_when, tmp_path):
     processes = Processes(tmp_path, tmp_path / "flwr-home")
-    args = [str(TINY), "--rounds", str(ROUNDS), "--strategy", strategy, "seed=3"]
+    args = [str(TINY), "--rounds", str(ROUNDS), "--strategy", strategy, "seed=3", KILL_WINDOW]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     try:
         done = processes.run(simulate_command(*args, "--out", str(whole)), RUN_SECONDS)
@@ -83,9 +86,15 @@ def test_a_killed_simulation_resumes_to_the_uninterrupted_run(strategy, killed_w
                 lambda: len(read_metrics(killed)) == 1 and has_node_snapshot(killed, 2),
                 "a node to finish its round-2 training",
                 RUN_SECONDS,
+                POLL_SECONDS,
             )
         else:
-            wait_for(lambda: 2 in checkpoint_rounds(killed), "round 2's checkpoint", RUN_SECONDS)
+            wait_for(
+                lambda: 2 in checkpoint_rounds(killed),
+                "round 2's checkpoint",
+                RUN_SECONDS,
+                POLL_SECONDS,
+            )
         processes.kill("killed")
         assert read_status(killed) == "running"  # nothing could mark it
         resumed = processes.run(simulate_command("--resume", str(killed)), RUN_SECONDS)

@@ -103,9 +103,10 @@ def tagged_pids(prefix: bytes) -> list[int]:
     return pids
 
 
-def wait_for(condition, what: str, timeout: float = START_TIMEOUT) -> None:
+def wait_for(condition, what: str, timeout: float = START_TIMEOUT, every: float = 0.5) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.5)
+        time.sleep(every)
