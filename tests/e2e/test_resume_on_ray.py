@@ -21,19 +21,12 @@ from simulations.run_dir import read_metrics
 from strategies.checkpoint import TENSORS_FILE, checkpoint_dir, checkpoint_rounds
 from strategies.run_record import FINISHED, read_manifest, read_status
 from tests.support.processes import Processes, wait_for
+from tests.support.timing import TIMING
 
 pytestmark = pytest.mark.slow
 
 TINY = RECIPES_DIR / "tiny.toml"
 ROUNDS = 3
-TIMING = (
-    "seconds",
-    "train_seconds",
-    "client_seconds",
-    "aggregate_seconds",
-    "communication_seconds",
-    "server_eval_seconds",
-)
 RUN_SECONDS = 240
 KILL_WINDOW = "local-steps=20"
 """Rounds long enough (for both runs alike) that the kill lands before the next round ends."""

@@ -19,6 +19,7 @@ from strategies.checkpoint import checkpoint_rounds, read_checkpoint, write_chec
 from strategies.run_record import FINISHED, read_manifest, read_status
 from strategies.server_app import make_strategy, run
 from tests.support.local_grid import LocalGrid
+from tests.support.timing import TIMING
 
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
@@ -33,14 +34,6 @@ TINY_RUN = {
     "num-server-rounds": 2,
 }
 CLIENT_DP = {"dp-client": True, "dp-client-clip": 0.5, "dp-client-noise-multiplier": 0.3}
-TIMING = (
-    "seconds",
-    "train_seconds",
-    "client_seconds",
-    "aggregate_seconds",
-    "communication_seconds",
-    "server_eval_seconds",
-)
 
 
 def run_in_process(run_dir, config, grid_class=LocalGrid, **keys):
