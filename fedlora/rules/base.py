@@ -185,6 +185,8 @@ class AggregationRule(ABC):
     update_kind: ClassVar[type] = LoRAFactors
     scaled: ClassVar[bool] = True
     """Whether clients run their update at a LoRA scale alpha / r (restated in every reply)."""
+    trains_A: ClassVar[bool] = True
+    """Whether clients train A (FFA-LoRA freezes it: the client step leaves it trainable-off)."""
     bounds_norms: ClassVar[bool] = True
     """Whether the rule takes norm bounding of each client's change (`fedlora.rules.robust`)."""
     combinations: ClassVar[tuple[str, ...]] = ("mean",)
@@ -208,10 +210,18 @@ class AggregationRule(ABC):
         batch = ClientUpdates(updates)
         validate_updates(batch, self.update_kind)
         self._check_against_state(state, batch)
+        batch = ClientUpdates(self.completed_updates(state, batch))
         weights = example_weights(batch)
         if self.robustness.bounds_norms:
             batch = ClientUpdates(self.bounded_updates(state, batch))
         return self._aggregate(state, batch, weights)
+
+    def completed_updates(
+        self, state: GlobalState, updates: Sequence[ClientUpdate]
+    ) -> Sequence[ClientUpdate]:
+        """The validated updates as the rule aggregates them: what the clients sent, unless the
+        rule adds what the server already holds (FFA-LoRA's frozen A)."""
+        return updates
 
     def bounded_updates(
         self, state: GlobalState, updates: Sequence[ClientUpdate]

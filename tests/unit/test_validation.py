@@ -100,6 +100,7 @@ def test_unknown_rule_lists_the_known_ones():
         "lorafair",
         "flexlora",
         "hetlora",
+        "ffalora",
     }
 
 
