@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.rules import RULES, make_rule
@@ -47,6 +47,8 @@ def lora_federation(name: str, seed: int = 0):
             A = start.A + common_A[m] + 0.05 * randn(generator, *start.A.shape)
             if name == "fedsa":
                 modules[m] = SharedA(A=A * (ATTACK if i == 0 else 1), scale=scale)
+            elif name == "ffalora":
+                modules[m] = TrainedB(B=B * (ATTACK if i == 0 else 1), scale=scale)
             else:
                 modules[m] = LoRAFactors(A=A, B=B * (ATTACK if i == 0 else 1), scale=scale)
         updates.append(ClientUpdate(str(i), 100, modules))
