@@ -542,7 +542,9 @@ class LoRAStrategy(Strategy):
         current one when clients catch up from the store, else the one the node holds."""
         store_serves_base = self.base_store is not None and self.state.changes is not None
         version = self.state.version if store_serves_base else node.version
-        return ClientSpec(ranks=node.ranks, scales=node.scales, version=version)
+        return ClientSpec(
+            ranks=node.ranks, scales=node.scales, version=version, client=str(node.partition_id)
+        )
 
     def _learn_nodes(self, node_ids: list[int], grid: Grid, held_round: int) -> None:
         """Ask the nodes not seen yet for their partition id, ranks and scales, as of

@@ -8,6 +8,7 @@ from fedlora.rules.fedsb import FedSB
 from fedlora.rules.ffalora import FFALoRA
 from fedlora.rules.flexlora import FlexLoRA
 from fedlora.rules.flora import FLoRA
+from fedlora.rules.fslora import FSLoRA
 from fedlora.rules.hetlora import HetLoRA
 from fedlora.rules.lorafair import LoRAFAIR
 
@@ -23,6 +24,7 @@ RULES: dict[str, type[AggregationRule]] = {
         FlexLoRA,
         HetLoRA,
         FFALoRA,
+        FSLoRA,
     )
 }
 

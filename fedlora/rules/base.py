@@ -57,6 +57,8 @@ class ClientSpec:
     ranks: dict[str, int]
     scales: dict[str, float]
     version: int = 0
+    client: str = ""
+    """The client's id as its updates carry it (the partition id): FSLoRA draws its sketch by it."""
 
 
 @dataclass
@@ -65,7 +67,8 @@ class GlobalState:
 
     ``factors`` are the global folded factors (U = sqrt(s) B, V = sqrt(s) A) at the top rank;
     ``changes`` the per-round changes of the base (FedEx-LoRA, FLoRA); ``cores`` Fed-SB's R between
-    its fixed factors ``sb_factors`` (U = B, V = A).
+    its fixed factors ``sb_factors`` (U = B, V = A); ``optimizer`` the server optimizer's moments
+    (`fedlora.server_optimizer`).
     """
 
     version: int
@@ -75,6 +78,7 @@ class GlobalState:
     changes: ChangeLog | None = None
     cores: dict[str, Tensor] = field(default_factory=dict)
     sb_factors: dict[str, LowRank] = field(default_factory=dict)
+    optimizer: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -91,6 +95,7 @@ class GlobalState:
             tensors.update(low_rank_tensors(group, factors))
         tensors.update({f"cores/{module}": core for module, core in self.cores.items()})
         tensors.update({f"head/{name}": t for name, t in self.head.items()})
+        tensors.update({f"optimizer/{name}": t for name, t in self.optimizer.items()})
         if self.changes is not None:
             for version, change in enumerate(self.changes.rounds, start=1):
                 tensors.update(low_rank_tensors(f"changes/{version}", change))
@@ -123,6 +128,7 @@ class GlobalState:
             changes=changes,
             cores=dict(groups.get("cores", {})),
             sb_factors=low_rank_of(groups.get("sb_factors", {})),
+            optimizer=dict(groups.get("optimizer", {})),
         )
 
 

@@ -101,6 +101,7 @@ def test_unknown_rule_lists_the_known_ones():
         "flexlora",
         "hetlora",
         "ffalora",
+        "fslora",
     }
 
 
