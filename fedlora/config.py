@@ -22,6 +22,7 @@ from fedlora.messages import Scalar
 from fedlora.rules import RULES
 from fedlora.rules.base import check_robustness
 from fedlora.rules.robust import Robustness
+from fedlora.server_optimizer import ServerOptimizer
 
 TASKS = ("classification", "causal-lm")
 DP_ACCOUNTANTS = ("rdp", "prv")
@@ -109,6 +110,15 @@ class RunConfig:
     robust_norm_median_multiple: float = 0.0
     robust_aggregation: str = "mean"
     robust_trim_fraction: float = 0.1
+    # the server optimizer over the aggregated update (`fedlora.server_optimizer`; strategies that
+    # declare one) and FedProx's proximal term mu / 2 ||w - w_0||^2 in the clients' loss (0: off)
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_eps: float = 1e-3
+    fedprox_mu: float = 0.0
     # the server checkpoints the run every k rounds (and after the last), to resume it from
     checkpoint_every: int = 1
     # generation evaluation on the server's held-out set every k rounds and after the last (0: off;
@@ -181,6 +191,18 @@ class RunConfig:
             norm_median_multiple=self.robust_norm_median_multiple,
             combination=self.robust_aggregation,
             trim_fraction=self.robust_trim_fraction,
+        )
+
+    @property
+    def server_optimizer_options(self) -> ServerOptimizer:
+        """The ``server-*`` keys as a server optimizer (refused when out of range)."""
+        return ServerOptimizer(
+            kind=self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            beta1=self.server_beta1,
+            beta2=self.server_beta2,
+            eps=self.server_eps,
         )
 
     @property
@@ -377,8 +399,28 @@ def check_values(config: RunConfig) -> None:
             "robust-* options do not apply with dp-client: client-level DP clips every update and "
             "its analysis assumes the noised mean"
         )
+    check_server_optimizer(config)
     if config.client_generation and not config.generation_every:
         raise ConfigError("client-generation needs generation-every > 0")
+
+
+def check_server_optimizer(config: RunConfig) -> None:
+    """``server-*`` in range and only for a strategy that takes a server optimizer;
+    ``fedprox-mu`` >= 0 and finite, not with DP-SGD (Opacus sets the gradients itself)."""
+    optimizer = config.server_optimizer_options
+    if optimizer != ServerOptimizer() and not RULES[config.strategy].takes_server_optimizer:
+        takers = sorted(name for name, rule in RULES.items() if rule.takes_server_optimizer)
+        raise ConfigError(
+            f"server-* options do not apply to strategy {config.strategy!r}; strategies with a "
+            f"server optimizer: {takers}"
+        )
+    if not 0 <= config.fedprox_mu < math.inf:
+        raise ConfigError(f"fedprox-mu must be >= 0 and finite, got {config.fedprox_mu!r}")
+    if config.fedprox_mu > 0 and config.dp_sample:
+        raise ConfigError(
+            "fedprox-mu does not apply with dp-sample: DP-SGD computes each step's gradient from "
+            "clipped per-example gradients, which the proximal term is not"
+        )
 
 
 def check_training_steps(config: RunConfig) -> None:

@@ -191,6 +191,8 @@ class AggregationRule(ABC):
     update_kind: ClassVar[type] = LoRAFactors
     scaled: ClassVar[bool] = True
     """Whether clients run their update at a LoRA scale alpha / r (restated in every reply)."""
+    takes_server_optimizer: ClassVar[bool] = False
+    """Whether the rule applies a server optimizer (`fedlora.server_optimizer`) to its aggregate."""
     trains_A: ClassVar[bool] = True
     """Whether clients train A (FFA-LoRA freezes it: the client step leaves it trainable-off)."""
     bounds_norms: ClassVar[bool] = True

@@ -8,6 +8,8 @@ dW_i = (s_i B_i - G[:, :r_i]) A[:r_i], linear in B. The server sets
     G_t = G_{t-1} + sum_i p_i pad(s_i B_i - G_{t-1}[:, :r_i]),
 
 so G_t A = W_{t-1} + dW*: exact for any mix of ranks (with equal ranks, the plain average of s B_i).
+The change is applied through the server optimizer (`fedlora.server_optimizer`; SGD at lr 1 is the
+rule above, any other is measured against dW*).
 
 Mixed ranks: the tail as a base change. A client below the top rank would run G[:, :r_i] A[:r_i]
 and miss G[:, r_i:] A[r_i:]; it receives the tail columns G[:, r_i:] and, drawing A's tail rows
@@ -48,6 +50,7 @@ from fedlora.rules.base import (
 )
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
 from fedlora.rules.robust import Robustness, with_modules
+from fedlora.server_optimizer import ServerOptimizer
 from fedlora.updates import ClientUpdate, average_head
 
 
@@ -62,10 +65,17 @@ class FFALoRA(AggregationRule):
     exact = True
     update_kind = TrainedB
     trains_A = False
+    takes_server_optimizer = True
 
-    def __init__(self, seed: int = 0, robustness: Robustness | None = None):
+    def __init__(
+        self,
+        seed: int = 0,
+        server_optimizer: ServerOptimizer | None = None,
+        robustness: Robustness | None = None,
+    ):
         super().__init__(robustness)
         self.seed = seed
+        self.server_optimizer = server_optimizer or ServerOptimizer()
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """G_0 = s B_0 of the initial adapter; A is drawn from the seed (the initial adapter's A
@@ -111,22 +121,28 @@ class FFALoRA(AggregationRule):
     def _aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
+        coefficients, changes = {}, {}
+        for module in state.modules:
+            G = state.factors[module].U
+            coverage = start_coverage(updates, weights, module, G.shape[1]).to(G)
+            change = -coverage * G
+            for update, p in zip(updates, weights.tolist()):
+                f = update.modules[module]
+                change[:, : f.rank] += (p * f.scale) * f.B.to(G)
+            coefficients[module], changes[module] = G, change
+        stepped, moments = self.server_optimizer.step(coefficients, changes, state.optimizer)
         factors, global_update = {}, {}
         for module in state.modules:
             G, A = state.factors[module].U, state.factors[module].V
-            coverage = start_coverage(updates, weights, module, G.shape[1]).to(G)
-            new = G * (1 - coverage)
-            for update, p in zip(updates, weights.tolist()):
-                f = update.modules[module]
-                new[:, : f.rank] += (p * f.scale) * f.B.to(G)
-            factors[module] = LowRank(new, A)
-            global_update[module] = LowRank(new - G, A)
+            factors[module] = LowRank(stepped[module], A)
+            global_update[module] = LowRank(stepped[module] - G, A)
         ideal, reference = ideal_and_reference(state.factors, updates, weights)
         new_state = GlobalState(
             version=state.version + 1,
             shapes=state.shapes,
             factors=factors,
             head=average_head(updates, weights) or state.head,
+            optimizer=moments,
         )
         dtype = next(iter(factors.values())).U.dtype
         reconstructed = ReconstructedUpdates(self, state, new_state, rank_classes(updates), dtype)

@@ -63,6 +63,7 @@ class FSLoRA(AggregationRule):
     name = "fslora"
     exact = False
     bounds_norms = False
+    takes_server_optimizer = True
 
     def __init__(
         self,

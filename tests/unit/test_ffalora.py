@@ -10,6 +10,7 @@ from fedlora.messages import B_SUFFIX, B_TAIL_SUFFIX
 from fedlora.rules import ClientSpec, make_rule
 from fedlora.rules.ffalora import frozen_A
 from fedlora.rules.robust import Robustness
+from fedlora.server_optimizer import ServerOptimizer
 from fedlora.updates import ClientUpdate
 
 D_OUT, D_IN, TOP, ALPHA = 6, 5, 4, 8.0
@@ -129,3 +130,20 @@ def test_bad_updates_are_refused():
     )
     with pytest.raises(InvalidUpdateError, match="non-finite"):
         rule.aggregate(state, [nan])
+
+
+def test_a_server_optimizer_steps_on_g_and_is_measured():
+    """FedAvgM at lr 0.5 (first step, m = Delta): G_1 = G_0 + 0.5 Delta, half the ideal update."""
+    g = torch.Generator().manual_seed(6)
+    plain, damped = (
+        make_rule("ffalora"),
+        make_rule("ffalora", server_optimizer=ServerOptimizer(lr=0.5, momentum=0.9)),
+    )
+    updates = trained(g, [2, 4], [1, 3])
+    ideal = plain.aggregate(start(plain), updates).state.factors["q"].U
+    result = damped.aggregate(start(damped), updates)
+    torch.testing.assert_close(result.state.factors["q"].U, 0.5 * ideal, rtol=0, atol=1e-14)
+    assert set(result.state.optimizer) == {"q.m"}
+    half_of_ideal = 0.5 * torch.linalg.matrix_norm(ideal @ result.state.factors["q"].V)
+    expected = float(half_of_ideal) / result.reference_norm["q"]
+    assert result.relative_deviation() == pytest.approx(expected, rel=1e-9)
