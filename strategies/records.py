@@ -16,11 +16,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import InvalidUpdateError
 from fedlora.messages import (
     A_SUFFIX,
     ADAPTER_RECORD,
+    B_SUFFIX,
     BASE_CHANGE_RECORD,
     CONFIG_RECORD,
     HEAD_RECORD,
@@ -108,6 +109,8 @@ def update_from_tensors(
         modules = shared_a_from_tensors(adapter, config)
     elif update_kind is SBCore:
         modules = cores_from_tensors(adapter, config)
+    elif update_kind is TrainedB:
+        modules = trained_b_from_tensors(adapter, config)
     else:
         raise TypeError(f"no reply layout for updates of kind {update_kind.__name__}")
     start_ranks = {
@@ -122,6 +125,22 @@ def update_from_tensors(
         head=head,
         start_ranks=start_ranks,
     )
+
+
+def trained_b_from_tensors(adapter: dict[str, Tensor], config: dict) -> dict[str, TrainedB]:
+    """FFA-LoRA's upload: ``{module}.lora_B.weight`` with its declared rank and scale."""
+    trained = {}
+    for module in modules_with_suffix(adapter, B_SUFFIX):
+        B = adapter[module + B_SUFFIX]
+        if rank_key(module) not in config or scale_key(module) not in config:
+            raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
+        if B.ndim != 2 or B.shape[1] != int(config[rank_key(module)]):
+            raise InvalidUpdateError(
+                f"module {module!r}: declared rank {config[rank_key(module)]} does not match "
+                f"lora_B {tuple(B.shape)}"
+            )
+        trained[module] = TrainedB(B=B, scale=float(config[scale_key(module)]))
+    return trained
 
 
 def shared_a_from_tensors(adapter: dict[str, Tensor], config: dict) -> dict[str, SharedA]:

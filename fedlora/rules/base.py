@@ -194,6 +194,9 @@ class AggregationRule(ABC):
     update_kind: ClassVar[type] = LoRAFactors
     scaled: ClassVar[bool] = True
     """Whether clients run their update at a LoRA scale alpha / r (restated in every reply)."""
+    dp_scale_power: ClassVar[float] = 0.5
+    """Client-level DP clips a LoRA factor's change times s_i ** this: the folded factors the
+    rules sum (1/2); FFA-LoRA's G = s B (1)."""
     takes_server_optimizer: ClassVar[bool] = False
     """Whether the rule applies a server optimizer (`fedlora.server_optimizer`) to its aggregate."""
     trains_A: ClassVar[bool] = True

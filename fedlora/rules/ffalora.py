@@ -20,6 +20,7 @@ tail costs d_out (r - r_i) floats down and nothing up.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -53,6 +54,9 @@ from fedlora.rules.robust import Robustness, with_modules
 from fedlora.server_optimizer import ServerOptimizer
 from fedlora.updates import ClientUpdate, average_head
 
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
+
 
 def frozen_A(seed: int, module: str, rank: int, d_in: int, dtype: torch.dtype) -> Tensor:
     """The module's frozen A at ``rank``: peft's initialisation drawn from (seed, module path), as
@@ -66,6 +70,8 @@ class FFALoRA(AggregationRule):
     update_kind = TrainedB
     trains_A = False
     takes_server_optimizer = True
+    client_dp_refusal = None
+    dp_scale_power = 1.0
 
     def __init__(
         self,
@@ -76,6 +82,12 @@ class FFALoRA(AggregationRule):
         super().__init__(robustness)
         self.seed = seed
         self.server_optimizer = server_optimizer or ServerOptimizer()
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        """``seed`` of the frozen A (the run's, as every client's model is seeded) and the
+        server optimizer."""
+        return {"seed": config.seed, "server_optimizer": config.server_optimizer_options}
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """G_0 = s B_0 of the initial adapter; A is drawn from the seed (the initial adapter's A

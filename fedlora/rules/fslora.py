@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -42,6 +43,9 @@ from fedlora.rules.base import (
 from fedlora.rules.robust import Robustness
 from fedlora.server_optimizer import ServerOptimizer
 from fedlora.updates import ClientUpdate, average_head
+
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
 
 
 def sketch_indices(
@@ -64,6 +68,10 @@ class FSLoRA(AggregationRule):
     exact = False
     bounds_norms = False
     takes_server_optimizer = True
+    client_dp_refusal = (
+        "its clients train sketched sub-blocks at r / m_i and no sensitivity is derived for the "
+        "mapped-back changes"
+    )
 
     def __init__(
         self,
@@ -74,6 +82,11 @@ class FSLoRA(AggregationRule):
         super().__init__(robustness)
         self.seed = seed
         self.server_optimizer = server_optimizer or ServerOptimizer()
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        """``seed`` of the sketches (the run's) and the server optimizer."""
+        return {"seed": config.seed, "server_optimizer": config.server_optimizer_options}
 
     def sketch(self, state: GlobalState, client: str, module: str, size: int) -> Tensor:
         return sketch_indices(
