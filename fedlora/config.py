@@ -414,6 +414,11 @@ def check_server_optimizer(config: RunConfig) -> None:
             f"server-* options do not apply to strategy {config.strategy!r}; strategies with a "
             f"server optimizer: {takers}"
         )
+    if optimizer != ServerOptimizer() and config.dp_client:
+        raise ConfigError(
+            "server-* options do not apply with dp-client: the private aggregate is applied as "
+            "the noised mean its analysis assumes"
+        )
     if not 0 <= config.fedprox_mu < math.inf:
         raise ConfigError(f"fedprox-mu must be >= 0 and finite, got {config.fedprox_mu!r}")
     if config.fedprox_mu > 0 and config.dp_sample:

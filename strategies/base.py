@@ -141,8 +141,12 @@ class LoRAStrategy(Strategy):
 
     @classmethod
     def options_from(cls, config: RunConfig) -> dict:
-        """The method's options read from the run config: its rule's and its robustness."""
-        return {**cls.rule_class.options_from(config), "robustness": config.robustness}
+        """The method's options read from the run config: its rule's, its robustness and, where
+        the rule takes one, its server optimizer."""
+        options = {**cls.rule_class.options_from(config), "robustness": config.robustness}
+        if cls.rule_class.takes_server_optimizer:
+            options["server_optimizer"] = config.server_optimizer_options
+        return options
 
     @classmethod
     def initial_arrays(cls, config: RunConfig) -> ArrayRecord:

@@ -36,6 +36,7 @@ from fedlora.messages import (
     to_wire,
 )
 from fedlora.rules.robust import Robustness, bounded_lora, robust_padded_rows, with_modules
+from fedlora.server_optimizer import ServerOptimizer
 from fedlora.updates import (
     ClientUpdate,
     ClientUpdates,
@@ -198,7 +199,8 @@ class AggregationRule(ABC):
     """Client-level DP clips a LoRA factor's change times s_i ** this: the folded factors the
     rules sum (1/2); FFA-LoRA's G = s B (1)."""
     takes_server_optimizer: ClassVar[bool] = False
-    """Whether the rule applies a server optimizer (`fedlora.server_optimizer`) to its aggregate."""
+    """Whether the rule's update is a weighted sum of client tensors that it applies through a
+    server optimizer (`fedlora.server_optimizer`, the ``server_optimizer`` option)."""
     trains_A: ClassVar[bool] = True
     """Whether clients train A (FFA-LoRA freezes it: the client step leaves it trainable-off)."""
     bounds_norms: ClassVar[bool] = True
@@ -221,9 +223,14 @@ class AggregationRule(ABC):
         """The rule's options read from the run config (passed to its constructor)."""
         return {}
 
-    def __init__(self, robustness: Robustness | None = None):
+    def __init__(
+        self, robustness: Robustness | None = None, server_optimizer: ServerOptimizer | None = None
+    ):
         self.robustness = robustness or Robustness()
         check_robustness(type(self), self.robustness)
+        self.server_optimizer = server_optimizer or ServerOptimizer()
+        if not (self.takes_server_optimizer or self.server_optimizer.is_plain_average):
+            raise ConfigError(f"strategy {self.name!r} does not take a server optimizer")
 
     def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
         """Round 0 from the common initial adapter (all clients start from its slices)."""

@@ -79,15 +79,13 @@ class FFALoRA(AggregationRule):
         server_optimizer: ServerOptimizer | None = None,
         robustness: Robustness | None = None,
     ):
-        super().__init__(robustness)
+        super().__init__(robustness, server_optimizer)
         self.seed = seed
-        self.server_optimizer = server_optimizer or ServerOptimizer()
 
     @classmethod
     def options_from(cls, config: RunConfig) -> dict:
-        """``seed`` of the frozen A (the run's, as every client's model is seeded) and the
-        server optimizer."""
-        return {"seed": config.seed, "server_optimizer": config.server_optimizer_options}
+        """``seed`` of the frozen A: the run's, as every client's model is seeded."""
+        return {"seed": config.seed}
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """G_0 = s B_0 of the initial adapter; A is drawn from the seed (the initial adapter's A

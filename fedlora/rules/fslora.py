@@ -79,14 +79,13 @@ class FSLoRA(AggregationRule):
         server_optimizer: ServerOptimizer | None = None,
         robustness: Robustness | None = None,
     ):
-        super().__init__(robustness)
+        super().__init__(robustness, server_optimizer)
         self.seed = seed
-        self.server_optimizer = server_optimizer or ServerOptimizer()
 
     @classmethod
     def options_from(cls, config: RunConfig) -> dict:
-        """``seed`` of the sketches (the run's) and the server optimizer."""
-        return {"seed": config.seed, "server_optimizer": config.server_optimizer_options}
+        """``seed`` of the sketches: the run's."""
+        return {"seed": config.seed}
 
     def sketch(self, state: GlobalState, client: str, module: str, size: int) -> Tensor:
         return sketch_indices(

@@ -60,3 +60,15 @@ def test_a_strategy_bounds_a_huge_but_well_formed_reply(name):
     robust = Robustness(norm_median_multiple=1.0)
     assert change_from_reference(name) > 1e3
     assert change_from_reference(name, robustness=robust) < 3
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, rule in RULES.items() if rule.takes_server_optimizer)
+)
+def test_make_strategy_passes_the_server_optimizer_to_the_rule(name):
+    config = RunConfig.from_flower(
+        {"strategy": name, "server-optimizer": "adam", "server-lr": 0.01}
+    )
+    strategy = make_strategy(config, None)
+    assert strategy.rule.server_optimizer == config.server_optimizer_options
+    assert strategy.rule.server_optimizer.kind == "adam"

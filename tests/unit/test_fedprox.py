@@ -41,7 +41,8 @@ def test_proximal_term_pulls_towards_the_start_by_hand():
     [
         ({"fedprox-mu": -1.0}, "fedprox-mu"),
         ({"fedprox-mu": 0.1, "dp-sample": True}, "fedprox-mu does not apply with dp-sample"),
-        ({"strategy": "fedavg", "server-optimizer": "adam"}, "server-\\* options do not apply"),
+        ({"strategy": "fedex", "server-optimizer": "adam"}, "server-\\* options do not apply"),
+        ({"strategy": "fedavg", "server-lr": 0.5, "dp-client": True}, "with dp-client"),
         ({"strategy": "fslora", "server-optimizer": "adagrad"}, "server-optimizer"),
         ({"strategy": "fslora", "server-lr": 0.0}, "server-lr"),
     ],

@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
+from fedlora.adapter import LoRAFactors, SBCore
 from fedlora.errors import ConfigError
+from fedlora.lowrank import LowRank
+from fedlora.rules import make_rule
 from fedlora.server_optimizer import ServerOptimizer
+from fedlora.updates import ClientUpdate
 
 
 def run(optimizer, deltas, x0=1.0):
@@ -60,3 +64,59 @@ def test_fedyogi_by_hand():
 def test_bad_options_are_refused(options):
     with pytest.raises(ConfigError):
         ServerOptimizer(**options)
+
+
+def lora_round(name, optimizer, seed=0):
+    """Round 1 of a rule on two clients of ranks 2 and 4 (top rank 4), plain and with
+    ``optimizer``: (state before, plain state after, optimized state after)."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    initial = {"q": LoRAFactors(randn(4, 3), randn(5, 4), 2.0)}
+    updates = [
+        ClientUpdate(str(i), n, {"q": LoRAFactors(randn(r, 3), randn(5, r), 8.0 / r)})
+        for i, (r, n) in enumerate([(2, 10), (4, 30)])
+    ]
+    plain, stepped = make_rule(name), make_rule(name, server_optimizer=optimizer)
+    state = plain.init_state(initial)
+    return state, plain.aggregate(state, updates).state, stepped.aggregate(state, updates).state
+
+
+def test_fedavgm_on_fedavg_factors_by_hand():
+    """First step, m = Delta: x_1 = x_0 + 0.5 (average - x_0) for both folded factors."""
+    state, plain, stepped = lora_round("fedavg", ServerOptimizer(lr=0.5, momentum=0.9))
+    for part in ("U", "V"):
+        old, average = getattr(state.factors["q"], part), getattr(plain.factors["q"], part)
+        expected = old + 0.5 * (average - old)
+        torch.testing.assert_close(
+            getattr(stepped.factors["q"], part), expected, rtol=0, atol=1e-14
+        )
+    assert set(stepped.optimizer) == {"q.U.m", "q.V.m"}
+
+
+def test_fedadam_on_fedsb_cores_by_hand():
+    g = torch.Generator().manual_seed(1)
+    fixed = {
+        "q": LowRank(
+            torch.randn(5, 4, generator=g, dtype=torch.float64),
+            torch.randn(4, 3, generator=g, dtype=torch.float64),
+        )
+    }
+    R0 = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    updates = []
+    for i, capacity in enumerate([2, 4]):
+        R = R0.clone()
+        R[:capacity, :capacity] += torch.randn(capacity, capacity, generator=g, dtype=torch.float64)
+        updates.append(ClientUpdate(str(i), 1, {"q": SBCore(R=R, rank=capacity)}))
+    optimizer = ServerOptimizer("adam", lr=0.1)
+    state = make_rule("fedsb").init_state_from_factors(fixed, {"q": R0}, {})
+    delta = (updates[0].modules["q"].R + updates[1].modules["q"].R) / 2 - R0
+    m, v = 0.1 * delta, 0.99 * 1e-6 + 0.01 * delta**2
+    expected = R0 + 0.1 * m / (v.sqrt() + 1e-3)
+    result = make_rule("fedsb", server_optimizer=optimizer).aggregate(state, updates).state
+    torch.testing.assert_close(result.cores["q"], expected, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["fedex", "hetlora", "fedsa"])
+def test_rules_whose_update_is_no_weighted_sum_refuse_a_server_optimizer(name):
+    with pytest.raises(ConfigError, match="does not take a server optimizer"):
+        make_rule(name, server_optimizer=ServerOptimizer("adam"))
