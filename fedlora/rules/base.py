@@ -333,6 +333,24 @@ class AggregationRule(ABC):
                     )
 
 
+class SeededRule(AggregationRule):
+    """A rule whose random draws come from a ``seed`` option, the run's seed (FFA-LoRA's frozen
+    A, FSLoRA's sketches), shared by the server and every client."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        server_optimizer: ServerOptimizer | None = None,
+        robustness: Robustness | None = None,
+    ):
+        super().__init__(robustness, server_optimizer)
+        self.seed = seed
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        return {"seed": config.seed}
+
+
 def check_robustness(rule: type[AggregationRule], robustness: Robustness) -> None:
     """Refuse options the rule does not declare, naming the rule and the key."""
     if robustness.bounds_norms and not rule.bounds_norms:

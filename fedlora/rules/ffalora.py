@@ -20,7 +20,6 @@ tail costs d_out (r - r_i) floats down and nothing up.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -41,21 +40,17 @@ from fedlora.messages import (
     to_wire,
 )
 from fedlora.rules.base import (
-    AggregationRule,
     ClientSpec,
     GlobalState,
     RoundResult,
+    SeededRule,
     client_change_norms_per_client,
     ideal_and_reference,
     start_coverage,
 )
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
-from fedlora.rules.robust import Robustness, with_modules
-from fedlora.server_optimizer import ServerOptimizer
+from fedlora.rules.robust import with_modules
 from fedlora.updates import ClientUpdate, average_head
-
-if TYPE_CHECKING:
-    from fedlora.config import RunConfig
 
 
 def frozen_A(seed: int, module: str, rank: int, d_in: int, dtype: torch.dtype) -> Tensor:
@@ -64,7 +59,7 @@ def frozen_A(seed: int, module: str, rank: int, d_in: int, dtype: torch.dtype) -
     return fresh_lora_A(rank, d_in, module_seed(seed, module), dtype=dtype)
 
 
-class FFALoRA(AggregationRule):
+class FFALoRA(SeededRule):
     name = "ffalora"
     exact = True
     update_kind = TrainedB
@@ -72,20 +67,6 @@ class FFALoRA(AggregationRule):
     takes_server_optimizer = True
     client_dp_refusal = None
     dp_scale_power = 1.0
-
-    def __init__(
-        self,
-        seed: int = 0,
-        server_optimizer: ServerOptimizer | None = None,
-        robustness: Robustness | None = None,
-    ):
-        super().__init__(robustness, server_optimizer)
-        self.seed = seed
-
-    @classmethod
-    def options_from(cls, config: RunConfig) -> dict:
-        """``seed`` of the frozen A: the run's, as every client's model is seeded."""
-        return {"seed": config.seed}
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """G_0 = s B_0 of the initial adapter; A is drawn from the seed (the initial adapter's A
@@ -147,12 +128,9 @@ class FFALoRA(AggregationRule):
             factors[module] = LowRank(stepped[module], A)
             global_update[module] = LowRank(stepped[module] - G, A)
         ideal, reference = ideal_and_reference(state.factors, updates, weights)
-        new_state = GlobalState(
-            version=state.version + 1,
-            shapes=state.shapes,
-            factors=factors,
-            head=average_head(updates, weights) or state.head,
-            optimizer=moments,
+        head = average_head(updates, weights) or state.head
+        new_state = replace(
+            state, version=state.version + 1, factors=factors, head=head, optimizer=moments
         )
         dtype = next(iter(factors.values())).U.dtype
         reconstructed = ReconstructedUpdates(self, state, new_state, rank_classes(updates), dtype)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -33,19 +32,14 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import LowRank, frobenius_norm, stack
 from fedlora.messages import VERSION_KEY, Payload, adapter_config, adapter_to_tensors, to_wire
 from fedlora.rules.base import (
-    AggregationRule,
     ClientSpec,
     GlobalState,
     RoundResult,
+    SeededRule,
     difference,
     load_adapter,
 )
-from fedlora.rules.robust import Robustness
-from fedlora.server_optimizer import ServerOptimizer
 from fedlora.updates import ClientUpdate, average_head
-
-if TYPE_CHECKING:
-    from fedlora.config import RunConfig
 
 
 def sketch_indices(
@@ -63,7 +57,7 @@ def sketch_indices(
     return torch.randperm(rank, generator=generator)[:size].sort().values
 
 
-class FSLoRA(AggregationRule):
+class FSLoRA(SeededRule):
     name = "fslora"
     exact = False
     bounds_norms = False
@@ -72,20 +66,6 @@ class FSLoRA(AggregationRule):
         "its clients train sketched sub-blocks at r / m_i and no sensitivity is derived for the "
         "mapped-back changes"
     )
-
-    def __init__(
-        self,
-        seed: int = 0,
-        server_optimizer: ServerOptimizer | None = None,
-        robustness: Robustness | None = None,
-    ):
-        super().__init__(robustness, server_optimizer)
-        self.seed = seed
-
-    @classmethod
-    def options_from(cls, config: RunConfig) -> dict:
-        """``seed`` of the sketches: the run's."""
-        return {"seed": config.seed}
 
     def sketch(self, state: GlobalState, client: str, module: str, size: int) -> Tensor:
         return sketch_indices(
