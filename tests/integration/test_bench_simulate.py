@@ -18,8 +18,8 @@ TINY = RECIPES_DIR / "tiny.toml"
 
 def test_plain_loop_refuses_methods_with_node_state_before_anything_runs():
     plain = {name for name, rule in RULES.items() if runs_in_plain_loop(rule)}
-    assert plain == {"fedavg", "fedex", "flora", "lorafair", "flexlora"}
-    for strategy in ("fedsa", "fedsb", "hetlora"):
+    assert plain == {"fedavg", "fedex", "flora", "lorafair", "flexlora", "fslora"}
+    for strategy in ("fedsa", "fedsb", "hetlora", "ffalora"):
         with pytest.raises(ConfigError, match=strategy):
             plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy))
 
