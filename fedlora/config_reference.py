@@ -25,8 +25,10 @@ SECTIONS = (
     ("Run config", "Read by the ServerApp and every ClientApp.", RunConfig),
     (
         "ServerApp settings",
-        "Read by the ServerApp only; `fedlora` commands set `run-dir` and `resume` from `--out` and "
-        "`--resume`.",
+        (
+            "Read by the ServerApp only; `fedlora` commands set `run-dir` and `resume` from "
+            "`--out` and `--resume`."
+        ),
         ServerAppSettings,
     ),
 )

@@ -29,8 +29,6 @@ from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits
 from fedlora.toml_values import toml_table
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
-DEMO_RECIPE = RECIPES_DIR / "demo.toml"
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 OUTPUT_KEYS = {RUN_DIR_KEY: "--out", RESUME_KEY: "--resume"}

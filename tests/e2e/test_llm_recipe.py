@@ -4,8 +4,8 @@ on 2 cores)."""
 
 import pytest
 
-from simulations.cli import main
-from simulations.recipes import RECIPES_DIR
+from cli.main import main
+from simulations.recipe_files import RECIPES_DIR
 from simulations.run_dir import read_metrics
 
 pytestmark = pytest.mark.slow

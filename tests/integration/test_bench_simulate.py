@@ -10,7 +10,8 @@ import torch
 from fedlora.errors import ConfigError
 from simulations.bench import PLAIN_LOOP_STRATEGIES, plain_loop_rounds
 from simulations.gpu_scaling import gpu_scaling_benchmark
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 
 TINY = RECIPES_DIR / "tiny.toml"
 
