@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fedlora.adapter import lora_scale
 from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
+from fedlora.method_config import robustness_of
 from fedlora.config import RunConfig
 from fedlora.lowrank import stack
 from fedlora.measurement import worst
@@ -142,7 +143,7 @@ class LoRAStrategy(Strategy):
     @classmethod
     def options_from(cls, config: RunConfig) -> dict:
         """The method's options read from the run config: its rule's and its robustness."""
-        return {**cls.rule_class.options_from(config), "robustness": config.robustness}
+        return {**cls.rule_class.options_from(config), "robustness": robustness_of(config)}
 
     @classmethod
     def initial_arrays(cls, config: RunConfig) -> ArrayRecord:
