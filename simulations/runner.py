@@ -1,4 +1,4 @@
-"""Run a recipe in Flower's simulation engine on Ray and leave a run directory behind.
+"""Run a recipe in Flower's simulation engine on Ray, or in this process, and leave a run directory behind.
 
 `flwr.simulation.run_simulation` passes an empty run_config, so the ServerApp and the ClientApp
 are bound to the resolved run config (`strategies.server_app.server_app`,
