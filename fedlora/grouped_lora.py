@@ -20,6 +20,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fedlora.adapter import lora_scale
+from fedlora.client_state import fresh_lora_A
+from fedlora.fedsb_init import module_seed
 from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers
 
 PEFT_PREFIX = "base_model.model."
@@ -165,4 +168,25 @@ def group_of_peft_models(base: nn.Module, models: Sequence[nn.Module]) -> Groupe
     group = GroupedLoRA(base, ranks, [peft_scaling(model) for model in models], targets)
     for client, client_factors in enumerate(factors):
         group.load_client(client, client_factors)
+    return group
+
+
+@torch.no_grad()
+def fresh_group(
+    base: nn.Module,
+    ranks: Sequence[int],
+    alpha: float,
+    rslora: bool,
+    target_modules: Sequence[str],
+    seed: int,
+) -> GroupedLoRA:
+    """A group over ``base`` (modified in place) whose clients start as `fedlora.models.with_lora`
+    starts them: A seeded from (``seed``, module path), B = 0, scale alpha / r (or / sqrt(r))."""
+    group = GroupedLoRA(
+        base, ranks, [lora_scale(alpha, rank, rslora) for rank in ranks], target_modules
+    )
+    for name, layer in group.layers.items():
+        for A in layer.lora_A:
+            rank, d_in = A.shape
+            A.copy_(fresh_lora_A(rank, d_in, module_seed(seed, name), dtype=A.dtype))
     return group

@@ -1,6 +1,7 @@
 """The benchmarks that run simulations: ``fedlora bench simulate`` (a recipe's round time, client
-compute vs framework overhead: `simulations.bench`) and ``fedlora bench gpus`` (client-rounds per
-minute on 1, 2, ... GPUs: `simulations.gpu_scaling`)."""
+compute vs framework overhead: `simulations.bench`), ``fedlora bench gpus`` (client-rounds per
+minute on 1, 2, ... GPUs: `simulations.gpu_scaling`) and ``fedlora bench train`` (the clients'
+training rate against the plain loop: `simulations.bench_train`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from fedlora.cli import comma_ints, output_console
 from simulations.bench import simulate_benchmark
+from simulations.bench_train import train_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
 from simulations.recipes import DEMO_RECIPE, RECIPES_DIR
 from simulations.run_dir import check_out_dir
@@ -26,6 +28,7 @@ MULTI_GPU_RECIPE = RECIPES_DIR / "multi-gpu.toml"
 def add_simulation_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     add_simulate_benchmark(benchmarks)
     add_gpus_benchmark(benchmarks)
+    add_train_benchmark(benchmarks)
 
 
 def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
@@ -172,5 +175,84 @@ def run_bench_gpus(args: argparse.Namespace) -> int:
             f"{run['first_round_seconds']:.1f} s",
         )
     output_console().print(table)
+    write_json(args.json, results)
+    return 0
+
+
+def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
+    parser = benchmarks.add_parser(
+        "train",
+        help="the clients' training tokens/s in a simulation vs the plain LoRA loop",
+        description=(
+            "On one device: the plain peft LoRA loop at the batch a group of clients adds up to, "
+            "the group trained together in one forward/backward, and the recipe (default: "
+            "multi-gpu.toml) in Flower's Ray simulation; tokens/s, their ratios, MFU and round times."
+        ),
+    )
+    parser.add_argument("--recipe", type=Path, default=MULTI_GPU_RECIPE, metavar="FILE")
+    parser.add_argument("--rounds", type=int, metavar="N", help="server rounds of the simulation")
+    parser.add_argument(
+        "--group", type=int, metavar="N", help="clients per batch (default: per GPU in the recipe, or 4)"
+    )
+    parser.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps (default 2)")
+    parser.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="base weights in bfloat16 on the device, fused AdamW (the in-process loops)",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench-train"),
+        metavar="DIR",
+        help="the simulation's run directory (default: runs/bench-train)",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+    parser.set_defaults(handler=run_bench_train)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
+    results = with_spinner(
+        lambda say: train_benchmark(
+            args.recipe,
+            args.overrides,
+            args.rounds,
+            args.group,
+            args.steps,
+            args.warmup,
+            args.bf16_weights,
+            args.out,
+            say,
+        )
+    )
+    setup = results["setup"]
+    table = Table(
+        title=(
+            f"{setup['recipe']} on {results['device']}: {setup['group']} clients x "
+            f"{setup['run'].get('batch-size')} rows"
+        )
+    )
+    for column in ("training", "tokens / s", "vs plain", "MFU"):
+        table.add_column(column, justify="right")
+    for name, rate, ratio, utilisation in (
+        ("plain loop", results["plain_tokens_per_s"], 1.0, results["mfu"]),
+        ("grouped clients", results["grouped_tokens_per_s"], results["grouped_ratio"],
+         results["grouped_mfu"]),
+        ("federation (training exchange)", results["federation_tokens_per_s"], results["ratio"],
+         results["federation_mfu"]),
+        ("federation (whole rounds)", results["round_tokens_per_s"],
+         results["round_tokens_per_s"] / results["plain_tokens_per_s"], None),
+    ):
+        table.add_row(
+            name, f"{rate:,.0f}", f"{ratio:.2f}x", "" if utilisation is None else f"{utilisation:.1%}"
+        )
+    output_console().print(table)
+    output_console().print(
+        f"round 1 {results['first_round_seconds']:.1f} s, later rounds "
+        f"{results['later_round_seconds']:.1f} s"
+    )
     write_json(args.json, results)
     return 0
