@@ -15,6 +15,7 @@ prefix), so a client's peft model and its slot in a group exchange them directly
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from fedlora.adapter import lora_scale
 from fedlora.client_state import fresh_lora_A
 from fedlora.fedsb_init import module_seed
-from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers
+from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers, read_head
 
 PEFT_PREFIX = "base_model.model."
 
@@ -60,8 +61,30 @@ class GroupedLoRALinear(nn.Module):
         return result + torch.cat(terms).to(result.dtype)
 
 
+class GroupedHead(nn.Module):
+    """One trainable copy per client of a head module (peft's ``modules_to_save``: a classifier,
+    a pooler), each applied to its client's rows."""
+
+    def __init__(self, module: nn.Module, num_clients: int) -> None:
+        super().__init__()
+        dtype = torch.promote_types(next(module.parameters()).dtype, torch.float32)
+        self.copies = nn.ModuleList(
+            copy.deepcopy(module).to(dtype).requires_grad_(True) for _ in range(num_clients)
+        )
+        self.rows: list[int] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rows is None:
+            raise RuntimeError("GroupedHead called outside GroupedLoRA.forward (rows unset)")
+        return torch.cat(
+            [head(part) for head, part in zip(self.copies, x.split(self.rows), strict=True)]
+        )
+
+
 class GroupedLoRA(nn.Module):
-    """A base model whose target linear layers carry one LoRA adapter per client of the group.
+    """A base model whose target linear layers carry one LoRA adapter per client of the group,
+    and whose ``heads`` (module names, matched as peft matches ``modules_to_save``) one trainable
+    copy per client.
 
     ``forward(rows, **batch)`` runs the stacked batch; client g owns the next ``rows[g]`` rows.
     """
@@ -72,6 +95,7 @@ class GroupedLoRA(nn.Module):
         ranks: Sequence[int],
         scalings: Sequence[float],
         target_modules: Sequence[str],
+        heads: Sequence[str] = (),
     ) -> None:
         super().__init__()
         for parameter in base.parameters():
@@ -92,26 +116,59 @@ class GroupedLoRA(nn.Module):
             layer = GroupedLoRALinear(getattr(parent, child), ranks, scalings)
             setattr(parent, child, layer)
             self.layers[PEFT_PREFIX + name] = layer
+        self.heads: dict[str, GroupedHead] = {}
+        head_names = [
+            name
+            for name, _ in base.named_modules()
+            if any(name == head or name.endswith("." + head) for head in heads)
+        ]
+        for name in head_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name)
+            head = GroupedHead(getattr(parent, child), len(ranks))
+            setattr(parent, child, head)
+            self.heads[PEFT_PREFIX + name] = head
 
     def forward(self, rows: Sequence[int], **batch: Tensor):
         rows = [int(count) for count in rows]
         if len(rows) != self.num_clients:
             raise ValueError(f"{len(rows)} row counts for a group of {self.num_clients} clients")
-        for layer in self.layers.values():
-            layer.rows = rows
+        grouped = [*self.layers.values(), *self.heads.values()]
+        for module in grouped:
+            module.rows = rows
         try:
             return self.base(**batch)
         finally:
-            for layer in self.layers.values():
-                layer.rows = None
+            for module in grouped:
+                module.rows = None
 
     def client_parameters(self, client: int) -> list[nn.Parameter]:
-        """Client ``client``'s trainable factors (A then B of every layer)."""
-        return [
+        """Client ``client``'s trainable parameters: A then B of every layer, then its heads'."""
+        factors = [
             factor
             for layer in self.layers.values()
             for factor in (layer.lora_A[client], layer.lora_B[client])
         ]
+        return factors + list(self.client_head_parameters(client).values())
+
+    def client_head_parameters(self, client: int) -> dict[str, nn.Parameter]:
+        """Client ``client``'s head parameters, keyed as peft's state dict keys them."""
+        return {
+            f"{name}.{key}": parameter
+            for name, head in self.heads.items()
+            for key, parameter in head.copies[client].named_parameters()
+        }
+
+    @torch.no_grad()
+    def load_client_head(self, client: int, head: Mapping[str, Tensor]) -> None:
+        """Set client ``client``'s head parameters (peft's keys); every one must be given."""
+        parameters = self.client_head_parameters(client)
+        if set(head) != set(parameters):
+            raise ValueError(
+                f"client head does not fit the group: {sorted(head)} for {sorted(parameters)}"
+            )
+        for key, value in head.items():
+            parameters[key].copy_(value)
 
     @torch.no_grad()
     def load_client(self, client: int, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
@@ -156,7 +213,7 @@ def peft_scaling(model: nn.Module) -> float:
 
 def group_of_peft_models(base: nn.Module, models: Sequence[nn.Module]) -> GroupedLoRA:
     """A group over ``base`` (modified in place: pass a copy to keep it) holding each peft model's
-    current factors; each model must have one rank and one scale over its layers."""
+    current factors and head; each model must have one rank and one scale over its layers."""
     factors = [peft_factors(model) for model in models]
     ranks = []
     for client in factors:
@@ -165,9 +222,11 @@ def group_of_peft_models(base: nn.Module, models: Sequence[nn.Module]) -> Groupe
             raise ValueError(f"a grouped client needs one rank for all its layers, not {client_ranks}")
         ranks.append(client_ranks.pop())
     targets = sorted({name.rsplit(".", 1)[-1] for name in factors[0]})
-    group = GroupedLoRA(base, ranks, [peft_scaling(model) for model in models], targets)
-    for client, client_factors in enumerate(factors):
+    heads = models[0].peft_config[DEFAULT_ADAPTER].modules_to_save or ()
+    group = GroupedLoRA(base, ranks, [peft_scaling(model) for model in models], targets, heads)
+    for client, (model, client_factors) in enumerate(zip(models, factors, strict=True)):
         group.load_client(client, client_factors)
+        group.load_client_head(client, read_head(model))
     return group
 
 
@@ -179,11 +238,13 @@ def fresh_group(
     rslora: bool,
     target_modules: Sequence[str],
     seed: int,
+    heads: Sequence[str] = (),
 ) -> GroupedLoRA:
     """A group over ``base`` (modified in place) whose clients start as `fedlora.models.with_lora`
-    starts them: A seeded from (``seed``, module path), B = 0, scale alpha / r (or / sqrt(r))."""
+    starts them: A seeded from (``seed``, module path), B = 0, scale alpha / r (or / sqrt(r)),
+    each head a copy of the base's."""
     group = GroupedLoRA(
-        base, ranks, [lora_scale(alpha, rank, rslora) for rank in ranks], target_modules
+        base, ranks, [lora_scale(alpha, rank, rslora) for rank in ranks], target_modules, heads
     )
     for name, layer in group.layers.items():
         for A in layer.lora_A:

@@ -45,13 +45,11 @@ def client_losses(logits: Tensor, labels: Tensor, rows: Sequence[int]) -> list[T
     next token over the labelled positions (2-D labels, -100 ignored), as transformers computes it."""
     losses = []
     for part, target in zip(logits.split(rows), labels.split(rows), strict=True):
-        if target.dim() == 2:
-            part, target = part[:, :-1], target[:, 1:]
+        if target.dim() == 2:  # transformers' causal-LM loss takes float32 logits
+            part, target = part[:, :-1].float(), target[:, 1:]
         losses.append(
             F.cross_entropy(
-                part.float().reshape(-1, part.shape[-1]),
-                target.reshape(-1),
-                ignore_index=IGNORED_LABEL,
+                part.reshape(-1, part.shape[-1]), target.reshape(-1), ignore_index=IGNORED_LABEL
             )
         )
     return losses

@@ -1,7 +1,8 @@
 """The benchmarks that run simulations: ``fedlora bench simulate`` (a recipe's round time, client
 compute vs framework overhead: `simulations.bench`), ``fedlora bench gpus`` (client-rounds per
-minute on 1, 2, ... GPUs: `simulations.gpu_scaling`) and ``fedlora bench train`` (the clients'
-training rate against the plain loop: `simulations.bench_train`)."""
+minute on 1, 2, ... GPUs: `simulations.gpu_scaling`), ``fedlora bench train`` (the clients'
+training rate against the plain loop: `simulations.bench_train`) and ``fedlora bench scale``
+(memory and seconds per round of many clients: `simulations.bench_scale`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from fedlora.cli import comma_ints, output_console
 from simulations.bench import simulate_benchmark
+from simulations.bench_scale import SCALE_RECIPE, scale_benchmark
 from simulations.bench_train import train_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
 from simulations.recipes import DEMO_RECIPE, RECIPES_DIR
@@ -29,6 +31,7 @@ def add_simulation_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
     add_simulate_benchmark(benchmarks)
     add_gpus_benchmark(benchmarks)
     add_train_benchmark(benchmarks)
+    add_scale_benchmark(benchmarks)
 
 
 def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
@@ -254,5 +257,47 @@ def run_bench_train(args: argparse.Namespace) -> int:
         f"round 1 {results['first_round_seconds']:.1f} s, later rounds "
         f"{results['later_round_seconds']:.1f} s"
     )
+    write_json(args.json, results)
+    return 0
+
+
+def add_scale_benchmark(benchmarks: argparse._SubParsersAction) -> None:
+    parser = benchmarks.add_parser(
+        "scale",
+        help="the server's memory and seconds per round with many clients",
+        description=(
+            "Simulate a recipe of many clients, few sampled a round (default: scale.toml, 1000 "
+            "tiny-BERT clients, 10 a round, 50 rounds); per round the resident memory of the "
+            "process running the ServerApp and the round's seconds."
+        ),
+    )
+    parser.add_argument("--recipe", type=Path, default=SCALE_RECIPE, metavar="FILE")
+    parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
+    parser.add_argument("--clients", type=int, metavar="N", help="simulated clients (num-supernodes)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench-scale"),
+        metavar="DIR",
+        help="the run's directory (default: runs/bench-scale)",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+    parser.set_defaults(handler=run_bench_scale)
+
+
+def run_bench_scale(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
+    results = with_spinner(
+        lambda say: scale_benchmark(
+            args.recipe, args.overrides, args.rounds, args.clients, args.out, say
+        )
+    )
+    table = Table(title=f"{results['setup']['recipe']}: {results['setup']['simulation']}")
+    for column in ("round", "resident MiB", "seconds"):
+        table.add_column(column, justify="right")
+    for row in results["rounds"]:
+        table.add_row(str(row["round"]), f"{row['rss_mb']:.0f}", f"{row['seconds']:.2f}")
+    output_console().print(table)
     write_json(args.json, results)
     return 0

@@ -25,13 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fedlora.bench.train import (
-    device_name,
-    grouped_throughput,
-    mfu,
-    plain_throughput,
-    trainable_lora_only,
-)
+from fedlora.bench.train import device_name, grouped_throughput, mfu, plain_throughput
 from fedlora.errors import ConfigError
 from fedlora.models import load_base_model
 from fedlora.training import device_for
@@ -68,7 +62,6 @@ def train_benchmark(
         raise ConfigError(f"--group {group}: choose 1 to the recipe's {partitions} clients")
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps {steps}, --warmup {warmup}: need 1 or more and 0 or more")
-    trainable_lora_only(config)
     claim_run_dir(Path(out_dir).resolve(), overwrite=True)  # a taken --out is refused before any work
     device = device_for(config)
     base = load_base_model(config)

@@ -42,14 +42,6 @@ def mfu(parameters: int, tokens_per_s: float, name: str) -> float | None:
     return None if peak is None else 4 * parameters * tokens_per_s / peak
 
 
-def trainable_lora_only(config: RunConfig) -> None:
-    if config.head_module_names:
-        raise ConfigError(
-            f"modules-to-save = {config.modules_to_save!r}: the training benchmark trains LoRA "
-            "factors only (set modules-to-save to \"\")"
-        )
-
-
 def base_on(base: BaseModel, device: torch.device, bf16_weights: bool) -> nn.Module:
     """A copy of the frozen base on ``device``, in bfloat16 if asked."""
     model = copy.deepcopy(base.model).to(device)
@@ -78,10 +70,9 @@ def plain_throughput(
 ) -> dict:
     """Tokens/s of one peft LoRA model (the run's top rank) at ``batch_size`` rows a step, on
     partition 0's training examples."""
-    trainable_lora_only(config)
     model = with_lora(
         base, config.max_rank, config.lora_alpha, config.rslora,
-        config.target_module_names, (), device=device, seed=config.seed,
+        config.target_module_names, config.head_module_names, device=device, seed=config.seed,
     )
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if bf16_weights:
@@ -114,14 +105,13 @@ def grouped_throughput(
 ) -> dict:
     """Tokens/s of partitions 0..group_size-1 (their ranks, data and seeds) trained as one group
     at ``batch-size`` rows each."""
-    trainable_lora_only(config)
     if group_size > num_partitions:
         raise ConfigError(f"a group of {group_size} clients, but the run has {num_partitions}")
     clients = range(group_size)
     ranks = [config.rank_for(client, num_partitions) for client in clients]
     group = fresh_group(
         base_on(base, device, bf16_weights), ranks, config.lora_alpha, config.rslora,
-        config.target_module_names, config.seed,
+        config.target_module_names, config.seed, config.head_module_names,
     )
     drawn = []
     for client in clients:

@@ -81,3 +81,17 @@ def test_bench_train_writes_the_figures_of_one_call(tmp_path, capsys):
     assert results["plain"]["rows_per_step"] == 3 * 8 == results["grouped"]["rows_per_step"]
     assert results["grouped"]["ranks"] == [2, 4, 8]
     assert "grouped clients" in capsys.readouterr().out
+
+
+def test_bench_scale_records_memory_and_seconds_every_round(tmp_path):
+    """The scale recipe at a small size: 20 clients, 10 a round, 4 rounds."""
+    out = tmp_path / "scale.json"
+    argv = ["bench", "scale", "--clients", "20", "--rounds", "4", "--out", str(tmp_path / "run"),
+            "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rounds"]
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    metrics = read_metrics(tmp_path / "run")
+    assert [row["seconds"] for row in rows] == [row["seconds"] for row in metrics]
+    assert all(row["clients"] == 10 for row in metrics)
+    assert rows[-1]["rss_mb"] <= rows[1]["rss_mb"] + 50

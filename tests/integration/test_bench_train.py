@@ -13,16 +13,16 @@ from fedlora.models import load_base_model
 from simulations.bench_train import train_benchmark
 from simulations.recipes import RECIPES_DIR
 
-CONFIG_VALUES = {
-    "model": "tiny-llama",
-    "task": "causal-lm",
-    "partitioner": "iid",
-    "max-length": 16,
-    "batch-size": 2,
-    "rank-profile": "2:0.5,4:0.5",
-    "modules-to-save": "",
-}
-CONFIG = RunConfig.from_flower(CONFIG_VALUES)
+CONFIG = RunConfig.from_flower(
+    {
+        "model": "tiny-llama",
+        "task": "causal-lm",
+        "partitioner": "iid",
+        "max-length": 16,
+        "batch-size": 2,
+        "rank-profile": "2:0.5,4:0.5",
+    }
+)
 CPU = torch.device("cpu")
 
 
@@ -42,10 +42,9 @@ def test_mfu_counts_four_flops_per_parameter_and_token_on_known_gpus():
     assert mfu(10**9, 1e3, "NVIDIA H200") == pytest.approx(4e12 / 989e12)
 
 
-def test_a_trained_head_or_a_group_past_the_clients_is_refused(tmp_path):
+def test_a_group_past_the_clients_is_refused(tmp_path):
     base = load_base_model(CONFIG)
-    with pytest.raises(ConfigError, match="modules-to-save"):
-        plain_throughput(base, RunConfig.from_flower({**CONFIG_VALUES, "modules-to-save": "lm_head"}),
-                         CPU, 2, 4, 1, 0)
+    with pytest.raises(ConfigError, match="a group of 5 clients, but the run has 4"):
+        grouped_throughput(base, CONFIG, CPU, 5, 4, 1, 0)
     with pytest.raises(ConfigError, match="--group 4"):
         train_benchmark(RECIPES_DIR / "tiny.toml", group=4, out_dir=tmp_path / "run")

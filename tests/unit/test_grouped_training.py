@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
+from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.grouped_lora import GroupedLoRA, group_of_peft_models, peft_factors
 from fedlora.grouped_training import stack_batches, train_group
 from fedlora.models import BaseModel, with_lora
+from fedlora.peft_io import read_head
 from fedlora.training import train_local
 from tests.support.models import VOCAB, tiny_bert, tiny_llama
 
@@ -59,6 +61,50 @@ def test_each_client_of_a_group_trains_as_it_would_alone(one_thread):
             assert not torch.equal(A, peft_factors(start_A)[name][0])  # it did train
             torch.testing.assert_close(grouped[name][0], A, rtol=0, atol=1e-10)
             torch.testing.assert_close(grouped[name][1], B, rtol=0, atol=1e-10)
+
+
+def test_clients_with_their_own_heads_train_as_alone(one_thread):
+    """Classification with peft's modules_to_save (pooler and classifier): one head copy per
+    client on its rows; dropout off."""
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config).double()
+    base = BaseModel(model=model, tokenizer=None, num_labels=3)
+    clients = [
+        with_lora(base, rank, 2.0 * rank, False, ("query", "value"), ("classifier", "pooler"),
+                  seed=seed)
+        for rank, seed in ((2, 1), (4, 2), (2, 3))
+    ]
+    data = []
+    for size, length, seed in ((3, 7, 1), (2, 11, 2), (4, 5, 3)):
+        generator = torch.Generator().manual_seed(seed)
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[0, length - 2 :] = 0  # a padded row
+        data.append([
+            {
+                "input_ids": torch.randint(3, VOCAB, (size, length), generator=generator) * mask,
+                "attention_mask": mask,
+                "labels": torch.randint(0, 3, (size,), generator=generator),
+            }
+            for _ in range(STEPS)
+        ])
+    group = group_of_peft_models(copy.deepcopy(base.model), clients)
+    assert set(group.heads) == {"base_model.model.classifier", "base_model.model.bert.pooler"}
+    train_group(group, data, STEPS, LR, WEIGHT_DECAY, "cpu")
+    for client, (model, batches) in enumerate(zip(clients, data, strict=True)):
+        train_local(model, batches, STEPS, LR, WEIGHT_DECAY, "cpu")
+        trained_head = read_head(model)
+        assert trained_head.keys() == group.client_head_parameters(client).keys()
+        for key, parameter in group.client_head_parameters(client).items():
+            torch.testing.assert_close(parameter.detach(), trained_head[key], rtol=0, atol=1e-10)
+        for name, (A, B) in peft_factors(model).items():
+            torch.testing.assert_close(group.client_factors(client)[name][1], B, rtol=0, atol=1e-10)
+            torch.testing.assert_close(group.client_factors(client)[name][0], A, rtol=0, atol=1e-10)
 
 
 def test_a_client_alone_in_the_group_is_a_plain_lora_forward(one_thread):
