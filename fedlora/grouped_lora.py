@@ -39,7 +39,10 @@ class GroupedLoRALinear(nn.Module):
         self.base = base
         self.scalings = list(scalings)
         weight = base.weight
-        factory = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
+        factory = {
+            "device": weight.device,
+            "dtype": torch.promote_types(weight.dtype, torch.float32),
+        }
         self.lora_A = nn.ParameterList(
             nn.Parameter(torch.zeros(rank, base.in_features, **factory)) for rank in ranks
         )
@@ -176,7 +179,9 @@ class GroupedLoRA(nn.Module):
         if set(factors) != set(self.layers):
             missing = sorted(set(self.layers) - set(factors))
             extra = sorted(set(factors) - set(self.layers))
-            raise ValueError(f"client factors do not fit the group: missing {missing}, extra {extra}")
+            raise ValueError(
+                f"client factors do not fit the group: missing {missing}, extra {extra}"
+            )
         for name, (A, B) in factors.items():
             layer = self.layers[name]
             if A.shape != layer.lora_A[client].shape or B.shape != layer.lora_B[client].shape:
@@ -198,7 +203,10 @@ class GroupedLoRA(nn.Module):
 def peft_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     """A peft model's (A, B) per module path."""
     return {
-        name: (layer.lora_A[DEFAULT_ADAPTER].weight.detach(), layer.lora_B[DEFAULT_ADAPTER].weight.detach())
+        name: (
+            layer.lora_A[DEFAULT_ADAPTER].weight.detach(),
+            layer.lora_B[DEFAULT_ADAPTER].weight.detach(),
+        )
         for name, layer in lora_layers(model).items()
     }
 
@@ -207,7 +215,9 @@ def peft_scaling(model: nn.Module) -> float:
     """The one scale s = alpha / r (or alpha / sqrt(r)) of a peft model's LoRA layers."""
     scalings = {float(layer.scaling[DEFAULT_ADAPTER]) for layer in lora_layers(model).values()}
     if len(scalings) != 1:
-        raise ValueError(f"a grouped client needs one LoRA scale for all its layers, not {scalings}")
+        raise ValueError(
+            f"a grouped client needs one LoRA scale for all its layers, not {scalings}"
+        )
     return scalings.pop()
 
 
@@ -219,7 +229,9 @@ def group_of_peft_models(base: nn.Module, models: Sequence[nn.Module]) -> Groupe
     for client in factors:
         client_ranks = {A.shape[0] for A, _ in client.values()}
         if len(client_ranks) != 1:
-            raise ValueError(f"a grouped client needs one rank for all its layers, not {client_ranks}")
+            raise ValueError(
+                f"a grouped client needs one rank for all its layers, not {client_ranks}"
+            )
         ranks.append(client_ranks.pop())
     targets = sorted({name.rsplit(".", 1)[-1] for name in factors[0]})
     heads = models[0].peft_config[DEFAULT_ADAPTER].modules_to_save or ()

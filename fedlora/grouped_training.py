@@ -35,7 +35,9 @@ def stack_batches(group: Sequence[Mapping[str, Tensor]]) -> tuple[list[int], dic
         if tensors[0].dim() == 2:
             width = max(tensor.shape[1] for tensor in tensors)
             fill = IGNORED_LABEL if key == "labels" else 0
-            tensors = [F.pad(tensor, (0, width - tensor.shape[1]), value=fill) for tensor in tensors]
+            tensors = [
+                F.pad(tensor, (0, width - tensor.shape[1]), value=fill) for tensor in tensors
+            ]
         stacked[key] = torch.cat(tensors)
     return rows, stacked
 
@@ -105,7 +107,9 @@ def train_group(
                 step_losses = client_losses(logits, labels, rows)
                 torch.stack(step_losses).sum().backward()
                 if learning_rates is not None:
-                    for param_group, rates in zip(optimizer.param_groups, learning_rates, strict=True):
+                    for param_group, rates in zip(
+                        optimizer.param_groups, learning_rates, strict=True
+                    ):
                         param_group["lr"] = rates[step]
                 optimizer.step()
                 for client, loss in enumerate(step_losses):
@@ -118,6 +122,8 @@ def train_group(
         raise ConfigError("no training batches")
     seconds = time.perf_counter() - start
     return [
-        TrainReport(loss=torch.stack(client).float().mean().item(), num_examples=count, seconds=seconds)
+        TrainReport(
+            loss=torch.stack(client).float().mean().item(), num_examples=count, seconds=seconds
+        )
         for client, count in zip(losses, examples, strict=True)
     ]

@@ -77,7 +77,9 @@ class ChangeLog:
         if not pending:
             return version, {}
         modules = pending[0]
-        return version, {module: stack([change[module] for change in pending]) for module in modules}
+        return version, {
+            module: stack([change[module] for change in pending]) for module in modules
+        }
 
 
 def dense_factors(matrix: Tensor) -> LowRank:

@@ -142,16 +142,17 @@ def add_gpus_benchmark(benchmarks: argparse._SubParsersAction) -> None:
         "--gpus", type=comma_ints, default=(1, 2), metavar="N,N", help="GPU counts (default 1,2)"
     )
     parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
+    add_output_arguments(parser, "runs/bench-gpus", "the runs' directories, DIR/gpus-N")
+    parser.set_defaults(handler=run_bench_gpus)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, out: str, out_help: str) -> None:
+    """``--json FILE``, ``--out DIR`` (default ``out``) and the run-config overrides."""
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("runs/bench-gpus"),
-        metavar="DIR",
-        help="the runs' directories, DIR/gpus-N (default: runs/bench-gpus)",
+        "--out", type=Path, default=Path(out), metavar="DIR", help=f"{out_help} (default: {out})"
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
-    parser.set_defaults(handler=run_bench_gpus)
 
 
 def run_bench_gpus(args: argparse.Namespace) -> int:
@@ -195,24 +196,23 @@ def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument("--recipe", type=Path, default=MULTI_GPU_RECIPE, metavar="FILE")
     parser.add_argument("--rounds", type=int, metavar="N", help="server rounds of the simulation")
     parser.add_argument(
-        "--group", type=int, metavar="N", help="clients per batch (default: per GPU in the recipe, or 4)"
+        "--group",
+        type=int,
+        metavar="N",
+        help="clients per batch (default: per GPU in the recipe, or 4)",
     )
-    parser.add_argument("--steps", type=int, default=10, metavar="N", help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps (default 2)")
+    parser.add_argument(
+        "--steps", type=int, default=10, metavar="N", help="timed steps (default 10)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, metavar="N", help="untimed steps (default 2)"
+    )
     parser.add_argument(
         "--bf16-weights",
         action="store_true",
         help="base weights in bfloat16 on the device, fused AdamW (the in-process loops)",
     )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("runs/bench-train"),
-        metavar="DIR",
-        help="the simulation's run directory (default: runs/bench-train)",
-    )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+    add_output_arguments(parser, "runs/bench-train", "the simulation's run directory")
     parser.set_defaults(handler=run_bench_train)
 
 
@@ -242,15 +242,30 @@ def run_bench_train(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right")
     for name, rate, ratio, utilisation in (
         ("plain loop", results["plain_tokens_per_s"], 1.0, results["mfu"]),
-        ("grouped clients", results["grouped_tokens_per_s"], results["grouped_ratio"],
-         results["grouped_mfu"]),
-        ("federation (training exchange)", results["federation_tokens_per_s"], results["ratio"],
-         results["federation_mfu"]),
-        ("federation (whole rounds)", results["round_tokens_per_s"],
-         results["round_tokens_per_s"] / results["plain_tokens_per_s"], None),
+        (
+            "grouped clients",
+            results["grouped_tokens_per_s"],
+            results["grouped_ratio"],
+            results["grouped_mfu"],
+        ),
+        (
+            "federation (training exchange)",
+            results["federation_tokens_per_s"],
+            results["ratio"],
+            results["federation_mfu"],
+        ),
+        (
+            "federation (whole rounds)",
+            results["round_tokens_per_s"],
+            results["round_tokens_per_s"] / results["plain_tokens_per_s"],
+            None,
+        ),
     ):
         table.add_row(
-            name, f"{rate:,.0f}", f"{ratio:.2f}x", "" if utilisation is None else f"{utilisation:.1%}"
+            name,
+            f"{rate:,.0f}",
+            f"{ratio:.2f}x",
+            "" if utilisation is None else f"{utilisation:.1%}",
         )
     output_console().print(table)
     output_console().print(
@@ -273,16 +288,10 @@ def add_scale_benchmark(benchmarks: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--recipe", type=Path, default=SCALE_RECIPE, metavar="FILE")
     parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
-    parser.add_argument("--clients", type=int, metavar="N", help="simulated clients (num-supernodes)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("runs/bench-scale"),
-        metavar="DIR",
-        help="the run's directory (default: runs/bench-scale)",
+        "--clients", type=int, metavar="N", help="simulated clients (num-supernodes)"
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+    add_output_arguments(parser, "runs/bench-scale", "the run's directory")
     parser.set_defaults(handler=run_bench_scale)
 
 

@@ -38,9 +38,9 @@ def scale_benchmark(
     say: Callable[[str], None] = lambda text: None,
 ) -> dict:
     """The recipe simulated into ``out_dir`` (an earlier benchmark's run there is replaced); one
-    row per round: ``round``, ``rss_mb`` (this process, which runs the ServerApp, as the round's
-    row is written) and ``seconds`` (the round's wall time). ``clients`` replaces the recipe's
-``num-supernodes``."""
+        row per round: ``round``, ``rss_mb`` (this process, which runs the ServerApp, as the round's
+        row is written) and ``seconds`` (the round's wall time). ``clients`` replaces the recipe's
+    ``num-supernodes``."""
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     if clients is not None:
         settings = dataclasses.replace(recipe.simulation, num_supernodes=clients)

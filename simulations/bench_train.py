@@ -38,7 +38,7 @@ DEFAULT_GROUP = 4
 
 def default_group(recipe: Recipe) -> int:
     share = recipe.simulation.num_gpus
-    group = int(round(1 / share)) if 0 < share < 1 else DEFAULT_GROUP
+    group = round(1 / share) if 0 < share < 1 else DEFAULT_GROUP
     return min(group, recipe.simulation.num_supernodes)
 
 
@@ -62,7 +62,9 @@ def train_benchmark(
         raise ConfigError(f"--group {group}: choose 1 to the recipe's {partitions} clients")
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps {steps}, --warmup {warmup}: need 1 or more and 0 or more")
-    claim_run_dir(Path(out_dir).resolve(), overwrite=True)  # a taken --out is refused before any work
+    claim_run_dir(
+        Path(out_dir).resolve(), overwrite=True
+    )  # a taken --out is refused before any work
     device = device_for(config)
     base = load_base_model(config)
     parameters = sum(parameter.numel() for parameter in base.model.parameters())
@@ -125,7 +127,10 @@ def federation_throughput(recipe: Recipe, run_dir: Path, say: Callable[[str], No
         raise ConfigError("the federation's rate is taken after round 1: run 2 rounds or more")
     later = rows[1:]
     per_client = (
-        config.local_steps * config.gradient_accumulation_steps * config.batch_size * config.max_length
+        config.local_steps
+        * config.gradient_accumulation_steps
+        * config.batch_size
+        * config.max_length
     )
     tokens = sum(row["clients"] * per_client for row in later)
     exchange = sum(row["client_seconds"] + row["communication_seconds"] for row in later)
@@ -137,8 +142,17 @@ def federation_throughput(recipe: Recipe, run_dir: Path, say: Callable[[str], No
         "first_round_seconds": rows[0]["seconds"],
         "later_round_seconds": sum(row["seconds"] for row in later) / len(later),
         "rounds": [
-            {key: row[key] for key in ("round", "clients", "seconds", "train_seconds", "client_seconds",
-                                       "communication_seconds")}
+            {
+                key: row[key]
+                for key in (
+                    "round",
+                    "clients",
+                    "seconds",
+                    "train_seconds",
+                    "client_seconds",
+                    "communication_seconds",
+                )
+            }
             for row in rows
         ],
     }

@@ -71,8 +71,14 @@ def plain_throughput(
     """Tokens/s of one peft LoRA model (the run's top rank) at ``batch_size`` rows a step, on
     partition 0's training examples."""
     model = with_lora(
-        base, config.max_rank, config.lora_alpha, config.rslora,
-        config.target_module_names, config.head_module_names, device=device, seed=config.seed,
+        base,
+        config.max_rank,
+        config.lora_alpha,
+        config.rslora,
+        config.target_module_names,
+        config.head_module_names,
+        device=device,
+        seed=config.seed,
     )
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if bf16_weights:
@@ -83,13 +89,31 @@ def plain_throughput(
     data = client_data(config, 0, num_partitions).train
     seed = client_seed(config.seed, 0, 1)
     drawn = list(
-        batches(data, base.tokenizer, config.max_length, batch_size, seed, warmup + steps, config.task)
+        batches(
+            data, base.tokenizer, config.max_length, batch_size, seed, warmup + steps, config.task
+        )
     )
     if warmup:
-        train_local(model, drawn[:warmup], warmup, config.learning_rate, config.weight_decay,
-                    device, optimizer=optimizer, seed=seed)
-    report = train_local(model, drawn[warmup:], steps, config.learning_rate, config.weight_decay,
-                         device, optimizer=optimizer, seed=seed)
+        train_local(
+            model,
+            drawn[:warmup],
+            warmup,
+            config.learning_rate,
+            config.weight_decay,
+            device,
+            optimizer=optimizer,
+            seed=seed,
+        )
+    report = train_local(
+        model,
+        drawn[warmup:],
+        steps,
+        config.learning_rate,
+        config.weight_decay,
+        device,
+        optimizer=optimizer,
+        seed=seed,
+    )
     return rate(tokens_of(drawn[warmup:]), report.seconds, batch_size, base, device)
 
 
@@ -110,24 +134,53 @@ def grouped_throughput(
     clients = range(group_size)
     ranks = [config.rank_for(client, num_partitions) for client in clients]
     group = fresh_group(
-        base_on(base, device, bf16_weights), ranks, config.lora_alpha, config.rslora,
-        config.target_module_names, config.seed, config.head_module_names,
+        base_on(base, device, bf16_weights),
+        ranks,
+        config.lora_alpha,
+        config.rslora,
+        config.target_module_names,
+        config.seed,
+        config.head_module_names,
     )
     drawn = []
     for client in clients:
         data = client_data(config, client, num_partitions).train
         seed = client_seed(config.seed, client, 1)
-        drawn.append(list(batches(
-            data, base.tokenizer, config.max_length, config.batch_size, seed, warmup + steps,
-            config.task,
-        )))
+        drawn.append(
+            list(
+                batches(
+                    data,
+                    base.tokenizer,
+                    config.max_length,
+                    config.batch_size,
+                    seed,
+                    warmup + steps,
+                    config.task,
+                )
+            )
+        )
     fused = bf16_weights
     if warmup:
-        train_group(group, [client[:warmup] for client in drawn], warmup, config.learning_rate,
-                    config.weight_decay, device, seed=config.seed, fused=fused)
-    reports = train_group(group, [client[warmup:] for client in drawn], steps,
-                          config.learning_rate, config.weight_decay, device, seed=config.seed,
-                          fused=fused)
+        train_group(
+            group,
+            [client[:warmup] for client in drawn],
+            warmup,
+            config.learning_rate,
+            config.weight_decay,
+            device,
+            seed=config.seed,
+            fused=fused,
+        )
+    reports = train_group(
+        group,
+        [client[warmup:] for client in drawn],
+        steps,
+        config.learning_rate,
+        config.weight_decay,
+        device,
+        seed=config.seed,
+        fused=fused,
+    )
     tokens = sum(tokens_of(client[warmup:]) for client in drawn)
     result = rate(tokens, reports[0].seconds, group_size * config.batch_size, base, device)
     return {**result, "clients": group_size, "ranks": ranks}

@@ -17,7 +17,12 @@ from simulations.run_dir import FLOWER_LOG, read_metrics
 pytestmark = pytest.mark.slow
 
 TINY = RECIPES_DIR / "tiny.toml"
-TINY_LLAMA = ("model=tiny-llama", "task=causal-lm", 'modules-to-save=""', "target-modules=q_proj,v_proj")
+TINY_LLAMA = (
+    "model=tiny-llama",
+    "task=causal-lm",
+    'modules-to-save=""',
+    "target-modules=q_proj,v_proj",
+)
 
 
 def test_bench_simulate_splits_rounds_and_the_loop_trains_like_the_simulation(tmp_path, capsys):
@@ -62,8 +67,22 @@ def test_gpu_throughput_keeps_its_run_directory_and_counts_the_rounds_after_the_
 def test_bench_train_writes_the_figures_of_one_call(tmp_path, capsys):
     """The tiny Llama on the CPU: plain loop, grouped clients and the simulation from one call."""
     out = tmp_path / "train.json"
-    argv = ["bench", "train", "--recipe", str(TINY), "--rounds", "2", "--steps", "2",
-            "--warmup", "0", "--out", str(tmp_path / "run"), "--json", str(out)]
+    argv = [
+        "bench",
+        "train",
+        "--recipe",
+        str(TINY),
+        "--rounds",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        str(out),
+    ]
     assert main([*argv, *TINY_LLAMA]) == 0
     results = json.loads(out.read_text())
     assert results["device"] == "cpu" and results["mfu"] is None
@@ -86,8 +105,18 @@ def test_bench_train_writes_the_figures_of_one_call(tmp_path, capsys):
 def test_bench_scale_records_memory_and_seconds_every_round(tmp_path):
     """The scale recipe at a small size: 20 clients, 10 a round, 4 rounds."""
     out = tmp_path / "scale.json"
-    argv = ["bench", "scale", "--clients", "20", "--rounds", "4", "--out", str(tmp_path / "run"),
-            "--json", str(out)]
+    argv = [
+        "bench",
+        "scale",
+        "--clients",
+        "20",
+        "--rounds",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rounds"]
     assert [row["round"] for row in rows] == [1, 2, 3, 4]

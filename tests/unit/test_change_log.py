@@ -47,12 +47,18 @@ def test_every_version_catches_up_exactly_and_the_log_stays_bounded():
         for version in range(log.version + 1):
             cache = BaseCache(
                 version,
-                {m: sum((c[m].dense() for c in changes[:version]), torch.zeros(SHAPES[m],
-                        dtype=torch.float64)) for m in SHAPES},
+                {
+                    m: sum(
+                        (c[m].dense() for c in changes[:version]),
+                        torch.zeros(SHAPES[m], dtype=torch.float64),
+                    )
+                    for m in SHAPES
+                },
             )
             from_version, change = log.since(version)
-            cache.catch_up({m: delta.dense() for m, delta in change.items()}, from_version,
-                           log.version)
+            cache.catch_up(
+                {m: delta.dense() for m, delta in change.items()}, from_version, log.version
+            )
             for module in SHAPES:
                 expected = sum(change[module].dense() for change in changes)
                 torch.testing.assert_close(cache.shift[module], expected, rtol=0, atol=1e-10)

@@ -67,8 +67,13 @@ def test_clients_with_their_own_heads_train_as_alone(one_thread):
     """Classification with peft's modules_to_save (pooler and classifier): one head copy per
     client on its rows; dropout off."""
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, num_labels=3, hidden_dropout_prob=0.0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     with torch.random.fork_rng(devices=[]):
@@ -76,8 +81,9 @@ def test_clients_with_their_own_heads_train_as_alone(one_thread):
         model = BertForSequenceClassification(config).double()
     base = BaseModel(model=model, tokenizer=None, num_labels=3)
     clients = [
-        with_lora(base, rank, 2.0 * rank, False, ("query", "value"), ("classifier", "pooler"),
-                  seed=seed)
+        with_lora(
+            base, rank, 2.0 * rank, False, ("query", "value"), ("classifier", "pooler"), seed=seed
+        )
         for rank, seed in ((2, 1), (4, 2), (2, 3))
     ]
     data = []
@@ -85,14 +91,17 @@ def test_clients_with_their_own_heads_train_as_alone(one_thread):
         generator = torch.Generator().manual_seed(seed)
         mask = torch.ones(size, length, dtype=torch.long)
         mask[0, length - 2 :] = 0  # a padded row
-        data.append([
-            {
-                "input_ids": torch.randint(3, VOCAB, (size, length), generator=generator) * mask,
-                "attention_mask": mask,
-                "labels": torch.randint(0, 3, (size,), generator=generator),
-            }
-            for _ in range(STEPS)
-        ])
+        data.append(
+            [
+                {
+                    "input_ids": torch.randint(3, VOCAB, (size, length), generator=generator)
+                    * mask,
+                    "attention_mask": mask,
+                    "labels": torch.randint(0, 3, (size,), generator=generator),
+                }
+                for _ in range(STEPS)
+            ]
+        )
     group = group_of_peft_models(copy.deepcopy(base.model), clients)
     assert set(group.heads) == {"base_model.model.classifier", "base_model.model.bert.pooler"}
     train_group(group, data, STEPS, LR, WEIGHT_DECAY, "cpu")
@@ -113,13 +122,18 @@ def test_a_client_alone_in_the_group_is_a_plain_lora_forward(one_thread):
     group = group_of_peft_models(copy.deepcopy(base.model), [model])
     batch = client_batches(3, 10, 5)[0]
     labels = batch.pop("labels")
-    torch.testing.assert_close(group([3], **batch).logits, model(**batch).logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        group([3], **batch).logits, model(**batch).logits, rtol=0, atol=1e-12
+    )
     assert labels.shape == (3, 10)
 
 
 def test_stacking_pads_on_the_right_with_masked_ignored_positions():
-    short = {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2),
-             "labels": torch.ones(1, 2, dtype=torch.long)}
+    short = {
+        "input_ids": torch.ones(1, 2, dtype=torch.long),
+        "attention_mask": torch.ones(1, 2),
+        "labels": torch.ones(1, 2, dtype=torch.long),
+    }
     wide = {key: torch.ones(2, 4, dtype=tensor.dtype) for key, tensor in short.items()}
     rows, stacked = stack_batches([short, wide])
     assert rows == [1, 2]
