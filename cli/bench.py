@@ -18,7 +18,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.bench_simulate import add_gpus_benchmark, add_simulate_benchmark
+from cli.bench_simulate import (
+    add_gpus_benchmark,
+    add_scale_benchmark,
+    add_simulate_benchmark,
+    add_train_benchmark,
+)
 from cli.options import add_json, comma_ints, output_console
 from fedlora.bench.aggregate import (
     CPU_SAMPLED_MODULES,
@@ -45,6 +50,8 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
     add_aggregate_benchmark(benchmarks)
     add_simulate_benchmark(benchmarks)
     add_gpus_benchmark(benchmarks)
+    add_train_benchmark(benchmarks)
+    add_scale_benchmark(benchmarks)
     add_cli_benchmark(benchmarks)
 
 

@@ -1,6 +1,8 @@
 """The benchmarks that run simulations: ``fedlora bench simulate`` (a recipe's round time, client
-compute vs framework overhead: `simulations.bench`) and ``fedlora bench gpus`` (client-rounds per
-minute on 1, 2, ... GPUs: `simulations.gpu_scaling`)."""
+compute vs framework overhead: `simulations.bench`), ``fedlora bench gpus`` (client-rounds per
+minute on 1, 2, ... GPUs: `simulations.gpu_scaling`), ``fedlora bench train`` (the clients'
+training rate against the plain loop: `simulations.bench_train`) and ``fedlora bench scale``
+(memory and seconds per round of many clients: `simulations.bench_scale`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from cli.options import (
     output_console,
 )
 from simulations.bench import simulate_benchmark
+from simulations.bench_scale import SCALE_RECIPE, scale_benchmark
+from simulations.bench_train import train_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
 from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
 from simulations.run_dir import check_out_dir
@@ -135,14 +139,15 @@ def add_gpus_benchmark(benchmarks: argparse._SubParsersAction) -> None:
         "--gpus", type=comma_ints, default=(1, 2), metavar="N,N", help="GPU counts (default 1,2)"
     )
     add_rounds(parser)
-    add_json(parser)
-    add_out(
-        parser,
-        "the runs' directories, DIR/gpus-N (default: runs/bench-gpus)",
-        default=Path("runs/bench-gpus"),
-    )
-    add_overrides(parser)
+    add_output_arguments(parser, "runs/bench-gpus", "the runs' directories, DIR/gpus-N")
     parser.set_defaults(handler=run_bench_gpus)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, out: str, out_help: str) -> None:
+    """``--json FILE``, ``--out DIR`` (default ``out``) and the run-config overrides."""
+    add_json(parser)
+    add_out(parser, f"{out_help} (default: {out})", default=Path(out))
+    add_overrides(parser)
 
 
 def run_bench_gpus(args: argparse.Namespace) -> int:
@@ -168,6 +173,135 @@ def run_bench_gpus(args: argparse.Namespace) -> int:
             f"{run['scaling_efficiency']:.0%}",
             f"{run['first_round_seconds']:.1f} s",
         )
+    output_console().print(table)
+    write_json(args.json, results)
+    return 0
+
+
+def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
+    parser = benchmarks.add_parser(
+        "train",
+        help="the clients' training tokens/s in a simulation vs the plain LoRA loop",
+        description=(
+            "On one device: the plain peft LoRA loop at the batch a group of clients adds up to, "
+            "the group trained together in one forward/backward, and the recipe (default: "
+            "multi-gpu.toml) in Flower's Ray simulation; tokens/s, their ratios, MFU and round times."
+        ),
+    )
+    add_recipe(parser, default=MULTI_GPU_RECIPE)
+    add_rounds(parser)
+    parser.add_argument(
+        "--group",
+        type=int,
+        metavar="N",
+        help="clients per batch (default: per GPU in the recipe, or 4)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=10, metavar="N", help="timed steps (default 10)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, metavar="N", help="untimed steps (default 2)"
+    )
+    parser.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="base weights in bfloat16 on the device, fused AdamW (the in-process loops)",
+    )
+    add_output_arguments(parser, "runs/bench-train", "the simulation's run directory")
+    parser.set_defaults(handler=run_bench_train)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
+    results = with_spinner(
+        lambda say: train_benchmark(
+            args.recipe,
+            args.overrides,
+            args.rounds,
+            args.group,
+            args.steps,
+            args.warmup,
+            args.bf16_weights,
+            args.out,
+            say,
+        )
+    )
+    setup = results["setup"]
+    table = Table(
+        title=(
+            f"{setup['recipe']} on {results['device']}: {setup['group']} clients x "
+            f"{setup['run'].get('batch-size')} rows"
+        )
+    )
+    for column in ("training", "tokens / s", "vs plain", "MFU"):
+        table.add_column(column, justify="right")
+    for name, rate, ratio, utilisation in (
+        ("plain loop", results["plain_tokens_per_s"], 1.0, results["mfu"]),
+        (
+            "grouped clients",
+            results["grouped_tokens_per_s"],
+            results["grouped_ratio"],
+            results["grouped_mfu"],
+        ),
+        (
+            "federation (training exchange)",
+            results["federation_tokens_per_s"],
+            results["ratio"],
+            results["federation_mfu"],
+        ),
+        (
+            "federation (whole rounds)",
+            results["round_tokens_per_s"],
+            results["round_tokens_per_s"] / results["plain_tokens_per_s"],
+            None,
+        ),
+    ):
+        table.add_row(
+            name,
+            f"{rate:,.0f}",
+            f"{ratio:.2f}x",
+            "" if utilisation is None else f"{utilisation:.1%}",
+        )
+    output_console().print(table)
+    output_console().print(
+        f"round 1 {results['first_round_seconds']:.1f} s, later rounds "
+        f"{results['later_round_seconds']:.1f} s"
+    )
+    write_json(args.json, results)
+    return 0
+
+
+def add_scale_benchmark(benchmarks: argparse._SubParsersAction) -> None:
+    parser = benchmarks.add_parser(
+        "scale",
+        help="the server's memory and seconds per round with many clients",
+        description=(
+            "Simulate a recipe of many clients, few sampled a round (default: scale.toml, 1000 "
+            "tiny-BERT clients, 10 a round, 50 rounds); per round the resident memory of the "
+            "process running the ServerApp and the round's seconds."
+        ),
+    )
+    add_recipe(parser, default=SCALE_RECIPE)
+    add_rounds(parser)
+    parser.add_argument(
+        "--clients", type=int, metavar="N", help="simulated clients (num-supernodes)"
+    )
+    add_output_arguments(parser, "runs/bench-scale", "the run's directory")
+    parser.set_defaults(handler=run_bench_scale)
+
+
+def run_bench_scale(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
+    results = with_spinner(
+        lambda say: scale_benchmark(
+            args.recipe, args.overrides, args.rounds, args.clients, args.out, say
+        )
+    )
+    table = Table(title=f"{results['setup']['recipe']}: {results['setup']['simulation']}")
+    for column in ("round", "resident MiB", "seconds"):
+        table.add_column(column, justify="right")
+    for row in results["rounds"]:
+        table.add_row(str(row["round"]), f"{row['rss_mb']:.0f}", f"{row['seconds']:.2f}")
     output_console().print(table)
     write_json(args.json, results)
     return 0

@@ -464,7 +464,7 @@ class LoRAStrategy(Strategy):
         """Write the round's base change to the store (drifting-base rules); its size in bytes."""
         if self.base_store is None or self.state.changes is None:
             return {}
-        change = self.state.changes.rounds[-1]
+        change = self.state.changes.latest
         size = write_round_change(self.base_store, self.state.version, change)
         return {"base_store_bytes": size}
 

@@ -100,13 +100,17 @@ class GlobalState:
         tensors.update({f"cores/{module}": core for module, core in self.cores.items()})
         tensors.update({f"head/{name}": t for name, t in self.head.items()})
         tensors.update({f"optimizer/{name}": t for name, t in self.optimizer.items()})
-        if self.changes is not None:
-            for version, change in enumerate(self.changes.rounds, start=1):
+        changes = self.changes
+        if changes is not None:
+            first = changes.snapshot_version + 1
+            for version, change in enumerate(changes.rounds, start=first):
                 tensors.update(low_rank_tensors(f"changes/{version}", change))
+            tensors.update({f"snapshot/{module}": t for module, t in changes.snapshot.items()})
         facts = {
             "version": self.version,
             "shapes": {module: list(shape) for module, shape in self.shapes.items()},
-            "changes": None if self.changes is None else self.changes.version,
+            "changes": None if changes is None else changes.version,
+            "changes_snapshot": None if changes is None else changes.snapshot_version,
         }
         return tensors, facts
 
@@ -122,8 +126,13 @@ class GlobalState:
             groups.setdefault(group, {})[name] = tensor
         changes = None
         if facts["changes"] is not None:
-            rounds = range(1, facts["changes"] + 1)
-            changes = ChangeLog([low_rank_of(groups.get(f"changes/{t}", {})) for t in rounds])
+            snapshot = int(facts.get("changes_snapshot") or 0)
+            rounds = range(snapshot + 1, facts["changes"] + 1)
+            changes = ChangeLog(
+                [low_rank_of(groups.get(f"changes/{t}", {})) for t in rounds],
+                dict(groups.get("snapshot", {})),
+                snapshot,
+            )
         return cls(
             version=int(facts["version"]),
             shapes={module: tuple(shape) for module, shape in facts["shapes"].items()},
