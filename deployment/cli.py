@@ -21,10 +21,14 @@ from rich.table import Table
 from deployment.commands import (
     DEFAULT_NODE_PORT,
     DEFAULT_PORT,
+    DEFAULT_PRIVATE_PORT,
+    PRIVATE_HOST,
+    gateway_command,
     register_command,
     run_command,
     superlink_command,
     supernode_command,
+    tunnel_command,
 )
 from deployment.credentials import (
     DEFAULT_DAYS,
@@ -34,15 +38,23 @@ from deployment.credentials import (
     write_credentials,
 )
 from deployment.federation import add_connection
+from deployment.gateway import serve_gateway
 from deployment.startup import PHASES, measure_startup
 from fedlora.cli import output_console
 from fedlora.errors import ConfigError
 
 DEFAULT_CONNECTION = "fedlora"
-EXAMPLE_CAPACITY = {"lora-rank": 8, "batch-size": 16, "device": "cpu"}
-"""The capacity a device declares in its node config; each device sets its own."""
-DEPLOYMENT_RUN_CONFIG = {"base-changes": "messages"}
-"""Run-config keys a deployment needs: nodes cannot read the server's run directory."""
+DEFAULT_RANK = 8
+EXAMPLE_CAPACITY = {"batch-size": 16, "device": "cpu"}
+"""The capacity a device declares in its node config besides its rank; each device sets its own."""
+NODE_STATE_DIR = "state"
+"""A node's store (`clients.node_store`) in its folder: what it keeps survives its restarts."""
+DEPLOYMENT_RUN_CONFIG = {"base-changes": "messages", "round-timeout": 600.0}
+"""Run-config keys a deployment needs: nodes cannot read the server's run directory, and a round
+waits at most 10 minutes for a node that died."""
+RUNS_FOLDER = "runs/flwr"
+"""Where the ServerApp writes a run without ``run-dir``: under its working folder, the one the
+SuperLink was started from."""
 
 
 def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
@@ -68,7 +80,23 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         help="the SuperLink's host names or IP addresses, the first one used to connect "
         f"(default: {' '.join(DEFAULT_HOSTS)})",
     )
-    init.add_argument("--port", type=int, default=DEFAULT_PORT, help="the SuperLink's port")
+    init.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="the public port (the Fleet gateway's)"
+    )
+    init.add_argument(
+        "--private-port",
+        type=int,
+        default=DEFAULT_PRIVATE_PORT,
+        help=f"the SuperLink's own port on {PRIVATE_HOST} (Control API, for operators)",
+    )
+    init.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_RANK],
+        metavar="R",
+        help=f"each node's LoRA rank, one per node or one for all (default: {DEFAULT_RANK})",
+    )
     init.add_argument(
         "--connection", default=DEFAULT_CONNECTION, metavar="NAME", help="the flwr connection name"
     )
@@ -77,6 +105,11 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         "--insecure",
         action="store_true",
         help="no TLS and no node authentication (a trusted network only); writes no credentials",
+    )
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="let --insecure replace a secure flwr connection of the same name",
     )
     init.set_defaults(handler=run_init)
 
@@ -90,7 +123,26 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     security = connect.add_mutually_exclusive_group(required=True)
     security.add_argument("--root-certificates", type=Path, metavar="FILE", help="the CA (ca.pem)")
     security.add_argument("--insecure", action="store_true", help="no TLS")
+    connect.add_argument(
+        "--force", action="store_true", help="let --insecure replace a secure connection"
+    )
     connect.set_defaults(handler=run_connect)
+
+    gateway = actions.add_parser(
+        "gateway",
+        help="the public address: pass the Fleet API on to the SuperLink, nothing else",
+        description=(
+            "Listen on LISTEN (host:port) and forward Fleet API requests to the SuperLink at "
+            "SUPERLINK (its private address); answer every other request (Control, Runtime) 404."
+        ),
+    )
+    gateway.add_argument("listen", metavar="LISTEN", help="the public host:port")
+    gateway.add_argument("superlink", metavar="SUPERLINK", help="the SuperLink's host:port")
+    gateway.add_argument("--certfile", type=Path, help="the SuperLink's TLS certificate")
+    gateway.add_argument("--keyfile", type=Path, help="its private key")
+    gateway.add_argument("--root-certificates", type=Path, metavar="FILE", help="the CA")
+    gateway.add_argument("--insecure", action="store_true", help="plain HTTP on both sides")
+    gateway.set_defaults(handler=run_gateway)
 
     startup = actions.add_parser(
         "startup",
@@ -112,9 +164,15 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
 def run_init(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
-    address = f"{args.host[0]}:{args.port}"
+    if len(args.ranks) not in (1, args.nodes) or min(args.ranks) < 1:
+        raise ConfigError(
+            f"--ranks takes one rank >= 1 per node ({args.nodes}) or one for all, got {args.ranks}"
+        )
+    if args.port == args.private_port:
+        raise ConfigError(f"--port and --private-port must differ, both are {args.port}")
+    address = f"{PRIVATE_HOST}:{args.private_port}"
     if args.insecure:
-        config_file = add_connection(args.connection, address, None)
+        config_file = add_connection(args.connection, address, None, args.force)
         print_instructions(args, None, config_file)
         return 0
     files = write_credentials(args.dir, args.nodes, args.host, args.days)
@@ -124,8 +182,18 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_connect(args: argparse.Namespace) -> int:
-    config_file = add_connection(args.name, args.address, args.root_certificates)
+    config_file = add_connection(args.name, args.address, args.root_certificates, args.force)
     print(f"connection {args.name!r} to {args.address} written to {config_file}")
+    return 0
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    tls = (args.certfile, args.keyfile, args.root_certificates)
+    if args.insecure == any(tls) or not (args.insecure or all(tls)):
+        raise ConfigError(
+            "gateway: give --certfile, --keyfile and --root-certificates, or --insecure alone"
+        )
+    serve_gateway(args.listen, args.superlink, *tls)
     return 0
 
 
@@ -150,40 +218,59 @@ def run_startup(args: argparse.Namespace) -> int:
 
 def print_instructions(args: argparse.Namespace, root: Path | None, config_file: Path) -> None:
     """What to copy to which machine, and the command each one runs."""
-    address = f"{args.host[0]}:{args.port}"
-    secure = root is not None
+    server, secure = args.host[0], root is not None
+    public = f"{server}:{args.port}"
+    private = f"{PRIVATE_HOST}:{args.private_port}"
     if secure:
         print(f"Credentials written to {root}: copy each folder to its machine.\n")
     else:
         print("INSECURE: no TLS, no node authentication; use on a trusted network only.\n")
     superlink_folder = Path(SUPERLINK_DIR) if secure else None
-    copy = f" (copy {root / SUPERLINK_DIR}/ there first)" if secure else ""
-    print(f"On the server {args.host[0]}{copy}, with fedlora installed:")
-    print(f"  {shlex.join(superlink_command(superlink_folder, args.port))}")
+    copy = f"copy {root / SUPERLINK_DIR}/ into a folder there; " if secure else ""
+    print(f"On the server {server} ({copy}from that folder, with fedlora installed):")
+    print(f"  {shlex.join(superlink_command(superlink_folder, args.private_port))}")
+    print(f"  {shlex.join(gateway_command(superlink_folder, f'0.0.0.0:{args.port}', private))}")
     print(
-        "  (--disable-runtime-dependency-installation: the SuperLink would otherwise uv-sync the "
-        "app's dependencies, torch included, into a fresh environment for every run)\n"
+        f"  The SuperLink serves its Control API on {private} only; the gateway passes only the "
+        f"Fleet API on from the public port {args.port}. Its state (registered keys, runs) is "
+        "kept in the --database file across restarts. --disable-runtime-dependency-installation: "
+        "the SuperLink would otherwise uv-sync the app's dependencies, torch included, for "
+        "every run.\n"
     )
-    print(f"On this machine (the flwr CLI): connection {args.connection!r} -> {address} added to")
-    print(f"  {config_file}")
+    print("On this machine (the flwr CLI), keep a tunnel to the SuperLink's Control API open:")
+    print(f"  {shlex.join(tunnel_command(server, args.private_port))}")
+    print(f"  connection {args.connection!r} -> {private} added to {config_file}")
     if secure:
         print("Register every node's public key (once, with the SuperLink running):")
         for index in range(args.nodes):
             public_key = root / f"node-{index}" / NODE_PUBLIC_KEY_FILE
             print(f"  {shlex.join(register_command(public_key, args.connection))}")
     print()
-    for index in range(args.nodes):
+    ranks = args.ranks * args.nodes if len(args.ranks) == 1 else args.ranks
+    for index, rank in enumerate(ranks):
         node = f"node-{index}"
-        copy = f" (copy {root / node}/ there first)" if secure else ""
-        node_config = {"partition-id": index, "num-partitions": args.nodes, **EXAMPLE_CAPACITY}
-        command = supernode_command(
-            Path(node) if secure else None, address, node_config, DEFAULT_NODE_PORT
-        )
-        print(f"On device {index}{copy}:")
+        copy = f"copy {root / node}/ into a folder there; " if secure else ""
+        node_config = {
+            "partition-id": index,
+            "num-partitions": args.nodes,
+            "lora-rank": rank,
+            **EXAMPLE_CAPACITY,
+            "state-dir": f"{node}/{NODE_STATE_DIR}",
+        }
+        folder = Path(node) if secure else None
+        command = supernode_command(folder, public, node_config, DEFAULT_NODE_PORT + index)
+        print(f"On device {index} ({copy}from that folder):")
         print(f"  {shlex.join(command)}")
     print(
         "\nEach device states its capacity in --node-config: lora-rank, batch-size, device "
-        "(cpu, cuda, cuda:N), and partition-id/num-partitions or its own data-path."
+        "(cpu, cuda, cuda:N), and partition-id/num-partitions or its own data-path; state-dir "
+        "keeps its state (base version, FedSA's B, DP accountant) across restarts."
     )
     print("\nThen, from the project folder on this machine:")
     print(f"  {shlex.join(run_command(args.connection, DEPLOYMENT_RUN_CONFIG))}")
+    resume = {**DEPLOYMENT_RUN_CONFIG, "run-dir": f"{RUNS_FOLDER}/RUN_ID", "resume": True}
+    print(
+        f"Results: {RUNS_FOLDER}/<Flower run id> in the server's folder above. A run that "
+        "stopped (SuperLink or ServerApp restarted) goes on from its checkpoint as a new run:"
+    )
+    print(f"  {shlex.join(run_command(args.connection, resume))}")

@@ -34,7 +34,13 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from safetensors.torch import load_file
 
 from clients.app import Client, client_app, node_run_config
-from deployment.commands import register_command, run_command, superlink_command, supernode_command
+from deployment.commands import (
+    gateway_command,
+    register_command,
+    run_command,
+    superlink_command,
+    supernode_command,
+)
 from deployment.credentials import (
     CA_FILE,
     NODE_KEY_FILE,
@@ -77,19 +83,29 @@ ROUND_TIMEOUT = 60.0
 """Enough for a node's cold start (a fresh process imports torch) on a busy 2-core machine."""
 
 
+PUBLIC_HOST = "127.0.0.2"
+"""The public address (another loopback address): the Fleet gateway, where nodes and strangers
+connect; the SuperLink itself listens on 127.0.0.1, the operators' path."""
+
+
 class Federation:
-    """A SuperLink with TLS and node authentication, and the nodes started against it."""
+    """A SuperLink with TLS, node authentication and a database on a private address, its Fleet
+    gateway on the public one, and the nodes started against the gateway."""
 
     def __init__(self, folder: Path, num_nodes: int) -> None:
         self.folder = folder
-        self.files = write_credentials(folder / "credentials", num_nodes, ["127.0.0.1"])
+        hosts = ["127.0.0.1", PUBLIC_HOST]
+        self.files = write_credentials(folder / "credentials", num_nodes, hosts)
         self.processes = Processes(folder, folder / "flwr-home")
-        self.port = free_port()
+        self.port, self.public_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.public_address = f"{PUBLIC_HOST}:{self.public_port}"
 
     def start_superlink(self) -> None:
-        command = superlink_command(self.files.superlink, self.port, host="127.0.0.1")
+        command = superlink_command(self.files.superlink, self.port)
         self.processes.start("superlink", command)
+        listen = self.public_address
+        self.processes.start("gateway", gateway_command(self.files.superlink, listen, self.address))
         connect = [
             *fedlora_command("deploy", "connect", CONNECTION, self.address),
             *("--root-certificates", str(self.files.ca)),
@@ -114,7 +130,7 @@ class Federation:
             "device": "cpu",
         }
         command = supernode_command(
-            folder or self.files.node(index), self.address, node_config, free_port()
+            folder or self.files.node(index), self.public_address, node_config, free_port()
         )
         return self.processes.start(name or f"node-{index}", command)
 
@@ -130,6 +146,12 @@ class Federation:
             return json.loads(done.stdout)["nodes"]
         except (json.JSONDecodeError, KeyError):
             return None
+
+    def runs(self) -> list[dict]:
+        """The SuperLink's runs, through the operators' path."""
+        done = self.processes.run(["flwr", "ls", CONNECTION, "--format", "json"], timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)["runs"]
 
     def wait_online(self, count: int) -> None:
         def online() -> bool:
@@ -306,18 +328,37 @@ def test_deployed_run_matches_simulation(federation, strategy, tmp_path):
 
 
 @pytest.mark.slow
-def test_unregistered_node_is_refused(federation, tmp_path):
-    stranger = tmp_path / "stranger"
-    private_key, _ = node_key_pair("stranger")
-    write(stranger / CA_FILE, federation.files.ca.read_bytes())
-    write(stranger / NODE_KEY_FILE, private_key, private=True)
+def test_a_stranger_with_the_ca_reaches_only_the_fleet_api(federation, tmp_path):
+    """From a Flower home of its own, holding only ca.pem, a stranger at the public address can
+    register no node key, list no nodes or runs and submit no run; its own node key is refused
+    by the Fleet API there."""
+    stranger = Processes(tmp_path, tmp_path / "flwr-home")
+    ca = tmp_path / CA_FILE
+    write(ca, federation.files.ca.read_bytes())
+    connect = fedlora_command("deploy", "connect", "public", federation.public_address)
+    assert stranger.run([*connect, "--root-certificates", str(ca)], timeout=60).returncode == 0
+    private_key, public_key = node_key_pair("stranger")
+    write(tmp_path / NODE_KEY_FILE, private_key, private=True)
+    write(tmp_path / NODE_PUBLIC_KEY_FILE, public_key)
+    runs_before = federation.runs()
 
-    process = federation.start_node(0, RANKS[0], stranger, name="stranger")
-    process.wait(timeout=START_TIMEOUT)
+    attempts = {
+        "register": register_command(tmp_path / NODE_PUBLIC_KEY_FILE, "public"),
+        "list nodes": ["flwr", "supernode", "ls", "public"],
+        "list runs": ["flwr", "ls", "public"],
+        "run": run_command("public", {"num-server-rounds": 1}, str(PROJECT)),
+    }
+    for what, command in attempts.items():
+        done = stranger.run(command, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0 and "404" in output, (what, output[-2000:])
+    node = federation.start_node(0, RANKS[0], tmp_path, name="stranger")
+    node.wait(timeout=START_TIMEOUT)
 
-    assert process.returncode != 0
+    assert node.returncode != 0
     assert "Failed to activate SuperNode" in federation.processes.log("stranger")
     assert len(federation.nodes()) == len(RANKS)
+    assert federation.runs() == runs_before
 
 
 @pytest.mark.slow
