@@ -215,6 +215,7 @@ def test_init_writes_credentials_that_flower_accepts(tmp_path, monkeypatch, caps
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     root = tmp_path / "deploy"
     argv = ["deploy", "init", str(root), "--nodes", "2", "--host", "link.example", "10.1.2.3"]
+    argv += ["--ranks", "2", "16"]
 
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
@@ -224,7 +225,10 @@ def test_init_writes_credentials_that_flower_accepts(tmp_path, monkeypatch, caps
     server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["link.example"]
-    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
+    assert names.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_address("127.0.0.1"),
+    ]
     for index in range(2):
         folder = root / f"node-{index}"
         key = load_ssh_private_key((folder / NODE_KEY_FILE).read_bytes(), None)
@@ -235,11 +239,19 @@ def test_init_writes_credentials_that_flower_accepts(tmp_path, monkeypatch, caps
         assert (folder / NODE_KEY_FILE).stat().st_mode & 0o777 == 0o600
         assert (folder / CA_FILE).read_bytes() == (root / CA_FILE).read_bytes()
         assert f"--auth-supernode-private-key node-{index}/node.key" in printed
+        assert f"--port {9094 + index} " in printed
+        assert f'state-dir="node-{index}/state"' in printed
+    assert "lora-rank=2 " in printed and "lora-rank=16 " in printed
     assert (root / "superlink" / "server.key").stat().st_mode & 0o777 == 0o600
     connection = read_superlink_connection("fedlora")
-    assert connection.address == "link.example:9092"
+    assert connection.address == "127.0.0.1:9093"
     assert connection.root_certificates == str((root / CA_FILE).resolve())
-    assert "--enable-supernode-auth --disable-runtime-dependency-installation" in printed
+    assert "flower-superlink --host 127.0.0.1 --port 9093 " in printed
+    assert "--enable-supernode-auth --database superlink/state.db" in printed
+    assert "fedlora deploy gateway 0.0.0.0:9092 127.0.0.1:9093 " in printed
+    assert "ssh -N -L 9093:127.0.0.1:9093 link.example" in printed
+    assert "flower-supernode --superlink link.example:9092 " in printed
+    assert "round-timeout=600.0" in printed and "runs/flwr/" in printed
 
     before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
     assert cli_main(argv) == 2
@@ -255,8 +267,32 @@ def test_init_insecure_writes_no_credentials(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert not (tmp_path / "deploy").exists()
     assert read_superlink_connection("fedlora").insecure
-    assert "flower-superlink --host 0.0.0.0 --port 9092 --insecure" in printed
+    assert "flower-superlink --host 127.0.0.1 --port 9093 --insecure" in printed
+    assert "fedlora deploy gateway 0.0.0.0:9092 127.0.0.1:9093 --insecure" in printed
     assert "flower-supernode --superlink localhost:9092 --port 9094 --insecure" in printed
+
+
+def test_init_insecure_does_not_replace_a_secure_connection(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    assert cli_main(["deploy", "init", str(tmp_path / "deploy"), "--nodes", "1"]) == 0
+    config = tmp_path / "flwr-home" / "config.toml"
+    secure = config.read_text()
+    insecure = ["deploy", "init", str(tmp_path / "other"), "--nodes", "1", "--insecure"]
+    capsys.readouterr()
+
+    assert cli_main(insecure) == 2
+    assert "'fedlora'" in capsys.readouterr().err and config.read_text() == secure
+    assert cli_main([*insecure, "--force"]) == 0
+    assert read_superlink_connection("fedlora").insecure
+
+
+def test_init_refuses_ranks_that_do_not_fit_the_nodes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    argv = ["deploy", "init", str(tmp_path / "deploy"), "--nodes", "3", "--ranks", "2", "4"]
+
+    assert cli_main(argv) == 2
+    assert "--ranks" in capsys.readouterr().err
+    assert not (tmp_path / "deploy").exists()
 
 
 def test_node_config_sets_the_capacity_and_data():
