@@ -19,7 +19,6 @@ import ipaddress
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +53,8 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.models import load_base_model
 from simulations.cli import main as cli_main
+from strategies.checkpoint import checkpoint_rounds
+from strategies.run_record import FINISHED, read_manifest, read_status
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid
 from tests.support.processes import START_TIMEOUT, Processes, free_port, tagged_pids, wait_for
@@ -101,18 +102,22 @@ class Federation:
         self.address = f"127.0.0.1:{self.port}"
         self.public_address = f"{PUBLIC_HOST}:{self.public_port}"
 
-    def start_superlink(self) -> None:
-        command = superlink_command(self.files.superlink, self.port)
-        self.processes.start("superlink", command)
+    def start_superlink(self, name: str = "superlink") -> None:
+        """The SuperLink on its database (a restart finds its registrations and runs there)."""
+        self.processes.start(name, superlink_command(self.files.superlink, self.port))
+        wait_for(lambda: self.nodes() is not None, "the SuperLink to answer")
+
+    def start_gateway(self) -> None:
         listen = self.public_address
         self.processes.start("gateway", gateway_command(self.files.superlink, listen, self.address))
+
+    def connect(self) -> None:
         connect = [
             *fedlora_command("deploy", "connect", CONNECTION, self.address),
             *("--root-certificates", str(self.files.ca)),
         ]
         done = self.processes.run(connect, timeout=60)
         assert done.returncode == 0, done.stderr
-        wait_for(lambda: self.nodes() is not None, "the SuperLink to answer")
 
     def register(self, index: int) -> None:
         public_key = self.files.node(index) / NODE_PUBLIC_KEY_FILE
@@ -128,6 +133,7 @@ class Federation:
             "lora-rank": rank,
             "batch-size": NODE_BATCH,
             "device": "cpu",
+            "state-dir": str(self.folder / f"state-{index}"),
         }
         command = supernode_command(
             folder or self.files.node(index), self.public_address, node_config, free_port()
@@ -153,11 +159,11 @@ class Federation:
         assert done.returncode == 0, done.stdout + done.stderr
         return json.loads(done.stdout)["runs"]
 
-    def wait_online(self, count: int) -> None:
-        def online() -> bool:
-            return sum(node["status"] == "online" for node in self.nodes() or []) >= count
+    def online(self) -> int:
+        return sum(node["status"] == "online" for node in self.nodes() or [])
 
-        wait_for(online, f"{count} nodes online")
+    def wait_online(self, count: int) -> None:
+        wait_for(lambda: self.online() >= count, f"{count} nodes online")
 
     def run(self, run_config: dict, run_dir: Path, timeout: float = RUN_TIMEOUT):
         """``flwr run`` of the project with these overrides; the rows of its metrics.jsonl."""
@@ -175,7 +181,9 @@ def fedlora_command(*args: str) -> list[str]:
 def start_federation(folder: Path) -> Federation:
     federation = Federation(folder, len(RANKS))
     try:
+        federation.connect()
         federation.start_superlink()
+        federation.start_gateway()
         for index, rank in enumerate(RANKS):
             federation.register(index)
             federation.start_node(index, rank)
@@ -398,19 +406,21 @@ def test_a_stranger_with_the_ca_reaches_only_the_fleet_api(federation, tmp_path)
 
 
 @pytest.mark.slow
-def test_killed_node_does_not_stop_the_run(federation, tmp_path):
-    """Node 2 is killed while it trains round 1; the run finishes both rounds with the other two.
-    Node 2 is started again afterwards, so the shared federation is whole for later tests."""
+def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
+    """Node 2 is killed while it trains round 1; the round finishes with the other two. Once the
+    SuperLink lists it offline it is started again (same key, same state-dir: a SuperLink
+    refuses to activate a node it still holds online) and it trains in round 3, caught up with
+    the base changes it missed."""
     run_dir = tmp_path / "run"
     overrides = {
         **DEPLOYED,
         "strategy": "fedex",
+        "num-server-rounds": 3,
         "min-train-nodes": 2,
         "round-timeout": ROUND_TIMEOUT,
         "run-dir": str(run_dir),
     }
     try:
-        started = time.monotonic()
         run = federation.processes.start("run", run_command(CONNECTION, overrides, str(PROJECT)))
         wait_for(
             lambda: run.poll() is not None or client_app_running(federation, "node-2"),
@@ -419,17 +429,54 @@ def test_killed_node_does_not_stop_the_run(federation, tmp_path):
         )
         assert run.poll() is None, federation.processes.log("run")[-3000:]
         federation.processes.kill("node-2")
+        wait_for(lambda: federation.online() == len(RANKS) - 1, "node 2 offline", RUN_TIMEOUT)
+        federation.start_node(2, RANKS[2], name="node-2-restarted")
         run.wait(timeout=RUN_TIMEOUT)
-        seconds = time.monotonic() - started
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     finally:
         federation.processes.kill("run")
-        federation.start_node(2, RANKS[2])
+        if federation.online() < len(RANKS):
+            federation.start_node(2, RANKS[2], name="node-2-again")
         federation.wait_online(len(RANKS))
 
-    assert [row["round"] for row in rows] == [1, 2], federation.processes.log("run")[-3000:]
-    assert [row["clients"] for row in rows] == [2, 2]
-    assert seconds < RUN_TIMEOUT
+    assert [row["round"] for row in rows] == [1, 2, 3], federation.processes.log("run")[-3000:]
+    assert rows[0]["clients"] == 2 and rows[2]["clients"] == 3
+    assert rows[2]["relative_deviation"] < 1e-4
+
+
+@pytest.mark.slow
+def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federation, tmp_path):
+    """The SuperLink, and its ServerApp with it, is killed in round 2, after round 1's
+    checkpoint, and started again on its database: the nodes go on under their node ids without
+    being registered again, and ``flwr run`` with ``resume = true`` finishes the experiment from
+    the checkpoint as a new Flower run."""
+    run_dir = tmp_path / "run"
+    overrides = {
+        **DEPLOYED,
+        "strategy": "fedex",
+        "round-timeout": ROUND_TIMEOUT,
+        "run-dir": str(run_dir),
+    }
+    node_ids = sorted(node["node_id"] for node in federation.nodes())
+    command = run_command(CONNECTION, overrides, str(PROJECT))
+    run = federation.processes.start("interrupted", command)
+    wait_for(
+        lambda: run.poll() is not None or checkpoint_rounds(run_dir) == [1],
+        "round 1's checkpoint",
+        RUN_TIMEOUT,
+    )
+    assert run.poll() is None, federation.processes.log("interrupted")[-3000:]
+    federation.processes.kill("superlink")
+    federation.processes.kill("interrupted")
+    federation.start_superlink("superlink-restarted")
+    federation.wait_online(len(RANKS))
+
+    assert sorted(node["node_id"] for node in federation.nodes()) == node_ids
+    rows, done = federation.run({**overrides, "resume": True}, run_dir)
+    assert [row["round"] for row in rows] == [1, 2], done.stdout[-3000:]
+    assert all(row["clients"] == 3 for row in rows)
+    assert len(read_manifest(run_dir)["runs"]) == 2
+    assert read_status(run_dir) == FINISHED
 
 
 def client_app_running(federation: Federation, node: str) -> bool:
