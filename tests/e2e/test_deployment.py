@@ -15,12 +15,14 @@ insecure mode, and how a node's config sets its capacity.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from cryptography import x509
@@ -48,6 +50,7 @@ from deployment.credentials import (
     write,
     write_credentials,
 )
+from deployment.gateway import fleet_gateway
 from deployment.startup import LOADING, PHASES, measure_startup
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
@@ -80,6 +83,8 @@ DEPLOYED = {**RUN, "rank-profile": "8:1.0", "batch-size": 16}
 """What the deployed run says; the nodes' own config sets ranks 2, 4, 8 and batch size 8."""
 SIMULATED = {**RUN, "rank-profile": "2:0.34,4:0.33,8:0.33", "batch-size": NODE_BATCH}
 RUN_TIMEOUT = 420
+CLI_TIMEOUT = 300
+"""``fedlora`` imports torch and transformers: minutes when the machine is busy."""
 ROUND_TIMEOUT = 60.0
 """Enough for a node's cold start (a fresh process imports torch) on a busy 2-core machine."""
 
@@ -116,7 +121,7 @@ class Federation:
             *fedlora_command("deploy", "connect", CONNECTION, self.address),
             *("--root-certificates", str(self.files.ca)),
         ]
-        done = self.processes.run(connect, timeout=60)
+        done = self.processes.run(connect, timeout=CLI_TIMEOUT)
         assert done.returncode == 0, done.stderr
 
     def register(self, index: int) -> None:
@@ -303,6 +308,26 @@ def test_init_refuses_ranks_that_do_not_fit_the_nodes(tmp_path, monkeypatch, cap
     assert not (tmp_path / "deploy").exists()
 
 
+def test_gateway_answers_only_fleet_requests():
+    requests = [
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/control/register-node"),
+        ("POST", "/v1/runtime/pull-messages"),
+        ("GET", "/v1/fleet/pull-messages"),
+        ("POST", "/v1/fleetx/pull-messages"),
+    ]
+
+    async def send() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=fleet_gateway("127.0.0.1:9", None))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return [await client.request(method, path, content=b"x") for method, path in requests]
+
+    for request, response in zip(requests, asyncio.run(send()), strict=True):
+        assert response.status_code == 404, request
+        assert "Fleet API only" in response.text
+    assert cli_main(["deploy", "gateway", "0.0.0.0:9092", "127.0.0.1:9093"]) == 2
+
+
 def test_node_config_sets_the_capacity_and_data():
     config = RunConfig(batch_size=16, device="auto", dataset="bbcnews", partitioner="dirichlet")
     node = {"partition-id": 1, "batch-size": 4, "device": "cpu", "data-path": "json:local.json"}
@@ -380,7 +405,8 @@ def test_a_stranger_with_the_ca_reaches_only_the_fleet_api(federation, tmp_path)
     ca = tmp_path / CA_FILE
     write(ca, federation.files.ca.read_bytes())
     connect = fedlora_command("deploy", "connect", "public", federation.public_address)
-    assert stranger.run([*connect, "--root-certificates", str(ca)], timeout=60).returncode == 0
+    connected = stranger.run([*connect, "--root-certificates", str(ca)], timeout=CLI_TIMEOUT)
+    assert connected.returncode == 0
     private_key, public_key = node_key_pair("stranger")
     write(tmp_path / NODE_KEY_FILE, private_key, private=True)
     write(tmp_path / NODE_PUBLIC_KEY_FILE, public_key)
