@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,8 +86,9 @@ SIMULATED = {**RUN, "rank-profile": "2:0.34,4:0.33,8:0.33", "batch-size": NODE_B
 RUN_TIMEOUT = 420
 CLI_TIMEOUT = 300
 """``fedlora`` imports torch and transformers: minutes when the machine is busy."""
-ROUND_TIMEOUT = 60.0
-"""Enough for a node's cold start (a fresh process imports torch) on a busy 2-core machine."""
+ROUND_TIMEOUT = 240.0
+"""Enough for a node's cold start (a fresh process imports torch) on a busy 2-core machine; a
+node that dies is reported unavailable by Flower long before (two missed heartbeats)."""
 
 
 PUBLIC_HOST = "127.0.0.2"
@@ -435,8 +437,8 @@ def test_a_stranger_with_the_ca_reaches_only_the_fleet_api(federation, tmp_path)
 def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
     """Node 2 is killed while it trains round 1; the round finishes with the other two. Once the
     SuperLink lists it offline it is started again (same key, same state-dir: a SuperLink
-    refuses to activate a node it still holds online) and it trains in round 3, caught up with
-    the base changes it missed."""
+    refuses to activate a node it still holds online) and it trains again by round 3, caught
+    up with the base changes it missed."""
     run_dir = tmp_path / "run"
     overrides = {
         **DEPLOYED,
@@ -466,7 +468,7 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
         federation.wait_online(len(RANKS))
 
     assert [row["round"] for row in rows] == [1, 2, 3], federation.processes.log("run")[-3000:]
-    assert rows[0]["clients"] == 2 and rows[2]["clients"] == 3
+    assert rows[0]["clients"] == 2 and rows[-1]["clients"] == 3
     assert rows[2]["relative_deviation"] < 1e-4
 
 
@@ -508,7 +510,7 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federa
 def client_app_running(federation: Federation, node: str) -> bool:
     """Whether a ClientApp process of ``node`` is running a train message (the nodes answered
     their rank queries before the round's nodes were sampled)."""
-    if "configure_train: Sampled" not in federation.processes.log("run"):
+    if not re.search(r"configure_train: Sampled [1-9]", federation.processes.log("run")):
         return False
     prefix = f"{federation.processes.tag}:{node}".encode()
     return any(b"flwr-clientapp" in command_line(pid) for pid in tagged_pids(prefix))
