@@ -14,21 +14,15 @@ import pytest
 from flwr.app import Context, MessageType, RecordDict
 
 from clients.app import client_app
-from clients.node_store import STATE_DIR_KEY
 from strategies.server_app import run
+from tests.integration.test_checkpoint import TINY_RUN, run_in_process
 from tests.support.local_grid import LocalGrid
 from tests.support.timing import TIMING
 
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 RUN = {
-    "model": "tiny-bert",
-    "partitioner": "iid",
-    "max-length": 16,
-    "batch-size": 4,
-    "local-steps": 1,
-    "rank-profile": "2:0.5,4:0.5",
-    "learning-rate": 0.01,
+    **TINY_RUN,
     "num-server-rounds": 4,
     "min-train-nodes": 1,
     "seed": 4,
@@ -63,30 +57,29 @@ class RestartingGrid(LocalGrid):
         return super().send_and_receive(messages, timeout)
 
 
-def run_rows(grid_class, run_dir, config, state_dirs: bool) -> list[dict]:
-    grid = grid_class(client_app(config), num_nodes=2)
-    if state_dirs:
-        for context in grid.contexts.values():
-            partition = context.node_config["partition-id"]
-            context.node_config[STATE_DIR_KEY] = str(run_dir / "devices" / str(partition))
-    run(grid, {**config, "run-dir": str(run_dir)}, flower_run_id=5)
+def rows_of(run_dir) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 @pytest.mark.parametrize("strategy", ["fedex", "fedsa"])
 def test_a_node_restarted_with_its_state_dir_goes_on_as_if_never_stopped(strategy, tmp_path):
+    """Each node's store is its node config's ``state-dir`` (`run_in_process`)."""
     config = {**RUN, "strategy": strategy}
 
-    whole = run_rows(LocalGrid, tmp_path / "whole", config, state_dirs=True)
-    restarted = run_rows(RestartingGrid, tmp_path / "restarted", config, state_dirs=True)
+    run_in_process(tmp_path / "whole", config)
+    run_in_process(tmp_path / "restarted", config, RestartingGrid)
 
+    restarted = rows_of(tmp_path / "restarted")
     assert [row["clients"] for row in restarted] == [2, 2, 2, 2]
-    assert restarted == whole
+    assert restarted == rows_of(tmp_path / "whole")
 
 
 def test_a_node_restarted_without_state_catches_up_from_version_0(tmp_path):
-    rows = run_rows(RestartingGrid, tmp_path, {**RUN, "strategy": "fedex"}, state_dirs=False)
+    config = {**RUN, "strategy": "fedex", "run-dir": str(tmp_path)}
+    run(RestartingGrid(client_app(config), num_nodes=2), config, flower_run_id=5)
+
+    rows = rows_of(tmp_path)
 
     assert [row["clients"] for row in rows] == [2, 2, 1, 2]
     (reason,) = rows[2]["dropped"].values()
