@@ -7,7 +7,7 @@ on every SuperNode. (``--control-api-address`` and ``--fleet-api-address`` are d
 start the legacy gRPC servers only under internal environment variables; the 1.42 SuperNode and
 ``flwr`` CLI speak HTTP.) So the SuperLink binds a private address (127.0.0.1), where operators
 reach it through an SSH tunnel, and this gateway listens on the public address: it serves TLS
-with the SuperLink's certificate and forwards ``POST /v1/fleet/...`` requests, headers and body
+with the SuperLink's certificate and forwards ``POST /v1/fleet/<endpoint>`` requests, headers and body
 unchanged (a node's signed identity headers included, so node authentication stays the
 SuperLink's), to the SuperLink over TLS verified with the deployment's CA. Every other path is
 answered 404.
@@ -16,6 +16,7 @@ answered 404.
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +28,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-FLEET_PREFIX = "/v1/fleet/"
+FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")
+"""A Fleet API call: one endpoint name, no dot segments (which httpx would resolve, reaching the
+Control API through ``/v1/fleet/../control/...``), no encoding. A query is not passed on."""
 UPSTREAM_TIMEOUT = 600.0
 """Seconds a forwarded request may take (Fleet requests are unary: a message or an object)."""
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -46,8 +49,8 @@ def fleet_gateway(superlink: str, root_certificates: Path | None) -> Starlette:
     )
 
     async def forward(request: Request) -> Response:
-        path = request.url.path
-        if request.method != "POST" or not path.startswith(FLEET_PREFIX):
+        path = request.scope["raw_path"].decode("latin-1")
+        if request.method != "POST" or not is_fleet_call(path):
             return PlainTextResponse(
                 f"{request.method} {path}: this address serves the Fleet API only", 404
             )
@@ -69,6 +72,11 @@ def fleet_gateway(superlink: str, root_certificates: Path | None) -> Starlette:
         routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE"])],
         lifespan=lifespan,
     )
+
+
+def is_fleet_call(raw_path: str) -> bool:
+    """Whether a request's raw path (as sent, before any decoding) names a Fleet API endpoint."""
+    return FLEET_PATH.fullmatch(raw_path) is not None
 
 
 def without_hop_by_hop(headers) -> dict[str, str]:

@@ -51,7 +51,7 @@ from deployment.credentials import (
     write,
     write_credentials,
 )
-from deployment.gateway import fleet_gateway
+from deployment.gateway import fleet_gateway, is_fleet_call
 from deployment.startup import LOADING, PHASES, measure_startup
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
@@ -327,6 +327,10 @@ def test_gateway_answers_only_fleet_requests():
     for request, response in zip(requests, asyncio.run(send()), strict=True):
         assert response.status_code == 404, request
         assert "Fleet API only" in response.text
+    assert is_fleet_call("/v1/fleet/pull-messages")
+    for path in ("/v1/fleet/../control/start-run", "/v1/fleet/%2e%2e/control/start-run"):
+        assert not is_fleet_call(path)
+    assert not is_fleet_call("/v1/fleet/") and not is_fleet_call("/v1/fleet/pull-messages/x")
     assert cli_main(["deploy", "gateway", "0.0.0.0:9092", "127.0.0.1:9093"]) == 2
 
 
