@@ -489,7 +489,7 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federa
         "round-timeout": ROUND_TIMEOUT,
         "run-dir": str(run_dir),
     }
-    node_ids = sorted(node["node_id"] for node in federation.nodes())
+    node_ids = sorted(node["node-id"] for node in federation.nodes())
     command = run_command(CONNECTION, overrides, str(PROJECT))
     run = federation.processes.start("interrupted", command)
     wait_for(
@@ -503,7 +503,7 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federa
     federation.start_superlink("superlink-restarted")
     federation.wait_online(len(RANKS))
 
-    assert sorted(node["node_id"] for node in federation.nodes()) == node_ids
+    assert sorted(node["node-id"] for node in federation.nodes()) == node_ids
     rows, done = federation.run({**overrides, "resume": True}, run_dir)
     assert [row["round"] for row in rows] == [1, 2], done.stdout[-3000:]
     assert all(row["clients"] == 3 for row in rows)
