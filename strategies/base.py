@@ -618,7 +618,9 @@ class LoRAStrategy(Strategy):
         self, replies: Iterable[Message], caller: str
     ) -> list[tuple[Message, NodeReport]]:
         """Replies without errors whose node restated valid facts, with those facts, by
-        partition id; the others are dropped. Nothing is recorded yet (`_accept`)."""
+        partition id; the others are dropped. Nothing is recorded yet (`_accept`). A node whose
+        message failed is asked for its facts again before its next message: it may have
+        restarted, with its store's state or none (a base version the server did not expect)."""
         valid, failures = [], 0
         latest_version = 0 if self.state is None else self.state.version
         for message in replies:
@@ -626,6 +628,7 @@ class LoRAStrategy(Strategy):
             if message.has_error():
                 failures += 1
                 self._drop(node_id, f"error reply: {message.error.reason}")
+                self.nodes.pop(node_id, None)
                 continue
             try:
                 report = self.checks.facts(node_id, message.content, latest_version)
