@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 from fedlora.errors import ConfigError, SimulationError
 
@@ -41,7 +41,7 @@ the function that adds its arguments and handler to its parser."""
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the ``selected`` command's arguments are added (its module imported)."""
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning.")
-    parser.add_argument("--version", action="version", version=f"fedlora {version('fedlora')}")
+    parser.add_argument("--version", action="version", version=f"fedlora {installed_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text, description=help_text)
@@ -77,3 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(getattr(args, "interrupted_hint", "fedlora: interrupted"), file=sys.stderr)
         return 130
+
+
+def installed_version() -> str:
+    """fedlora's installed version, or "(not installed)" when run from a source tree."""
+    try:
+        return version("fedlora")
+    except PackageNotFoundError:
+        return "(not installed)"
