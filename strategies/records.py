@@ -16,10 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
-from fedlora.errors import InvalidUpdateError
 from fedlora.messages import (
-    A_SUFFIX,
     ADAPTER_RECORD,
     BASE_CHANGE_RECORD,
     CONFIG_RECORD,
@@ -27,14 +24,10 @@ from fedlora.messages import (
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     Payload,
-    adapter_from_tensors,
-    modules_with_suffix,
-    rank_key,
-    scale_key,
     start_rank_key,
+    update_format,
 )
 from fedlora.probes import PROBE_RECORD
-from fedlora.rules.fedsb import cores_from_tensors
 from fedlora.updates import ClientUpdate
 
 
@@ -102,14 +95,7 @@ def update_from_tensors(
     client_id: str,
 ) -> ClientUpdate:
     """A client's update from its tensors and its ``rank``/``scale``/``start-rank`` config."""
-    if update_kind is LoRAFactors:
-        modules = adapter_from_tensors(adapter, config)
-    elif update_kind is SharedA:
-        modules = shared_a_from_tensors(adapter, config)
-    elif update_kind is SBCore:
-        modules = cores_from_tensors(adapter, config)
-    else:
-        raise TypeError(f"no reply layout for updates of kind {update_kind.__name__}")
+    modules = update_format(update_kind).from_tensors(adapter, config)
     start_ranks = {
         module: int(config[start_rank_key(module)])
         for module in modules
@@ -122,22 +108,6 @@ def update_from_tensors(
         head=head,
         start_ranks=start_ranks,
     )
-
-
-def shared_a_from_tensors(adapter: dict[str, Tensor], config: dict) -> dict[str, SharedA]:
-    """FedSA-LoRA's upload: ``{module}.lora_A.weight`` with its declared rank and scale."""
-    shared = {}
-    for module in modules_with_suffix(adapter, A_SUFFIX):
-        A = adapter[module + A_SUFFIX]
-        if rank_key(module) not in config or scale_key(module) not in config:
-            raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
-        if A.ndim != 2 or A.shape[0] != int(config[rank_key(module)]):
-            raise InvalidUpdateError(
-                f"module {module!r}: declared rank {config[rank_key(module)]} does not match "
-                f"lora_A {tuple(A.shape)}"
-            )
-        shared[module] = SharedA(A=A, scale=float(config[scale_key(module)]))
-    return shared
 
 
 def probe_responses(content: RecordDict) -> dict[str, Tensor]:

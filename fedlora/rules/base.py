@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors
+from fedlora.adapter import Adapter, LoRAFactors, ModuleUpdate
 from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError, InvalidUpdateError
 from fedlora.lowrank import LowRank, stack
@@ -87,7 +87,7 @@ class GlobalState:
         return self.factors[module].inner_rank
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
-        """The state as named tensors (``group/module/part``) and JSON-able facts, which
+        """The state as named tensors (``group/module/part``) and a JSON-able part, which
         `from_state_dict` turns back into an identical state (a checkpoint holds them)."""
         tensors: dict[str, Tensor] = {}
         for group, factors in (("factors", self.factors), ("sb_factors", self.sb_factors)):
@@ -97,15 +97,15 @@ class GlobalState:
         if self.changes is not None:
             for version, change in enumerate(self.changes.rounds, start=1):
                 tensors.update(low_rank_tensors(f"changes/{version}", change))
-        facts = {
+        json_state = {
             "version": self.version,
             "shapes": {module: list(shape) for module, shape in self.shapes.items()},
             "changes": None if self.changes is None else self.changes.version,
         }
-        return tensors, facts
+        return tensors, json_state
 
     @classmethod
-    def from_state_dict(cls, tensors: Mapping[str, Tensor], facts: Mapping) -> GlobalState:
+    def from_state_dict(cls, tensors: Mapping[str, Tensor], json_state: Mapping) -> GlobalState:
         """The state `state_dict` described."""
         groups: dict[str, dict[str, Tensor]] = {}
         for key, tensor in tensors.items():
@@ -115,12 +115,12 @@ class GlobalState:
                 group = f"changes/{version}"
             groups.setdefault(group, {})[name] = tensor
         changes = None
-        if facts["changes"] is not None:
-            rounds = range(1, facts["changes"] + 1)
+        if json_state["changes"] is not None:
+            rounds = range(1, json_state["changes"] + 1)
             changes = ChangeLog([low_rank_of(groups.get(f"changes/{t}", {})) for t in rounds])
         return cls(
-            version=int(facts["version"]),
-            shapes={module: tuple(shape) for module, shape in facts["shapes"].items()},
+            version=int(json_state["version"]),
+            shapes={module: tuple(shape) for module, shape in json_state["shapes"].items()},
             factors=low_rank_of(groups.get("factors", {})),
             head=dict(groups.get("head", {})),
             changes=changes,
@@ -261,9 +261,11 @@ class AggregationRule(ABC):
     def client_step(self, local: ClientState, payload: Payload, cache=None) -> ClientState:
         """What a client does with its payload before it trains or evaluates."""
 
-    def client_reply(self, trained: Adapter, lora_alpha: float, rslora: bool) -> Adapter:
-        """What a client sends of its trained adapter (peft's ``lora_alpha`` and rsLoRA give its
-        scale): the adapter as trained."""
+    def client_reply(
+        self, trained: Adapter, lora_alpha: float, rslora: bool
+    ) -> dict[str, ModuleUpdate]:
+        """The update a client sends of its trained adapter, of the rule's ``update_kind`` (peft's
+        ``lora_alpha`` and rsLoRA give its scale): the adapter as trained."""
         return trained
 
     def global_delta(self, state: GlobalState, module: str) -> LowRank:
