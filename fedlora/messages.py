@@ -7,7 +7,8 @@ Tensors are keyed as in peft's adapter state dict, by the adapted module's path:
 A change of the base weights travels as ``{module}.U``/``{module}.V`` (factors) or ``{module}.dense``.
 Per-module ranks and scales travel in the config as ``rank.{module}`` and ``scale.{module}``
 (`ranks_in` reads them). A client's update travels in the format of its kind (`UPDATE_FORMATS`):
-LoRA factors, FedSA-LoRA's A alone, or Fed-SB's R with its capacity as the rank.
+LoRA factors, FedSA-LoRA's A alone, FFA-LoRA's B alone, or Fed-SB's R with its capacity as the
+rank.
 Tensors travel in the dtype the math ran in (float32, or float64), never in a half type: bfloat16
 cannot be held by Flower's ArrayRecord, and half precision would break the exact methods.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors, ModuleUpdate, SBCore, SharedA
+from fedlora.adapter import Adapter, LoRAFactors, ModuleUpdate, SBCore, SharedA, TrainedB
 from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import LowRank
 
@@ -31,6 +32,8 @@ CONFIG_RECORD = "config"
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+B_TAIL_SUFFIX = ".lora_B.tail"
+"""FFA-LoRA: the global B's columns past a client's rank, which it folds into its base."""
 SB_R_SUFFIX = ".sb_R.weight"
 SB_A_SUFFIX = ".sb_A.weight"
 SB_B_SUFFIX = ".sb_B.weight"
@@ -41,6 +44,8 @@ FROM_VERSION_KEY = "base-from-version"
 start from (the one the node restated)."""
 NUM_EXAMPLES_KEY = "num-examples"
 FRESH_ADAPTER_SEED_KEY = "fresh-adapter-seed"
+FROZEN_A_SEED_KEY = "frozen-a-seed"
+"""FFA-LoRA: the seed every client draws its frozen A from."""
 
 # Flower messages: the reply's metrics record, what a node restates in every reply, the round, and
 # where per-round base changes lie when they do not travel in messages (``base-store``).
@@ -128,7 +133,7 @@ def adapter_to_tensors(adapter: Adapter) -> dict[str, Tensor]:
     return tensors
 
 
-def adapter_config(adapter: Mapping[str, LoRAFactors | SharedA]) -> dict[str, Scalar]:
+def adapter_config(adapter: Mapping[str, LoRAFactors | SharedA | TrainedB]) -> dict[str, Scalar]:
     """``rank.{module}`` and ``scale.{module}`` of each module's factors."""
     config: dict[str, Scalar] = {}
     for module, factors in adapter.items():
@@ -206,22 +211,48 @@ def shared_a_to_tensors(
     return tensors, adapter_config(shared)
 
 
+def trained_b_to_tensors(
+    trained: Mapping[str, TrainedB],
+) -> tuple[dict[str, Tensor], dict[str, Scalar]]:
+    """FFA-LoRA's upload: ``{module}.lora_B.weight`` alone, its ranks and scales."""
+    tensors = {module + B_SUFFIX: to_wire(update.B) for module, update in trained.items()}
+    return tensors, adapter_config(trained)
+
+
+def one_factor_from_tensors(
+    tensors: Mapping[str, Tensor], config: Mapping[str, Scalar], suffix: str, rank_axis: int
+) -> dict[str, tuple[Tensor, float]]:
+    """An upload of one factor per module with its declared rank and scale (FedSA-LoRA's
+    ``lora_A``, rank on axis 0; FFA-LoRA's ``lora_B``, axis 1), refusing a rank that does not
+    match."""
+    modules = {}
+    for module in modules_with_suffix(tensors, suffix):
+        factor = tensors[module + suffix]
+        if rank_key(module) not in config or scale_key(module) not in config:
+            raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
+        if factor.ndim != 2 or factor.shape[rank_axis] != int(config[rank_key(module)]):
+            raise InvalidUpdateError(
+                f"module {module!r}: declared rank {config[rank_key(module)]} does not match "
+                f"{suffix.strip('.').removesuffix('.weight')} {tuple(factor.shape)}"
+            )
+        modules[module] = factor, float(config[scale_key(module)])
+    return modules
+
+
 def shared_a_from_tensors(
     tensors: Mapping[str, Tensor], config: Mapping[str, Scalar]
 ) -> dict[str, SharedA]:
-    """FedSA-LoRA's upload with its declared ranks and scales, refusing a rank that does not match."""
-    shared = {}
-    for module in modules_with_suffix(tensors, A_SUFFIX):
-        A = tensors[module + A_SUFFIX]
-        if rank_key(module) not in config or scale_key(module) not in config:
-            raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
-        if A.ndim != 2 or A.shape[0] != int(config[rank_key(module)]):
-            raise InvalidUpdateError(
-                f"module {module!r}: declared rank {config[rank_key(module)]} does not match "
-                f"lora_A {tuple(A.shape)}"
-            )
-        shared[module] = SharedA(A=A, scale=float(config[scale_key(module)]))
-    return shared
+    """FedSA-LoRA's upload as `SharedA` per module."""
+    uploads = one_factor_from_tensors(tensors, config, A_SUFFIX, 0)
+    return {module: SharedA(A=A, scale=scale) for module, (A, scale) in uploads.items()}
+
+
+def trained_b_from_tensors(
+    tensors: Mapping[str, Tensor], config: Mapping[str, Scalar]
+) -> dict[str, TrainedB]:
+    """FFA-LoRA's upload as `TrainedB` per module."""
+    uploads = one_factor_from_tensors(tensors, config, B_SUFFIX, 1)
+    return {module: TrainedB(B=B, scale=scale) for module, (B, scale) in uploads.items()}
 
 
 def checked_capacity(module: str, capacity: Scalar | None, rank: int) -> int:
@@ -271,6 +302,7 @@ UPDATE_FORMATS: dict[type, UpdateFormat] = {
     LoRAFactors: UpdateFormat(lora_to_tensors, adapter_from_tensors),
     SharedA: UpdateFormat(shared_a_to_tensors, shared_a_from_tensors),
     SBCore: UpdateFormat(cores_to_tensors, cores_from_tensors),
+    TrainedB: UpdateFormat(trained_b_to_tensors, trained_b_from_tensors),
 }
 """The wire format of each kind of update a rule declares (`AggregationRule.update_kind`)."""
 

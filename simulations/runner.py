@@ -1,4 +1,4 @@
-"""Run a recipe in Flower's simulation engine on Ray and leave a run directory behind.
+"""Run a recipe in Flower's simulation engine on Ray, or in this process, and leave a run directory behind.
 
 `flwr.simulation.run_simulation` passes an empty run_config, so the ServerApp and the ClientApp
 are bound to the resolved run config (`strategies.server_app.server_app`,
@@ -29,8 +29,9 @@ from flwr.simulation import run_simulation
 
 from clients.app import client_app
 from fedlora.atomic_files import write_text_atomic
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, SimulationError
 from fedlora.messages import Scalar
+from simulations.in_process import run_in_process
 from simulations.recipes import RESUME_KEY, RUN_DIR_KEY, Recipe, load_recipe, resolve
 from simulations.run_dir import (
     CONFIG_FILE,
@@ -65,10 +66,6 @@ INTERRUPTED_HINT = (
 INTERRUPT_GRACE_SECONDS = 5.0
 """How long Ctrl-C waits for the engine to wind down before the process exits (status 130)."""
 """Exceptions Flower and Ray wrap a ClientApp's own in; the reason is the wrapped one."""
-
-
-class SimulationError(RuntimeError):
-    """A simulation failed or ended without all its rounds; the message says why."""
 
 
 def simulate(
@@ -184,16 +181,19 @@ def exit_after_grace() -> None:
 
 
 def run_engine(recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading.Event) -> None:
-    """Flower's simulation engine on Ray with the bound apps; `SimulationError` with the
-    innermost cause when the engine itself fails."""
+    """The recipe's engine (Flower's simulation engine on Ray, or this process) with the bound
+    apps; `SimulationError` with the innermost cause when the engine itself fails."""
     settings = recipe.simulation
     try:
-        run_simulation(
-            server_app=server_app(run_config, stop),
-            client_app=client_app(run_config),
-            num_supernodes=settings.num_supernodes,
-            backend_config=settings.backend_config(),
-        )
+        if settings.engine == "in-process":  # one thread: Ctrl-C reaches the ServerApp itself
+            run_in_process(server_app(run_config), client_app(run_config), settings.num_supernodes)
+        else:
+            run_simulation(
+                server_app=server_app(run_config, stop),
+                client_app=client_app(run_config),
+                num_supernodes=settings.num_supernodes,
+                backend_config=settings.backend_config(),
+            )
     except Exception as error:
         log_file = Path(str(run_config[RUN_DIR_KEY])) / FLOWER_LOG
         raise SimulationError(f"{root_cause(error)} (see {log_file})") from error

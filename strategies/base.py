@@ -52,6 +52,7 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
+from fedlora.method_config import robustness_of, server_optimizer_of
 from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult, rule_class
@@ -141,8 +142,12 @@ class LoRAStrategy(Strategy):
 
     @classmethod
     def options_from(cls, config: RunConfig) -> dict:
-        """The method's options read from the run config: its rule's and its robustness."""
-        return {**cls.rule_class.options_from(config), "robustness": config.robustness}
+        """The method's options read from the run config: its rule's, its robustness and, where
+        the rule takes one, its server optimizer."""
+        options = {**cls.rule_class.options_from(config), "robustness": robustness_of(config)}
+        if cls.rule_class.takes_server_optimizer:
+            options["server_optimizer"] = server_optimizer_of(config)
+        return options
 
     @classmethod
     def initial_arrays(cls, config: RunConfig) -> ArrayRecord:
@@ -459,7 +464,7 @@ class LoRAStrategy(Strategy):
         """Write the round's base change to the store (drifting-base rules); its size in bytes."""
         if self.base_store is None or self.state.changes is None:
             return {}
-        change = self.state.changes.rounds[-1]
+        change = self.state.changes.latest
         size = write_round_change(self.base_store, self.state.version, change)
         return {"base_store_bytes": size}
 
@@ -574,7 +579,9 @@ class LoRAStrategy(Strategy):
         current one when clients catch up from the store, else the one the node holds."""
         store_serves_base = self.base_store is not None and self.state.changes is not None
         version = self.state.version if store_serves_base else node.version
-        return ClientSpec(ranks=node.ranks, scales=node.scales, version=version)
+        return ClientSpec(
+            ranks=node.ranks, scales=node.scales, version=version, client=str(node.partition_id)
+        )
 
     def _learn_nodes(self, node_ids: list[int], grid: Grid, held_round: int) -> None:
         """Ask the nodes not seen yet for their partition id, ranks and scales, as of
@@ -611,7 +618,9 @@ class LoRAStrategy(Strategy):
         self, replies: Iterable[Message], caller: str
     ) -> list[tuple[Message, NodeReport]]:
         """Replies without errors whose node restated a valid report, with that report, by
-        partition id; the others are dropped. Nothing is recorded yet (`_accept`)."""
+        partition id; the others are dropped. Nothing is recorded yet (`_accept`). A node whose
+        message failed is asked for its ranks again before its next message: it may have
+        restarted, with its store's state or none (a base version the server did not expect)."""
         valid, failures = [], 0
         latest_version = 0 if self.state is None else self.state.version
         for message in replies:
@@ -619,6 +628,7 @@ class LoRAStrategy(Strategy):
             if message.has_error():
                 failures += 1
                 self._drop(node_id, f"error reply: {message.error.reason}")
+                self.nodes.pop(node_id, None)
                 continue
             try:
                 report = self.checks.node_report(node_id, message.content, latest_version)

@@ -34,9 +34,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.atomic_files import write_text_atomic
 from fedlora.base_store import discard_changes_after
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
 from fedlora.measurement import worst
 from fedlora.messages import GENERATION_KEY
+from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits
 from fedlora.privacy import EPSILON_KEY
 from fedlora.training import device_for
@@ -64,7 +65,6 @@ SAMPLES_DIR = "samples"
 those of rounds after the one a run starts from are removed as it starts."""
 MB = 1e6
 """Bytes in the megabyte of ``mb_up_total``, ``mb_down_total`` and ``communication-budget-mb``."""
-BASE_CHANGES = ("run-dir", "messages")
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
 
@@ -93,15 +93,10 @@ def run(
 ) -> LoRAStrategy:
     """Run the configured strategy for ``num-server-rounds`` rounds, recording how the run went
     in its run directory; return the strategy."""
-    values = dict(run_config)
-    run_dir = run_directory(str(values.pop("run-dir", "")), flower_run_id)
-    resume = values.pop("resume", False)
-    if not isinstance(resume, bool):
-        raise TypeError(f"resume = {resume!r}: true or false")
-    base_changes = str(values.pop("base-changes", "run-dir"))
-    if base_changes not in BASE_CHANGES:
-        raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
-    config = RunConfig.from_flower(values)
+    settings = ServerAppSettings.from_flower(run_config)
+    run_dir = run_directory(settings.run_dir, flower_run_id)
+    resume, base_changes = settings.resume, settings.base_changes
+    config = parse_run_config(without_server_app_keys(run_config))
     check_model_limits(config)
     checkpoint = read_checkpoint(run_dir) if resume else None
     record_start(run_dir, str(device_for(config)), flower_run_id)

@@ -33,6 +33,7 @@ from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
 class FedExLoRA(FedAvg):
     name = "fedex"
+    takes_server_optimizer = False
     exact = True
     combinations = ("mean",)
     client_dp_refusal = (
@@ -48,9 +49,7 @@ class FedExLoRA(FedAvg):
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
         result = super()._aggregate(state, updates, weights)
-        changes = ChangeLog(list(state.changes.rounds))
-        changes.append(result.ideal_update)
-        new_state = replace(result.state, changes=changes)
+        new_state = replace(result.state, changes=state.changes.appended(result.ideal_update))
         reconstructed = ReconstructedUpdates(
             self, state, new_state, rank_classes(updates), state_dtype(state)
         )
@@ -68,8 +67,9 @@ class FedExLoRA(FedAvg):
 
     def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
         payload = adapter_payload(state, spec)
-        payload.base_change = change_to_tensors(state.changes.since(spec.version))
-        payload.config[FROM_VERSION_KEY] = spec.version
+        from_version, change = state.changes.since(spec.version)
+        payload.base_change = change_to_tensors(change)
+        payload.config[FROM_VERSION_KEY] = from_version
         return payload
 
     def client_step(

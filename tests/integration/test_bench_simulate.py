@@ -11,7 +11,8 @@ from fedlora.errors import ConfigError
 from fedlora.rules import RULES
 from simulations.bench import plain_loop_rounds, runs_in_plain_loop
 from simulations.gpu_scaling import gpu_scaling_benchmark
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 
 TINY = RECIPES_DIR / "tiny.toml"
 

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
+from cli.simulate import rounds_table
 from fedlora.errors import ConfigError
-from simulations.cli import main, rounds_table
 from simulations.compare import strategy_names, summary
-from simulations.recipes import (
-    DEMO_RECIPE,
-    RECIPES_DIR,
-    load_recipe,
-    parse_overrides,
-    resolve,
-)
+from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
+from simulations.recipes import load_recipe, parse_overrides, resolve
 from simulations.runner import error_reason
 from strategies import STRATEGIES
 
