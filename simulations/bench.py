@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from clients.worker import Worker
-from fedlora.adapter import lora_scale
+from fedlora.adapter import LoRAFactors, lora_scale
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.peft_io import apply_client_state, read_adapter, read_head
@@ -45,10 +45,10 @@ from strategies.server_app import make_strategy
 
 
 def runs_in_plain_loop(rule: type[AggregationRule]) -> bool:
-    """Whether the plain loop runs the method: one shared LoRA adapter and no node state
-    (`AggregationRule.keeps_node_state`: FedSA-LoRA keeps B, Fed-SB its fixed factors, HetLoRA
-    its pruned rank)."""
-    return not rule.keeps_node_state
+    """Whether the plain loop runs the method: clients that train and send whole LoRA factors
+    and keep no node state (`AggregationRule.keeps_node_state`: FedSA-LoRA keeps B, Fed-SB its
+    fixed factors, HetLoRA its pruned rank; FFA-LoRA freezes A and sends B alone)."""
+    return not rule.keeps_node_state and rule.update_kind is LoRAFactors and rule.trains_A
 
 
 RoundCallback = Callable[[str, int], None]
@@ -78,6 +78,7 @@ class PlainLoop:
             ranks=dict.fromkeys(self.state.modules, rank),
             scales=dict.fromkeys(self.state.modules, scale),
             version=self.cache.version,
+            client=str(partition_id),
         )
         built = self.worker.lora_model(rank)
         payload = self.rule.client_payload(self.state, spec)

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.atomic_files import write_text_atomic
+from fedlora.base_store import discard_changes_after
 from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
 from fedlora.measurement import worst
 from fedlora.messages import GENERATION_KEY
@@ -41,7 +42,6 @@ from fedlora.models import check_model_limits
 from fedlora.privacy import EPSILON_KEY
 from fedlora.training import device_for
 from strategies import LoRAStrategy, strategy_class
-from strategies.base_store import discard_changes_after
 from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation

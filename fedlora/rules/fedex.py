@@ -18,6 +18,7 @@ from fedlora.adapter import Adapter
 from fedlora.client_state import ClientState
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
+    FROM_VERSION_KEY,
     VERSION_KEY,
     Payload,
     change_from_tensors,
@@ -28,8 +29,6 @@ from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes, state_dtype
 from fedlora.updates import ClientUpdate
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
-
-FROM_VERSION_KEY = "base-from-version"
 
 
 class FedExLoRA(FedAvg):

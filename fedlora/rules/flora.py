@@ -22,6 +22,7 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
     FRESH_ADAPTER_SEED_KEY,
+    FROM_VERSION_KEY,
     VERSION_KEY,
     Payload,
     change_from_tensors,
@@ -38,7 +39,6 @@ from fedlora.rules.base import (
     ReferenceNorms,
     RoundResult,
 )
-from fedlora.rules.fedex import FROM_VERSION_KEY
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
 from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate, ClientUpdates, average_head

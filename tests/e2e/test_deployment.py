@@ -359,7 +359,7 @@ def test_a_node_with_its_own_data_uses_all_of_it(tmp_path):
     }
     context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
 
-    client = Client.of(context, {"model": "tiny-bert", "test-fraction": 0.2})
+    client = Client.for_message(context, {"model": "tiny-bert", "test-fraction": 0.2})
     data = client.data()
 
     assert (len(data.train), len(data.test)) == (24, 6)

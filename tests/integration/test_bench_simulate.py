@@ -19,14 +19,15 @@ TINY = RECIPES_DIR / "tiny.toml"
 
 def test_plain_loop_refuses_methods_with_node_state_before_anything_runs():
     plain = {name for name, rule in RULES.items() if runs_in_plain_loop(rule)}
-    assert plain == {"fedavg", "fedex", "flora", "lorafair", "flexlora"}
-    for strategy in ("fedsa", "fedsb", "hetlora"):
+    assert plain == {"fedavg", "fedex", "flora", "lorafair", "flexlora", "fslora"}
+    for strategy in ("fedsa", "fedsb", "hetlora", "ffalora"):
         with pytest.raises(ConfigError, match=strategy):
             plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy))
 
 
-def test_plain_loop_rounds_report_compute_and_accuracy():
-    rows = plain_loop_rounds(resolve(load_recipe(TINY), strategy="flora", rounds=2))
+@pytest.mark.parametrize("strategy", ["flora", "fslora"])
+def test_plain_loop_rounds_report_compute_and_accuracy(strategy):
+    rows = plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy, rounds=2))
     assert len(rows) == 2
     for row in rows:
         assert row["client_seconds"] > 0 and row["aggregate_seconds"] > 0
