@@ -16,7 +16,7 @@ from fedlora.errors import ConfigError
 from simulations.compare import strategy_names, summary
 from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
 from simulations.recipes import load_recipe, parse_overrides, resolve
-from simulations.runner import error_reason
+from simulations.runner import error_reason, reported_cause
 from strategies import STRATEGIES
 
 TINY = RECIPES_DIR / "tiny.toml"
@@ -206,6 +206,44 @@ def test_error_reason_looks_past_flower_and_ray_wrappers():
     ]
     assert error_reason(records) == "ValueError: shapes (3, 4) and (5, 4)"
     assert error_reason(records[:1]) == "An exception was raised when processing a message"
+
+
+def test_error_reason_shows_the_projects_own_error_not_the_library_cause_under_it():
+    chained = (
+        "pyarrow.lib.ArrowTypeError: object of type <class 'str'> cannot be converted to int\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "fedlora.errors.ConfigError: dataset 'json:x.json': labels must be all integers or all "
+        "strings\nflwr.clientapp.client_app.ClientAppException: \n"
+    )
+    records = [logging.makeLogRecord({"msg": chained})]
+    assert error_reason(records) == (
+        "fedlora.errors.ConfigError: dataset 'json:x.json': labels must be all integers or all "
+        "strings"
+    )
+
+
+def wrapped_as_flower_does(error: Exception) -> RuntimeError:
+    """``error`` raised, then wrapped the way Flower's engine wraps a crash."""
+    try:
+        try:
+            raise error
+        except Exception as cause:
+            raise RuntimeError("An error was encountered. Ending simulation.") from cause
+    except RuntimeError as wrapper:
+        return wrapper
+
+
+def test_an_engine_crash_reports_the_projects_own_error_in_its_chain():
+    try:
+        tomllib.loads("strategy = ")
+    except tomllib.TOMLDecodeError as library_error:
+        own = ConfigError("recipe 'x.toml' is not valid TOML")
+        own.__cause__ = library_error
+    assert reported_cause(wrapped_as_flower_does(own)) == (
+        "ConfigError: recipe 'x.toml' is not valid TOML"
+    )
+    library_only = wrapped_as_flower_does(ValueError("ActorPool is empty\nmore"))
+    assert reported_cause(library_only) == "ValueError: ActorPool is empty"
 
 
 def test_cli_refuses_bad_overrides_anywhere_with_status_2(capsys):
