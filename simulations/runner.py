@@ -186,7 +186,7 @@ def exit_after_grace() -> None:
 
 def run_engine(recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading.Event) -> None:
     """The recipe's engine (Flower's simulation engine on Ray, or this process) with the bound
-    apps; `SimulationError` with the innermost cause when the engine itself fails."""
+    apps; `SimulationError` with `reported_cause` when the engine itself fails."""
     settings = recipe.simulation
     try:
         if settings.engine == "in-process":  # one thread: Ctrl-C reaches the ServerApp itself
