@@ -19,7 +19,7 @@ from cli.options import (
     add_json,
     add_out,
     add_overrides,
-    add_recipe,
+    add_recipe_option,
     add_rounds,
     comma_ints,
     output_console,
@@ -45,7 +45,7 @@ def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
             "compute, the simulation's overhead beyond it, and both runs' client accuracy."
         ),
     )
-    add_recipe(parser, default=DEMO_RECIPE)
+    add_recipe_option(parser, default=DEMO_RECIPE)
     add_rounds(parser, default=DEFAULT_ROUNDS)
     add_json(parser)
     add_overrides(parser)
@@ -134,7 +134,7 @@ def add_gpus_benchmark(benchmarks: argparse._SubParsersAction) -> None:
             "and the scaling efficiency per GPU."
         ),
     )
-    add_recipe(parser, default=MULTI_GPU_RECIPE)
+    add_recipe_option(parser, default=MULTI_GPU_RECIPE)
     parser.add_argument(
         "--gpus", type=comma_ints, default=(1, 2), metavar="N,N", help="GPU counts (default 1,2)"
     )

@@ -16,19 +16,21 @@ PIPE_WIDTH = 160
 RECIPE_HELP = "a recipe file, or a shipped recipe's name (fedlora recipes lists them)"
 
 
-def add_recipe(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
-    """The positional recipe; with a ``default`` it may be left out."""
-    if default is None:
-        parser.add_argument("recipe", type=recipe_file, metavar="RECIPE", help=RECIPE_HELP)
-    else:
-        parser.add_argument(
-            "recipe",
-            type=recipe_file,
-            nargs="?",
-            default=default,
-            metavar="RECIPE",
-            help=f"{RECIPE_HELP} (default: {default.stem})",
-        )
+def add_recipe(parser: argparse.ArgumentParser) -> None:
+    """The recipe, the command's first positional argument."""
+    parser.add_argument("recipe", type=recipe_file, metavar="RECIPE", help=RECIPE_HELP)
+
+
+def add_recipe_option(parser: argparse.ArgumentParser, default: Path) -> None:
+    """``--recipe``, for a command that has a default recipe (so that ``KEY=VALUE`` overrides
+    can follow the command directly)."""
+    parser.add_argument(
+        "--recipe",
+        type=recipe_file,
+        default=default,
+        metavar="RECIPE",
+        help=f"{RECIPE_HELP} (default: {default.stem})",
+    )
 
 
 def add_out(parser: argparse.ArgumentParser, help_text: str, default: Path | None = None) -> None:

@@ -28,7 +28,9 @@ TINY_LLAMA = (
 
 def test_bench_simulate_splits_rounds_and_the_loop_trains_like_the_simulation(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "simulate", str(TINY), "--rounds", "2", "--json", str(out)]) == 0
+    assert (
+        main(["bench", "simulate", "--recipe", str(TINY), "--rounds", "2", "--json", str(out)]) == 0
+    )
     results = json.loads(out.read_text())
     assert results["setup"]["clients"] == 3 and results["setup"]["strategy"] == "fedex"
     assert [row["round"] for row in results["rounds"]] == [1, 2]

@@ -135,6 +135,8 @@ def test_an_engine_that_cannot_start_fails_the_run_and_frees_the_server_thread(t
     with pytest.raises(SimulationError, match="ValueError: ActorPool is empty") as failure:
         simulate(recipe, (), tmp_path)
     assert str(tmp_path / "flower.log") in str(failure.value)
+    log = (tmp_path / "flower.log").read_text()
+    assert "the simulation failed" in log and "Traceback (most recent call last)" in log
 
     def new_threads() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t not in threads_before and not t.daemon]

@@ -3,6 +3,7 @@ Ray are in ``tests/e2e/test_cli_on_ray.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tomllib
@@ -12,11 +13,11 @@ import pytest
 
 from cli.main import main
 from cli.simulate import rounds_table
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, SimulationError
 from simulations.compare import strategy_names, summary
 from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
 from simulations.recipes import load_recipe, parse_overrides, resolve
-from simulations.runner import error_reason
+from simulations.runner import error_reason, reported_cause, run_in
 from strategies import STRATEGIES
 
 TINY = RECIPES_DIR / "tiny.toml"
@@ -208,6 +209,44 @@ def test_error_reason_looks_past_flower_and_ray_wrappers():
     assert error_reason(records[:1]) == "An exception was raised when processing a message"
 
 
+def test_error_reason_shows_the_projects_own_error_not_the_library_cause_under_it():
+    chained = (
+        "pyarrow.lib.ArrowTypeError: object of type <class 'str'> cannot be converted to int\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "fedlora.errors.ConfigError: dataset 'json:x.json': labels must be all integers or all "
+        "strings\nflwr.clientapp.client_app.ClientAppException: \n"
+    )
+    records = [logging.makeLogRecord({"msg": chained})]
+    assert error_reason(records) == (
+        "fedlora.errors.ConfigError: dataset 'json:x.json': labels must be all integers or all "
+        "strings"
+    )
+
+
+def wrapped_as_flower_does(error: Exception) -> RuntimeError:
+    """``error`` raised, then wrapped the way Flower's engine wraps a crash."""
+    try:
+        try:
+            raise error
+        except Exception as cause:
+            raise RuntimeError("An error was encountered. Ending simulation.") from cause
+    except RuntimeError as wrapper:
+        return wrapper
+
+
+def test_an_engine_crash_reports_the_projects_own_error_in_its_chain():
+    try:
+        tomllib.loads("strategy = ")
+    except tomllib.TOMLDecodeError as library_error:
+        own = ConfigError("recipe 'x.toml' is not valid TOML")
+        own.__cause__ = library_error
+    assert reported_cause(wrapped_as_flower_does(own)) == (
+        "ConfigError: recipe 'x.toml' is not valid TOML"
+    )
+    library_only = wrapped_as_flower_does(ValueError("ActorPool is empty\nmore"))
+    assert reported_cause(library_only) == "ValueError: ActorPool is empty"
+
+
 def test_cli_refuses_bad_overrides_anywhere_with_status_2(capsys):
     assert main(["simulate", str(TINY), "--rounds", "2", "lr=1"]) == 2
     assert "'lr'" in capsys.readouterr().err
@@ -224,3 +263,21 @@ def test_cli_still_mounts_bench(tmp_path):
     args = ["bench", "aggregate", "--quick", "--device", "cpu", "--methods", "fedavg"]
     assert main([*args, "--clients", "3", "--json", str(out)]) == 0
     assert [row["method"] for row in json.loads(out.read_text())["results"]] == ["fedavg"]
+
+
+def test_a_run_that_fails_in_the_engine_shows_the_projects_error_and_logs_its_traceback(tmp_path):
+    """A model that is not there, past the command's checks: the in-process engine's ServerApp
+    refuses it; the error is the project's own and flower.log holds the traceback."""
+    recipe = resolve(load_recipe(TINY), (), rounds=1)
+    recipe = dataclasses.replace(
+        recipe, simulation=dataclasses.replace(recipe.simulation, engine="in-process")
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_config = {**recipe.run, "model": str(tmp_path / "no-model"), "run-dir": str(run_dir)}
+    with pytest.raises(SimulationError) as failure:
+        run_in(run_dir, recipe, run_config, None)
+    assert str(failure.value).startswith("ConfigError: model ")
+    assert str(run_dir / "flower.log") in str(failure.value)
+    log = (run_dir / "flower.log").read_text()
+    assert "the simulation failed" in log and "Traceback (most recent call last)" in log

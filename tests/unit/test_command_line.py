@@ -81,3 +81,11 @@ def test_a_shipped_recipe_is_named_without_its_path(tmp_path, monkeypatch):
 def test_an_unknown_recipe_name_is_named(capsys):
     assert main(["simulate", "no-such-recipe"]) == 2
     assert "recipe 'no-such-recipe' does not exist" in capsys.readouterr().err
+
+
+def test_a_benchmark_takes_overrides_after_its_default_recipe():
+    parser = build_parser("bench")
+    args = parser.parse_args(["bench", "simulate", "learning-rate=1e-3"])
+    assert (args.recipe, args.overrides) == (DEMO_RECIPE, ["learning-rate=1e-3"])
+    args = parser.parse_args(["bench", "gpus", "--recipe", "tiny", "seed=1"])
+    assert (args.recipe, args.overrides) == (RECIPES_DIR / "tiny.toml", ["seed=1"])
