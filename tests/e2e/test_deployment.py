@@ -508,7 +508,9 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federa
     federation.wait_online(len(RANKS))
 
     assert sorted(node["node-id"] for node in federation.nodes()) == node_ids
-    rows, done = federation.run({**overrides, "resume": True}, run_dir)
+    for index in range(len(RANKS)):  # the nodes waited (the gateway answered 502 meanwhile)
+        assert tagged_pids(f"{federation.processes.tag}:node-{index}".encode()), index
+    rows, done = federation.run({**overrides, "resume": True}, run_dir, 2 * RUN_TIMEOUT)
     assert [row["round"] for row in rows] == [1, 2], done.stdout[-3000:]
     assert all(row["clients"] == 3 for row in rows)
     assert len(read_manifest(run_dir)["runs"]) == 2
