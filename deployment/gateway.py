@@ -10,7 +10,8 @@ reach it through an SSH tunnel, and this gateway listens on the public address: 
 with the SuperLink's certificate and forwards ``POST /v1/fleet/<endpoint>`` requests, headers and body
 unchanged (a node's signed identity headers included, so node authentication stays the
 SuperLink's), to the SuperLink over TLS verified with the deployment's CA. Every other path is
-answered 404.
+answered 404. While the SuperLink is down (a restart) it answers 502, which a SuperNode takes for
+an unavailable SuperLink and retries.
 """
 
 from __future__ import annotations
@@ -54,11 +55,16 @@ def fleet_gateway(superlink: str, root_certificates: Path | None) -> Starlette:
             return PlainTextResponse(
                 f"{request.method} {path}: this address serves the Fleet API only", 404
             )
-        upstream = await client.post(
-            path,
-            content=await request.body(),
-            headers=without_hop_by_hop(request.headers),
-        )
+        try:
+            upstream = await client.post(
+                path,
+                content=await request.body(),
+                headers=without_hop_by_hop(request.headers),
+            )
+        except httpx.TimeoutException:
+            return PlainTextResponse("the SuperLink did not answer in time", 504)
+        except httpx.TransportError:
+            return PlainTextResponse("the SuperLink cannot be reached", 502)
         return Response(
             upstream.content, upstream.status_code, without_hop_by_hop(upstream.headers)
         )

@@ -311,7 +311,9 @@ def test_init_refuses_ranks_that_do_not_fit_the_nodes(tmp_path, monkeypatch, cap
 
 
 def test_gateway_answers_only_fleet_requests():
+    """Nothing listens at the upstream address (port 9, discard): a Fleet call gets 502."""
     requests = [
+        ("POST", "/v1/fleet/pull-messages"),
         ("POST", "/v1/control/start-run"),
         ("POST", "/v1/control/register-node"),
         ("POST", "/v1/runtime/pull-messages"),
@@ -324,7 +326,9 @@ def test_gateway_answers_only_fleet_requests():
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             return [await client.request(method, path, content=b"x") for method, path in requests]
 
-    for request, response in zip(requests, asyncio.run(send()), strict=True):
+    fleet, *others = zip(requests, asyncio.run(send()), strict=True)
+    assert fleet[1].status_code == 502  # a SuperNode retries: the SuperLink is unavailable
+    for request, response in others:
         assert response.status_code == 404, request
         assert "Fleet API only" in response.text
     assert is_fleet_call("/v1/fleet/pull-messages")
@@ -504,7 +508,9 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federa
     federation.wait_online(len(RANKS))
 
     assert sorted(node["node-id"] for node in federation.nodes()) == node_ids
-    rows, done = federation.run({**overrides, "resume": True}, run_dir)
+    for index in range(len(RANKS)):  # the nodes waited (the gateway answered 502 meanwhile)
+        assert tagged_pids(f"{federation.processes.tag}:node-{index}".encode()), index
+    rows, done = federation.run({**overrides, "resume": True}, run_dir, 2 * RUN_TIMEOUT)
     assert [row["round"] for row in rows] == [1, 2], done.stdout[-3000:]
     assert all(row["clients"] == 3 for row in rows)
     assert len(read_manifest(run_dir)["runs"]) == 2
