@@ -1,9 +1,11 @@
 """A run's configuration: Flower's ``run_config`` (kebab-case keys) as a checked, frozen dataclass.
 
 Every field has the demo's default; `RunConfig.from_flower` refuses unknown keys and values of the
-wrong type or out of range, naming the key. Two defaults follow the model and task when left
-unset: ``target-modules`` (``q_proj,v_proj`` for Llama-like causal LMs, else ``query,value``) and
-``modules-to-save`` (``classifier,pooler`` for classification, none for causal LM).
+wrong type or out of range, naming the key. Three defaults follow the model and data when left
+unset (`fedlora.model_defaults`): ``task`` (a named model's own; else the model's head, or the
+dataset's columns), ``target-modules`` (``q_proj,v_proj`` for the named causal LMs, ``query,value``
+for the named classifiers, else what peft knows for the architecture) and ``modules-to-save``
+(``classifier,pooler`` for classification, none for causal LM).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fedlora.client_dp import check_client_dp_rule
+from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 from fedlora.errors import ConfigError
 from fedlora.generation import GENERATION_METRICS
 from fedlora.lr_schedule import LR_SCHEDULES
@@ -22,6 +25,7 @@ from fedlora.messages import Scalar
 from fedlora.rules import RULES
 from fedlora.rules.base import check_robustness
 from fedlora.rules.robust import Robustness
+from fedlora.tracking import tracker_names
 
 TASKS = ("classification", "causal-lm")
 DP_ACCOUNTANTS = ("rdp", "prv")
@@ -49,8 +53,16 @@ class RunConfig:
     strategy: str = "fedex"
     num_server_rounds: int = 5
     model: str = "minilm"
-    task: str = "classification"
+    task: str = ""
     dataset: str = "bbcnews"
+    # a separate evaluation set for the server, used instead of a server-eval-fraction hold-out
+    eval_dataset: str = ""
+    # the columns of one's own data that hold fedlora's text, label, instruction, input, response
+    text_column: str = TEXT
+    label_column: str = LABEL
+    instruction_column: str = INSTRUCTION
+    input_column: str = INPUT
+    response_column: str = RESPONSE
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.3
     num_shards_per_partition: int = 2
@@ -75,6 +87,9 @@ class RunConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     seed: int = 0
+    # the seed of the server's hold-out, the partitions and the clients' splits (-1: seed), so that
+    # runs of several seeds can share their data
+    data_seed: int = -1
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_nodes: int = 2
@@ -119,8 +134,12 @@ class RunConfig:
     client_generation: bool = False
     # total MB (10^6 bytes) up and down over the run above which a warning is logged (0: none)
     communication_budget_mb: float = 0.0
+    # live tracking of each round's row (fedlora.tracking): tensorboard, mlflow, wandb or none
+    tracking: str = "tensorboard"
 
     def __post_init__(self) -> None:
+        if not self.task:
+            object.__setattr__(self, "task", default_task(self))
         if self.target_modules is None:
             object.__setattr__(self, "target_modules", default_targets(self.model, self.task))
         if self.modules_to_save is None:
@@ -174,6 +193,11 @@ class RunConfig:
         return ranks[partition_id]
 
     @property
+    def partition_seed(self) -> int:
+        """The seed of the data's splits: ``data-seed``, else ``seed``."""
+        return self.seed if self.data_seed < 0 else self.data_seed
+
+    @property
     def robustness(self) -> Robustness:
         """The ``robust-*`` keys as the rule's options."""
         return Robustness(
@@ -217,10 +241,23 @@ def typed_value(key: str, value: Scalar, kind: type) -> Scalar:
     return value
 
 
+def default_task(config: RunConfig) -> str:
+    """A named model's task; else inferred from the model's head or the dataset's columns."""
+    if config.model in NAMED_MODELS:
+        return NAMED_MODELS[config.model]
+    from fedlora.model_defaults import inferred_task  # reads the model's files and the data
+
+    return inferred_task(config)
+
+
 def default_targets(model: str, task: str) -> str:
-    if NAMED_MODELS.get(model, task) == "causal-lm":
-        return CAUSAL_LM_TARGETS
-    return CLASSIFICATION_TARGETS
+    """The named causal LMs' ``q_proj,v_proj`` and classifiers' ``query,value``; else peft's
+    default LoRA targets for the model's architecture."""
+    if model in NAMED_MODELS:
+        return CAUSAL_LM_TARGETS if task == "causal-lm" else CLASSIFICATION_TARGETS
+    from fedlora.model_defaults import peft_target_modules  # reads the model's config file
+
+    return ",".join(peft_target_modules(model))
 
 
 def comma_names(text: str) -> tuple[str, ...]:
@@ -359,9 +396,11 @@ def check_values(config: RunConfig) -> None:
         value = getattr(config, name)
         if not allowed(value):
             raise ConfigError(f"{kebab(name)} must be {description}, got {value!r}")
-    for name in ("model", "dataset", "target_modules"):
+    for name in ("model", "dataset", "target_modules", *COLUMN_KEYS):
         if not getattr(config, name).strip(" ,"):
             raise ConfigError(f"{kebab(name)} must not be empty")
+    check_column_mapping(config)
+    tracker_names(config.tracking)
     named_task = NAMED_MODELS.get(config.model)
     if named_task is not None and named_task != config.task:
         raise ConfigError(
@@ -377,8 +416,40 @@ def check_values(config: RunConfig) -> None:
             "robust-* options do not apply with dp-client: client-level DP clips every update and "
             "its analysis assumes the noised mean"
         )
+    if config.data_seed < -1:
+        raise ConfigError(f"data-seed must be >= 0, or -1 for seed, got {config.data_seed!r}")
     if config.client_generation and not config.generation_every:
         raise ConfigError("client-generation needs generation-every > 0")
+
+
+COLUMN_KEYS = {
+    "text_column": TEXT,
+    "label_column": LABEL,
+    "instruction_column": INSTRUCTION,
+    "input_column": INPUT,
+    "response_column": RESPONSE,
+}
+"""The column mapping keys and the column each names."""
+
+
+def column_mapping(config: RunConfig) -> dict[str, str]:
+    """{column of one's data: fedlora's column} for the mapping keys that name another column."""
+    return {
+        getattr(config, key): column
+        for key, column in COLUMN_KEYS.items()
+        if getattr(config, key) != column
+    }
+
+
+def check_column_mapping(config: RunConfig) -> None:
+    """Each mapping key names its own column."""
+    named = [getattr(config, key) for key in COLUMN_KEYS]
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"column(s) {repeated} named by more than one of "
+            f"{[kebab(key) for key in COLUMN_KEYS]}: each key names its own column"
+        )
 
 
 def check_training_steps(config: RunConfig) -> None:

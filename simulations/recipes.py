@@ -18,10 +18,11 @@ from pathlib import Path
 
 from clients.app import SERVER_APP_KEYS
 from fedlora.config import RunConfig, kebab
-from fedlora.data import load_dataset
+from fedlora.data import load_dataset, load_eval_dataset
 from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
 from fedlora.models import check_model_limits
+from fedlora.tracking import check_trackers_installed
 from strategies.server_app import BASE_CHANGES
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -199,6 +200,9 @@ def resolve(
     check_model_limits(config)
     if config.dataset != "bbcnews":
         load_dataset(config)  # a local file that cannot be read is named before anything runs
+    if config.eval_dataset:
+        load_eval_dataset(config)
+    check_trackers_installed(config.tracking)
     resolved = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
     if BASE_CHANGES_KEY in run:
         resolved[BASE_CHANGES_KEY] = run[BASE_CHANGES_KEY]

@@ -3,16 +3,21 @@ Ray are in ``tests/e2e/test_cli_on_ray.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import tomllib
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from fedlora.data import partition, server_eval_set
 from fedlora.errors import ConfigError
-from simulations.cli import main, rounds_table
-from simulations.compare import strategy_names, summary
+from simulations.cli import main, round_progress, rounds_table, spread_table
+from simulations.compare import seed_recipes, strategy_names, strategy_spreads, summary
+from simulations.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round
 from simulations.recipes import (
     DEMO_RECIPE,
     RECIPES_DIR,
@@ -228,3 +233,64 @@ def test_cli_still_mounts_bench(tmp_path):
     args = ["bench", "aggregate", "--quick", "--device", "cpu", "--methods", "fedavg"]
     assert main([*args, "--clients", "3", "--json", str(out)]) == 0
     assert [row["method"] for row in json.loads(out.read_text())["results"]] == ["fedavg"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_shows_the_time_left_on_a_terminal_only(terminal):
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, width=100, color_system=None)
+    with round_progress(console) as progress:
+        task = progress.add_task("rounds", total=4)
+        progress.update(task, completed=1)
+        progress.console.print("round 1: accuracy 0.5")
+        progress.refresh()
+    assert "round 1: accuracy 0.5" in out.getvalue()
+    assert ("ETA" in out.getvalue()) is terminal
+
+
+def test_seed_runs_vary_the_seed_and_share_the_data():
+    recipe = resolve(load_recipe(TINY), {"seed": 5, "dataset": "bbcnews", "partitioner": "shard"})
+    runs = seed_recipes(recipe, 3)
+    assert list(runs) == [5, 6, 7]
+    configs = [run.run_config for run in runs.values()]
+    assert [config.seed for config in configs] == [5, 6, 7]
+    assert {config.partition_seed for config in configs} == {5}
+    shares = [[sorted(partition(config, i, 3)["text"]) for i in range(3)] for config in configs]
+    assert shares[0] == shares[1] == shares[2]
+    assert sorted(server_eval_set(configs[0])["text"]) == sorted(
+        server_eval_set(configs[2])["text"]
+    )
+    other = dataclasses.replace(configs[1], data_seed=-1)  # without data-seed, seed 6 re-deals
+    assert [sorted(partition(other, i, 3)["text"]) for i in range(3)] != shares[0]
+    assert seed_recipes(recipe, 1) == {5: recipe}
+
+
+def test_strategy_spreads_are_the_mean_and_sample_std_of_the_finished_runs():
+    def result(strategy, seed, final, error=None):
+        return {"strategy": strategy, "seed": seed, "final_accuracy": final, "best_accuracy": final,
+                "max_relative_deviation": None, "answer_accuracy": None, "rouge_l": None,
+                "bytes_up": 100, "bytes_down": 300, "seconds": 2.0, "error": error}  # fmt: skip
+
+    results = [result("fedex", 0, 0.5), result("fedex", 1, 0.7), result("fedex", 2, 0.6),
+               result("fedavg", 0, 0.4), result("fedavg", 1, 0.1, "died")]  # fmt: skip
+    fedex, fedavg = strategy_spreads(results)
+    assert (fedex["runs"], fedex["failed"], fedavg["runs"], fedavg["failed"]) == (3, 0, 2, 1)
+    assert fedex["final_accuracy_mean"] == pytest.approx(0.6)
+    assert fedex["final_accuracy_std"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
+    assert fedavg["final_accuracy_mean"] == 0.4 and fedavg["final_accuracy_std"] is None
+    assert fedex["max_relative_deviation_mean"] is None
+    cells = {c.header: list(c.cells) for c in spread_table(results, load_recipe(TINY)).columns}
+    assert cells["final acc."] == ["0.600 ± 0.100", "0.400"]
+    assert cells["runs"] == ["3", "2 (1 failed)"]
+
+
+def test_the_plots_draw_a_band_over_seeds(tmp_path):
+    def rows(accuracies):
+        return [{"round": r + 1, "accuracy": a, "bytes_up": 10, "bytes_down": 20}
+                for r, a in enumerate(accuracies)]  # fmt: skip
+
+    runs = {"fedex": [rows([0.5, 0.7]), rows([0.7, 0.9])], "fedavg": [rows([0.4, 0.6])]}
+    plot_accuracy_vs_round(runs, tmp_path / "round.png", "tiny")
+    plot_accuracy_vs_bytes(runs, tmp_path / "bytes.png", "tiny")
+    for name in ("round.png", "bytes.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
