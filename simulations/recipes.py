@@ -33,6 +33,7 @@ OUTPUT_KEYS = {RUN_DIR_KEY: "--out", RESUME_KEY: "--resume"}
 """ServerApp keys a recipe leaves to the command's options."""
 BASE_CHANGES_KEY = "base-changes"
 QUOTES_AND_BRACKETS = "\"'[{"
+ENGINES = ("ray", "in-process")
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,17 @@ class SimulationSettings:
         GPUs per ClientApp; a fraction lets several share one (0.25: four per GPU).
     gpus : int (default: 0)
         How many of the host's GPUs Ray may hand out (0: every GPU it finds).
+    engine : str (default: "ray")
+        ``"ray"``: Flower's simulation engine, ClientApps in Ray workers (the resources above);
+        ``"in-process"``: every node's ClientApp in this process, one after another
+        (`simulations.in_process`; the resources above are not used).
     """
 
     num_supernodes: int = 10
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     gpus: int = 0
+    engine: str = "ray"
 
     def __post_init__(self) -> None:
         for name, least in (("num_supernodes", 1), ("gpus", 0)):
@@ -68,6 +74,8 @@ class SimulationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not allowed(value):
                 raise ConfigError(f"{kebab(name)} must be a number {bound}, got {value!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
 
     @classmethod
     def from_table(cls, table: Mapping[str, Scalar]) -> SimulationSettings:

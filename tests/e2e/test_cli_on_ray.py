@@ -1,6 +1,6 @@
 """``fedlora simulate`` and ``fedlora compare`` end to end in Flower's simulation engine on Ray with
-the tiny BERT: the run directory, results and plots, a run whose clients fail, an engine that
-cannot start."""
+the tiny BERT: the run directory (and the same rows from the in-process engine), results and
+plots, a run whose clients fail, an engine that cannot start."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ ROW_KEYS = ("round", "accuracy", "loss", "relative_deviation", "bytes_up", "byte
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_simulate_through_the_cli_writes_the_run_directory(tmp_path, capsys):
+def test_simulate_through_the_cli_writes_the_run_directory_as_the_in_process_engine(
+    tmp_path, capsys
+):
     out = tmp_path / "run"
     assert main(["simulate", str(TINY), "--rounds", "2", "--out", str(out), "seed=1"]) == 0
     rows = read_metrics(out)
@@ -46,6 +48,14 @@ def test_simulate_through_the_cli_writes_the_run_directory(tmp_path, capsys):
     assert (out / "flower.log").stat().st_size > 0
     err = capsys.readouterr().err
     assert "round 1: accuracy" in err and "round 2: accuracy" in err
+    in_process = dataclasses.replace(
+        config, simulation=dataclasses.replace(config.simulation, engine="in-process")
+    )
+    same_rows = read_metrics(simulate(in_process, out_dir=tmp_path / "in-process"))
+    for ray_row, row in zip(rows, same_rows, strict=True):
+        for key in ("accuracy", "loss", "relative_deviation"):
+            assert row[key] == pytest.approx(ray_row[key], rel=1e-4, abs=1e-9), key
+        assert (row["bytes_up"], row["bytes_down"]) == (ray_row["bytes_up"], ray_row["bytes_down"])
 
 
 def failing_train_app(run_config) -> ClientApp:
