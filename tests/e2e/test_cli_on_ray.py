@@ -142,23 +142,3 @@ def test_an_engine_that_cannot_start_fails_the_run_and_frees_the_server_thread(t
     while new_threads() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not new_threads()
-
-
-def test_compare_over_seeds_reports_the_mean_and_spread(tmp_path, capsys):
-    out = tmp_path / "compare"
-    args = ["compare", str(TINY), "--strategies", "fedavg", "--seeds", "2", "--rounds", "1"]
-    assert main([*args, "--out", str(out), "seed=3"]) == 0
-    runs = {seed: out / "fedavg" / f"seed-{seed}" for seed in (3, 4)}
-    configs = {seed: load_recipe(run / "config.toml").run for seed, run in runs.items()}
-    assert [configs[s]["seed"] for s in (3, 4)] == [3, 4]
-    assert configs[3]["data-seed"] == configs[4]["data-seed"] == 3
-    finals = [read_metrics(run)[-1] for run in runs.values()]
-    assert finals[0]["loss"] != finals[1]["loss"]  # the seed varies training
-    with (out / "summary.csv").open() as file:
-        (fedavg,) = list(csv.DictReader(file))
-    accuracies = [row["accuracy"] for row in finals]
-    assert int(fedavg["runs"]) == 2 and int(fedavg["failed"]) == 0
-    assert float(fedavg["final_accuracy_mean"]) == pytest.approx(sum(accuracies) / 2)
-    spread = abs(accuracies[0] - accuracies[1]) / 2**0.5  # sample std of two values
-    assert float(fedavg["final_accuracy_std"]) == pytest.approx(spread, abs=1e-12)
-    assert "±" in capsys.readouterr().out

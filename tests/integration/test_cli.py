@@ -3,6 +3,7 @@ Ray are in ``tests/e2e/test_cli_on_ray.py``)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
@@ -10,6 +11,7 @@ import logging
 import tomllib
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from rich.console import Console
 
@@ -25,6 +27,7 @@ from simulations.recipes import (
     parse_overrides,
     resolve,
 )
+from simulations.run_dir import read_metrics
 from simulations.runner import error_reason
 from strategies import STRATEGIES
 
@@ -294,3 +297,31 @@ def test_the_plots_draw_a_band_over_seeds(tmp_path):
     plot_accuracy_vs_bytes(runs, tmp_path / "bytes.png", "tiny")
     for name in ("round.png", "bytes.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_compare_over_seeds_reports_the_mean_and_spread(tmp_path, capsys):
+    rows = [{"text": f"words {i} w{i % 3}", "label": i % 3} for i in range(36)]
+    pd.DataFrame(rows).to_csv(tmp_path / "data.csv", index=False)
+    recipe = tmp_path / "tiny-in-process.toml"
+    recipe.write_text(
+        TINY.read_text().replace("[simulation]", '[simulation]\nengine = "in-process"')
+    )
+    out = tmp_path / "compare"
+    args = ["compare", str(recipe), "--strategies", "fedavg", "--seeds", "2", "--rounds", "1"]
+    assert main([*args, "--out", str(out), "seed=3", f"dataset=csv:{tmp_path / 'data.csv'}"]) == 0
+    runs = {seed: out / "fedavg" / f"seed-{seed}" for seed in (3, 4)}
+    configs = {seed: load_recipe(run / "config.toml").run for seed, run in runs.items()}
+    assert [configs[s]["seed"] for s in (3, 4)] == [3, 4]
+    assert configs[3]["data-seed"] == configs[4]["data-seed"] == 3
+    finals = [read_metrics(run)[-1] for run in runs.values()]
+    assert finals[0]["loss"] != finals[1]["loss"]  # the seed varies training
+    with (out / "summary.csv").open() as file:
+        (fedavg,) = list(csv.DictReader(file))
+    accuracies = [row["accuracy"] for row in finals]
+    assert int(fedavg["runs"]) == 2 and int(fedavg["failed"]) == 0
+    assert float(fedavg["final_accuracy_mean"]) == pytest.approx(sum(accuracies) / 2)
+    spread = abs(accuracies[0] - accuracies[1]) / 2**0.5  # sample std of two values
+    assert float(fedavg["final_accuracy_std"]) == pytest.approx(spread, abs=1e-12)
+    with (out / "results.csv").open() as file:
+        assert [row["seed"] for row in csv.DictReader(file)] == ["3", "4"]
+    assert "±" in capsys.readouterr().out
