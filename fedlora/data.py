@@ -389,19 +389,21 @@ def load_eval_dataset(config: RunConfig) -> datasets.Dataset:
 
 @functools.lru_cache(maxsize=4)
 def _federated_split(config: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
-    if config.eval_dataset:
-        return load_dataset(config), load_eval_dataset(config)
     return split_server_eval(load_dataset(config), config)
 
 
 def federated_set(config: RunConfig) -> datasets.Dataset:
     """The examples the clients share out (the dataset less the server's set, or all of it when
-    an ``eval-dataset`` is given); cached."""
+    an ``eval-dataset`` is given, which the clients never read); cached."""
+    if config.eval_dataset:
+        return load_dataset(config)
     return _federated_split(config)[0]
 
 
 def server_eval_set(config: RunConfig) -> datasets.Dataset:
     """The server's evaluation set: the ``eval-dataset``, else the held-out split; cached."""
+    if config.eval_dataset:
+        return load_eval_dataset(config)
     return _federated_split(config)[1]
 
 

@@ -201,3 +201,19 @@ def test_a_cached_hub_dataset_loads_by_name_offline(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'absent' is not in the local Hugging Face"):
         data.load_dataset(RunConfig(dataset="hf:absent"))
     assert datasets.config.HF_HUB_OFFLINE == offline
+
+
+def test_clients_never_read_the_eval_file(reviews, tmp_path):
+    """A device holds its share of the data, not the server's evaluation file."""
+    absent = f"csv:{tmp_path / 'on-the-server-only.csv'}"
+    config = RunConfig(
+        dataset=reviews,
+        eval_dataset=absent,
+        text_column="review",
+        label_column="sentiment",
+        partitioner="iid",
+    )
+    shares = [data.client_data(config, i, 3) for i in range(3)]
+    assert sum(len(share.train) + len(share.test) for share in shares) == 30
+    with pytest.raises(ConfigError, match="on-the-server-only.csv does not exist"):
+        data.server_eval_set(config)
