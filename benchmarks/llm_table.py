@@ -60,7 +60,7 @@ class Job:
         ]  # fmt: skip
 
 
-FEDLORA = (sys.executable, "-m", "simulations.cli")
+FEDLORA = (sys.executable, "-m", "cli")
 
 
 def jobs(tasks: list[str], seeds: list[int], strategies: list[str]) -> list[Job]:

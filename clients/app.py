@@ -42,7 +42,7 @@ from clients.node_store import NodeStore
 from clients.records import message_config, payload_from_record, reply_record
 from clients.steps import LoRASide, SBSide, clip_for_client_dp, side_for
 from clients.worker import Worker, worker_for
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, without_server_app_keys
 from fedlora.data import ClientData, batches
 from fedlora.errors import ConfigError
 from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
@@ -69,6 +69,7 @@ from fedlora.messages import (
     Payload,
     ranks_in,
 )
+from fedlora.method_config import parse_run_config
 from fedlora.privacy import (
     BUDGET_SPENT_KEY,
     DELTA_KEY,
@@ -92,8 +93,6 @@ from fedlora.training import (
 )
 from fedlora.versioning import BaseCache
 
-SERVER_APP_KEYS = ("run-dir", "base-changes", "resume")
-"""Run-config keys of the ServerApp's own (not `RunConfig` fields); the ClientApp ignores them."""
 NODE_RANK_KEY = "lora-rank"
 """Node-config key of a node's own LoRA rank (else the run's rank-profile decides)."""
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -125,9 +124,7 @@ class Client:
         out), torch's threads set, this process's worker for it."""
         values = dict(context.run_config if run_config is None else run_config)
         config = node_run_config(
-            RunConfig.from_flower(
-                {key: v for key, v in values.items() if key not in SERVER_APP_KEYS}
-            ),
+            parse_run_config(without_server_app_keys(values)),
             context.node_config,
         )
         set_torch_threads(config)

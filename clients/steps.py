@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from clients.node import keep_tensors, kept_tensors
 from clients.worker import Worker
-from fedlora.adapter import LoRAFactors, SBCore, lora_scale
+from fedlora.adapter import LoRAFactors, SBCore
 from fedlora.client_dp import CLIP_KEY, UPDATE_NORM_KEY, clip_reply
 from fedlora.client_state import ClientState
 from fedlora.lowrank import LowRank
@@ -45,7 +45,6 @@ from fedlora.peft_io import ModelMismatchError, apply_client_state, read_adapter
 from fedlora.probes import Delta, lora_weight_changes, sb_weight_changes
 from fedlora.rules import AggregationRule
 from fedlora.rules.fedsb import cores_to_tensors
-from fedlora.rules.hetlora import HetLoRA, prune_rank
 from fedlora.sb_layer import load_cores, load_fixed_factors, read_cores, sb_layers
 from fedlora.versioning import BaseCache
 
@@ -74,15 +73,10 @@ class LoRASide:
         return lora_weight_changes(model)
 
     def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
-        """The trained update (HetLoRA: pruned) and its ranks; FedSA-LoRA sends A only and keeps
-        B and the head on the node."""
-        adapter = read_adapter(model)
-        if isinstance(self.rule, HetLoRA):
-            config = self.worker.config
-            adapter = {
-                module: at_peft_scale(prune_rank(factors), config.lora_alpha, config.rslora)
-                for module, factors in adapter.items()
-            }
+        """The trained update as the rule's ``client_reply`` makes it (HetLoRA: pruned) and its
+        ranks; FedSA-LoRA sends A only and keeps B and the head on the node."""
+        run = self.worker.config
+        adapter = self.rule.client_reply(read_adapter(model), run.lora_alpha, run.rslora)
         config = adapter_config(adapter)
         for module, received in ranks_in(payload.config).items():
             if adapter[module].rank != received:
@@ -94,14 +88,6 @@ class LoRASide:
             return {ADAPTER_RECORD: shared}, config
         head = {key: to_wire(t) for key, t in read_head(model).items()}
         return {ADAPTER_RECORD: adapter_to_tensors(adapter), HEAD_RECORD: head}, config
-
-
-def at_peft_scale(factors: LoRAFactors, alpha: float, rslora: bool) -> LoRAFactors:
-    """The same product s B A at the scale peft gives the factors' rank (after pruning): the
-    folded factors, which the rules average, are unchanged."""
-    scale = lora_scale(alpha, factors.rank, rslora)
-    root = math.sqrt(factors.scale / scale)
-    return LoRAFactors(A=factors.A * root, B=factors.B * root, scale=scale)
 
 
 def with_kept(pristine: ClientState, kept: Mapping[str, Tensor]) -> ClientState:

@@ -20,7 +20,7 @@ from deployment.credentials import (
     SERVER_CERT_FILE,
     SERVER_KEY_FILE,
 )
-from simulations.recipes import toml_scalar
+from fedlora.toml_values import toml_scalar
 
 DEFAULT_PORT = 9092
 """The SuperLink's one HTTP port (Fleet, Control and Runtime APIs)."""

@@ -37,6 +37,7 @@ from fedlora.adapter import LoRAFactors, SBCore, SharedA
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.opacus_logging import drop_opacus_root_handler
+from fedlora.rules import RULES
 from fedlora.rules.base import AggregationRule, GlobalState, RoundResult, difference
 from fedlora.updates import ClientUpdate, ClientUpdates, validate_updates
 
@@ -46,29 +47,19 @@ CLIP_KEY = "dp-client-clip"
 """Config key of a train message: the bound the client clips its update to (absent: no clipping)."""
 UPDATE_NORM_KEY = "update-norm"
 """Metric of a train reply: the norm of the client's update before it clipped it."""
-CLIENT_DP_RULES = ("fedavg", "fedsa", "fedsb")
-"""The rules whose aggregate is a sum of client tensors, so that a clipped update bounds a client."""
 ACCOUNTANTS = ("rdp", "prv")
 
 
-REFUSALS = {
-    "fedex": "its exact residual sum_i p_i s_i B_i A_i - s B A sums products of each client's factors",
-    "flora": "it stacks every client's B_i and p_i s_i A_i, whose product is the client's whole change",
-    "lorafair": "its server-side correction fits B to the sum of the clients' products B_i A_i",
-    "flexlora": "it takes a truncated SVD of the sum of the clients' products B_i A_i",
-    "hetlora": "its weights p_i ||s_i B_i A_i|| depend on each client's update",
-}
-"""Why each other rule is refused: one client's clipped update does not bound its aggregate."""
-
-
 def check_client_dp_rule(name: str) -> None:
-    """Refuse client-level DP for a rule whose aggregate is not a sum of client tensors."""
-    if name not in CLIENT_DP_RULES:
-        reason = REFUSALS.get(name, "its aggregate is not a sum of client tensors")
+    """Refuse client-level DP for a rule that declares why its aggregate is not bounded by one
+    clipped update (`AggregationRule.client_dp_refusal`)."""
+    reason = RULES[name].client_dp_refusal
+    if reason is not None:
+        supported = [rule for rule, cls in RULES.items() if cls.client_dp_refusal is None]
         raise ConfigError(
             f"dp-client is not available for strategy {name!r}: {reason}, so one client's "
             "influence on the aggregate is not bounded by its clipped update (no sensitivity "
-            f"is derived for it); use one of {list(CLIENT_DP_RULES)}"
+            f"is derived for it); use one of {supported}"
         )
 
 

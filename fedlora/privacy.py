@@ -46,6 +46,7 @@ from fedlora.data import IGNORED_LABEL, encode
 from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
 from fedlora.opacus_logging import drop_opacus_root_handler
+from fedlora.rules import RULES
 
 drop_opacus_root_handler()
 
@@ -107,10 +108,9 @@ def client_delta(delta: float, num_examples: int) -> float:
 
 def planned_steps(config: RunConfig) -> int:
     """The DP-SGD steps a client takes over the run if it trains in ``dp-rounds`` rounds
-    (0: every round), Fed-SB's initialisation included."""
+    (0: every round), the method's initial training rounds included (Fed-SB's estimate)."""
     rounds = config.dp_rounds or config.num_server_rounds
-    initialisation = config.local_steps if config.strategy == "fedsb" else 0
-    return rounds * config.local_steps + initialisation
+    return (rounds + RULES[config.strategy].initial_training_rounds) * config.local_steps
 
 
 def client_plan(config: RunConfig, num_examples: int) -> PrivacyPlan:

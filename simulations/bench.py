@@ -33,7 +33,7 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.peft_io import apply_client_state, read_adapter, read_head
 from fedlora.probes import lora_weight_changes, probe_responses
-from fedlora.rules import AggregationRule, ClientSpec
+from fedlora.rules import RULES, AggregationRule, ClientSpec
 from fedlora.rules.base import GlobalState
 from fedlora.training import client_seed, device_for, evaluate, set_torch_threads, train_round
 from fedlora.updates import ClientUpdate
@@ -43,9 +43,13 @@ from simulations.run_dir import read_metrics
 from simulations.runner import simulate
 from strategies.server_app import make_strategy
 
-PLAIN_LOOP_STRATEGIES = ("fedavg", "fedex", "flora", "lorafair", "flexlora")
-"""Methods the plain loop runs: one shared LoRA adapter, no node state (FedSA-LoRA keeps B on the
-node, Fed-SB starts with a federated initialisation, HetLoRA prunes its rank)."""
+
+def runs_in_plain_loop(rule: type[AggregationRule]) -> bool:
+    """Whether the plain loop runs the method: one shared LoRA adapter and no node state
+    (`AggregationRule.keeps_node_state`: FedSA-LoRA keeps B, Fed-SB its fixed factors, HetLoRA
+    its pruned rank)."""
+    return not rule.keeps_node_state
+
 
 RoundCallback = Callable[[str, int], None]
 """Called with ("simulation" or "plain loop", round) as each round ends."""
@@ -122,10 +126,9 @@ class PlainLoop:
 def plain_loop_rounds(recipe: Recipe, on_round: RoundCallback | None = None) -> list[dict]:
     """Run the recipe's rounds in the plain loop; round 1 includes building the worker."""
     config = recipe.run_config
-    if config.strategy not in PLAIN_LOOP_STRATEGIES:
-        raise ConfigError(
-            f"bench simulate runs strategies {list(PLAIN_LOOP_STRATEGIES)}, not {config.strategy!r}"
-        )
+    if not runs_in_plain_loop(RULES[config.strategy]):
+        plain = [name for name, rule in RULES.items() if runs_in_plain_loop(rule)]
+        raise ConfigError(f"bench simulate runs strategies {plain}, not {config.strategy!r}")
     previous_threads = torch.get_num_threads()
     set_torch_threads(config)
     try:

@@ -10,23 +10,26 @@ checked by `RunConfig`, so a bad key or value is refused, named, before anything
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.app import SERVER_APP_KEYS
-from fedlora.config import RunConfig, kebab
+from fedlora.config import (
+    RunConfig,
+    Scalar,
+    ServerAppSettings,
+    kebab,
+    unknown_key,
+    without_server_app_keys,
+)
 from fedlora.data import load_dataset, load_eval_dataset
 from fedlora.errors import ConfigError
-from fedlora.messages import Scalar
+from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits
+from fedlora.toml_values import toml_table
 from fedlora.tracking import check_trackers_installed
-from strategies.server_app import BASE_CHANGES
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
-DEMO_RECIPE = RECIPES_DIR / "demo.toml"
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 OUTPUT_KEYS = {RUN_DIR_KEY: "--out", RESUME_KEY: "--resume"}
@@ -80,11 +83,9 @@ class SimulationSettings:
     @classmethod
     def from_table(cls, table: Mapping[str, Scalar]) -> SimulationSettings:
         fields = {kebab(field.name): field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(table) - set(fields))
-        if unknown:
-            raise ConfigError(
-                f"unknown [simulation] key(s) {unknown}; known keys: {sorted(fields)}"
-            )
+        for key in table:
+            if key not in fields:
+                raise unknown_key(key, fields, "[simulation] ")
         return cls(**{fields[key]: value for key, value in table.items()})
 
     def backend_config(self) -> dict:
@@ -218,20 +219,6 @@ def resolve(
 
 
 def run_config_of(run: Mapping[str, Scalar]) -> RunConfig:
-    """`RunConfig` of a run table; the ServerApp's ``base-changes`` is checked apart."""
-    base_changes = run.get(BASE_CHANGES_KEY, BASE_CHANGES[0])
-    if base_changes not in BASE_CHANGES:
-        raise ConfigError(
-            f"{BASE_CHANGES_KEY} = {base_changes!r}: choose one of {list(BASE_CHANGES)}"
-        )
-    return RunConfig.from_flower({k: v for k, v in run.items() if k not in SERVER_APP_KEYS})
-
-
-def toml_table(table: Mapping[str, Scalar]) -> str:
-    return "".join(f"{key} = {toml_scalar(value)}\n" for key, value in table.items())
-
-
-def toml_scalar(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    """`RunConfig` of a run table; the ServerApp's keys are checked apart."""
+    ServerAppSettings.from_flower(run)
+    return parse_run_config(without_server_app_keys(run))

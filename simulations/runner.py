@@ -1,4 +1,4 @@
-"""Run a recipe in Flower's simulation engine on Ray and leave a run directory behind.
+"""Run a recipe in Flower's simulation engine on Ray, or in this process, and leave a run directory behind.
 
 `flwr.simulation.run_simulation` passes an empty run_config, so the ServerApp and the ClientApp
 are bound to the resolved run config (`strategies.server_app.server_app`,
@@ -29,7 +29,7 @@ from flwr.simulation import run_simulation
 
 from clients.app import client_app
 from fedlora.atomic_files import write_text_atomic
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, SimulationError
 from fedlora.messages import Scalar
 from simulations.in_process import run_in_process
 from simulations.recipes import RESUME_KEY, RUN_DIR_KEY, Recipe, load_recipe, resolve
@@ -66,10 +66,6 @@ INTERRUPTED_HINT = (
 INTERRUPT_GRACE_SECONDS = 5.0
 """How long Ctrl-C waits for the engine to wind down before the process exits (status 130)."""
 """Exceptions Flower and Ray wrap a ClientApp's own in; the reason is the wrapped one."""
-
-
-class SimulationError(RuntimeError):
-    """A simulation failed or ended without all its rounds; the message says why."""
 
 
 def simulate(

@@ -1,6 +1,10 @@
-"""Flower Message-API strategies, one per federated LoRA method, by rule name in `STRATEGIES`."""
+"""Flower Message-API strategies, one per federated LoRA method; `STRATEGIES` gives each method's
+strategy by its name in `fedlora.rules.RULES` (`strategy_class`)."""
 
-from strategies.base import LoRAStrategy
+from collections.abc import Iterator, Mapping
+
+from fedlora.rules import RULES
+from strategies.base import LoRAStrategy, strategy_class
 from strategies.fedsb import FedSB
 from strategies.methods import (
     FedExLoRA,
@@ -12,10 +16,24 @@ from strategies.methods import (
     LoRAFedAvg,
 )
 
-STRATEGIES: dict[str, type[LoRAStrategy]] = {
-    strategy.rule_class.name: strategy
-    for strategy in (LoRAFedAvg, FedExLoRA, FLoRA, FedSALoRA, FedSB, LoRAFAIR, FlexLoRA, HetLoRA)
-}
+
+class StrategiesByName(Mapping):
+    """Each registered method's strategy by name, read from the registry when asked (a method
+    registered later is in it)."""
+
+    def __getitem__(self, name: str) -> type[LoRAStrategy]:
+        if name not in RULES:
+            raise KeyError(name)
+        return strategy_class(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(RULES)
+
+    def __len__(self) -> int:
+        return len(RULES)
+
+
+STRATEGIES = StrategiesByName()
 
 __all__ = [
     "STRATEGIES",
@@ -28,4 +46,5 @@ __all__ = [
     "LoRAFAIR",
     "LoRAFedAvg",
     "LoRAStrategy",
+    "strategy_class",
 ]

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fedlora.adapter import lora_scale
 from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
+from fedlora.config import RunConfig
 from fedlora.lowrank import stack
 from fedlora.measurement import worst
 from fedlora.messages import (
@@ -50,14 +51,30 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
+from fedlora.method_config import robustness_of
 from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
-from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult
+from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult, rule_class
 from strategies.base_store import write_round_change
 from strategies.client_dp import ClientLevelDP
+from strategies.initial_arrays import lora_initial_arrays
 from strategies.records import NodeReport, payload_record, serialized_bytes
 from strategies.records import probe_responses as reply_probes
 from strategies.reply_checks import RejectedReply, ReplyChecks
+
+BINDINGS: dict[type[AggregationRule], type[LoRAStrategy]] = {}
+"""Each rule's strategy, filled in as the bindings are defined."""
+
+
+def strategy_class(name: str) -> type[LoRAStrategy]:
+    """The strategy of the method registered as ``name`` in `fedlora.rules.RULES`."""
+    rule = rule_class(name)
+    if rule not in BINDINGS:
+        raise TypeError(
+            f"strategy {name!r} has no binding: subclass LoRAStrategy with rule_class = "
+            f"{rule.__name__}"
+        )
+    return BINDINGS[rule]
 
 
 class LoRAStrategy(Strategy):
@@ -116,6 +133,22 @@ class LoRAStrategy(Strategy):
     """
 
     rule_class: ClassVar[type[AggregationRule] | None] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A subclass that sets ``rule_class`` is that rule's binding (`strategy_class`)."""
+        super().__init_subclass__(**kwargs)
+        if "rule_class" in cls.__dict__:
+            BINDINGS[cls.rule_class] = cls
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        """The method's options read from the run config: its rule's and its robustness."""
+        return {**cls.rule_class.options_from(config), "robustness": robustness_of(config)}
+
+    @classmethod
+    def initial_arrays(cls, config: RunConfig) -> ArrayRecord:
+        """The global arrays the run starts from: peft's adapter at the top rank and the head."""
+        return lora_initial_arrays(config)
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import rules
+from fedlora.config import RunConfig
 from fedlora.fedsb_init import (
     DEFAULT_ETA,
     DEFAULT_OVERSAMPLE,
@@ -43,6 +44,7 @@ from fedlora.messages import (
 )
 from fedlora.rules import GlobalState
 from strategies.base import LoRAStrategy
+from strategies.initial_arrays import sb_initial_arrays
 from strategies.records import serialized_bytes
 from strategies.reply_checks import RejectedReply
 
@@ -65,6 +67,21 @@ class FedSB(LoRAStrategy):
     """
 
     rule_class = rules.FedSB
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        """The rule's options; ``eta``: the run's learning rate, as LoRA-SB; ``init_seed``: the
+        run's seed."""
+        return {
+            **super().options_from(config),
+            "eta": config.learning_rate,
+            "init_seed": config.seed,
+        }
+
+    @classmethod
+    def initial_arrays(cls, config: RunConfig) -> ArrayRecord:
+        """Zero placeholders of the fixed factors (the federated LoRA-SB start sets them)."""
+        return sb_initial_arrays(config)
 
     def __init__(
         self,

@@ -31,28 +31,20 @@ from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedlora.atomic_files import write_text_atomic
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
 from fedlora.measurement import worst
-from fedlora.messages import GENERATION_KEY, SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
-from fedlora.models import (
-    check_model_limits,
-    load_base_model,
-    sb_head_parameters,
-    with_lora,
-    with_sb_layers,
-)
-from fedlora.peft_io import read_adapter, read_head
+from fedlora.messages import GENERATION_KEY
+from fedlora.method_config import parse_run_config
+from fedlora.models import check_model_limits
 from fedlora.privacy import EPSILON_KEY
-from fedlora.sb_layer import sb_layers
 from fedlora.tracking import RunTracking, row_scalars
 from fedlora.training import device_for
-from strategies import STRATEGIES, LoRAStrategy
+from strategies import LoRAStrategy, strategy_class
 from strategies.base_store import discard_changes_after
 from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
@@ -77,7 +69,6 @@ SAMPLES_DIR = "samples"
 those of rounds after the one a run starts from are removed as it starts."""
 MB = 1e6
 """Bytes in the megabyte of ``mb_up_total``, ``mb_down_total`` and ``communication-budget-mb``."""
-BASE_CHANGES = ("run-dir", "messages")
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
 
@@ -106,22 +97,18 @@ def run(
 ) -> LoRAStrategy:
     """Run the configured strategy for ``num-server-rounds`` rounds, recording how the run went
     in its run directory; return the strategy."""
-    values = dict(run_config)
-    run_dir = run_directory(str(values.pop("run-dir", "")), flower_run_id)
-    resume = values.pop("resume", False)
-    if not isinstance(resume, bool):
-        raise TypeError(f"resume = {resume!r}: true or false")
-    base_changes = str(values.pop("base-changes", "run-dir"))
-    if base_changes not in BASE_CHANGES:
-        raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
-    config = RunConfig.from_flower(values)
+    settings = ServerAppSettings.from_flower(run_config)
+    run_dir = run_directory(settings.run_dir, flower_run_id)
+    resume, base_changes = settings.resume, settings.base_changes
+    values = without_server_app_keys(run_config)
+    config = parse_run_config(values)
     check_model_limits(config)
     checkpoint = read_checkpoint(run_dir) if resume else None
     record_start(run_dir, str(device_for(config)), flower_run_id)
     try:
         strategy = make_strategy(config, run_dir / "base" if base_changes == "run-dir" else None)
         evaluation = ServerEvaluation(config)
-        arrays, first_round, rows = initial_arrays(config), 1, []
+        arrays, first_round, rows = strategy.initial_arrays(config), 1, []
         if checkpoint is not None:
             checkpoint.restore(strategy)
             first_round, rows = checkpoint.server_round + 1, checkpoint.rows
@@ -186,15 +173,10 @@ def run_directory(run_dir: str, flower_run_id: int | None) -> Path:
 
 
 def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
-    """The strategy named by ``strategy``, its sampling, seeds and robust options from the run
+    """The strategy named by ``strategy``, with its own options, sampling and seeds from the run
     config."""
-    rule_options = {
-        "flora": {"seed": config.seed},
-        "flexlora": {"seed": config.seed},
-        "fedsb": {"eta": config.learning_rate, "init_seed": config.seed},
-    }.get(config.strategy, {})
-    rule_options["robustness"] = config.robustness
-    return STRATEGIES[config.strategy](
+    strategy = strategy_class(config.strategy)
+    return strategy(
         lora_alpha=config.lora_alpha,
         rslora=config.rslora,
         fraction_train=config.fraction_train,
@@ -207,7 +189,7 @@ def make_strategy(config: RunConfig, base_store: Path | None) -> LoRAStrategy:
         max_examples_per_client=config.max_examples_per_client,
         base_store=base_store,
         client_dp=client_dp(config),
-        **rule_options,
+        **strategy.options_from(config),
     )
 
 
@@ -223,40 +205,6 @@ def client_dp(config: RunConfig) -> ClientLevelDP | None:
         noise_seed=None if config.dp_client_noise_seed < 0 else config.dp_client_noise_seed,
         init_clip=config.dp_client_init_clip,
     )
-
-
-def initial_arrays(config: RunConfig) -> ArrayRecord:
-    """The global adapter at the top rank and the seeded head, as the clients build them.
-
-    LoRA methods: peft's ``lora_A``/``lora_B`` (A seeded, B = 0). Fed-SB: zero ``sb_A``/``sb_B``
-    placeholders at the top rank (the strategy then runs the federated LoRA-SB start).
-    """
-    base = load_base_model(config)
-    if config.strategy == "fedsb":
-        model = with_sb_layers(
-            base,
-            config.max_rank,
-            config.max_rank,
-            config.target_module_names,
-            modules_to_save=config.head_module_names,
-        )
-        placeholders = {}
-        for module, layer in sb_layers(model).items():
-            d_out, d_in = layer.sb_B.out_features, layer.sb_A.in_features
-            placeholders[module + SB_A_SUFFIX] = torch.zeros(config.max_rank, d_in)
-            placeholders[module + SB_B_SUFFIX] = torch.zeros(d_out, config.max_rank)
-        head = {key: p.detach() for key, p in sb_head_parameters(model).items()}
-        return ArrayRecord({**placeholders, **head})
-    model = with_lora(
-        base,
-        config.max_rank,
-        config.lora_alpha,
-        config.rslora,
-        config.target_module_names,
-        config.head_module_names,
-        seed=config.seed,
-    )
-    return ArrayRecord({**adapter_to_tensors(read_adapter(model)), **read_head(model)})
 
 
 class MetricsLog:

@@ -1,4 +1,5 @@
-"""The aggregation rules, by name."""
+"""The aggregation rules, by name: `RULES` is the registry of the methods, the run config's
+``strategy`` names one of them (the method's strategy binds its rule, `strategies.strategy_class`)."""
 
 from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
 from fedlora.rules.fedavg import FedAvg
@@ -16,15 +17,27 @@ RULES: dict[str, type[AggregationRule]] = {
 }
 
 
-def make_rule(name: str, **options) -> AggregationRule:
-    """The rule registered as ``name``, built with its options."""
+def rule_class(name: str) -> type[AggregationRule]:
+    """The rule registered as ``name``."""
     try:
-        rule = RULES[name]
+        return RULES[name]
     except KeyError:
         raise ValueError(
             f"unknown aggregation rule {name!r}; choose one of {sorted(RULES)}"
         ) from None
-    return rule(**options)
 
 
-__all__ = ["RULES", "AggregationRule", "ClientSpec", "GlobalState", "RoundResult", "make_rule"]
+def make_rule(name: str, **options) -> AggregationRule:
+    """The rule registered as ``name``, built with its options."""
+    return rule_class(name)(**options)
+
+
+__all__ = [
+    "RULES",
+    "AggregationRule",
+    "ClientSpec",
+    "GlobalState",
+    "RoundResult",
+    "make_rule",
+    "rule_class",
+]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -45,6 +45,9 @@ from fedlora.updates import (
     validate_updates,
 )
 from fedlora.versioning import ChangeLog
+
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
 
 ABSOLUTE_FLOOR = 1e-12
 """Below this size of both the ideal update and the clients' changes the deviation is 0 by definition."""
@@ -190,6 +193,20 @@ class AggregationRule(ABC):
     combinations: ClassVar[tuple[str, ...]] = ("mean",)
     """The combinations of client factors the rule takes: its own "mean", and where the rule
     averages factors coordinate-wise, "trimmed-mean" and "median"."""
+    client_dp_refusal: ClassVar[str | None] = "its aggregate is not a sum of client tensors"
+    """Why client-level DP is refused for the rule (`fedlora.client_dp`), or None where its
+    aggregate is a sum of client tensors, so that one clipped update bounds one client."""
+    initial_training_rounds: ClassVar[int] = 0
+    """Passes of ``local-steps`` batches a client takes on its data before round 1 (Fed-SB's
+    gradient estimate), counted in its DP-SGD budget."""
+    keeps_node_state: ClassVar[bool] = False
+    """Whether a node keeps something of its own between rounds (FedSA-LoRA its B and head,
+    Fed-SB its fixed factors, HetLoRA its pruned rank)."""
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        """The rule's options read from the run config (passed to its constructor)."""
+        return {}
 
     def __init__(self, robustness: Robustness | None = None):
         self.robustness = robustness or Robustness()
@@ -243,6 +260,11 @@ class AggregationRule(ABC):
     @abstractmethod
     def client_step(self, local: ClientState, payload: Payload, cache=None) -> ClientState:
         """What a client does with its payload before it trains or evaluates."""
+
+    def client_reply(self, trained: Adapter, lora_alpha: float, rslora: bool) -> Adapter:
+        """What a client sends of its trained adapter (peft's ``lora_alpha`` and rsLoRA give its
+        scale): the adapter as trained."""
+        return trained
 
     def global_delta(self, state: GlobalState, module: str) -> LowRank:
         """The global model's weight minus the pretrained one, at the top rank."""

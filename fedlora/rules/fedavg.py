@@ -32,6 +32,7 @@ class FedAvg(AggregationRule):
     name = "fedavg"
     exact = False
     combinations = ("mean", "trimmed-mean", "median")
+    client_dp_refusal = None
 
     def _aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor

@@ -36,6 +36,9 @@ class FedExLoRA(FedAvg):
     name = "fedex"
     exact = True
     combinations = ("mean",)
+    client_dp_refusal = (
+        "its exact residual sum_i p_i s_i B_i A_i - s B A sums products of each client's factors"
+    )
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         state = super().init_state(initial, head)

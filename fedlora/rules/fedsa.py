@@ -42,6 +42,8 @@ class FedSALoRA(AggregationRule):
     personalized = True
     update_kind = SharedA
     combinations = ("mean", "trimmed-mean", "median")
+    client_dp_refusal = None
+    keeps_node_state = True
 
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """Only A is global; the head starts from the same seed on every client and stays there."""

@@ -42,6 +42,9 @@ class FedSB(AggregationRule):
     update_kind = SBCore
     scaled = False
     combinations = ("mean", "trimmed-mean", "median")
+    client_dp_refusal = None
+    initial_training_rounds = 1
+    keeps_node_state = True
 
     def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
         """Round 0 from a LoRA adapter: its B and A become the fixed factors and R_0 = s I, so the

@@ -25,6 +25,7 @@ only (the SVD is of the product average, which a factor median would leave poiso
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -41,6 +42,9 @@ from fedlora.rules.base import concatenate_folded
 from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate
+
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
 
 SVD_PATHS = ("auto", "exact", "randomized")
 EXACT_WIDTH_MULTIPLE = 4
@@ -69,6 +73,7 @@ class FlexLoRA(FedAvg):
     name = "flexlora"
     exact = False
     combinations = ("mean",)
+    client_dp_refusal = "it takes a truncated SVD of the sum of the clients' products B_i A_i"
 
     def __init__(
         self,
@@ -86,6 +91,11 @@ class FlexLoRA(FedAvg):
         if svd not in SVD_PATHS:
             raise ConfigError(f"FlexLoRA's svd = {svd!r}: choose one of {list(SVD_PATHS)}")
         self.svd, self.oversample, self.iterations, self.seed = svd, oversample, iterations, seed
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        """``seed`` of the Gaussian sketch: the run's seed."""
+        return {"seed": config.seed}
 
     def _average_factors(self, state, updates, weights) -> dict:
         products = {module: averaged_product(updates, weights, module) for module in state.modules}

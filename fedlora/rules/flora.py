@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -43,6 +44,9 @@ from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate, ClientUpdates, average_head
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
+if TYPE_CHECKING:
+    from fedlora.config import RunConfig
+
 
 def stack_adapters(updates: list[ClientUpdate], weights: Tensor, module: str) -> LowRank:
     """B_g = [B_1 ... B_K] and A_g = [p_1 s_1 A_1; ...; p_K s_K A_K], in one concatenation each."""
@@ -58,10 +62,18 @@ def stack_adapters(updates: list[ClientUpdate], weights: Tensor, module: str) ->
 class FLoRA(AggregationRule):
     name = "flora"
     exact = True
+    client_dp_refusal = (
+        "it stacks every client's B_i and p_i s_i A_i, whose product is the client's whole change"
+    )
 
     def __init__(self, seed: int = 0, robustness: Robustness | None = None):
         super().__init__(robustness)
         self.seed = seed
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        """``seed`` of the fresh adapters' A: the run's seed."""
+        return {"seed": config.seed}
 
     def client_starts(self, state: GlobalState) -> dict[str, LowRank | None]:
         """FLoRA's clients start every round from B = 0: a zero product."""

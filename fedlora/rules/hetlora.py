@@ -14,11 +14,12 @@ of products.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors
+from fedlora.adapter import Adapter, LoRAFactors, lora_scale
 from fedlora.lowrank import LowRank, frobenius_norm
 from fedlora.rules.base import client_change_norms_per_client
 from fedlora.rules.fedavg import FedAvg
@@ -31,6 +32,16 @@ DEFAULT_PRUNE_GAMMA = 0.05
 class HetLoRA(FedAvg):
     name = "hetlora"
     exact = False
+    client_dp_refusal = "its weights p_i ||s_i B_i A_i|| depend on each client's update"
+    keeps_node_state = True
+
+    def client_reply(self, trained: Adapter, lora_alpha: float, rslora: bool) -> Adapter:
+        """The trained adapter with each module's rank pruned (`prune_rank`), at peft's scale of
+        its new rank."""
+        return {
+            module: at_peft_scale(prune_rank(factors), lora_alpha, rslora)
+            for module, factors in trained.items()
+        }
 
     def _average_factors(self, state, updates, weights) -> dict:
         return {
@@ -76,3 +87,11 @@ def prune_rank(
         if frobenius_norm(tail) < gamma * frobenius_norm(head):
             return LoRAFactors(A=factors.A[:rank], B=factors.B[:, :rank], scale=factors.scale)
     return factors
+
+
+def at_peft_scale(factors: LoRAFactors, alpha: float, rslora: bool) -> LoRAFactors:
+    """The same product s B A at the scale peft gives the factors' rank (after pruning): the
+    folded factors, which the rules average, are unchanged."""
+    scale = lora_scale(alpha, factors.rank, rslora)
+    root = math.sqrt(factors.scale / scale)
+    return LoRAFactors(A=factors.A * root, B=factors.B * root, scale=scale)

@@ -45,6 +45,9 @@ class LoRAFAIR(FedAvg):
     name = "lorafair"
     exact = False
     combinations = ("mean",)
+    client_dp_refusal = (
+        "its server-side correction fits B to the sum of the clients' products B_i A_i"
+    )
 
     def __init__(
         self,

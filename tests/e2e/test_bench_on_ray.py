@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from simulations.cli import main
+from cli.main import main
 from simulations.gpu_scaling import throughput
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import FLOWER_LOG, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -20,9 +21,7 @@ TINY = RECIPES_DIR / "tiny.toml"
 
 def test_bench_simulate_splits_rounds_and_the_loop_trains_like_the_simulation(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert (
-        main(["bench", "simulate", "--recipe", str(TINY), "--rounds", "2", "--json", str(out)]) == 0
-    )
+    assert main(["bench", "simulate", str(TINY), "--rounds", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["setup"]["clients"] == 3 and results["setup"]["strategy"] == "fedex"
     assert [row["round"] for row in results["rounds"]] == [1, 2]

@@ -12,10 +12,11 @@ import time
 import pytest
 from flwr.clientapp import ClientApp
 
+from cli.main import main
 from clients.app import client_app
 from simulations import runner
-from simulations.cli import main
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import SimulationError, simulate
 

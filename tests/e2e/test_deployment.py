@@ -33,6 +33,7 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from safetensors.torch import load_file
 
+from cli.main import main as cli_main
 from clients.app import Client, client_app, node_run_config
 from deployment.commands import register_command, run_command, superlink_command, supernode_command
 from deployment.credentials import (
@@ -47,7 +48,6 @@ from deployment.startup import LOADING, PHASES, measure_startup
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.models import load_base_model
-from simulations.cli import main as cli_main
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid
 from tests.support.processes import START_TIMEOUT, Processes, free_port, tagged_pids, wait_for
@@ -147,7 +147,7 @@ class Federation:
 
 
 def fedlora_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def start_federation(folder: Path) -> Federation:

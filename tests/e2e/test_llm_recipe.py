@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cli.main import main
 from fedlora.data import server_eval_set
 from fedlora.generation_eval import GenerationEvaluation
-from simulations.cli import main
-from simulations.recipes import RECIPES_DIR, load_recipe
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe
 from simulations.run_dir import read_metrics
 
 pytestmark = pytest.mark.slow

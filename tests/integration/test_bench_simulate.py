@@ -8,16 +8,19 @@ import pytest
 import torch
 
 from fedlora.errors import ConfigError
-from simulations.bench import PLAIN_LOOP_STRATEGIES, plain_loop_rounds
+from fedlora.rules import RULES
+from simulations.bench import plain_loop_rounds, runs_in_plain_loop
 from simulations.gpu_scaling import gpu_scaling_benchmark
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 
 TINY = RECIPES_DIR / "tiny.toml"
 
 
 def test_plain_loop_refuses_methods_with_node_state_before_anything_runs():
+    plain = {name for name, rule in RULES.items() if runs_in_plain_loop(rule)}
+    assert plain == {"fedavg", "fedex", "flora", "lorafair", "flexlora"}
     for strategy in ("fedsa", "fedsb", "hetlora"):
-        assert strategy not in PLAIN_LOOP_STRATEGIES
         with pytest.raises(ConfigError, match=strategy):
             plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy))
 

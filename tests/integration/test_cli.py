@@ -15,18 +15,14 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
+from cli.main import main
+from cli.simulate import round_progress, rounds_table, spread_table
 from fedlora.data import partition, server_eval_set
 from fedlora.errors import ConfigError
-from simulations.cli import main, round_progress, rounds_table, spread_table
 from simulations.compare import seed_recipes, strategy_names, strategy_spreads, summary
 from simulations.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round
-from simulations.recipes import (
-    DEMO_RECIPE,
-    RECIPES_DIR,
-    load_recipe,
-    parse_overrides,
-    resolve,
-)
+from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
+from simulations.recipes import load_recipe, parse_overrides, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import error_reason
 from strategies import STRATEGIES

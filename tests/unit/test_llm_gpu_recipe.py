@@ -1,6 +1,7 @@
 """The one-GPU LLM recipe resolves to the run it describes (it is not run here)."""
 
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 
 BBC_ARTICLES = 2225
 

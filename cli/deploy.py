@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from cli.options import add_json, output_console
 from deployment.commands import (
     DEFAULT_NODE_PORT,
     DEFAULT_PORT,
@@ -35,7 +36,6 @@ from deployment.credentials import (
 )
 from deployment.federation import add_connection
 from deployment.startup import PHASES, measure_startup
-from fedlora.cli import output_console
 from fedlora.errors import ConfigError
 
 DEFAULT_CONNECTION = "fedlora"
@@ -45,8 +45,7 @@ DEPLOYMENT_RUN_CONFIG = {"base-changes": "messages"}
 """Run-config keys a deployment needs: nodes cannot read the server's run directory."""
 
 
-def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
-    deploy = commands.add_parser("deploy", help="run on real devices: SuperLink and SuperNodes")
+def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
     actions = deploy.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     init = actions.add_parser(
@@ -105,8 +104,11 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     startup.add_argument("--model", default="minilm", help="run-config model (default: minilm)")
     startup.add_argument("--rank", type=int, default=8, help="the node's LoRA rank (default: 8)")
     startup.add_argument("--repeats", type=int, default=5, help="fresh processes (default: 5)")
-    startup.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    add_json(startup)
     startup.set_defaults(handler=run_startup)
+
+
+COMMANDS = {"deploy": add_deploy_commands}
 
 
 def run_init(args: argparse.Namespace) -> int:

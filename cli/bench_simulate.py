@@ -13,19 +13,22 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedlora.cli import comma_ints, output_console
+from cli.options import (
+    add_json,
+    add_out,
+    add_overrides,
+    add_recipe,
+    add_rounds,
+    comma_ints,
+    output_console,
+)
 from simulations.bench import simulate_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
-from simulations.recipes import DEMO_RECIPE, RECIPES_DIR
+from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
 from simulations.run_dir import check_out_dir
 
 DEFAULT_ROUNDS = 3
 MULTI_GPU_RECIPE = RECIPES_DIR / "multi-gpu.toml"
-
-
-def add_simulation_benchmarks(benchmarks: argparse._SubParsersAction) -> None:
-    add_simulate_benchmark(benchmarks)
-    add_gpus_benchmark(benchmarks)
 
 
 def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
@@ -38,14 +41,10 @@ def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
             "compute, the simulation's overhead beyond it, and both runs' client accuracy."
         ),
     )
-    parser.add_argument(
-        "--recipe", type=Path, default=DEMO_RECIPE, metavar="FILE", help="default: the demo's"
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=DEFAULT_ROUNDS, metavar="N", help="server rounds (default 3)"
-    )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+    add_recipe(parser, default=DEMO_RECIPE)
+    add_rounds(parser, default=DEFAULT_ROUNDS)
+    add_json(parser)
+    add_overrides(parser)
     parser.set_defaults(handler=run_bench_simulate)
 
 
@@ -131,20 +130,18 @@ def add_gpus_benchmark(benchmarks: argparse._SubParsersAction) -> None:
             "and the scaling efficiency per GPU."
         ),
     )
-    parser.add_argument("--recipe", type=Path, default=MULTI_GPU_RECIPE, metavar="FILE")
+    add_recipe(parser, default=MULTI_GPU_RECIPE)
     parser.add_argument(
         "--gpus", type=comma_ints, default=(1, 2), metavar="N,N", help="GPU counts (default 1,2)"
     )
-    parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
-    parser.add_argument(
-        "--out",
-        type=Path,
+    add_rounds(parser)
+    add_json(parser)
+    add_out(
+        parser,
+        "the runs' directories, DIR/gpus-N (default: runs/bench-gpus)",
         default=Path("runs/bench-gpus"),
-        metavar="DIR",
-        help="the runs' directories, DIR/gpus-N (default: runs/bench-gpus)",
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+    add_overrides(parser)
     parser.set_defaults(handler=run_bench_gpus)
 
 
