@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fedlora.adapter import lora_scale
 from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
+from fedlora.method_config import robustness_of
 from fedlora.config import RunConfig
 from fedlora.lowrank import stack
 from fedlora.measurement import worst
@@ -51,7 +52,6 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
-from fedlora.method_config import robustness_of
 from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult, rule_class
