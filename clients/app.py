@@ -257,7 +257,7 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
         )
         privacy = {}
     arrays, facts = client.side.reply(model, payload, context)
-    arrays, clipping = clip_for_client_dp(arrays, payload, facts)
+    arrays, clipping = clip_for_client_dp(arrays, payload, facts, client.side.rule.dp_scale_power)
     save_facts(context, ranks_in(facts), saved_version(context))
     metrics = {
         NUM_EXAMPLES_KEY: len(data.train),

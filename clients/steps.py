@@ -8,7 +8,6 @@ how the model's weights moved (for the exactness probes), and builds the reply a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -41,7 +40,14 @@ from fedlora.messages import (
     to_wire,
 )
 from fedlora.models import sb_head_parameters
-from fedlora.peft_io import ModelMismatchError, apply_client_state, read_adapter, read_head
+from fedlora.peft_io import (
+    DEFAULT_ADAPTER,
+    ModelMismatchError,
+    apply_client_state,
+    lora_layers,
+    read_adapter,
+    read_head,
+)
 from fedlora.probes import Delta, lora_weight_changes, sb_weight_changes
 from fedlora.rules import AggregationRule
 from fedlora.rules.fedsb import cores_to_tensors
@@ -67,6 +73,8 @@ class LoRASide:
         built = self.worker.lora_model(ranks_in(payload.config))
         local = with_kept(built.pristine, kept_tensors(context))
         apply_client_state(built.model, self.rule.client_step(local, payload, cache))
+        for layer in lora_layers(built.model).values():
+            layer.lora_A[DEFAULT_ADAPTER].weight.requires_grad_(self.rule.trains_A)
         return built.model
 
     def weight_changes(self, model: nn.Module) -> dict[str, Delta]:
@@ -74,7 +82,8 @@ class LoRASide:
 
     def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
         """The trained update as the rule's ``client_reply`` makes it (HetLoRA: pruned) and its
-        ranks; FedSA-LoRA sends A only and keeps B and the head on the node."""
+        ranks; FedSA-LoRA sends A only and keeps B and the head on the node; FFA-LoRA sends B
+        only (A is frozen)."""
         run = self.worker.config
         adapter = self.rule.client_reply(read_adapter(model), run.lora_alpha, run.rslora)
         config = adapter_config(adapter)
@@ -87,7 +96,10 @@ class LoRASide:
             shared = {module + A_SUFFIX: to_wire(f.A) for module, f in adapter.items()}
             return {ADAPTER_RECORD: shared}, config
         head = {key: to_wire(t) for key, t in read_head(model).items()}
-        return {ADAPTER_RECORD: adapter_to_tensors(adapter), HEAD_RECORD: head}, config
+        tensors = adapter_to_tensors(adapter)
+        if not self.rule.trains_A:
+            tensors = {key: t for key, t in tensors.items() if not key.endswith(A_SUFFIX)}
+        return {ADAPTER_RECORD: tensors, HEAD_RECORD: head}, config
 
 
 def with_kept(pristine: ClientState, kept: Mapping[str, Tensor]) -> ClientState:
@@ -169,10 +181,11 @@ def side_for(worker: Worker, rule: AggregationRule) -> LoRASide | SBSide:
 
 
 def clip_for_client_dp(
-    arrays: Arrays, payload: Payload, facts: Mapping[str, Scalar]
+    arrays: Arrays, payload: Payload, facts: Mapping[str, Scalar], scale_power: float = 0.5
 ) -> tuple[Arrays, dict[str, float]]:
     """Client-level DP: the reply's adapter and head with their change from the payload clipped,
-    as one vector in the client's own shapes and folded (LoRA factors times sqrt(s_i)), to the
+    as one vector in the client's own shapes and folded (LoRA factors times s_i ** the rule's
+    ``dp_scale_power``: sqrt(s_i), FFA-LoRA's s_i), to the
     payload's ``dp-client-clip`` (`fedlora.client_dp.clip_reply`); and the change's norm before
     clipping. Unchanged, with no metric, when the payload asks for no clipping."""
     if CLIP_KEY not in payload.config:
@@ -184,7 +197,7 @@ def clip_for_client_dp(
             sent[(name, key)], before[(name, key)] = tensor, received[name][key]
             if key.endswith((A_SUFFIX, B_SUFFIX)):
                 module = key.removesuffix(A_SUFFIX).removesuffix(B_SUFFIX)
-                folds[(name, key)] = math.sqrt(float(facts[scale_key(module)]))
+                folds[(name, key)] = float(facts[scale_key(module)]) ** scale_power
     clipped, norm = clip_reply(sent, before, folds, float(payload.config[CLIP_KEY]))
     out = {name: dict(named) for name, named in arrays.items()}
     for (name, key), tensor in clipped.items():

@@ -103,4 +103,16 @@ class SBCore:
             raise ValueError(f"Fed-SB capacity {self.rank} outside 1..{self.R.shape[0]}")
 
 
-ModuleUpdate = LoRAFactors | SharedA | SBCore
+@dataclass(frozen=True)
+class TrainedB:
+    """FFA-LoRA's upload: only B (d_out x r) and the scale; A is frozen from a shared seed."""
+
+    B: Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[1]
+
+
+ModuleUpdate = LoRAFactors | SharedA | SBCore | TrainedB

@@ -33,7 +33,7 @@ import torch
 from opacus.accountants import create_accountant
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.opacus_logging import drop_opacus_root_handler
@@ -100,7 +100,8 @@ def clip_reply(
 
 def client_tensors(update: ClientUpdate) -> dict[str, Tensor]:
     """What a client's reply adds to the sum, in its own shapes: folded factors ``{module}.B``,
-    ``{module}.A`` (FedAvg), ``{module}.A`` (FedSA-LoRA), ``{module}.R`` (Fed-SB), and the head."""
+    ``{module}.A`` (FedAvg), ``{module}.A`` (FedSA-LoRA), ``{module}.R`` (Fed-SB), ``{module}.B``
+    = s_i B_i in FFA-LoRA's coordinates G (its A is frozen), and the head."""
     tensors: dict[str, Tensor] = {}
     for module, factors in update.modules.items():
         if isinstance(factors, LoRAFactors):
@@ -110,6 +111,8 @@ def client_tensors(update: ClientUpdate) -> dict[str, Tensor]:
             tensors[f"{module}.A"] = math.sqrt(factors.scale) * factors.A
         elif isinstance(factors, SBCore):
             tensors[f"{module}.R"] = factors.R
+        elif isinstance(factors, TrainedB):
+            tensors[f"{module}.B"] = factors.scale * factors.B
         else:
             raise TypeError(f"no client-level DP for updates of kind {type(factors).__name__}")
     return {**tensors, **update.head}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,11 @@ class ClientState:
             delta = factors.delta()
         shift = self.base_shift.get(module)
         return delta if shift is None else shift + delta
+
+
+def module_seed(seed: int, module: str) -> int:
+    """One seed per (run seed, module path)."""
+    return zlib.crc32(f"{seed}:{module}".encode())
 
 
 def fresh_lora_A(rank: int, d_in: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -34,6 +34,7 @@ Scalar = int | float | str | bool
 """A run-config value (Flower's scalar user-config values)."""
 
 TASKS = ("classification", "causal-lm")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 DP_ACCOUNTANTS = ("rdp", "prv")
 DP_GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PARTITIONERS = ("iid", "dirichlet", "shard")
@@ -243,6 +244,23 @@ class RunConfig:
     )
     robust_trim_fraction: float = key(
         0.1, "the share cut from each end by trimmed-mean", FRACTION_BELOW_HALF
+    )
+    server_optimizer: str = key(
+        "sgd",
+        "the server optimizer over the aggregated update, for strategies that take one",
+        choices=SERVER_OPTIMIZERS,
+    )
+    server_lr: float = key(1.0, "the server optimizer's learning rate", POSITIVE)
+    server_momentum: float = key(
+        0.0, "the server optimizer's momentum (sgd: FedAvgM)", NOT_NEGATIVE
+    )
+    server_beta1: float = key(0.9, "adam and yogi's first-moment decay", FRACTION_BELOW_1)
+    server_beta2: float = key(0.99, "adam and yogi's second-moment decay", FRACTION_BELOW_1)
+    server_eps: float = key(1e-3, "adam and yogi's adaptivity constant tau", POSITIVE)
+    fedprox_mu: float = key(
+        0.0,
+        "FedProx's proximal term mu / 2 ||w - w_0||^2 in the clients' loss (0: off)",
+        NOT_NEGATIVE,
     )
     checkpoint_every: int = key(
         1, "the server checkpoints every k rounds and after the last", AT_LEAST_1

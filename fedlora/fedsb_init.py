@@ -25,7 +25,6 @@ clipped per example and noised by Opacus' DP-SGD, and its steps count in the cli
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fedlora.client_state import module_seed
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.privacy import History, PrivacyPlan, private_training
@@ -278,10 +278,6 @@ def sketch_upload_floats(
 
 
 # ---- shared plumbing ------------------------------------------------------------------------------
-
-
-def module_seed(seed: int, module: str) -> int:
-    return zlib.crc32(f"{seed}:{module}".encode())
 
 
 def seeded_svd_lowrank(

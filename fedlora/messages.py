@@ -28,6 +28,8 @@ CONFIG_RECORD = "config"
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+B_TAIL_SUFFIX = ".lora_B.tail"
+"""FFA-LoRA: the global B's columns past a client's rank, which it folds into its base."""
 SB_R_SUFFIX = ".sb_R.weight"
 SB_A_SUFFIX = ".sb_A.weight"
 SB_B_SUFFIX = ".sb_B.weight"
@@ -35,6 +37,8 @@ SB_B_SUFFIX = ".sb_B.weight"
 VERSION_KEY = "version"
 NUM_EXAMPLES_KEY = "num-examples"
 FRESH_ADAPTER_SEED_KEY = "fresh-adapter-seed"
+FROZEN_A_SEED_KEY = "frozen-a-seed"
+"""FFA-LoRA: the seed every client draws its frozen A from."""
 
 # Flower messages: the reply's metrics record, what a node restates in every reply, the round, and
 # where per-round base changes lie when they do not travel in messages (``base-store``).

@@ -33,11 +33,10 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
-from fedlora.client_state import fresh_lora_A
+from fedlora.client_state import fresh_lora_A, module_seed
 from fedlora.config import RunConfig
 from fedlora.data import HashingTokenizer, load_dataset, num_labels
 from fedlora.errors import ConfigError
-from fedlora.fedsb_init import module_seed
 from fedlora.lowrank import LowRank
 from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers
 from fedlora.sb_layer import base_shape, find_targets, inject_sb_layers

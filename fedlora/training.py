@@ -132,7 +132,8 @@ def train_round(
 ) -> TrainReport:
     """A client's round of plain local training: ``local-steps`` AdamW steps, each on
     ``gradient-accumulation-steps`` seeded batches of ``batch-size`` of its examples, at the
-    schedule's learning rates for round ``server_round``."""
+    schedule's learning rates for round ``server_round``, with FedProx's proximal term
+    (``fedprox-mu``)."""
     accumulation = config.gradient_accumulation_steps
     training = batches(
         examples,
@@ -155,6 +156,7 @@ def train_round(
         seed=seed,
         accumulation_steps=accumulation,
         learning_rates=learning_rates(config, server_round),
+        proximal_mu=config.fedprox_mu,
     )
 
 
@@ -195,9 +197,14 @@ def train_local(
     loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], Tensor] | None = None,
     accumulation_steps: int = 1,
     learning_rates: Sequence[float] | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainReport:
     """``steps`` AdamW steps on the trainable parameters, each accumulating the gradients of the
     next ``accumulation_steps`` batches (each batch's loss weighted by `batch_weights`).
+
+    FedProx (Li et al. 2020): with ``proximal_mu`` > 0 the loss gains (mu / 2) ||w - w_0||^2 over
+    the trainable parameters w, w_0 their values when the round starts (what the client received),
+    added as its gradient mu (w - w_0) before each step; the reported loss is the task's alone.
 
     The model is trained in train mode (dropout on) and left in eval mode. ``optimizer`` replaces
     the AdamW made here (e.g. an Opacus DP optimizer over the same parameters), ``loss_fn``
@@ -208,6 +215,11 @@ def train_local(
     optimizer = optimizer or make_optimizer(model, lr, weight_decay)
     batches = iter(batches)
     losses, num_examples = [], 0
+    anchors = [
+        (parameter, parameter.detach().clone())
+        for parameter in model.parameters()
+        if parameter.requires_grad and proximal_mu > 0
+    ]
     start = time.perf_counter()
     model.train()
     try:
@@ -227,6 +239,7 @@ def train_local(
                     (loss * weight).backward()
                     step_loss = step_loss + loss.detach() * weight
                     num_examples += len(batch["labels"])
+                add_proximal_gradient(anchors, proximal_mu)
                 if learning_rates is not None:
                     set_learning_rate(optimizer, learning_rates[step])
                 optimizer.step()
@@ -240,6 +253,17 @@ def train_local(
     return TrainReport(
         loss=mean_loss, num_examples=num_examples, seconds=time.perf_counter() - start
     )
+
+
+@torch.no_grad()
+def add_proximal_gradient(anchors: Sequence[tuple[Tensor, Tensor]], mu: float) -> None:
+    """grad += mu (w - w_0) for every (w, w_0): the gradient of (mu / 2) ||w - w_0||^2."""
+    for parameter, anchor in anchors:
+        proximal = mu * (parameter - anchor)
+        if parameter.grad is None:
+            parameter.grad = proximal
+        else:
+            parameter.grad.add_(proximal)
 
 
 def train_private(

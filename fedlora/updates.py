@@ -157,9 +157,9 @@ def _check_finite(updates: Sequence[ClientUpdate]) -> None:
             c = batch.concatenated(module)
             flags += [torch.isfinite(c.U).all(), torch.isfinite(c.V).all()]
         else:
-            for attr in ("A", "R"):
+            for attr in ("A", "B", "R"):
                 if hasattr(factors, attr):
-                    rows = torch.cat([getattr(u.modules[module], attr) for u in batch])
+                    rows = torch.cat([getattr(u.modules[module], attr).flatten() for u in batch])
                     flags.append(torch.isfinite(rows).all())
     for name in batch[0].head:
         flags.append(torch.isfinite(torch.stack([u.head[name] for u in batch])).all())
@@ -174,10 +174,12 @@ def _check_finite(updates: Sequence[ClientUpdate]) -> None:
 
 
 def _outer_shape(factors: ModuleUpdate) -> tuple[int, ...]:
-    if hasattr(factors, "B"):
+    if isinstance(factors, LoRAFactors):
         return factors.shape
     if hasattr(factors, "R"):
         return tuple(factors.R.shape)
+    if hasattr(factors, "B"):
+        return (factors.B.shape[0],)
     return (factors.A.shape[1],)
 
 

@@ -25,7 +25,7 @@ from simulations.runner import simulate
 
 SWEEP_CSV = "dp_results.csv"
 ACCURACY_VS_EPSILON = "accuracy_vs_epsilon.png"
-DEFAULT_STRATEGIES = "fedavg,fedex,fedsa,fedsb"
+DEFAULT_STRATEGIES = "fedavg,fedex,fedsa,fedsb,ffalora"
 SWEEP_COLUMNS = (
     "strategy",
     "target_epsilon",

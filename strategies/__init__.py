@@ -9,8 +9,10 @@ from strategies.fedsb import FedSB
 from strategies.methods import (
     FedExLoRA,
     FedSALoRA,
+    FFALoRA,
     FlexLoRA,
     FLoRA,
+    FSLoRA,
     HetLoRA,
     LoRAFAIR,
     LoRAFedAvg,
@@ -37,7 +39,9 @@ STRATEGIES = StrategiesByName()
 
 __all__ = [
     "STRATEGIES",
+    "FFALoRA",
     "FLoRA",
+    "FSLoRA",
     "FedExLoRA",
     "FedSALoRA",
     "FedSB",

@@ -29,7 +29,6 @@ from torch import Tensor
 
 from fedlora.adapter import lora_scale
 from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
-from fedlora.method_config import robustness_of
 from fedlora.config import RunConfig
 from fedlora.lowrank import stack
 from fedlora.measurement import worst
@@ -52,6 +51,7 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
+from fedlora.method_config import robustness_of, server_optimizer_of
 from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult, rule_class
@@ -142,8 +142,12 @@ class LoRAStrategy(Strategy):
 
     @classmethod
     def options_from(cls, config: RunConfig) -> dict:
-        """The method's options read from the run config: its rule's and its robustness."""
-        return {**cls.rule_class.options_from(config), "robustness": robustness_of(config)}
+        """The method's options read from the run config: its rule's, its robustness and, where
+        the rule takes one, its server optimizer."""
+        options = {**cls.rule_class.options_from(config), "robustness": robustness_of(config)}
+        if cls.rule_class.takes_server_optimizer:
+            options["server_optimizer"] = server_optimizer_of(config)
+        return options
 
     @classmethod
     def initial_arrays(cls, config: RunConfig) -> ArrayRecord:
@@ -575,7 +579,9 @@ class LoRAStrategy(Strategy):
         current one when clients catch up from the store, else the one the node holds."""
         store_serves_base = self.base_store is not None and self.state.changes is not None
         version = self.state.version if store_serves_base else node.version
-        return ClientSpec(ranks=node.ranks, scales=node.scales, version=version)
+        return ClientSpec(
+            ranks=node.ranks, scales=node.scales, version=version, client=str(node.partition_id)
+        )
 
     def _learn_nodes(self, node_ids: list[int], grid: Grid, held_round: int) -> None:
         """Ask the nodes not seen yet for their partition id, ranks and scales, as of

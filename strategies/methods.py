@@ -46,6 +46,21 @@ class FlexLoRA(LoRAStrategy):
     rule_class = rules.FlexLoRA
 
 
+class FFALoRA(LoRAStrategy):
+    """FFA-LoRA: A frozen from the run seed, only B trains and travels; exact at any mix of
+    ranks (the tail of B past a client's rank goes into its base). Options: ``seed``,
+    ``server_optimizer``."""
+
+    rule_class = rules.FFALoRA
+
+
+class FSLoRA(LoRAStrategy):
+    """FSLoRA: each client trains a seeded sketch of the global LoRA's rank components; the
+    mapped-back changes go through a server optimizer. Options: ``seed``, ``server_optimizer``."""
+
+    rule_class = rules.FSLoRA
+
+
 class HetLoRA(LoRAStrategy):
     """HetLoRA: sparsity-weighted padded factors; clients prune their own ranks."""
 

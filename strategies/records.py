@@ -16,11 +16,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import InvalidUpdateError
 from fedlora.messages import (
     A_SUFFIX,
     ADAPTER_RECORD,
+    B_SUFFIX,
     BASE_CHANGE_RECORD,
     CONFIG_RECORD,
     HEAD_RECORD,
@@ -105,9 +106,11 @@ def update_from_tensors(
     if update_kind is LoRAFactors:
         modules = adapter_from_tensors(adapter, config)
     elif update_kind is SharedA:
-        modules = shared_a_from_tensors(adapter, config)
+        modules = one_factor_from_tensors(adapter, config, A_SUFFIX, 0, SharedA)
     elif update_kind is SBCore:
         modules = cores_from_tensors(adapter, config)
+    elif update_kind is TrainedB:
+        modules = one_factor_from_tensors(adapter, config, B_SUFFIX, 1, TrainedB)
     else:
         raise TypeError(f"no reply layout for updates of kind {update_kind.__name__}")
     start_ranks = {
@@ -124,20 +127,24 @@ def update_from_tensors(
     )
 
 
-def shared_a_from_tensors(adapter: dict[str, Tensor], config: dict) -> dict[str, SharedA]:
-    """FedSA-LoRA's upload: ``{module}.lora_A.weight`` with its declared rank and scale."""
-    shared = {}
-    for module in modules_with_suffix(adapter, A_SUFFIX):
-        A = adapter[module + A_SUFFIX]
+def one_factor_from_tensors(
+    adapter: dict[str, Tensor], config: dict, suffix: str, rank_axis: int, kind: type
+) -> dict:
+    """An upload of one factor per module with its declared rank and scale: FedSA-LoRA's
+    ``{module}.lora_A.weight`` (rank on axis 0) as `SharedA`, FFA-LoRA's ``lora_B`` (axis 1) as
+    `TrainedB`."""
+    modules = {}
+    for module in modules_with_suffix(adapter, suffix):
+        factor = adapter[module + suffix]
         if rank_key(module) not in config or scale_key(module) not in config:
             raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
-        if A.ndim != 2 or A.shape[0] != int(config[rank_key(module)]):
+        if factor.ndim != 2 or factor.shape[rank_axis] != int(config[rank_key(module)]):
             raise InvalidUpdateError(
                 f"module {module!r}: declared rank {config[rank_key(module)]} does not match "
-                f"lora_A {tuple(A.shape)}"
+                f"{suffix.strip('.').removesuffix('.weight')} {tuple(factor.shape)}"
             )
-        shared[module] = SharedA(A=A, scale=float(config[scale_key(module)]))
-    return shared
+        modules[module] = kind(factor, float(config[scale_key(module)]))
+    return modules
 
 
 def probe_responses(content: RecordDict) -> dict[str, Tensor]:

@@ -34,7 +34,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors, ModuleUpdate, SBCore, SharedA, lora_scale
+from fedlora.adapter import (
+    Adapter,
+    LoRAFactors,
+    ModuleUpdate,
+    SBCore,
+    SharedA,
+    TrainedB,
+    lora_scale,
+)
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.messages import to_wire
@@ -167,6 +175,7 @@ class Workload:
             ranks=dict.fromkeys(self.modules, self.ranks[client]),
             scales=dict.fromkeys(self.modules, self.scales[client]),
             version=version,
+            client=str(client),
         )
 
 
@@ -210,6 +219,11 @@ def shared_a_update(workload: Workload, client: int) -> SharedA:
     return SharedA(A=workload.kaiming_A(workload.ranks[client]), scale=workload.scales[client])
 
 
+def trained_b_update(workload: Workload, client: int) -> TrainedB:
+    rank = workload.ranks[client]
+    return TrainedB(B=workload.small_B(rank), scale=workload.scales[client])
+
+
 def sb_core_update(workload: Workload, client: int) -> SBCore:
     """R_0 = s I (`FedSB.init_state` of the initial adapter) moved on its leading r_i x r_i block."""
     initial = next(iter(workload.initial.values()))
@@ -232,8 +246,10 @@ UPDATE_KINDS: dict[type, UpdateKind] = {
     LoRAFactors: UpdateKind(lora_update, dense_baseline=True),
     SharedA: UpdateKind(shared_a_update, dense_baseline=False),
     SBCore: UpdateKind(sb_core_update, dense_baseline=False),
+    TrainedB: UpdateKind(trained_b_update, dense_baseline=False),
 }
-"""Each rule's inputs by its ``update_kind``: LoRA factors, FedSA's A alone, Fed-SB's R."""
+"""Each rule's inputs by its ``update_kind``: LoRA factors, FedSA's A alone, Fed-SB's R,
+FFA-LoRA's B alone."""
 
 
 def client_updates(workload: Workload, kind: UpdateKind) -> list[ClientUpdate]:

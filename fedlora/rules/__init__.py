@@ -6,14 +6,27 @@ from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.fedex import FedExLoRA
 from fedlora.rules.fedsa import FedSALoRA
 from fedlora.rules.fedsb import FedSB
+from fedlora.rules.ffalora import FFALoRA
 from fedlora.rules.flexlora import FlexLoRA
 from fedlora.rules.flora import FLoRA
+from fedlora.rules.fslora import FSLoRA
 from fedlora.rules.hetlora import HetLoRA
 from fedlora.rules.lorafair import LoRAFAIR
 
 RULES: dict[str, type[AggregationRule]] = {
     rule.name: rule
-    for rule in (FedAvg, FedExLoRA, FLoRA, FedSALoRA, FedSB, LoRAFAIR, FlexLoRA, HetLoRA)
+    for rule in (
+        FedAvg,
+        FedExLoRA,
+        FLoRA,
+        FedSALoRA,
+        FedSB,
+        LoRAFAIR,
+        FlexLoRA,
+        HetLoRA,
+        FFALoRA,
+        FSLoRA,
+    )
 }
 
 

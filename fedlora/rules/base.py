@@ -36,6 +36,7 @@ from fedlora.messages import (
     to_wire,
 )
 from fedlora.rules.robust import Robustness, bounded_lora, robust_padded_rows, with_modules
+from fedlora.server_optimizer import ServerOptimizer
 from fedlora.updates import (
     ClientUpdate,
     ClientUpdates,
@@ -60,6 +61,8 @@ class ClientSpec:
     ranks: dict[str, int]
     scales: dict[str, float]
     version: int = 0
+    client: str = ""
+    """The client's id as its updates carry it (the partition id): FSLoRA draws its sketch by it."""
 
 
 @dataclass
@@ -68,7 +71,8 @@ class GlobalState:
 
     ``factors`` are the global folded factors (U = sqrt(s) B, V = sqrt(s) A) at the top rank;
     ``changes`` the per-round changes of the base (FedEx-LoRA, FLoRA); ``cores`` Fed-SB's R between
-    its fixed factors ``sb_factors`` (U = B, V = A).
+    its fixed factors ``sb_factors`` (U = B, V = A); ``optimizer`` the server optimizer's moments
+    (`fedlora.server_optimizer`).
     """
 
     version: int
@@ -78,6 +82,7 @@ class GlobalState:
     changes: ChangeLog | None = None
     cores: dict[str, Tensor] = field(default_factory=dict)
     sb_factors: dict[str, LowRank] = field(default_factory=dict)
+    optimizer: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -94,6 +99,7 @@ class GlobalState:
             tensors.update(low_rank_tensors(group, factors))
         tensors.update({f"cores/{module}": core for module, core in self.cores.items()})
         tensors.update({f"head/{name}": t for name, t in self.head.items()})
+        tensors.update({f"optimizer/{name}": t for name, t in self.optimizer.items()})
         if self.changes is not None:
             for version, change in enumerate(self.changes.rounds, start=1):
                 tensors.update(low_rank_tensors(f"changes/{version}", change))
@@ -126,6 +132,7 @@ class GlobalState:
             changes=changes,
             cores=dict(groups.get("cores", {})),
             sb_factors=low_rank_of(groups.get("sb_factors", {})),
+            optimizer=dict(groups.get("optimizer", {})),
         )
 
 
@@ -188,6 +195,14 @@ class AggregationRule(ABC):
     update_kind: ClassVar[type] = LoRAFactors
     scaled: ClassVar[bool] = True
     """Whether clients run their update at a LoRA scale alpha / r (restated in every reply)."""
+    dp_scale_power: ClassVar[float] = 0.5
+    """Client-level DP clips a LoRA factor's change times s_i ** this: the folded factors the
+    rules sum (1/2); FFA-LoRA's G = s B (1)."""
+    takes_server_optimizer: ClassVar[bool] = False
+    """Whether the rule's update is a weighted sum of client tensors that it applies through a
+    server optimizer (`fedlora.server_optimizer`, the ``server_optimizer`` option)."""
+    trains_A: ClassVar[bool] = True
+    """Whether clients train A (FFA-LoRA freezes it: the client step leaves it trainable-off)."""
     bounds_norms: ClassVar[bool] = True
     """Whether the rule takes norm bounding of each client's change (`fedlora.rules.robust`)."""
     combinations: ClassVar[tuple[str, ...]] = ("mean",)
@@ -208,9 +223,14 @@ class AggregationRule(ABC):
         """The rule's options read from the run config (passed to its constructor)."""
         return {}
 
-    def __init__(self, robustness: Robustness | None = None):
+    def __init__(
+        self, robustness: Robustness | None = None, server_optimizer: ServerOptimizer | None = None
+    ):
         self.robustness = robustness or Robustness()
         check_robustness(type(self), self.robustness)
+        self.server_optimizer = server_optimizer or ServerOptimizer()
+        if not (self.takes_server_optimizer or self.server_optimizer.is_plain_average):
+            raise ConfigError(f"strategy {self.name!r} does not take a server optimizer")
 
     def init_state(self, initial: Adapter, head: dict[str, Tensor] | None = None) -> GlobalState:
         """Round 0 from the common initial adapter (all clients start from its slices)."""
@@ -225,10 +245,18 @@ class AggregationRule(ABC):
         batch = ClientUpdates(updates)
         validate_updates(batch, self.update_kind)
         self._check_against_state(state, batch)
+        batch = ClientUpdates(self.completed_updates(state, batch))
         weights = example_weights(batch)
         if self.robustness.bounds_norms:
             batch = ClientUpdates(self.bounded_updates(state, batch))
         return self._aggregate(state, batch, weights)
+
+    def completed_updates(
+        self, state: GlobalState, updates: Sequence[ClientUpdate]
+    ) -> Sequence[ClientUpdate]:
+        """The validated updates as the rule aggregates them: what the clients sent, unless the
+        rule adds what the server already holds (FFA-LoRA's frozen A)."""
+        return updates
 
     def bounded_updates(
         self, state: GlobalState, updates: Sequence[ClientUpdate]
@@ -303,6 +331,24 @@ class AggregationRule(ABC):
                         f"client {update.client_id!r}: module {module!r} has rank "
                         f"{update.start_rank(module)} above the global rank {top}"
                     )
+
+
+class SeededRule(AggregationRule):
+    """A rule whose random draws come from a ``seed`` option, the run's seed (FFA-LoRA's frozen
+    A, FSLoRA's sketches), shared by the server and every client."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        server_optimizer: ServerOptimizer | None = None,
+        robustness: Robustness | None = None,
+    ):
+        super().__init__(robustness, server_optimizer)
+        self.seed = seed
+
+    @classmethod
+    def options_from(cls, config: RunConfig) -> dict:
+        return {"seed": config.seed}
 
 
 def check_robustness(rule: type[AggregationRule], robustness: Robustness) -> None:

@@ -34,11 +34,29 @@ class FedAvg(AggregationRule):
     combinations = ("mean", "trimmed-mean", "median")
     client_dp_refusal = None
 
+    takes_server_optimizer = True
+
     def _aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
-        factors = self._average_factors(state, updates, weights)
-        return self._result(state, updates, weights, factors)
+        averaged = self._average_factors(state, updates, weights)
+        if self.server_optimizer.is_plain_average:
+            return self._result(state, updates, weights, averaged)
+        factors, moments = self._server_step(state, averaged)
+        result = self._result(state, updates, weights, factors)
+        result.state.optimizer = moments
+        return result
+
+    def _server_step(self, state: GlobalState, averaged: dict) -> tuple[dict, dict]:
+        """The averaged factors' change from the previous ones, through the server optimizer."""
+        params, deltas = {}, {}
+        for module, new in averaged.items():
+            old = state.factors[module]
+            params[f"{module}.U"], params[f"{module}.V"] = old.U, old.V
+            deltas[f"{module}.U"], deltas[f"{module}.V"] = new.U - old.U, new.V - old.V
+        stepped, moments = self.server_optimizer.step(params, deltas, state.optimizer)
+        factors = {m: LowRank(stepped[f"{m}.U"], stepped[f"{m}.V"]) for m in averaged}
+        return factors, moments
 
     def _average_factors(self, state, updates, weights) -> dict:
         return {

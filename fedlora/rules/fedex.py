@@ -34,6 +34,7 @@ FROM_VERSION_KEY = "base-from-version"
 
 class FedExLoRA(FedAvg):
     name = "fedex"
+    takes_server_optimizer = False
     exact = True
     combinations = ("mean",)
     client_dp_refusal = (

@@ -42,6 +42,7 @@ class FedSB(AggregationRule):
     update_kind = SBCore
     scaled = False
     combinations = ("mean", "trimmed-mean", "median")
+    takes_server_optimizer = True
     client_dp_refusal = None
     initial_training_rounds = 1
     keeps_node_state = True
@@ -79,7 +80,7 @@ class FedSB(AggregationRule):
     ) -> RoundResult:
         """R_t = sum_i p_i R_i (as R_{t-1} + sum_i p_i (R_i - R_{t-1})), the round's change
         B (R_t - R_{t-1}) A, dW* one term per client, and sum_i p_i ||dW_i|| per module."""
-        cores, global_update, ideal, reference = {}, {}, {}, {}
+        cores, global_update, ideal, reference, optimizer = {}, {}, {}, {}, {}
         for module in state.modules:
             fixed, previous = state.sb_factors[module], state.cores[module]
             p = weights.to(previous)
@@ -87,8 +88,12 @@ class FedSB(AggregationRule):
                 torch.stack([u.modules[module].R.to(previous) for u in updates]) - previous
             )
             change = self._combine(core_changes, p)
-            cores[module] = previous + change
-            global_update[module] = LowRank(fixed.U, change @ fixed.V)
+            stepped, moments = self.server_optimizer.step(
+                {module: previous}, {module: change}, state.optimizer
+            )
+            optimizer.update(moments)
+            cores[module] = stepped[module]
+            global_update[module] = LowRank(fixed.U, (cores[module] - previous) @ fixed.V)
             ideal[module] = ideal_core_update(fixed, core_changes, p)
             reference[module] = float(p @ core_change_norms(fixed, core_changes))
         new_state = replace(
@@ -96,6 +101,7 @@ class FedSB(AggregationRule):
             version=state.version + 1,
             cores=cores,
             head=average_head(updates, weights) or state.head,
+            optimizer=optimizer,
         )
         return RoundResult(new_state, global_update, ideal, reference)
 

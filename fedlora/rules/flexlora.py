@@ -71,6 +71,7 @@ class FlexLoRA(FedAvg):
     """
 
     name = "flexlora"
+    takes_server_optimizer = False
     exact = False
     combinations = ("mean",)
     client_dp_refusal = "it takes a truncated SVD of the sum of the clients' products B_i A_i"

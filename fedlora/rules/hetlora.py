@@ -31,6 +31,7 @@ DEFAULT_PRUNE_GAMMA = 0.05
 
 class HetLoRA(FedAvg):
     name = "hetlora"
+    takes_server_optimizer = False
     exact = False
     client_dp_refusal = "its weights p_i ||s_i B_i A_i|| depend on each client's update"
     keeps_node_state = True

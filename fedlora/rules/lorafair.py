@@ -43,6 +43,7 @@ class LoRAFAIR(FedAvg):
     """
 
     name = "lorafair"
+    takes_server_optimizer = False
     exact = False
     combinations = ("mean",)
     client_dp_refusal = (

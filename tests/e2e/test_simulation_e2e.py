@@ -2,7 +2,9 @@
 actors, for 3 rounds, with the checks of the in-process strategy matrix
 (`tests.support.strategy_matrix`). The cases cover what only Ray shows: partial participation
 with the base store read by other processes (FedEx-LoRA on the Llama), the node state that
-FedSA-LoRA keeps between rounds, and Fed-SB's extra start-up exchange.
+FedSA-LoRA keeps between rounds, Fed-SB's extra start-up exchange, and the two methods whose
+clients hold what no other does: FFA-LoRA's A drawn from the seed in each actor (and its tail
+folded into the base), FSLoRA's per-client sketches.
 
 The ServerApp is the project's own (`strategies.server_app.run`) on Flower's grid, wrapped to
 record every message and reply; the ClientApp is `clients.app.client_app`. `run_simulation`
@@ -18,7 +20,13 @@ from tests.support.strategy_matrix import NUM_NODES, case_id, check_run, run_con
 
 pytestmark = pytest.mark.slow
 
-RAY_CASES = [("fedex", "tiny-llama"), ("fedsa", "tiny-bert"), ("fedsb", "tiny-bert")]
+RAY_CASES = [
+    ("fedex", "tiny-llama"),
+    ("fedsa", "tiny-bert"),
+    ("fedsb", "tiny-bert"),
+    ("ffalora", "tiny-bert"),
+    ("fslora", "tiny-bert"),
+]
 
 
 @pytest.mark.parametrize(("strategy", "model"), RAY_CASES, ids=[case_id(c) for c in RAY_CASES])

@@ -20,8 +20,8 @@ KEYS = {
     "scaled": bool,
     "exact": bool,
 }
-EXACT_RULES = {"fedex", "flora", "fedsb"}
-NO_DENSE_BASELINE = {"fedsa", "fedsb"}
+EXACT_RULES = {"fedex", "flora", "fedsb", "ffalora"}
+NO_DENSE_BASELINE = {"fedsa", "fedsb", "ffalora"}
 QUICK_MODULES, QUICK_HIDDEN, QUICK_RANK = 16, 256, 8
 
 
@@ -67,7 +67,8 @@ def test_naive_baseline_only_where_a_dense_sum_applies(quick):
 
 
 def test_bytes_are_the_tensors_on_the_wire(quick):
-    """FedAvg: r (d_in + d_out) floats each way per module; FedSA: r d_in; FedEx: more down."""
+    """FedAvg: r (d_in + d_out) floats each way per module; FedSA: r d_in; FFA-LoRA: r d_out up;
+    FedEx: more down."""
     lora_floats = QUICK_MODULES * QUICK_RANK * 2 * QUICK_HIDDEN
     rows = {(row["method"], row["clients"]): row for row in quick}
     for clients in (4, 10):
@@ -75,6 +76,7 @@ def test_bytes_are_the_tensors_on_the_wire(quick):
         assert fedavg["bytes_up_per_client"] == fedavg["bytes_down_per_client"] == 4 * lora_floats
         assert fedsa["bytes_up_per_client"] == fedsa["bytes_down_per_client"] == 2 * lora_floats
         assert fedex["bytes_down_per_client"] > fedavg["bytes_down_per_client"]
+        assert rows["ffalora", clients]["bytes_up_per_client"] == 2 * lora_floats
     for row in quick:
         assert row["bytes_up_per_client"] > 0 and row["bytes_down_per_client"] > 0
 

@@ -11,7 +11,7 @@ import torch
 from opacus.accountants import create_accountant
 
 from clients.app import client_app
-from fedlora.adapter import LoRAFactors, SBCore, SharedA, lora_scale
+from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB, lora_scale
 from fedlora.client_dp import (
     clip_reply,
     own_update,
@@ -208,6 +208,30 @@ def test_noiseless_private_round_equals_fedsb_at_mixed_capacities():
     assert torch.allclose(private.head["head.weight"], expected.head["head.weight"], atol=1e-12)
 
 
+def test_noiseless_private_round_equals_ffalora_at_mixed_ranks():
+    """FFA-LoRA's aggregate G + sum_i p_i pad(s_i B_i - G[:, :r_i]) is the private mean of the
+    updates in its coordinates when the counts are equal, at any ranks."""
+    generator = torch.Generator().manual_seed(7)
+    rule = make_rule("ffalora")
+    state = rule.init_state({"m": LoRAFactors.from_folded(global_factors(generator), TOP, 2.0)})
+    updates = [
+        ClientUpdate(
+            str(i),
+            5,
+            {
+                "m": TrainedB(
+                    torch.randn(D_OUT, r, generator=generator, dtype=torch.float64), ALPHA / r
+                )
+            },
+        )
+        for i, r in enumerate([2, 4, 8])
+    ]
+    expected = rule.aggregate(state, updates).state.factors["m"]
+    private = private_round(rule, state, updates, 3, 1e6, 0.0, generator).result.state.factors["m"]
+    assert torch.allclose(private.U, expected.U, rtol=0, atol=1e-12)
+    assert torch.equal(private.V, state.factors["m"].V)
+
+
 def test_mixed_ranks_add_the_mean_of_the_zero_padded_clipped_updates():
     """Ranks 2, 4, 8, clip 0.4, no noise: X_t = X_{t-1} + (1/3) sum_i pad(clip(u_i)), summed by
     hand, entry by entry."""
@@ -270,7 +294,9 @@ def test_epsilon_after_k_rounds_equals_a_fresh_opacus_accountant(mechanism):
 # ---- refused strategies ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["fedex", "flora", "flexlora", "lorafair", "hetlora"])
+@pytest.mark.parametrize(
+    "strategy", ["fedex", "flora", "flexlora", "lorafair", "hetlora", "fslora"]
+)
 def test_dp_client_is_refused_for_strategies_that_combine_products(strategy):
     with pytest.raises(ConfigError, match=f"strategy '{strategy}'"):
         parse_run_config({"strategy": strategy, "dp-client": True})
@@ -298,7 +324,7 @@ def test_client_dp_values_out_of_range_are_refused_by_name(key, value):
 
 
 @pytest.mark.usefixtures("task_identity")
-@pytest.mark.parametrize("strategy", ["fedavg", "fedsa", "fedsb"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedsa", "fedsb", "ffalora"])
 def test_client_level_dp_federation(strategy, tmp_path):
     """3 nodes of ranks 2, 4, 8 for 2 rounds on the in-process grid (see `check_client_level_dp`)."""
     config = {**RUN, "strategy": strategy}

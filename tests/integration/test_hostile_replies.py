@@ -132,7 +132,8 @@ class QueryGrid:
 
 def honest_content(name: str, message: Message, generator: torch.Generator) -> RecordDict:
     """What an honest node of `NODES` sends back: its update in float32 (FedSA-LoRA: A only, no
-    head; Fed-SB: the full R), its facts at the version it was sent, and its metrics."""
+    head; FFA-LoRA: B only; Fed-SB: the full R), its facts at the version it was sent, and its
+    metrics."""
     node = message.metadata.dst_node_id
     _, rank, examples = NODES[node]
     adapter = {}
@@ -140,7 +141,8 @@ def honest_content(name: str, message: Message, generator: torch.Generator) -> R
         if name == "fedsb":
             adapter[m + SB_R_SUFFIX] = randn(generator, TOP, TOP)
             continue
-        adapter[m + A_SUFFIX] = randn(generator, rank, d_in)
+        if name != "ffalora":
+            adapter[m + A_SUFFIX] = randn(generator, rank, d_in)
         if name != "fedsa":
             adapter[m + B_SUFFIX] = randn(generator, d_out, rank)
     records = {ADAPTER_RECORD: ArrayRecord(adapter)}
@@ -419,7 +421,7 @@ def test_a_scale_not_the_runs_is_dropped_by_every_lora_strategy(name, value):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_non_finite_updates_are_dropped_by_every_strategy(name):
-    key = "m1" + (SB_R_SUFFIX if name == "fedsb" else A_SUFFIX)
+    key = "m1" + {"fedsb": SB_R_SUFFIX, "ffalora": B_SUFFIX}.get(name, A_SUFFIX)
     assert_dropped(name, poison(ADAPTER_RECORD, key, math.inf), r"non-finite values")
 
 
@@ -434,6 +436,8 @@ def test_fedsb_takes_only_the_full_r_and_fedsa_only_a():
         HEAD_RECORD, ArrayRecord({"head.weight": torch.ones(*HEAD_SHAPE)})
     )
     assert_dropped("fedsa", with_head, r"unexpected record 'head'")
+    with_a = replace_arrays(ADAPTER_RECORD, m1__lora_A__weight=torch.ones(3, 5))
+    assert_dropped("ffalora", with_a, r"unexpected keys \['m1.lora_A.weight'\]")
 
 
 def test_a_nan_scale_is_dropped_under_client_level_dp():

@@ -7,14 +7,14 @@ from flwr.app import Array, ArrayRecord
 
 from fedlora.config import RunConfig
 from fedlora.messages import ADAPTER_RECORD, B_SUFFIX
-from fedlora.method_config import robustness_of
+from fedlora.method_config import robustness_of, server_optimizer_of
 from fedlora.rules import RULES
 from fedlora.rules.robust import Robustness
 from strategies.server_app import make_strategy
 from tests.integration.test_hostile_replies import BAD, play_round, state_tensors
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("name", sorted(n for n, rule in RULES.items() if rule.bounds_norms))
 def test_make_strategy_passes_the_robust_options_to_the_rule(name):
     config = RunConfig.from_flower(
         {"strategy": name, "robust-norm-bound": 3, "robust-norm-median-multiple": 1.5}
@@ -61,3 +61,15 @@ def test_a_strategy_bounds_a_huge_but_well_formed_reply(name):
     robust = Robustness(norm_median_multiple=1.0)
     assert change_from_reference(name) > 1e3
     assert change_from_reference(name, robustness=robust) < 3
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, rule in RULES.items() if rule.takes_server_optimizer)
+)
+def test_make_strategy_passes_the_server_optimizer_to_the_rule(name):
+    config = RunConfig.from_flower(
+        {"strategy": name, "server-optimizer": "adam", "server-lr": 0.01}
+    )
+    strategy = make_strategy(config, None)
+    assert strategy.rule.server_optimizer == server_optimizer_of(config)
+    assert strategy.rule.server_optimizer.kind == "adam"

@@ -21,6 +21,7 @@ from fedlora.messages import (
     METRICS_RECORD,
     scale_key,
 )
+from fedlora.rules import RULES
 
 CLIP, SIGMA, ROUNDS = 0.05, 0.3, 2
 RUN = {
@@ -39,8 +40,9 @@ RUN = {
 }
 
 
-def sent_update_norm(message, reply) -> float:
-    """||f (sent - received)|| over the reply's adapter and head, f = sqrt(s) for LoRA factors."""
+def sent_update_norm(message, reply, scale_power: float = 0.5) -> float:
+    """||f (sent - received)|| over the reply's adapter and head, f = s ** ``scale_power`` for
+    LoRA factors (the rule's ``dp_scale_power``: sqrt(s), FFA-LoRA's s)."""
     config = reply.content[CONFIG_RECORD]
     squared = 0.0
     for name in (ADAPTER_RECORD, HEAD_RECORD):
@@ -51,7 +53,7 @@ def sent_update_norm(message, reply) -> float:
             fold = 1.0
             if key.endswith((A_SUFFIX, B_SUFFIX)):
                 module = key.removesuffix(A_SUFFIX).removesuffix(B_SUFFIX)
-                fold = math.sqrt(float(config[scale_key(module)]))
+                fold = float(config[scale_key(module)]) ** scale_power
             squared += float((fold * (t.double() - received[key].double())).pow(2).sum())
     return math.sqrt(squared)
 
@@ -72,7 +74,8 @@ def check_client_level_dp(strategy: str, run_dir: Path, grid) -> None:
         and reply.metadata.src_node_id == message.metadata.dst_node_id
     ]
     assert len(train) == 3 * ROUNDS
-    norms = [sent_update_norm(message, reply) for message, reply in train]
+    power = RULES[strategy].dp_scale_power
+    norms = [sent_update_norm(message, reply, power) for message, reply in train]
     assert max(norms) <= CLIP * (1 + 1e-5), norms
     before = [float(r.content[METRICS_RECORD][UPDATE_NORM_KEY]) for _, r in train]
     assert max(before) > CLIP

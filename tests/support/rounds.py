@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, lora_scale
+from fedlora.adapter import LoRAFactors, TrainedB, lora_scale
 from fedlora.client_state import ClientState
 from fedlora.rules import AggregationRule, ClientSpec
 from fedlora.updates import ClientUpdate
@@ -81,14 +81,15 @@ class Federation:
         self.locals[i] = self.rule.client_step(self.locals[i], payload, self.caches[i])
 
     def train(self, i: int) -> ClientUpdate:
+        """Perturb the client's factors (only B where the rule freezes A); its reply."""
         trained = {}
         for m, f in self.locals[i].adapter.items():
-            trained[m] = LoRAFactors(
-                A=f.A + 0.3 * self.randn(*f.A.shape),
-                B=f.B + 0.3 * self.randn(*f.B.shape),
-                scale=f.scale,
-            )
+            A = f.A + 0.3 * self.randn(*f.A.shape) if self.rule.trains_A else f.A
+            trained[m] = LoRAFactors(A=A, B=f.B + 0.3 * self.randn(*f.B.shape), scale=f.scale)
         self.locals[i].adapter = trained
+        if not self.rule.trains_A:
+            sent = {m: TrainedB(f.B, f.scale) for m, f in trained.items()}
+            return ClientUpdate(str(i), self.counts[i], sent)
         return ClientUpdate(str(i), self.counts[i], trained)
 
     def round(self, participants: list[int]) -> dict[str, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flwr.app import MessageType
 
-from fedlora.messages import B_SUFFIX, CONFIG_RECORD, HEAD_RECORD, PARTITION_ID_KEY
+from fedlora.messages import A_SUFFIX, B_SUFFIX, CONFIG_RECORD, HEAD_RECORD, PARTITION_ID_KEY
 from strategies import STRATEGIES
 from strategies.records import serialized_bytes
 
@@ -29,7 +29,7 @@ RUN = {
     "rank-profile": "2:0.3333334,4:0.3333333,8:0.3333333",
     "learning-rate": 0.01,
 }
-EXACT = {"fedex", "flora", "fedsb"}
+EXACT = {"fedex", "flora", "fedsb", "ffalora"}
 PARTIAL = {("fedex", "tiny-llama"), ("flora", "tiny-llama")}
 CASES = [(strategy, model) for model in ("tiny-bert", "tiny-llama") for strategy in STRATEGIES]
 
@@ -69,7 +69,8 @@ def train_exchanges(grid) -> list[tuple[list, list]]:
 def check_run(strategy: str, model: str, run_dir: Path, grid) -> None:
     """What every case must show: three rounds of every node's rank, per-client bytes equal to
     the recorded messages, ordered timings, server or client accuracy, the export, and the
-    exact rules within 1e-5 of the ideal model (FedSA-LoRA: no B and no head on the wire)."""
+    exact rules within 1e-5 of the ideal model (FedSA-LoRA: no B and no head on the wire;
+    FFA-LoRA: no A)."""
     rows = metrics_rows(run_dir)
     fraction = run_config(strategy, model)["fraction-train"]
     assert [row["round"] for row in rows] == [1, 2, 3]
@@ -111,3 +112,7 @@ def check_run(strategy: str, model: str, run_dir: Path, grid) -> None:
             assert not [key for key in keys if key.endswith(B_SUFFIX)]
     else:
         assert all(math.isfinite(deviation) for deviation in deviations)
+    if strategy == "ffalora":
+        for message in grid.sent + grid.replies:
+            keys = [key for record in message.content.array_records.values() for key in record]
+            assert not [key for key in keys if key.endswith(A_SUFFIX)]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from fedlora.rules import make_rule
 from tests.support.rounds import Federation
 
-EXACT = ["fedex", "flora"]
+EXACT = ["fedex", "flora", "ffalora"]
 
 federations = st.fixed_dictionaries(
     {

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.rules import RULES, make_rule
@@ -47,6 +47,8 @@ def lora_federation(name: str, seed: int = 0):
             A = start.A + common_A[m] + 0.05 * randn(generator, *start.A.shape)
             if name == "fedsa":
                 modules[m] = SharedA(A=A * (ATTACK if i == 0 else 1), scale=scale)
+            elif name == "ffalora":
+                modules[m] = TrainedB(B=B * (ATTACK if i == 0 else 1), scale=scale)
             else:
                 modules[m] = LoRAFactors(A=A, B=B * (ATTACK if i == 0 else 1), scale=scale)
         updates.append(ClientUpdate(str(i), 100, modules))
@@ -97,7 +99,7 @@ def relative_error_to_honest(name: str, robustness: Robustness) -> float:
     )
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("name", sorted(n for n, rule in RULES.items() if rule.bounds_norms))
 def test_norm_bounding_keeps_every_rule_near_the_honest_update(name):
     assert relative_error_to_honest(name, Robustness()) > 1e3
     assert relative_error_to_honest(name, BOUNDED) < 0.2
@@ -146,6 +148,12 @@ def test_mixed_ranks_combine_only_the_clients_that_cover_a_row():
     assert torch.equal(median[4:], torch.zeros(2, 3))
     trimmed = robust_padded_rows(rows, 4, "trimmed-mean", 0.34)
     assert torch.equal(trimmed[:2], torch.full((2, 3), 5.0))
+
+
+def test_fslora_refuses_norm_bounding():
+    """Its clients start from sketched sub-blocks, not from the global slices bounding assumes."""
+    with pytest.raises(ConfigError, match="fslora"):
+        make_rule("fslora", robustness=BOUNDED)
 
 
 @pytest.mark.parametrize("name", ["fedex", "flora", "flexlora", "lorafair"])

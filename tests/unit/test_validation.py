@@ -100,6 +100,8 @@ def test_unknown_rule_lists_the_known_ones():
         "lorafair",
         "flexlora",
         "hetlora",
+        "ffalora",
+        "fslora",
     }
 
 
