@@ -14,6 +14,8 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 
 SENTIMENTS = ["negative", "neutral", "positive"]
+REVIEW_COLUMNS = {"text_column": "review", "label_column": "sentiment"}
+"""The mapping of the ``reviews`` file's columns."""
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +40,7 @@ def reviews(tmp_path):
 def test_a_review_sentiment_csv_loads_with_the_mapping(reviews):
     with pytest.raises(ConfigError, match=r"lacks column\(s\) \['text', 'label'\]"):
         data.load_dataset(RunConfig(dataset=reviews))
-    config = RunConfig(dataset=reviews, text_column="review", label_column="sentiment")
+    config = RunConfig(dataset=reviews, **REVIEW_COLUMNS)
     loaded = data.load_dataset(config)
     assert loaded.column_names == ["text", "label"]
     assert loaded.features["label"].names == SENTIMENTS
@@ -92,9 +94,7 @@ def test_an_eval_file_is_the_server_s_set_and_all_the_rest_is_federated(reviews,
     # the evaluation file holds two of the three classes, in another order
     rows = [{"review": f"held {i}", "sentiment": ["positive", "negative"][i % 2]} for i in range(6)]
     eval_spec = write_csv(tmp_path / "eval.csv", rows)
-    config = RunConfig(
-        dataset=reviews, eval_dataset=eval_spec, text_column="review", label_column="sentiment"
-    )
+    config = RunConfig(dataset=reviews, eval_dataset=eval_spec, **REVIEW_COLUMNS)
     assert len(data.federated_set(config)) == 30
     held = data.server_eval_set(config)
     assert held["text"] == [f"held {i}" for i in range(6)]
@@ -105,9 +105,7 @@ def test_an_eval_file_is_the_server_s_set_and_all_the_rest_is_federated(reviews,
 def test_an_eval_file_with_a_class_the_training_data_lacks_is_refused(reviews, tmp_path):
     rows = [{"review": "held", "sentiment": "furious"}]
     eval_spec = write_csv(tmp_path / "eval.csv", rows)
-    config = RunConfig(
-        dataset=reviews, eval_dataset=eval_spec, text_column="review", label_column="sentiment"
-    )
+    config = RunConfig(dataset=reviews, eval_dataset=eval_spec, **REVIEW_COLUMNS)
     with pytest.raises(ConfigError, match=r"labels \['furious'\] are not among"):
         data.server_eval_set(config)
 
@@ -150,13 +148,12 @@ def test_a_model_without_a_head_takes_the_task_the_columns_allow(tmp_path, revie
     texts = write_csv(tmp_path / "texts.csv", [{"text": f"t{i}"} for i in range(4)])
     assert RunConfig(model=folder, dataset=texts).task == "causal-lm"
     with pytest.raises(ConfigError, match="fits both classification and causal LM") as refused:
-        RunConfig(model=folder, dataset=reviews, text_column="review", label_column="sentiment")
+        RunConfig(model=folder, dataset=reviews, **REVIEW_COLUMNS)
     assert "set task=classification or task=causal-lm" in str(refused.value)
     chosen = RunConfig(
         model=folder,
         dataset=reviews,
-        text_column="review",
-        label_column="sentiment",
+        **REVIEW_COLUMNS,
         task="classification",
     )
     assert chosen.head_module_names == ("classifier", "pooler")
@@ -194,7 +191,7 @@ def test_a_cached_hub_dataset_loads_by_name_offline(tmp_path, monkeypatch):
     offline = datasets.config.HF_HUB_OFFLINE
     rows = [{"review": f"review {i}", "sentiment": SENTIMENTS[i % 3]} for i in range(9)]
     cache_hub_dataset(tmp_path, "reviews", rows)
-    config = RunConfig(dataset="hf:reviews", text_column="review", label_column="sentiment")
+    config = RunConfig(dataset="hf:reviews", **REVIEW_COLUMNS)
     loaded = data.load_dataset(config)
     assert loaded["text"] == [row["review"] for row in rows]
     assert loaded.features["label"].names == SENTIMENTS
@@ -209,8 +206,7 @@ def test_clients_never_read_the_eval_file(reviews, tmp_path):
     config = RunConfig(
         dataset=reviews,
         eval_dataset=absent,
-        text_column="review",
-        label_column="sentiment",
+        **REVIEW_COLUMNS,
         partitioner="iid",
     )
     shares = [data.client_data(config, i, 3) for i in range(3)]
