@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from cli.options import (
@@ -30,8 +37,10 @@ from simulations.compare import (
     ACCURACY_VS_ROUND,
     GENERATION_COLUMNS,
     RESULTS_CSV,
+    SUMMARY_CSV,
     compare,
     strategy_names,
+    strategy_spreads,
 )
 from simulations.dp_sweep import (
     ACCURACY_VS_EPSILON,
@@ -93,7 +102,10 @@ def add_simulate(simulate_parser: argparse.ArgumentParser) -> None:
 def add_compare(compare_parser: argparse.ArgumentParser) -> None:
     compare_parser.description = (
         "Run RECIPE once per strategy with identical partitions, ranks and seeds, each into "
-        f"DIR/<strategy>; write DIR/{RESULTS_CSV}, DIR/{ACCURACY_VS_ROUND} and "
+        "DIR/<strategy> (with --seeds N, N times per strategy on the same partitions into "
+        "DIR/<strategy>/seed-<seed>: the seed varies the initial adapter, the batches and "
+        f"DP noise); write DIR/{RESULTS_CSV} (a row per run), DIR/{SUMMARY_CSV} (mean and "
+        f"standard deviation per strategy), DIR/{ACCURACY_VS_ROUND} and "
         f"DIR/{ACCURACY_VS_BYTES} (default DIR: runs/compare/<recipe name>)."
     )
     add_recipe(compare_parser)
@@ -102,6 +114,13 @@ def add_compare(compare_parser: argparse.ArgumentParser) -> None:
         default="all",
         metavar="all|NAME,NAME",
         help="'all' (default) or names separated by commas",
+    )
+    compare_parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs per strategy on the same data, seeds s..s+N-1 from the recipe's (default: 1)",
     )
     add_sweep_options(compare_parser)
     compare_parser.set_defaults(handler=run_compare)
@@ -198,12 +217,17 @@ def describe(recipe: Recipe) -> str:
 
 
 def round_progress(console: Console) -> Progress:
+    """A bar of rounds with the time elapsed and the time left (from the rounds done so far), on
+    a terminal only: elsewhere only the lines printed through it appear."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -248,22 +272,33 @@ def run_compare(args: argparse.Namespace) -> int:
     check_out_dir(out_dir)
     rounds = checked.run_config.num_server_rounds
     progress_console = Console(stderr=True)
-    progress_console.print(f"{describe(checked)}, strategies {', '.join(strategies)}")
+    seeds = f", {args.seeds} seeds each" if args.seeds > 1 else ""
+    progress_console.print(f"{describe(checked)}, strategies {', '.join(strategies)}{seeds}")
     with round_progress(progress_console) as progress:
-        task = progress.add_task("starting", total=rounds * len(strategies))
+        task = progress.add_task("starting", total=rounds * len(strategies) * args.seeds)
 
         def on_round(strategy: str, row: MetricsRow) -> None:
             progress.console.print(round_line(row, strategy))
-            done = strategies.index(strategy) * rounds + row["round"]
-            progress.update(task, completed=done, description=f"{strategy} round {row['round']}")
+            progress.update(task, advance=1, description=f"{strategy} round {row['round']}")
 
         results = compare(
-            recipe, strategies, out_dir, args.overrides, args.rounds, on_round, args.overwrite
+            recipe,
+            strategies,
+            out_dir,
+            args.overrides,
+            args.rounds,
+            on_round,
+            args.overwrite,
+            args.seeds,
         )
     console = output_console()
-    console.print(results_table(results, checked))
-    files = f"{RESULTS_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
-    console.print(f"{out_dir}: {files}, a run directory per strategy")
+    table = results_table if args.seeds == 1 else spread_table
+    console.print(table(results, checked))
+    files = f"{RESULTS_CSV}, {SUMMARY_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
+    console.print(
+        f"{out_dir}: {files}, a run directory per strategy"
+        + (" and seed" if args.seeds > 1 else "")
+    )
     failed = [result for result in results if result["error"]]
     for result in failed:
         print(f"fedlora: {result['strategy']} failed: {result['error']}", file=sys.stderr)
@@ -343,6 +378,33 @@ def results_table(results: list[dict], recipe: Recipe) -> Table:
             "failed" if result["error"] else f"{result['seconds']:.0f}",
         )
     return table
+
+
+def spread_table(results: list[dict], recipe: Recipe) -> Table:
+    """A row per strategy: mean ± standard deviation over its seeds' runs that finished."""
+    table = Table(title=f"{describe(recipe)}; same partitions, mean ± std over seeds")
+    columns = ("strategy", "runs", "final acc.", "best acc.", "up", "max rel. dev.", "seconds")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in strategy_spreads(results):
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        table.add_row(
+            row["strategy"],
+            f"{row['runs']}{failed}",
+            mean_and_spread(row, "final_accuracy", ".3f"),
+            mean_and_spread(row, "best_accuracy", ".3f"),
+            "-" if row["bytes_up_mean"] is None else size(row["bytes_up_mean"]),
+            mean_and_spread(row, "max_relative_deviation", ".1e"),
+            number(row["seconds_mean"], ".0f"),
+        )
+    return table
+
+
+def mean_and_spread(row: dict, column: str, spec: str) -> str:
+    mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+    if mean is None:
+        return "-"
+    return format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
 
 
 # ---- formatting -----------------------------------------------------------------------------------

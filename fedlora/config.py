@@ -6,10 +6,12 @@ ServerApp's own (where the run is written, how base changes travel, resume). Eac
 with ``-`` for ``_``, declared with `key`: default, help text, and the values it allows. The
 reference of every key, ``docs/config.md``, is generated from these definitions
 (`fedlora.config_reference`). `RunConfig.from_flower` refuses unknown keys (suggesting the
-closest known one) and values of the wrong type or out of range, naming the key. Two defaults
-follow the model and task when left unset: ``target-modules`` (``q_proj,v_proj`` for Llama-like
-causal LMs, else ``query,value``) and ``modules-to-save`` (``classifier,pooler`` for
-classification, none for causal LM). Checks that depend on the methods (the strategy's name, what
+closest known one) and values of the wrong type or out of range, naming the key. Three defaults
+follow the model and data when left unset (`fedlora.model_defaults`): ``task`` (a named model's
+own; else the model's head, or the dataset's columns), ``target-modules`` (``q_proj,v_proj`` for
+the named causal LMs, ``query,value`` for the named classifiers, else what peft knows for the
+architecture) and ``modules-to-save`` (``classifier,pooler`` for classification, none for causal
+LM). Checks that depend on the methods (the strategy's name, what
 it supports) are `fedlora.method_config`'s.
 """
 
@@ -23,8 +25,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 from fedlora.errors import ConfigError
 from fedlora.lr_schedule import LR_SCHEDULES
+from fedlora.tracking import tracker_names
 
 Scalar = int | float | str | bool
 """A run-config value (Flower's scalar user-config values)."""
@@ -70,6 +74,7 @@ FRACTION_BELOW_HALF = Range(lambda value: 0 <= value < 0.5, "in [0, 0.5)")
 PROBABILITY = Range(lambda value: 0 < value < 1, "in (0, 1)")
 ABOVE_0 = Range(lambda value: value > 0, "> 0")
 SEED_OR_SECRET = Range(lambda value: value >= -1, ">= 0, or -1 for secret noise")
+SEED_OR_RUN_SEED = Range(lambda value: value >= -1, ">= 0, or -1 for seed")
 
 
 def key(
@@ -99,12 +104,22 @@ class RunConfig:
         "minilm, tiny-bert (classification), smollm2, tiny-llama, llama-400m (causal LM), a local folder or a cached Hugging Face id",
     )
     task: str = key(
-        "classification", "what the model learns from the data's columns", choices=TASKS
+        "",
+        "classification or causal-lm (empty: the named model's, else the model's head, else the data's columns; docs/data.md)",
     )
     dataset: str = key(
         "bbcnews",
-        "bbcnews, bbc-topic, bbc-headline, json:PATH, csv:PATH, parquet:PATH or a save_to_disk folder",
+        "bbcnews, bbc-topic, bbc-headline, json:PATH, csv:PATH, parquet:PATH, a save_to_disk folder or hf:NAME (docs/data.md)",
     )
+    eval_dataset: str = key(
+        "",
+        "the server's evaluation set, any dataset spec, read like the dataset (empty: server-eval-fraction of the dataset)",
+    )
+    text_column: str = key(TEXT, "the data's column of text")
+    label_column: str = key(LABEL, "the data's column of class labels")
+    instruction_column: str = key(INSTRUCTION, "the data's column of instructions")
+    input_column: str = key(INPUT, "the data's column of an instruction's input (optional)")
+    response_column: str = key(RESPONSE, "the data's column of responses")
     partitioner: str = key("dirichlet", "how the clients' shares are drawn", choices=PARTITIONERS)
     dirichlet_alpha: float = key(
         0.3, "the Dirichlet concentration over labels (smaller: more skewed)", POSITIVE
@@ -129,7 +144,7 @@ class RunConfig:
     )
     target_modules: str | None = key(
         None,
-        "modules given LoRA adapters, comma-separated (unset: q_proj,v_proj for causal LMs, else query,value)",
+        "modules given LoRA adapters, comma-separated (unset: q_proj,v_proj for the named causal LMs, query,value for the named classifiers, else peft's defaults for the architecture)",
     )
     modules_to_save: str | None = key(
         None,
@@ -155,6 +170,11 @@ class RunConfig:
         0, "optimizer steps of the run over which the rate rises to learning-rate", AT_LEAST_0
     )
     seed: int = key(0, "the seed of partitions, initial weights, sampling and noise", AT_LEAST_0)
+    data_seed: int = key(
+        -1,
+        "the seed of the server's hold-out, the partitions and the clients' splits instead of seed (-1: seed)",
+        SEED_OR_RUN_SEED,
+    )
     fraction_train: float = key(
         1.0, "the share of nodes sampled to train each round", FRACTION_UP_TO_1
     )
@@ -258,8 +278,14 @@ class RunConfig:
     communication_budget_mb: float = key(
         0.0, "total MB up and down above which a warning is logged (0: none)", NOT_NEGATIVE
     )
+    tracking: str = key(
+        "tensorboard",
+        "live trackers of each round's row, comma-separated: tensorboard, mlflow, wandb or none (docs/metrics.md)",
+    )
 
     def __post_init__(self) -> None:
+        if not self.task:
+            object.__setattr__(self, "task", default_task(self))
         if self.target_modules is None:
             object.__setattr__(self, "target_modules", default_targets(self.model, self.task))
         if self.modules_to_save is None:
@@ -305,6 +331,11 @@ class RunConfig:
             rank for (rank, _), count in zip(profile, counts, strict=True) for _ in range(count)
         ]
         return ranks[partition_id]
+
+    @property
+    def partition_seed(self) -> int:
+        """The seed of the data's splits: ``data-seed``, else ``seed``."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     @property
     def max_rank(self) -> int:
@@ -396,10 +427,23 @@ def typed_value(key: str, value: Scalar, kind: type) -> Scalar:
     return value
 
 
+def default_task(config: RunConfig) -> str:
+    """A named model's task; else inferred from the model's head or the dataset's columns."""
+    if config.model in NAMED_MODELS:
+        return NAMED_MODELS[config.model]
+    from fedlora.model_defaults import inferred_task  # reads the model's files and the data
+
+    return inferred_task(config)
+
+
 def default_targets(model: str, task: str) -> str:
-    if NAMED_MODELS.get(model, task) == "causal-lm":
-        return CAUSAL_LM_TARGETS
-    return CLASSIFICATION_TARGETS
+    """The named causal LMs' ``q_proj,v_proj`` and classifiers' ``query,value``; else peft's
+    default LoRA targets for the model's architecture."""
+    if model in NAMED_MODELS:
+        return CAUSAL_LM_TARGETS if task == "causal-lm" else CLASSIFICATION_TARGETS
+    from fedlora.model_defaults import peft_target_modules  # reads the model's config file
+
+    return ",".join(peft_target_modules(model))
 
 
 def comma_names(text: str) -> tuple[str, ...]:
@@ -458,9 +502,13 @@ def check_run_values(config: RunConfig) -> None:
     """The checks of `RunConfig` that involve more than one key or a pattern."""
     if not re.fullmatch(DEVICE_PATTERN, config.device):
         raise ConfigError(f"device = {config.device!r}: choose auto, cpu, cuda or cuda:N")
-    for name in ("model", "dataset", "target_modules"):
+    if config.task not in TASKS:
+        raise ConfigError(f"task = {config.task!r}: choose one of {list(TASKS)}")
+    for name in ("model", "dataset", "target_modules", *COLUMN_KEYS):
         if not getattr(config, name).strip(" ,"):
             raise ConfigError(f"{kebab(name)} must not be empty")
+    check_column_mapping(config)
+    tracker_names(config.tracking)
     named_task = NAMED_MODELS.get(config.model)
     if named_task is not None and named_task != config.task:
         raise ConfigError(
@@ -470,6 +518,36 @@ def check_run_values(config: RunConfig) -> None:
     check_training_steps(config)
     if config.client_generation and not config.generation_every:
         raise ConfigError("client-generation needs generation-every > 0")
+
+
+COLUMN_KEYS = {
+    "text_column": TEXT,
+    "label_column": LABEL,
+    "instruction_column": INSTRUCTION,
+    "input_column": INPUT,
+    "response_column": RESPONSE,
+}
+"""The column mapping keys and the column each names."""
+
+
+def column_mapping(config: RunConfig) -> dict[str, str]:
+    """{column of one's data: fedlora's column} for the mapping keys that name another column."""
+    return {
+        getattr(config, key): column
+        for key, column in COLUMN_KEYS.items()
+        if getattr(config, key) != column
+    }
+
+
+def check_column_mapping(config: RunConfig) -> None:
+    """Each mapping key names its own column."""
+    named = [getattr(config, key) for key in COLUMN_KEYS]
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"column(s) {repeated} named by more than one of "
+            f"{[kebab(key) for key in COLUMN_KEYS]}: each key names its own column"
+        )
 
 
 def check_training_steps(config: RunConfig) -> None:

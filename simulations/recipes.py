@@ -23,11 +23,12 @@ from fedlora.config import (
     unknown_key,
     without_server_app_keys,
 )
-from fedlora.data import load_dataset
+from fedlora.data import load_dataset, load_eval_dataset
 from fedlora.errors import ConfigError
 from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits
 from fedlora.toml_values import toml_table
+from fedlora.tracking import check_trackers_installed
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
@@ -208,6 +209,9 @@ def resolve(
     check_model_limits(config)
     if config.dataset != "bbcnews":
         load_dataset(config)  # a local file that cannot be read is named before anything runs
+    if config.eval_dataset:
+        load_eval_dataset(config)
+    check_trackers_installed(config.tracking)
     resolved = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
     if BASE_CHANGES_KEY in run:
         resolved[BASE_CHANGES_KEY] = run[BASE_CHANGES_KEY]

@@ -105,7 +105,12 @@ def test_task_sets_the_default_targets_and_head():
 
 def test_a_named_model_refuses_the_other_task():
     with pytest.raises(ConfigError, match="tiny-llama"):
-        RunConfig.from_flower({"model": "tiny-llama"})
+        RunConfig.from_flower({"model": "tiny-llama", "task": "classification"})
+
+
+def test_a_named_model_gives_its_task_when_none_is_set():
+    assert RunConfig.from_flower({"model": "tiny-llama"}).task == "causal-lm"
+    assert RunConfig.from_flower({"model": "tiny-bert"}).task == "classification"
 
 
 @pytest.mark.parametrize(
