@@ -28,21 +28,21 @@ from flwr.app import Context, Message, MessageType, UserConfigValue
 from flwr.clientapp import ClientApp
 from torch import Tensor, nn
 
-from clients.base_store import catch_up_from_store
 from clients.node import (
     own_base,
-    save_facts,
     save_own_base,
     save_privacy_history,
+    save_ranks_and_version,
     saved_privacy_history,
     saved_ranks,
     saved_version,
 )
 from clients.node_store import NodeStore
 from clients.records import message_config, payload_from_record, reply_record
-from clients.steps import LoRASide, SBSide, clip_for_client_dp, side_for
+from clients.steps import LoRAModelStep, SBModelStep, clip_for_client_dp, model_step_for
 from clients.worker import Worker, worker_for
-from fedlora.config import RunConfig
+from fedlora.base_store import catch_up_from_store
+from fedlora.config import RunConfig, without_server_app_keys
 from fedlora.data import ClientData, batches
 from fedlora.errors import ConfigError
 from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
@@ -50,6 +50,7 @@ from fedlora.generation_eval import GenerationEvaluation, generation_due
 from fedlora.messages import (
     ACCURACY_KEY,
     BASE_STORE_KEY,
+    FROM_VERSION_KEY,
     GENERATION_KEY,
     GRADIENT_SUFFIX,
     HANDLER_SECONDS_KEY,
@@ -69,6 +70,7 @@ from fedlora.messages import (
     Payload,
     ranks_in,
 )
+from fedlora.method_config import parse_run_config
 from fedlora.privacy import (
     BUDGET_SPENT_KEY,
     DELTA_KEY,
@@ -79,7 +81,6 @@ from fedlora.privacy import (
 )
 from fedlora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_responses
 from fedlora.rules import make_rule
-from fedlora.rules.fedex import FROM_VERSION_KEY
 from fedlora.training import (
     TrainReport,
     client_seed,
@@ -92,8 +93,6 @@ from fedlora.training import (
 )
 from fedlora.versioning import BaseCache
 
-SERVER_APP_KEYS = ("run-dir", "base-changes", "resume")
-"""Run-config keys of the ServerApp's own (not `RunConfig` fields); the ClientApp ignores them."""
 NODE_RANK_KEY = "lora-rank"
 """Node-config key of a node's own LoRA rank (else the run's rank-profile decides)."""
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -113,21 +112,19 @@ class Client:
 
     config: RunConfig
     worker: Worker
-    side: LoRASide | SBSide
+    model_step: LoRAModelStep | SBModelStep
     partition_id: int
     num_partitions: int
     node_rank: int | None
     local_data: bool
 
     @classmethod
-    def of(cls, context: Context, run_config: BoundRunConfig) -> Client:
+    def for_message(cls, context: Context, run_config: BoundRunConfig) -> Client:
         """The client a message runs as: the run config parsed (the ServerApp's own keys left
         out), torch's threads set, this process's worker for it."""
         values = dict(context.run_config if run_config is None else run_config)
         config = node_run_config(
-            RunConfig.from_flower(
-                {key: v for key, v in values.items() if key not in SERVER_APP_KEYS}
-            ),
+            parse_run_config(without_server_app_keys(values)),
             context.node_config,
         )
         set_torch_threads(config)
@@ -136,7 +133,7 @@ class Client:
         return cls(
             config=config,
             worker=worker,
-            side=side_for(worker, make_rule(config.strategy)),
+            model_step=model_step_for(worker, make_rule(config.strategy)),
             partition_id=int(context.node_config[PARTITION_ID_KEY]),
             num_partitions=int(context.node_config[NUM_PARTITIONS_KEY]),
             node_rank=None if node_rank is None else int(node_rank),
@@ -235,9 +232,11 @@ app = client_app()
 
 def answer_query(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
     """The node's partition id, ranks (and scales) and the version it holds."""
-    client = Client.of(context, run_config)
-    facts = client.side.facts(saved_ranks(context) or client.initial_rank())
-    return Message(reply_record({}, {**facts, **client.identity(context)}, {}), reply_to=message)
+    client = Client.for_message(context, run_config)
+    rank_config = client.model_step.rank_config(saved_ranks(context) or client.initial_rank())
+    return Message(
+        reply_record({}, {**rank_config, **client.identity(context)}, {}), reply_to=message
+    )
 
 
 def answer_train(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
@@ -259,9 +258,11 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
             model, data.train, worker.base.tokenizer, config, worker.device, seed, server_round
         )
         privacy = {}
-    arrays, facts = client.side.reply(model, payload, context)
-    arrays, clipping = clip_for_client_dp(arrays, payload, facts, client.side.rule.dp_scale_power)
-    save_facts(context, ranks_in(facts), saved_version(context))
+    arrays, rank_config = client.model_step.reply(model, payload, context)
+    arrays, clipping = clip_for_client_dp(
+        arrays, payload, rank_config, client.model_step.rule.dp_scale_power
+    )
+    save_ranks_and_version(context, ranks_in(rank_config), saved_version(context))
     metrics = {
         NUM_EXAMPLES_KEY: len(data.train),
         LOSS_KEY: report.loss,
@@ -271,7 +272,7 @@ def answer_train(message: Message, context: Context, run_config: BoundRunConfig)
         **privacy,
     }
     content = reply_record(
-        {**arrays, PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics
+        {**arrays, PROBE_RECORD: probes}, {**rank_config, **client.identity(context)}, metrics
     )
     return Message(content, reply_to=message)
 
@@ -325,9 +326,9 @@ def budget_spent_reply(
     num_examples: int,
 ) -> Message:
     """A reply without an update: the node stopped training, its privacy budget spent."""
-    facts = client.side.facts(ranks_in(payload.config))
+    rank_config = client.model_step.rank_config(ranks_in(payload.config))
     metrics = {NUM_EXAMPLES_KEY: num_examples, **privacy}
-    content = reply_record({}, {**facts, **client.identity(context)}, metrics)
+    content = reply_record({}, {**rank_config, **client.identity(context)}, metrics)
     return Message(content, reply_to=message)
 
 
@@ -346,15 +347,17 @@ def answer_evaluate(message: Message, context: Context, run_config: BoundRunConf
     if config.client_generation and generation_due(config, server_round) and len(data.test):
         generation = GenerationEvaluation(config, data.test, worker.base.tokenizer)
         metrics[GENERATION_KEY] = generation(model).value
-    facts = client.side.facts(ranks_in(payload.config))
-    content = reply_record({PROBE_RECORD: probes}, {**facts, **client.identity(context)}, metrics)
+    rank_config = client.model_step.rank_config(ranks_in(payload.config))
+    content = reply_record(
+        {PROBE_RECORD: probes}, {**rank_config, **client.identity(context)}, metrics
+    )
     return Message(content, reply_to=message)
 
 
 def apply_payload(message: Message, context: Context, run_config: BoundRunConfig):
     """The node's client, the payload, the model after the method's client step, the probe
     responses measured on it, and the node's data: what training and evaluation both start from."""
-    client = Client.of(context, run_config)
+    client = Client.for_message(context, run_config)
     payload = payload_from_record(message.content)
     model = receive(client, payload, context)
     probes = measured_probes(client, model, payload)
@@ -369,7 +372,7 @@ def apply_payload(message: Message, context: Context, run_config: BoundRunConfig
 
 def answer_sb_init(message: Message, context: Context, run_config: BoundRunConfig) -> Message:
     """The node's gradient estimate for Fed-SB's LoRA-SB start: sketches or the dense G."""
-    client = Client.of(context, run_config)
+    client = Client.for_message(context, run_config)
     request = message_config(message.content)
     config, worker = client.config, client.worker
     data = client.data()
@@ -403,10 +406,10 @@ def answer_sb_init(message: Message, context: Context, run_config: BoundRunConfi
         for module, sketch in sketches.items():
             tensors[module + SKETCH_Y_SUFFIX] = sketch.Y
             tensors[module + SKETCH_Z_SUFFIX] = sketch.Z
-    facts = client.side.facts(client.initial_rank())
+    rank_config = client.model_step.rank_config(client.initial_rank())
     content = reply_record(
         {SB_INIT_ACTION: tensors},
-        {**facts, **client.identity(context)},
+        {**rank_config, **client.identity(context)},
         {NUM_EXAMPLES_KEY: len(data.train)},
     )
     return Message(content, reply_to=message)
@@ -443,10 +446,10 @@ def private_sb_estimate(client: Client, model: nn.Module, data, context: Context
 def receive(client: Client, payload: Payload, context: Context) -> nn.Module:
     """The method's client step on the node's model; the node remembers its ranks and version."""
     cache = base_cache(client, payload, context)
-    model = client.side.receive(payload, context, cache)
+    model = client.model_step.receive(payload, context, cache)
     if cache is not None and not payload.config.get(BASE_STORE_KEY):
         save_own_base(context, cache)
-    save_facts(context, ranks_in(payload.config), int(payload.config[VERSION_KEY]))
+    save_ranks_and_version(context, ranks_in(payload.config), int(payload.config[VERSION_KEY]))
     return model
 
 
@@ -467,5 +470,5 @@ def measured_probes(client: Client, model: nn.Module, payload: Payload) -> dict:
     """(W_eff - W_0) X per module, when the server asks for probes."""
     if PROBE_SEED_KEY not in payload.config:
         return {}
-    changes = client.side.weight_changes(model)
+    changes = client.model_step.weight_changes(model)
     return probe_responses(changes, int(payload.config[PROBE_SEED_KEY]))

@@ -11,36 +11,30 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor
 
-from fedlora.messages import VERSION_KEY, rank_key
+from fedlora.messages import VERSION_KEY, rank_key, ranks_in
 from fedlora.privacy import History, history_from_values, history_to_values
 from fedlora.versioning import BaseCache
 
-FACTS_RECORD = "fedlora.node"
+RANKS_AND_VERSION_RECORD = "fedlora.node"
 KEPT_RECORD = "fedlora.kept"
 BASE_RECORD = "fedlora.base"
 BASE_VERSION_RECORD = "fedlora.base-version"
 PRIVACY_RECORD = "fedlora.privacy"
-RANK_PREFIX = rank_key("")
 
 
 def saved_ranks(context: Context) -> dict[str, int]:
     """The ranks the node last ran with (empty before its first payload)."""
-    facts = context.state.config_records.get(FACTS_RECORD, {})
-    return {
-        key.removeprefix(RANK_PREFIX): int(v)
-        for key, v in facts.items()
-        if key.startswith(RANK_PREFIX)
-    }
+    return ranks_in(context.state.config_records.get(RANKS_AND_VERSION_RECORD, {}))
 
 
 def saved_version(context: Context) -> int:
     """The global version the node last received (0 before its first payload)."""
-    return int(context.state.config_records.get(FACTS_RECORD, {}).get(VERSION_KEY, 0))
+    return int(context.state.config_records.get(RANKS_AND_VERSION_RECORD, {}).get(VERSION_KEY, 0))
 
 
-def save_facts(context: Context, ranks: Mapping[str, int], version: int) -> None:
-    facts = {rank_key(module): rank for module, rank in ranks.items()}
-    context.state[FACTS_RECORD] = ConfigRecord({**facts, VERSION_KEY: version})
+def save_ranks_and_version(context: Context, ranks: Mapping[str, int], version: int) -> None:
+    ranks_config = {rank_key(module): rank for module, rank in ranks.items()}
+    context.state[RANKS_AND_VERSION_RECORD] = ConfigRecord({**ranks_config, VERSION_KEY: version})
 
 
 def kept_tensors(context: Context) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from safetensors import safe_open
 
 from fedlora.atomic_files import save_tensors_atomic
+from fedlora.config import ServerAppSettings
 from fedlora.messages import PARTITION_ID_KEY
 
 STATE_DIR_KEY = "state-dir"
@@ -45,10 +46,10 @@ class NodeStore:
         nodes share the run directory); None when it has none."""
         if STATE_DIR_KEY in context.node_config:
             return cls(Path(str(context.node_config[STATE_DIR_KEY])), keep)
-        run_dir = str(run_config.get("run-dir", ""))
-        if run_dir and run_config.get("base-changes", "run-dir") == "run-dir":
+        settings = ServerAppSettings.from_flower(run_config)
+        if settings.run_dir and settings.base_changes == "run-dir":
             partition = str(context.node_config[PARTITION_ID_KEY])
-            return cls(Path(run_dir) / NODES_DIR / partition, keep)
+            return cls(Path(settings.run_dir) / NODES_DIR / partition, keep)
         return None
 
     def rounds(self) -> list[int]:

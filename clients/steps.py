@@ -1,7 +1,7 @@
 """A method's client step on a live model, and the update the client sends back.
 
-`LoRASide` runs the methods on peft LoRA models (FedAvg, FedEx-LoRA, FLoRA, FedSA-LoRA, LoRA-FAIR,
-FlexLoRA, HetLoRA), `SBSide` Fed-SB on LoRA-SB layers. Each applies the rule's pure
+`LoRAModelStep` runs the methods on peft LoRA models (FedAvg, FedEx-LoRA, FLoRA, FedSA-LoRA,
+LoRA-FAIR, FlexLoRA, HetLoRA), `SBModelStep` Fed-SB on LoRA-SB layers. Each applies the rule's pure
 ``client_step`` to what the node holds and writes the result into a model of the worker, reports
 how the model's weights moved (for the exactness probes), and builds the reply after training.
 """
@@ -31,13 +31,13 @@ from fedlora.messages import (
     Payload,
     Scalar,
     adapter_config,
-    adapter_to_tensors,
     modules_with_suffix,
     rank_key,
     ranks_in,
     scale_key,
     start_rank_key,
     to_wire,
+    update_format,
 )
 from fedlora.models import sb_head_parameters
 from fedlora.peft_io import (
@@ -50,7 +50,6 @@ from fedlora.peft_io import (
 )
 from fedlora.probes import Delta, lora_weight_changes, sb_weight_changes
 from fedlora.rules import AggregationRule
-from fedlora.rules.fedsb import cores_to_tensors
 from fedlora.sb_layer import load_cores, load_fixed_factors, read_cores, sb_layers
 from fedlora.versioning import BaseCache
 
@@ -58,13 +57,13 @@ Arrays = dict[str, dict[str, Tensor]]
 """Tensor records of a reply by record name."""
 
 
-class LoRASide:
+class LoRAModelStep:
     """The methods that run on peft LoRA models."""
 
     def __init__(self, worker: Worker, rule: AggregationRule) -> None:
         self.worker, self.rule = worker, rule
 
-    def facts(self, ranks: Mapping[str, int] | int) -> dict[str, Scalar]:
+    def rank_config(self, ranks: Mapping[str, int] | int) -> dict[str, Scalar]:
         """``rank.{module}`` and ``scale.{module}`` of a model with these ranks."""
         return adapter_config(self.worker.lora_model(ranks).pristine.adapter)
 
@@ -81,24 +80,21 @@ class LoRASide:
         return lora_weight_changes(model)
 
     def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
-        """The trained update as the rule's ``client_reply`` makes it (HetLoRA: pruned) and its
-        ranks; FedSA-LoRA sends A only and keeps B and the head on the node; FFA-LoRA sends B
-        only (A is frozen)."""
+        """The trained update as the rule's ``client_reply`` makes it (HetLoRA: pruned; FedSA-LoRA:
+        A only, keeping B and the head on the node; FFA-LoRA: B only, A is frozen) and its
+        ranks."""
         run = self.worker.config
-        adapter = self.rule.client_reply(read_adapter(model), run.lora_alpha, run.rslora)
-        config = adapter_config(adapter)
+        trained = read_adapter(model)
+        update = self.rule.client_reply(trained, run.lora_alpha, run.rslora)
+        tensors, config = update_format(self.rule.update_kind).to_tensors(update)
         for module, received in ranks_in(payload.config).items():
-            if adapter[module].rank != received:
+            if update[module].rank != received:
                 config[start_rank_key(module)] = received
         if self.rule.personalized:
-            kept = {module + B_SUFFIX: f.B for module, f in adapter.items()}
+            kept = {module + B_SUFFIX: f.B for module, f in trained.items()}
             keep_tensors(context, {**kept, **read_head(model)})
-            shared = {module + A_SUFFIX: to_wire(f.A) for module, f in adapter.items()}
-            return {ADAPTER_RECORD: shared}, config
+            return {ADAPTER_RECORD: tensors}, config
         head = {key: to_wire(t) for key, t in read_head(model).items()}
-        tensors = adapter_to_tensors(adapter)
-        if not self.rule.trains_A:
-            tensors = {key: t for key, t in tensors.items() if not key.endswith(A_SUFFIX)}
         return {ADAPTER_RECORD: tensors, HEAD_RECORD: head}, config
 
 
@@ -114,13 +110,13 @@ def with_kept(pristine: ClientState, kept: Mapping[str, Tensor]) -> ClientState:
     return replace(pristine, adapter=adapter, head=head)
 
 
-class SBSide:
+class SBModelStep:
     """Fed-SB on LoRA-SB layers: fixed B and A (kept on the node), R from the server."""
 
     def __init__(self, worker: Worker, rule: AggregationRule) -> None:
         self.worker, self.rule = worker, rule
 
-    def facts(self, capacities: Mapping[str, int] | int) -> dict[str, Scalar]:
+    def rank_config(self, capacities: Mapping[str, int] | int) -> dict[str, Scalar]:
         """``rank.{module}``: the capacity (leading block of R) the node trains per layer."""
         layers = sb_layers(self.worker.sb_model(capacities))
         return {rank_key(module): layer.capacity for module, layer in layers.items()}
@@ -158,7 +154,7 @@ class SBSide:
         """Each layer's full R (R_global + its trained block) and capacity, and the head."""
         layers = sb_layers(model)
         cores = {m: SBCore(R=R, rank=layers[m].capacity) for m, R in read_cores(model).items()}
-        tensors, config = cores_to_tensors(cores)
+        tensors, config = update_format(self.rule.update_kind).to_tensors(cores)
         head = {key: to_wire(p.detach()) for key, p in sb_head_parameters(model).items()}
         return {ADAPTER_RECORD: tensors, HEAD_RECORD: head}, config
 
@@ -176,12 +172,13 @@ def write_sb_head(model: nn.Module, head: Mapping[str, Tensor]) -> None:
         parameters[key].copy_(tensor)
 
 
-def side_for(worker: Worker, rule: AggregationRule) -> LoRASide | SBSide:
-    return SBSide(worker, rule) if rule.update_kind is SBCore else LoRASide(worker, rule)
+def model_step_for(worker: Worker, rule: AggregationRule) -> LoRAModelStep | SBModelStep:
+    """LoRA-SB layers for a rule whose updates are Fed-SB's R, else peft LoRA models."""
+    return SBModelStep(worker, rule) if rule.update_kind is SBCore else LoRAModelStep(worker, rule)
 
 
 def clip_for_client_dp(
-    arrays: Arrays, payload: Payload, facts: Mapping[str, Scalar], scale_power: float = 0.5
+    arrays: Arrays, payload: Payload, rank_config: Mapping[str, Scalar], scale_power: float = 0.5
 ) -> tuple[Arrays, dict[str, float]]:
     """Client-level DP: the reply's adapter and head with their change from the payload clipped,
     as one vector in the client's own shapes and folded (LoRA factors times s_i ** the rule's
@@ -197,7 +194,7 @@ def clip_for_client_dp(
             sent[(name, key)], before[(name, key)] = tensor, received[name][key]
             if key.endswith((A_SUFFIX, B_SUFFIX)):
                 module = key.removesuffix(A_SUFFIX).removesuffix(B_SUFFIX)
-                folds[(name, key)] = float(facts[scale_key(module)]) ** scale_power
+                folds[(name, key)] = float(rank_config[scale_key(module)]) ** scale_power
     clipped, norm = clip_reply(sent, before, folds, float(payload.config[CLIP_KEY]))
     out = {name: dict(named) for name, named in arrays.items()}
     for (name, key), tensor in clipped.items():

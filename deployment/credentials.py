@@ -4,7 +4,8 @@ certificate signed by it, and one ECDSA key pair per SuperNode in OpenSSH format
 Every folder is what one machine receives, so each is copied whole:
 
 - ``superlink/``: ``ca.pem``, ``server.pem`` (subject alternative names: the hosts given, as DNS
-  names or IP addresses) and ``server.key``, for ``flower-superlink --ssl-*``;
+  names or IP addresses, and 127.0.0.1) and ``server.key``, for ``flower-superlink --ssl-*`` and
+  the Fleet gateway;
 - ``node-{i}/``: ``ca.pem`` and ``node.key`` (the private key, for ``flower-supernode
   --root-certificates`` and ``--auth-supernode-private-key``) and ``node.pub``, which the
   operator registers with ``flwr supernode register``;
@@ -33,7 +34,10 @@ from fedlora.errors import ConfigError
 CA_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE = "ca.pem", "server.pem", "server.key"
 NODE_KEY_FILE, NODE_PUBLIC_KEY_FILE = "node.key", "node.pub"
 SUPERLINK_DIR = "superlink"
-DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+LOOPBACK = "127.0.0.1"
+"""Always among the certificate's addresses: the SuperLink's private address, where the gateway
+and the operators' SSH tunnel reach it."""
+DEFAULT_HOSTS = ("localhost", LOOPBACK)
 DEFAULT_DAYS = 365
 TLS_CURVE = ec.SECP256R1()
 NODE_CURVE = ec.SECP384R1()
@@ -85,7 +89,8 @@ def write_credentials(
     ca_key = ec.generate_private_key(TLS_CURVE)
     ca_cert = ca_certificate(ca_key, days)
     server_key = ec.generate_private_key(TLS_CURVE)
-    server_cert = server_certificate(server_key.public_key(), ca_key, ca_cert, hosts, days)
+    names = [*hosts, *([] if LOOPBACK in hosts else [LOOPBACK])]
+    server_cert = server_certificate(server_key.public_key(), ca_key, ca_cert, names, days)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
 
     write(files.ca, ca_pem)

@@ -36,9 +36,12 @@ from torch import Tensor
 from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
+from fedlora.opacus_logging import drop_opacus_root_handler
 from fedlora.rules import RULES
 from fedlora.rules.base import AggregationRule, GlobalState, RoundResult, difference
 from fedlora.updates import ClientUpdate, ClientUpdates, validate_updates
+
+drop_opacus_root_handler()
 
 CLIP_KEY = "dp-client-clip"
 """Config key of a train message: the bound the client clips its update to (absent: no clipping)."""

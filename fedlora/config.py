@@ -1,33 +1,46 @@
-"""A run's configuration: Flower's ``run_config`` (kebab-case keys) as a checked, frozen dataclass.
+"""A run's configuration: every key of Flower's ``run_config`` defined once, with its type,
+default and help text.
 
-Every field has the demo's default; `RunConfig.from_flower` refuses unknown keys and values of the
-wrong type or out of range, naming the key. Two defaults follow the model and task when left
-unset: ``target-modules`` (``q_proj,v_proj`` for Llama-like causal LMs, else ``query,value``) and
-``modules-to-save`` (``classifier,pooler`` for classification, none for causal LM).
+`RunConfig` holds the keys the ClientApp and the ServerApp both read; `ServerAppSettings` the
+ServerApp's own (where the run is written, how base changes travel, resume). Each field is the key
+with ``-`` for ``_``, declared with `key`: default, help text, and the values it allows. The
+reference of every key, ``docs/config.md``, is generated from these definitions
+(`fedlora.config_reference`). `RunConfig.from_flower` refuses unknown keys (suggesting the
+closest known one) and values of the wrong type or out of range, naming the key. Three defaults
+follow the model and data when left unset (`fedlora.model_defaults`): ``task`` (a named model's
+own; else the model's head, or the dataset's columns), ``target-modules`` (``q_proj,v_proj`` for
+the named causal LMs, ``query,value`` for the named classifiers, else what peft knows for the
+architecture) and ``modules-to-save`` (``classifier,pooler`` for classification, none for causal
+LM). Checks that depend on the methods (the strategy's name, what
+it supports) are `fedlora.method_config`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from fedlora.client_dp import check_client_dp_rule
+from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 from fedlora.errors import ConfigError
-from fedlora.generation import GENERATION_METRICS
 from fedlora.lr_schedule import LR_SCHEDULES
-from fedlora.messages import Scalar
-from fedlora.rules import RULES
-from fedlora.rules.base import check_robustness
-from fedlora.rules.robust import Robustness
-from fedlora.server_optimizer import ServerOptimizer
+from fedlora.tracking import tracker_names
+
+Scalar = int | float | str | bool
+"""A run-config value (Flower's scalar user-config values)."""
 
 TASKS = ("classification", "causal-lm")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 DP_ACCOUNTANTS = ("rdp", "prv")
 DP_GRAD_SAMPLE_MODES = ("hooks", "ghost")
 PARTITIONERS = ("iid", "dirichlet", "shard")
+GENERATION_METRICS = ("auto", "answer", "rouge-l")
+ROBUST_AGGREGATIONS = ("mean", "trimmed-mean", "median")
+BASE_CHANGES = ("run-dir", "messages")
 NAMED_MODELS = {
     "minilm": "classification",
     "smollm2": "causal-lm",
@@ -44,112 +57,248 @@ PROFILE_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: ``test`` and how the error message says it."""
+
+    test: Callable[[float], bool]
+    text: str
+
+
+AT_LEAST_1 = Range(lambda value: value >= 1, ">= 1")
+AT_LEAST_0 = Range(lambda value: value >= 0, ">= 0")
+POSITIVE = Range(lambda value: 0 < value < math.inf, "> 0 and finite")
+NOT_NEGATIVE = Range(lambda value: 0 <= value < math.inf, ">= 0 and finite")
+FRACTION_BELOW_1 = Range(lambda value: 0 <= value < 1, "in [0, 1)")
+FRACTION_UP_TO_1 = Range(lambda value: 0 < value <= 1, "in (0, 1]")
+FRACTION_BELOW_HALF = Range(lambda value: 0 <= value < 0.5, "in [0, 0.5)")
+PROBABILITY = Range(lambda value: 0 < value < 1, "in (0, 1)")
+ABOVE_0 = Range(lambda value: value > 0, "> 0")
+SEED_OR_SECRET = Range(lambda value: value >= -1, ">= 0, or -1 for secret noise")
+SEED_OR_RUN_SEED = Range(lambda value: value >= -1, ">= 0, or -1 for seed")
+
+
+def key(
+    default: Scalar | None, help: str, allowed: Range | None = None, choices: Iterable[str] = ()
+) -> Any:
+    """A run-config key's definition: its default, its help text, and a numeric range or the
+    choices it allows (the strategy's are the methods', checked by `fedlora.method_config`)."""
+    metadata = {"help": help, "range": allowed, "choices": tuple(choices)}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The run's settings; each field is the ``run_config`` key with ``-`` for ``_``."""
 
-    strategy: str = "fedex"
-    num_server_rounds: int = 5
-    model: str = "minilm"
-    task: str = "classification"
-    dataset: str = "bbcnews"
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.3
-    num_shards_per_partition: int = 2
-    test_fraction: float = 0.2
-    server_eval_fraction: float = 0.1
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    rslora: bool = False
-    rank_profile: str = ""
-    target_modules: str | None = None
-    modules_to_save: str | None = None
-    max_length: int = 96
-    local_steps: int = 3
-    batch_size: int = 16
-    learning_rate: float = 5e-3
-    weight_decay: float = 0.0
-    # optimizer steps: each of the local-steps accumulates gradient-accumulation-steps batches;
-    # the learning rate warms up over warmup-steps of the run's steps, then stays (constant) or
-    # falls linearly (fedlora.lr_schedule)
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    seed: int = 0
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_nodes: int = 2
-    min_evaluate_nodes: int = 2
-    device: str = "auto"
-    num_threads: int = 1
-    # sample-level DP (Opacus)
-    dp_sample: bool = False
-    dp_noise_multiplier: float = 1.0
-    dp_target_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    dp_max_grad_norm: float = 1.0
-    dp_poisson_sampling: bool = True
-    dp_accountant: str = "rdp"
-    dp_grad_sample_mode: str = "hooks"
-    dp_rounds: int = 0
-    max_epsilon: float = 0.0
-    # client-level DP (DP-FedAvg)
-    dp_client: bool = False
-    dp_client_clip: float = 1.0
-    dp_client_noise_multiplier: float = 1.0
-    dp_client_delta: float = 1e-5
-    dp_client_noise_seed: int = -1
-    dp_client_init_clip: float = 1.0
-    # deployment: seconds a round waits for replies (Flower's default, 3600); late nodes are dropped
-    round_timeout: float = 3600.0
-    # the largest example count one client may report; a reply above it is dropped
-    max_examples_per_client: int = 10_000_000
-    # robust aggregation (`fedlora.rules.robust`): norm bounds of each client's change (0: off)
-    # and the combination of client factors where the strategy averages factors
-    robust_norm_bound: float = 0.0
-    robust_norm_median_multiple: float = 0.0
-    robust_aggregation: str = "mean"
-    robust_trim_fraction: float = 0.1
-    # the server optimizer over the aggregated update (`fedlora.server_optimizer`; strategies that
-    # declare one) and FedProx's proximal term mu / 2 ||w - w_0||^2 in the clients' loss (0: off)
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_eps: float = 1e-3
-    fedprox_mu: float = 0.0
-    # the server checkpoints the run every k rounds (and after the last), to resume it from
-    checkpoint_every: int = 1
-    # generation evaluation on the server's held-out set every k rounds and after the last (0: off;
-    # instruction data only; fedlora.generation), on the clients' held-out splits too if asked
-    generation_every: int = 0
-    max_new_tokens: int = 32
-    generation_metric: str = "auto"
-    client_generation: bool = False
-    # total MB (10^6 bytes) up and down over the run above which a warning is logged (0: none)
-    communication_budget_mb: float = 0.0
+    strategy: str = key(
+        "fedex",
+        "the aggregation method (docs/methods.md)",
+    )
+    num_server_rounds: int = key(5, "federated rounds", AT_LEAST_1)
+    model: str = key(
+        "minilm",
+        "minilm, tiny-bert (classification), smollm2, tiny-llama, llama-400m (causal LM), a local folder or a cached Hugging Face id",
+    )
+    task: str = key(
+        "",
+        "classification or causal-lm (empty: the named model's, else the model's head, else the data's columns; docs/data.md)",
+    )
+    dataset: str = key(
+        "bbcnews",
+        "bbcnews, bbc-topic, bbc-headline, json:PATH, csv:PATH, parquet:PATH, a save_to_disk folder or hf:NAME (docs/data.md)",
+    )
+    eval_dataset: str = key(
+        "",
+        "the server's evaluation set, any dataset spec, read like the dataset (empty: server-eval-fraction of the dataset)",
+    )
+    text_column: str = key(TEXT, "the data's column of text")
+    label_column: str = key(LABEL, "the data's column of class labels")
+    instruction_column: str = key(INSTRUCTION, "the data's column of instructions")
+    input_column: str = key(INPUT, "the data's column of an instruction's input (optional)")
+    response_column: str = key(RESPONSE, "the data's column of responses")
+    partitioner: str = key("dirichlet", "how the clients' shares are drawn", choices=PARTITIONERS)
+    dirichlet_alpha: float = key(
+        0.3, "the Dirichlet concentration over labels (smaller: more skewed)", POSITIVE
+    )
+    num_shards_per_partition: int = key(
+        2, "label-sorted shards per client (shard partitioner)", AT_LEAST_1
+    )
+    test_fraction: float = key(
+        0.2, "each client's held-out share for its own evaluation", FRACTION_BELOW_1
+    )
+    server_eval_fraction: float = key(
+        0.1, "the examples the server holds out before partitioning", FRACTION_BELOW_1
+    )
+    lora_rank: int = key(8, "every client's LoRA rank when rank-profile is empty", AT_LEAST_1)
+    lora_alpha: float = key(
+        16.0, "LoRA's alpha: the scale is alpha / rank (alpha / sqrt(rank) with rslora)", POSITIVE
+    )
+    rslora: bool = key(False, "rank-stabilized scaling alpha / sqrt(rank)")
+    rank_profile: str = key(
+        "",
+        "client ranks as rank:fraction pairs, e.g. 4:0.3,8:0.5,16:0.2 (empty: lora-rank for all)",
+    )
+    target_modules: str | None = key(
+        None,
+        "modules given LoRA adapters, comma-separated (unset: q_proj,v_proj for the named causal LMs, query,value for the named classifiers, else peft's defaults for the architecture)",
+    )
+    modules_to_save: str | None = key(
+        None,
+        "modules trained whole, comma-separated (unset: classifier,pooler for classification, none for causal LM)",
+    )
+    max_length: int = key(96, "tokens per example", AT_LEAST_1)
+    local_steps: int = key(3, "optimizer steps a client takes per round", AT_LEAST_1)
+    batch_size: int = key(16, "examples per batch", AT_LEAST_1)
+    learning_rate: float = key(5e-3, "AdamW's learning rate", POSITIVE)
+    weight_decay: float = key(0.0, "AdamW's weight decay", NOT_NEGATIVE)
+    gradient_accumulation_steps: int = key(
+        1, "batches whose gradients each optimizer step sums", AT_LEAST_1
+    )
+    gradient_checkpointing: bool = key(
+        False, "recompute activations in the backward pass (less memory)"
+    )
+    lr_schedule: str = key(
+        "constant",
+        "after warm-up the rate stays (constant) or falls linearly (linear)",
+        choices=LR_SCHEDULES,
+    )
+    warmup_steps: int = key(
+        0, "optimizer steps of the run over which the rate rises to learning-rate", AT_LEAST_0
+    )
+    seed: int = key(0, "the seed of partitions, initial weights, sampling and noise", AT_LEAST_0)
+    data_seed: int = key(
+        -1,
+        "the seed of the server's hold-out, the partitions and the clients' splits instead of seed (-1: seed)",
+        SEED_OR_RUN_SEED,
+    )
+    fraction_train: float = key(
+        1.0, "the share of nodes sampled to train each round", FRACTION_UP_TO_1
+    )
+    fraction_evaluate: float = key(
+        1.0, "the share of nodes sampled to evaluate each round", FRACTION_UP_TO_1
+    )
+    min_train_nodes: int = key(2, "the fewest nodes a training round waits for", AT_LEAST_1)
+    min_evaluate_nodes: int = key(2, "the fewest nodes an evaluation round waits for", AT_LEAST_1)
+    device: str = key("auto", "auto, cpu, cuda or cuda:N")
+    num_threads: int = key(1, "torch's CPU threads per client", AT_LEAST_1)
+    dp_sample: bool = key(False, "sample-level DP: DP-SGD with Opacus (docs/privacy.md)")
+    dp_noise_multiplier: float = key(
+        1.0, "DP-SGD's noise multiplier (unless dp-target-epsilon is set)", NOT_NEGATIVE
+    )
+    dp_target_epsilon: float = key(
+        0.0,
+        "the epsilon DP-SGD's noise is calibrated to over dp-rounds (0: use dp-noise-multiplier)",
+        NOT_NEGATIVE,
+    )
+    dp_delta: float = key(1e-5, "sample-level DP's delta", PROBABILITY)
+    dp_max_grad_norm: float = key(1.0, "the per-example gradient clip", ABOVE_0)
+    dp_poisson_sampling: bool = key(True, "Poisson-sample each DP-SGD batch")
+    dp_accountant: str = key("rdp", "Opacus's privacy accountant", choices=DP_ACCOUNTANTS)
+    dp_grad_sample_mode: str = key(
+        "hooks", "how Opacus computes per-example gradients", choices=DP_GRAD_SAMPLE_MODES
+    )
+    dp_rounds: int = key(
+        0, "rounds dp-target-epsilon is spread over (0: num-server-rounds)", NOT_NEGATIVE
+    )
+    max_epsilon: float = key(
+        0.0, "a client stops training past this epsilon (0: no limit)", NOT_NEGATIVE
+    )
+    dp_client: bool = key(
+        False, "client-level DP: DP-FedAvg's clipped, noised mean of updates (docs/privacy.md)"
+    )
+    dp_client_clip: float = key(1.0, "the clip of each client's update", POSITIVE)
+    dp_client_noise_multiplier: float = key(
+        1.0, "the noise's standard deviation over the clip", NOT_NEGATIVE
+    )
+    dp_client_delta: float = key(1e-5, "client-level DP's delta", PROBABILITY)
+    dp_client_noise_seed: int = key(
+        -1, "the server noise's seed (-1: secret noise)", SEED_OR_SECRET
+    )
+    dp_client_init_clip: float = key(
+        1.0, "the clip of the round-0 step (Fed-SB's initial cores)", POSITIVE
+    )
+    round_timeout: float = key(
+        3600.0, "seconds a round waits for replies; late nodes are dropped", POSITIVE
+    )
+    max_examples_per_client: int = key(
+        10_000_000,
+        "the largest example count a reply may report; one above it is dropped",
+        AT_LEAST_1,
+    )
+    robust_norm_bound: float = key(
+        0.0, "the largest norm of a client's change (0: off)", NOT_NEGATIVE
+    )
+    robust_norm_median_multiple: float = key(
+        0.0,
+        "the largest norm of a client's change as a multiple of the round's median (0: off)",
+        NOT_NEGATIVE,
+    )
+    robust_aggregation: str = key(
+        "mean",
+        "how client factors are combined where the strategy averages them",
+        choices=ROBUST_AGGREGATIONS,
+    )
+    robust_trim_fraction: float = key(
+        0.1, "the share cut from each end by trimmed-mean", FRACTION_BELOW_HALF
+    )
+    server_optimizer: str = key(
+        "sgd",
+        "the server optimizer over the aggregated update, for strategies that take one",
+        choices=SERVER_OPTIMIZERS,
+    )
+    server_lr: float = key(1.0, "the server optimizer's learning rate", POSITIVE)
+    server_momentum: float = key(
+        0.0, "the server optimizer's momentum (sgd: FedAvgM)", NOT_NEGATIVE
+    )
+    server_beta1: float = key(0.9, "adam and yogi's first-moment decay", FRACTION_BELOW_1)
+    server_beta2: float = key(0.99, "adam and yogi's second-moment decay", FRACTION_BELOW_1)
+    server_eps: float = key(1e-3, "adam and yogi's adaptivity constant tau", POSITIVE)
+    fedprox_mu: float = key(
+        0.0,
+        "FedProx's proximal term mu / 2 ||w - w_0||^2 in the clients' loss (0: off)",
+        NOT_NEGATIVE,
+    )
+    checkpoint_every: int = key(
+        1, "the server checkpoints every k rounds and after the last", AT_LEAST_1
+    )
+    generation_every: int = key(
+        0,
+        "generation evaluation every k rounds and after the last (0: off; instruction data)",
+        AT_LEAST_0,
+    )
+    max_new_tokens: int = key(32, "tokens generated per prompt", AT_LEAST_1)
+    generation_metric: str = key("auto", "how generations are scored", choices=GENERATION_METRICS)
+    client_generation: bool = key(
+        False, "generation evaluation on the clients' held-out splits too"
+    )
+    communication_budget_mb: float = key(
+        0.0, "total MB up and down above which a warning is logged (0: none)", NOT_NEGATIVE
+    )
+    tracking: str = key(
+        "tensorboard",
+        "live trackers of each round's row, comma-separated: tensorboard, mlflow, wandb or none (docs/metrics.md)",
+    )
 
     def __post_init__(self) -> None:
+        if not self.task:
+            object.__setattr__(self, "task", default_task(self))
         if self.target_modules is None:
             object.__setattr__(self, "target_modules", default_targets(self.model, self.task))
         if self.modules_to_save is None:
             head = CLASSIFICATION_HEAD if self.task == "classification" else ""
             object.__setattr__(self, "modules_to_save", head)
-        check_values(self)
+        check_defined_values(self)
+        check_run_values(self)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Scalar]) -> RunConfig:
-        """Parse Flower's run_config; unknown keys and ill-typed values raise `ConfigError`."""
-        fields = {kebab(field.name): field for field in dataclasses.fields(cls)}
-        unknown = sorted(set(run_config) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown run_config key(s) {unknown}; known keys: {sorted(fields)}")
-        values = {
-            fields[key].name: typed_value(key, value, field_type(fields[key]))
-            for key, value in run_config.items()
-        }
-        return cls(**values)
+        """Parse Flower's run_config (without the ServerApp's keys); unknown keys and ill-typed
+        values raise `ConfigError`."""
+        return cls(**field_values(cls, run_config, also_known=SERVER_APP_KEYS))
 
     @property
     def target_module_names(self) -> tuple[str, ...]:
@@ -184,26 +333,9 @@ class RunConfig:
         return ranks[partition_id]
 
     @property
-    def robustness(self) -> Robustness:
-        """The ``robust-*`` keys as the rule's options."""
-        return Robustness(
-            norm_bound=self.robust_norm_bound,
-            norm_median_multiple=self.robust_norm_median_multiple,
-            combination=self.robust_aggregation,
-            trim_fraction=self.robust_trim_fraction,
-        )
-
-    @property
-    def server_optimizer_options(self) -> ServerOptimizer:
-        """The ``server-*`` keys as a server optimizer (refused when out of range)."""
-        return ServerOptimizer(
-            kind=self.server_optimizer,
-            lr=self.server_lr,
-            momentum=self.server_momentum,
-            beta1=self.server_beta1,
-            beta2=self.server_beta2,
-            eps=self.server_eps,
-        )
+    def partition_seed(self) -> int:
+        """The seed of the data's splits: ``data-seed``, else ``seed``."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     @property
     def max_rank(self) -> int:
@@ -212,8 +344,64 @@ class RunConfig:
         return max(rank for rank, _ in profile) if profile else self.lora_rank
 
 
-def kebab(name: str) -> str:
-    return name.replace("_", "-")
+@dataclass(frozen=True)
+class ServerAppSettings:
+    """The ServerApp's own run-config keys (the ClientApp ignores them)."""
+
+    run_dir: str = key(
+        "",
+        "the run directory (empty: runs/flwr/RUN_ID; fedlora commands set it from --out)",
+    )
+    base_changes: str = key(
+        "run-dir",
+        "how FedEx-LoRA's and FLoRA's base changes reach the clients: files in the run directory (one machine) or in the messages",
+        choices=BASE_CHANGES,
+    )
+    resume: bool = key(False, "continue the run in run-dir from its last checkpoint")
+
+    def __post_init__(self) -> None:
+        check_defined_values(self)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Scalar]) -> ServerAppSettings:
+        """The ServerApp's keys of Flower's run_config (the others are `RunConfig`'s)."""
+        return cls(**field_values(cls, server_app_values(run_config)))
+
+
+SERVER_APP_KEYS = tuple(kebab(field.name) for field in dataclasses.fields(ServerAppSettings))
+"""Run-config keys of the ServerApp's own (not `RunConfig` fields)."""
+RUN_KEYS = tuple(kebab(field.name) for field in dataclasses.fields(RunConfig))
+
+
+def server_app_values(run_config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    return {key: value for key, value in run_config.items() if key in SERVER_APP_KEYS}
+
+
+def without_server_app_keys(run_config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """The run config less the ServerApp's own keys: what `RunConfig.from_flower` takes."""
+    return {key: value for key, value in run_config.items() if key not in SERVER_APP_KEYS}
+
+
+def field_values(
+    cls: type, run_config: Mapping[str, Scalar], also_known: Iterable[str] = ()
+) -> dict[str, Scalar]:
+    """The dataclass's field values from kebab-case keys, each of its type; an unknown key raises
+    `ConfigError` suggesting the closest known one (``also_known``: keys read elsewhere)."""
+    fields = {kebab(field.name): field for field in dataclasses.fields(cls)}
+    for key in run_config:
+        if key not in fields:
+            raise unknown_key(key, [*fields, *also_known])
+    return {
+        fields[key].name: typed_value(key, value, field_type(fields[key]))
+        for key, value in run_config.items()
+    }
+
+
+def unknown_key(key: str, known: Iterable[str], where: str = "") -> ConfigError:
+    """The error for an unknown key: the closest known key suggested, if one is close."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else " (docs/config.md lists every key)"
+    return ConfigError(f"unknown {where}key {key!r}{hint}")
 
 
 def field_type(field: dataclasses.Field) -> type:
@@ -239,10 +427,23 @@ def typed_value(key: str, value: Scalar, kind: type) -> Scalar:
     return value
 
 
+def default_task(config: RunConfig) -> str:
+    """A named model's task; else inferred from the model's head or the dataset's columns."""
+    if config.model in NAMED_MODELS:
+        return NAMED_MODELS[config.model]
+    from fedlora.model_defaults import inferred_task  # reads the model's files and the data
+
+    return inferred_task(config)
+
+
 def default_targets(model: str, task: str) -> str:
-    if NAMED_MODELS.get(model, task) == "causal-lm":
-        return CAUSAL_LM_TARGETS
-    return CLASSIFICATION_TARGETS
+    """The named causal LMs' ``q_proj,v_proj`` and classifiers' ``query,value``; else peft's
+    default LoRA targets for the model's architecture."""
+    if model in NAMED_MODELS:
+        return CAUSAL_LM_TARGETS if task == "causal-lm" else CLASSIFICATION_TARGETS
+    from fedlora.model_defaults import peft_target_modules  # reads the model's config file
+
+    return ",".join(peft_target_modules(model))
 
 
 def comma_names(text: str) -> tuple[str, ...]:
@@ -283,107 +484,31 @@ def apportion(fractions: list[float], total: int) -> list[int]:
     return counts
 
 
-RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    **dict.fromkeys(
-        (
-            "num_server_rounds",
-            "num_shards_per_partition",
-            "lora_rank",
-            "max_length",
-            "local_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "min_train_nodes",
-            "min_evaluate_nodes",
-            "num_threads",
-            "max_examples_per_client",
-            "checkpoint_every",
-            "max_new_tokens",
-        ),
-        (lambda value: value >= 1, ">= 1"),
-    ),
-    **dict.fromkeys(
-        ("dirichlet_alpha", "lora_alpha", "learning_rate"),
-        (lambda value: 0 < value < math.inf, "> 0 and finite"),
-    ),
-    **dict.fromkeys(
-        ("seed", "warmup_steps", "generation_every"), (lambda value: value >= 0, ">= 0")
-    ),
-    "weight_decay": (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
-    **dict.fromkeys(
-        ("test_fraction", "server_eval_fraction"), (lambda value: 0 <= value < 1, "in [0, 1)")
-    ),
-    **dict.fromkeys(
-        ("fraction_train", "fraction_evaluate"), (lambda value: 0 < value <= 1, "in (0, 1]")
-    ),
-    **dict.fromkeys(
-        (
-            "dp_noise_multiplier",
-            "dp_target_epsilon",
-            "dp_rounds",
-            "max_epsilon",
-            "communication_budget_mb",
-        ),
-        (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
-    ),
-    "dp_delta": (lambda value: 0 < value < 1, "in (0, 1)"),
-    "dp_max_grad_norm": (lambda value: value > 0, "> 0"),
-    "round_timeout": (lambda value: 0 < value < math.inf, "> 0 and finite"),
-}
-"""The numeric fields' allowed ranges."""
-
-
-CLIENT_DP_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    **dict.fromkeys(
-        ("dp_client_clip", "dp_client_init_clip"),
-        (lambda value: 0 < value < math.inf, "> 0 and finite"),
-    ),
-    "dp_client_noise_multiplier": (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
-    "dp_client_delta": (lambda value: 0 < value < 1, "in (0, 1)"),
-}
-"""The client-level DP fields' allowed ranges."""
-
-
-def check_client_dp(config: RunConfig) -> None:
-    """Raise `ConfigError` for a client-level DP value out of range, or ``dp-client`` with a
-    strategy whose aggregate one clipped update does not bound (`fedlora.client_dp`)."""
-    for name, (allowed, description) in CLIENT_DP_RANGES.items():
-        value = getattr(config, name)
-        if not allowed(value):
-            raise ConfigError(f"{kebab(name)} must be {description}, got {value!r}")
-    if config.dp_client_noise_seed < -1:
-        raise ConfigError(
-            f"dp-client-noise-seed must be >= 0, or -1 for secret noise, got "
-            f"{config.dp_client_noise_seed!r}"
+def check_defined_values(settings: RunConfig | ServerAppSettings) -> None:
+    """Raise `ConfigError` naming the first key whose value its definition does not allow."""
+    for field in dataclasses.fields(settings):
+        value, choices, allowed = (
+            getattr(settings, field.name),
+            field.metadata["choices"],
+            field.metadata["range"],
         )
-    if config.dp_client:
-        check_client_dp_rule(config.strategy)
+        if choices and value not in choices:
+            raise ConfigError(f"{kebab(field.name)} = {value!r}: choose one of {list(choices)}")
+        if allowed is not None and not allowed.test(value):
+            raise ConfigError(f"{kebab(field.name)} must be {allowed.text}, got {value!r}")
 
 
-def check_values(config: RunConfig) -> None:
-    """Raise `ConfigError` naming the first key whose value is not allowed."""
-    choices = {
-        "strategy": sorted(RULES),
-        "task": TASKS,
-        "partitioner": PARTITIONERS,
-        "dp_accountant": DP_ACCOUNTANTS,
-        "dp_grad_sample_mode": DP_GRAD_SAMPLE_MODES,
-        "lr_schedule": LR_SCHEDULES,
-        "generation_metric": GENERATION_METRICS,
-    }
-    for name, allowed in choices.items():
-        value = getattr(config, name)
-        if value not in allowed:
-            raise ConfigError(f"{kebab(name)} = {value!r}: choose one of {list(allowed)}")
+def check_run_values(config: RunConfig) -> None:
+    """The checks of `RunConfig` that involve more than one key or a pattern."""
     if not re.fullmatch(DEVICE_PATTERN, config.device):
         raise ConfigError(f"device = {config.device!r}: choose auto, cpu, cuda or cuda:N")
-    for name, (allowed, description) in RANGES.items():
-        value = getattr(config, name)
-        if not allowed(value):
-            raise ConfigError(f"{kebab(name)} must be {description}, got {value!r}")
-    for name in ("model", "dataset", "target_modules"):
+    if config.task not in TASKS:
+        raise ConfigError(f"task = {config.task!r}: choose one of {list(TASKS)}")
+    for name in ("model", "dataset", "target_modules", *COLUMN_KEYS):
         if not getattr(config, name).strip(" ,"):
             raise ConfigError(f"{kebab(name)} must not be empty")
+    check_column_mapping(config)
+    tracker_names(config.tracking)
     named_task = NAMED_MODELS.get(config.model)
     if named_task is not None and named_task != config.task:
         raise ConfigError(
@@ -391,40 +516,37 @@ def check_values(config: RunConfig) -> None:
         )
     parse_rank_profile(config.rank_profile)
     check_training_steps(config)
-    check_client_dp(config)
-    robustness = config.robustness
-    check_robustness(RULES[config.strategy], robustness)
-    if config.dp_client and (robustness.bounds_norms or robustness.combination != "mean"):
-        raise ConfigError(
-            "robust-* options do not apply with dp-client: client-level DP clips every update and "
-            "its analysis assumes the noised mean"
-        )
-    check_server_optimizer(config)
     if config.client_generation and not config.generation_every:
         raise ConfigError("client-generation needs generation-every > 0")
 
 
-def check_server_optimizer(config: RunConfig) -> None:
-    """``server-*`` in range and only for a strategy that takes a server optimizer;
-    ``fedprox-mu`` >= 0 and finite, not with DP-SGD (Opacus sets the gradients itself)."""
-    optimizer = config.server_optimizer_options
-    if optimizer != ServerOptimizer() and not RULES[config.strategy].takes_server_optimizer:
-        takers = sorted(name for name, rule in RULES.items() if rule.takes_server_optimizer)
+COLUMN_KEYS = {
+    "text_column": TEXT,
+    "label_column": LABEL,
+    "instruction_column": INSTRUCTION,
+    "input_column": INPUT,
+    "response_column": RESPONSE,
+}
+"""The column mapping keys and the column each names."""
+
+
+def column_mapping(config: RunConfig) -> dict[str, str]:
+    """{column of one's data: fedlora's column} for the mapping keys that name another column."""
+    return {
+        getattr(config, key): column
+        for key, column in COLUMN_KEYS.items()
+        if getattr(config, key) != column
+    }
+
+
+def check_column_mapping(config: RunConfig) -> None:
+    """Each mapping key names its own column."""
+    named = [getattr(config, key) for key in COLUMN_KEYS]
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
         raise ConfigError(
-            f"server-* options do not apply to strategy {config.strategy!r}; strategies with a "
-            f"server optimizer: {takers}"
-        )
-    if optimizer != ServerOptimizer() and config.dp_client:
-        raise ConfigError(
-            "server-* options do not apply with dp-client: the private aggregate is applied as "
-            "the noised mean its analysis assumes"
-        )
-    if not 0 <= config.fedprox_mu < math.inf:
-        raise ConfigError(f"fedprox-mu must be >= 0 and finite, got {config.fedprox_mu!r}")
-    if config.fedprox_mu > 0 and config.dp_sample:
-        raise ConfigError(
-            "fedprox-mu does not apply with dp-sample: DP-SGD computes each step's gradient from "
-            "clipped per-example gradients, which the proximal term is not"
+            f"column(s) {repeated} named by more than one of "
+            f"{[kebab(key) for key in COLUMN_KEYS]}: each key names its own column"
         )
 
 

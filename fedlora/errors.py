@@ -7,3 +7,7 @@ class InvalidUpdateError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration value is missing or out of range."""
+
+
+class SimulationError(RuntimeError):
+    """A simulation failed or ended without all its rounds; the message says why."""

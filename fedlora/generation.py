@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlora.config import GENERATION_METRICS
 from fedlora.errors import ConfigError
 
-GENERATION_METRICS = ("auto", "answer", "rouge-l")
 METRIC_COLUMNS = {"answer": "answer_accuracy", "rouge-l": "rouge_l"}
 """The metrics.jsonl column of each generation metric."""
 TASK_METRICS = {"bbc-topic": "answer", "bbc-headline": "rouge-l"}

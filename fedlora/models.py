@@ -26,6 +26,7 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -106,17 +107,22 @@ def model_limits(config: RunConfig) -> tuple[int | None, int | None]:
     where the config does not say)."""
     if config.model in BUILT_MODEL_LIMITS:
         return BUILT_MODEL_LIMITS[config.model]
-    location = model_location(config.model)
+    model_config = pretrained_config(config.model)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    hidden = getattr(model_config, "hidden_size", None)
+    return positions, hidden
+
+
+def pretrained_config(name: str) -> PretrainedConfig:
+    """The transformers config of model ``name`` (a folder or a cached hub id), read offline."""
+    location = model_location(name)
     try:
-        model_config = AutoConfig.from_pretrained(location, local_files_only=True)
+        return AutoConfig.from_pretrained(location, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"model {location!r} is neither a local folder nor in the local Hugging Face cache "
             f"(models load offline): {error}"
         ) from error
-    positions = getattr(model_config, "max_position_embeddings", None)
-    hidden = getattr(model_config, "hidden_size", None)
-    return positions, hidden
 
 
 def check_model_limits(config: RunConfig) -> None:

@@ -216,15 +216,6 @@ def pretrained_weights(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
     return captured
 
 
-def write_base_weights(
-    model: nn.Module, weights: Mapping[str, Tensor], adapter_name: str = DEFAULT_ADAPTER
-) -> None:
-    """Set the base weight of every adapted module from Linear-oriented ``weights``."""
-    layers = lora_layers(model, adapter_name)
-    _check_base_weights(layers, weights)
-    _copy_base_weights(layers, weights)
-
-
 def _check_base_weights(layers: dict[str, LoraLinear], weights: Mapping[str, Tensor]) -> None:
     _check_same_names("base weights", set(weights), set(layers))
     for name, weight in weights.items():

@@ -45,7 +45,10 @@ from fedlora.config import RunConfig
 from fedlora.data import IGNORED_LABEL, encode
 from fedlora.errors import ConfigError
 from fedlora.messages import Scalar
+from fedlora.opacus_logging import drop_opacus_root_handler
 from fedlora.rules import RULES
+
+drop_opacus_root_handler()
 
 EPSILON_KEY = "epsilon"
 """Reply metric: the client's epsilon after the round (at its delta)."""

@@ -45,10 +45,10 @@ from strategies.server_app import make_strategy
 
 
 def runs_in_plain_loop(rule: type[AggregationRule]) -> bool:
-    """Whether the plain loop runs the method: one shared LoRA adapter sent back whole
-    (FFA-LoRA sends B alone) and no node state (`AggregationRule.keeps_node_state`: FedSA-LoRA
-    keeps B, Fed-SB its fixed factors, HetLoRA its pruned rank)."""
-    return not rule.keeps_node_state and rule.update_kind is LoRAFactors
+    """Whether the plain loop runs the method: clients that train and send whole LoRA factors
+    and keep no node state (`AggregationRule.keeps_node_state`: FedSA-LoRA keeps B, Fed-SB its
+    fixed factors, HetLoRA its pruned rank; FFA-LoRA freezes A and sends B alone)."""
+    return not rule.keeps_node_state and rule.update_kind is LoRAFactors and rule.trains_A
 
 
 RoundCallback = Callable[[str, int], None]

@@ -1,9 +1,16 @@
 """Every method on one recipe: identical partitions, ranks and seeds (only ``strategy`` changes),
-each run in its own directory, then a results table and two plots."""
+each run in its own directory, then a results table and two plots.
+
+With several seeds each strategy runs once per seed on the same data: the k-th run's ``seed`` is
+the recipe's seed + k and its ``data-seed`` the recipe's (the server's set, the partitions and
+the clients' splits stay; the initial LoRA A and head, the batches and any DP noise vary). The
+results give each strategy's mean and standard deviation (sample, over its seeds)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,10 +24,12 @@ from simulations.runner import SimulationError, simulate
 from strategies import STRATEGIES
 
 RESULTS_CSV = "results.csv"
+SUMMARY_CSV = "summary.csv"
 ACCURACY_VS_ROUND = "accuracy_vs_round.png"
 ACCURACY_VS_BYTES = "accuracy_vs_bytes.png"
 RESULT_COLUMNS = (
     "strategy",
+    "seed",
     "rounds",
     "final_accuracy",
     "best_accuracy",
@@ -33,10 +42,21 @@ RESULT_COLUMNS = (
     "rouge_l",
     "error",
 )
-"""results.csv: accuracies over the rounds' rows, bytes and round seconds summed over rounds,
-the whole run's wall time (Ray's start included), the worst relative deviation (empty: none),
-the last generation scores (empty: none), why the run failed (empty: it did not)."""
+"""results.csv, a row per run: accuracies over the rounds' rows, bytes and round seconds summed
+over rounds, the whole run's wall time (Ray's start included), the worst relative deviation
+(empty: none), the last generation scores (empty: none), why the run failed (empty: it did not)."""
 GENERATION_COLUMNS = ("answer_accuracy", "rouge_l")
+SPREAD_COLUMNS = (
+    "final_accuracy",
+    "best_accuracy",
+    "max_relative_deviation",
+    *GENERATION_COLUMNS,
+    "bytes_up",
+    "bytes_down",
+    "seconds",
+)
+"""summary.csv, a row per strategy: ``runs``, ``failed``, and of each of these columns its
+``_mean`` and ``_std`` over the strategy's runs that finished (std: sample, empty below two)."""
 
 StrategyRowCallback = Callable[[str, MetricsRow], None]
 
@@ -62,36 +82,83 @@ def compare(
     rounds: int | None = None,
     on_round: StrategyRowCallback | None = None,
     overwrite: bool = False,
+    seeds: int = 1,
 ) -> list[dict]:
-    """Run ``recipe`` once per strategy into ``out_dir/<strategy>``; write ``results.csv`` and
-    the plots into ``out_dir``; return the results rows. ``overwrite`` lets each run replace an
-    earlier run's directory (`simulations.runner.simulate`).
+    """Run ``recipe`` once per strategy into ``out_dir/<strategy>`` (``seeds`` times per strategy
+    into ``out_dir/<strategy>/seed-<seed>``, on the same data); write ``results.csv``,
+    ``summary.csv`` and the plots into ``out_dir``; return the results rows, a row per run.
+    ``overwrite`` lets each run replace an earlier run's directory (`simulations.runner.simulate`).
 
-    Every strategy's configuration is checked before any run (a `ConfigError` names the first
-    refused one). A run that fails (`simulations.runner.SimulationError`) does not stop the
-    others: its row keeps the rounds it finished and says why in ``error``.
+    Every run's configuration is checked before any run (a `ConfigError` names the first refused
+    one). A run that fails (`simulations.runner.SimulationError`) does not stop the others: its
+    row keeps the rounds it finished and says why in ``error``.
     """
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    resolved = {name: resolve(recipe, overrides, name, rounds) for name in strategies}
+    planned = {
+        (name, seed): run
+        for name in strategies
+        for seed, run in seed_recipes(resolve(recipe, overrides, name, rounds), seeds).items()
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[MetricsRow]] = {}
+    runs: dict[str, list[list[MetricsRow]]] = {name: [] for name in strategies}
     results = []
-    for name in strategies:
+    for (name, seed), run in planned.items():
         report = None if on_round is None else (lambda row, name=name: on_round(name, row))
+        run_dir = out_dir / name if seeds == 1 else out_dir / name / f"seed-{seed}"
         start = time.perf_counter()
         error = None
         try:
-            simulate(resolved[name], out_dir=out_dir / name, on_round=report, overwrite=overwrite)
+            simulate(run, out_dir=run_dir, on_round=report, overwrite=overwrite)
         except SimulationError as failure:
             error = str(failure)
-        runs[name] = read_metrics(out_dir / name)
-        results.append(summary(name, runs[name], time.perf_counter() - start, error))
-    write_results_csv(out_dir / RESULTS_CSV, results)
+        rows = read_metrics(run_dir)
+        runs[name].append(rows)
+        results.append({**summary(name, rows, time.perf_counter() - start, error), "seed": seed})
+    write_csv(out_dir / RESULTS_CSV, RESULT_COLUMNS, results)
+    write_csv(out_dir / SUMMARY_CSV, summary_columns(), strategy_spreads(results))
     plot_accuracy_vs_round(runs, out_dir / ACCURACY_VS_ROUND, recipe.name)
     plot_accuracy_vs_bytes(runs, out_dir / ACCURACY_VS_BYTES, recipe.name)
     return results
+
+
+def seed_recipes(resolved: Recipe, seeds: int) -> dict[int, Recipe]:
+    """{seed: recipe} of ``seeds`` runs of a resolved recipe: seeds s, s+1, ... from its own, all
+    with its data seed."""
+    config = resolved.run_config
+    if seeds == 1:
+        return {config.seed: resolved}
+    return {
+        config.seed + k: dataclasses.replace(
+            resolved,
+            run={**resolved.run, "seed": config.seed + k, "data-seed": config.partition_seed},
+        )
+        for k in range(seeds)
+    }
+
+
+def strategy_spreads(results: list[dict]) -> list[dict]:
+    """A row per strategy (in the results' order): its runs, how many failed, and the mean and
+    standard deviation of each `SPREAD_COLUMNS` column over its runs that did not fail."""
+    rows = []
+    for strategy in dict.fromkeys(result["strategy"] for result in results):
+        own = [result for result in results if result["strategy"] == strategy]
+        finished = [result for result in own if not result["error"]]
+        row = {"strategy": strategy, "runs": len(own), "failed": len(own) - len(finished)}
+        for column in SPREAD_COLUMNS:
+            values = [result[column] for result in finished if result[column] is not None]
+            row[f"{column}_mean"] = statistics.fmean(values) if values else None
+            row[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def summary_columns() -> tuple[str, ...]:
+    spreads = (f"{column}_{kind}" for column in SPREAD_COLUMNS for kind in ("mean", "std"))
+    return ("strategy", "runs", "failed", *spreads)
 
 
 def summary(
@@ -123,8 +190,8 @@ def last_value(rows: list[MetricsRow], column: str) -> float | None:
     return values[-1] if values else None
 
 
-def write_results_csv(path: Path, results: list[dict]) -> None:
+def write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, RESULT_COLUMNS)
+        writer = csv.DictWriter(file, columns)
         writer.writeheader()
-        writer.writerows(results)
+        writer.writerows(rows)

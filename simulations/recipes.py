@@ -10,28 +10,33 @@ checked by `RunConfig`, so a bad key or value is refused, named, before anything
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.app import SERVER_APP_KEYS
-from fedlora.config import RunConfig, kebab
-from fedlora.data import load_dataset
+from fedlora.config import (
+    RunConfig,
+    Scalar,
+    ServerAppSettings,
+    kebab,
+    unknown_key,
+    without_server_app_keys,
+)
+from fedlora.data import load_dataset, load_eval_dataset
 from fedlora.errors import ConfigError
-from fedlora.messages import Scalar
+from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits
-from strategies.server_app import BASE_CHANGES
+from fedlora.toml_values import toml_table
+from fedlora.tracking import check_trackers_installed
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
-DEMO_RECIPE = RECIPES_DIR / "demo.toml"
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"
 OUTPUT_KEYS = {RUN_DIR_KEY: "--out", RESUME_KEY: "--resume"}
 """ServerApp keys a recipe leaves to the command's options."""
 BASE_CHANGES_KEY = "base-changes"
 QUOTES_AND_BRACKETS = "\"'[{"
+ENGINES = ("ray", "in-process")
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,17 @@ class SimulationSettings:
         GPUs per ClientApp; a fraction lets several share one (0.25: four per GPU).
     gpus : int (default: 0)
         How many of the host's GPUs Ray may hand out (0: every GPU it finds).
+    engine : str (default: "ray")
+        ``"ray"``: Flower's simulation engine, ClientApps in Ray workers (the resources above);
+        ``"in-process"``: every node's ClientApp in this process, one after another
+        (`simulations.in_process`; the resources above are not used).
     """
 
     num_supernodes: int = 10
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     gpus: int = 0
+    engine: str = "ray"
 
     def __post_init__(self) -> None:
         for name, least in (("num_supernodes", 1), ("gpus", 0)):
@@ -67,15 +77,15 @@ class SimulationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not allowed(value):
                 raise ConfigError(f"{kebab(name)} must be a number {bound}, got {value!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
 
     @classmethod
     def from_table(cls, table: Mapping[str, Scalar]) -> SimulationSettings:
         fields = {kebab(field.name): field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(table) - set(fields))
-        if unknown:
-            raise ConfigError(
-                f"unknown [simulation] key(s) {unknown}; known keys: {sorted(fields)}"
-            )
+        for key in table:
+            if key not in fields:
+                raise unknown_key(key, fields, "[simulation] ")
         return cls(**{fields[key]: value for key, value in table.items()})
 
     def backend_config(self) -> dict:
@@ -199,6 +209,9 @@ def resolve(
     check_model_limits(config)
     if config.dataset != "bbcnews":
         load_dataset(config)  # a local file that cannot be read is named before anything runs
+    if config.eval_dataset:
+        load_eval_dataset(config)
+    check_trackers_installed(config.tracking)
     resolved = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
     if BASE_CHANGES_KEY in run:
         resolved[BASE_CHANGES_KEY] = run[BASE_CHANGES_KEY]
@@ -206,20 +219,6 @@ def resolve(
 
 
 def run_config_of(run: Mapping[str, Scalar]) -> RunConfig:
-    """`RunConfig` of a run table; the ServerApp's ``base-changes`` is checked apart."""
-    base_changes = run.get(BASE_CHANGES_KEY, BASE_CHANGES[0])
-    if base_changes not in BASE_CHANGES:
-        raise ConfigError(
-            f"{BASE_CHANGES_KEY} = {base_changes!r}: choose one of {list(BASE_CHANGES)}"
-        )
-    return RunConfig.from_flower({k: v for k, v in run.items() if k not in SERVER_APP_KEYS})
-
-
-def toml_table(table: Mapping[str, Scalar]) -> str:
-    return "".join(f"{key} = {toml_scalar(value)}\n" for key, value in table.items())
-
-
-def toml_scalar(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    """`RunConfig` of a run table; the ServerApp's keys are checked apart."""
+    ServerAppSettings.from_flower(run)
+    return parse_run_config(without_server_app_keys(run))

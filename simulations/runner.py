@@ -1,4 +1,4 @@
-"""Run a recipe in Flower's simulation engine on Ray and leave a run directory behind.
+"""Run a recipe in Flower's simulation engine on Ray, or in this process, and leave a run directory behind.
 
 `flwr.simulation.run_simulation` passes an empty run_config, so the ServerApp and the ClientApp
 are bound to the resolved run config (`strategies.server_app.server_app`,
@@ -6,7 +6,8 @@ are bound to the resolved run config (`strategies.server_app.server_app`,
 Ray's own logging is set to errors, without its workers' output. A ClientApp that raises does not
 stop Flower's run (the strategy drops the reply); the runner raises afterwards with its reason.
 When the engine itself crashes (Ray cannot start, say), the ServerApp is told to stop waiting for
-replies, and the runner raises with the innermost cause.
+replies, and the runner raises with the project's own error in the chain of causes (else the
+innermost one), the traceback written to ``flower.log``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from flwr.simulation import run_simulation
 
 from clients.app import client_app
 from fedlora.atomic_files import write_text_atomic
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, InvalidUpdateError, SimulationError
 from fedlora.messages import Scalar
+from simulations.in_process import run_in_process
 from simulations.recipes import RESUME_KEY, RUN_DIR_KEY, Recipe, load_recipe, resolve
 from simulations.run_dir import (
     CONFIG_FILE,
@@ -58,17 +60,16 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*(\w*(?:Error|Exception)): .*$", re.MULTILINE)
 """A traceback's last line, e.g. ``ValueError: bad shape``."""
 WRAPPING_EXCEPTIONS = ("ClientAppException", "RayTaskError")
+"""Exceptions Flower and Ray wrap a ClientApp's own in; the reason is the wrapped one."""
+PROJECT_ERRORS = (ConfigError, InvalidUpdateError, SimulationError)
+"""The project's own errors, whose messages name the problem."""
+PROJECT_ERROR_NAMES = {error.__name__ for error in PROJECT_ERRORS}
 INTERRUPTED_HINT = (
     "fedlora: interrupted; a run is marked so in its status and goes on from its last "
     "checkpoint with: fedlora simulate --resume RUN_DIR"
 )
 INTERRUPT_GRACE_SECONDS = 5.0
 """How long Ctrl-C waits for the engine to wind down before the process exits (status 130)."""
-"""Exceptions Flower and Ray wrap a ClientApp's own in; the reason is the wrapped one."""
-
-
-class SimulationError(RuntimeError):
-    """A simulation failed or ended without all its rounds; the message says why."""
 
 
 def simulate(
@@ -184,28 +185,35 @@ def exit_after_grace() -> None:
 
 
 def run_engine(recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading.Event) -> None:
-    """Flower's simulation engine on Ray with the bound apps; `SimulationError` with the
-    innermost cause when the engine itself fails."""
+    """The recipe's engine (Flower's simulation engine on Ray, or this process) with the bound
+    apps; `SimulationError` with `reported_cause` when the engine itself fails."""
     settings = recipe.simulation
     try:
-        run_simulation(
-            server_app=server_app(run_config, stop),
-            client_app=client_app(run_config),
-            num_supernodes=settings.num_supernodes,
-            backend_config=settings.backend_config(),
-        )
+        if settings.engine == "in-process":  # one thread: Ctrl-C reaches the ServerApp itself
+            run_in_process(server_app(run_config), client_app(run_config), settings.num_supernodes)
+        else:
+            run_simulation(
+                server_app=server_app(run_config, stop),
+                client_app=client_app(run_config),
+                num_supernodes=settings.num_supernodes,
+                backend_config=settings.backend_config(),
+            )
     except Exception as error:
+        FLOWER_LOGGER.error("the simulation failed", exc_info=error)
         log_file = Path(str(run_config[RUN_DIR_KEY])) / FLOWER_LOG
-        raise SimulationError(f"{root_cause(error)} (see {log_file})") from error
+        raise SimulationError(f"{reported_cause(error)} (see {log_file})") from error
 
 
-def root_cause(error: BaseException) -> str:
-    """The innermost exception of ``error``'s chain (Flower wraps the engine's crash twice), as
-    ``Name: first line``."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+def reported_cause(error: BaseException) -> str:
+    """The error to show of ``error``'s chain of causes (Flower wraps the engine's crash twice):
+    the outermost of the project's own (`fedlora.errors`: its message names the problem), else
+    the innermost, as ``Name: first line``."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    shown = next((e for e in chain if isinstance(e, PROJECT_ERRORS)), chain[-1])
+    lines = str(shown).strip().splitlines()
+    return f"{type(shown).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def check_complete(
@@ -225,13 +233,17 @@ def check_complete(
 
 
 def error_reason(records: list[logging.LogRecord]) -> str:
-    """The first exception named in the records, past Flower's and Ray's wrappers; else the first
+    """The first of the project's own errors named in the records (a traceback names a library's
+    cause before it), else the first exception past Flower's and Ray's wrappers; else the first
     record's message."""
-    for record in records:
-        for match in EXCEPTION_LINE.finditer(record.getMessage()):
-            if match.group(1) not in WRAPPING_EXCEPTIONS:
-                return match.group(0)
-    return records[0].getMessage()
+    named = [
+        match
+        for record in records
+        for match in EXCEPTION_LINE.finditer(record.getMessage())
+        if match.group(1) not in WRAPPING_EXCEPTIONS
+    ]
+    own = [match for match in named if match.group(1) in PROJECT_ERROR_NAMES]
+    return (own or named)[0].group(0) if named else records[0].getMessage()
 
 
 class ErrorRecords(logging.Handler):

@@ -28,6 +28,7 @@ from flwr.supercore import log
 from torch import Tensor
 
 from fedlora.adapter import lora_scale
+from fedlora.base_store import write_round_change
 from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
 from fedlora.config import RunConfig
 from fedlora.lowrank import stack
@@ -51,10 +52,10 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
+from fedlora.method_config import robustness_of, server_optimizer_of
 from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
 from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult, rule_class
-from strategies.base_store import write_round_change
 from strategies.client_dp import ClientLevelDP
 from strategies.initial_arrays import lora_initial_arrays
 from strategies.records import NodeReport, payload_record, serialized_bytes
@@ -143,9 +144,9 @@ class LoRAStrategy(Strategy):
     def options_from(cls, config: RunConfig) -> dict:
         """The method's options read from the run config: its rule's, its robustness and, where
         the rule takes one, its server optimizer."""
-        options = {**cls.rule_class.options_from(config), "robustness": config.robustness}
+        options = {**cls.rule_class.options_from(config), "robustness": robustness_of(config)}
         if cls.rule_class.takes_server_optimizer:
-            options["server_optimizer"] = config.server_optimizer_options
+            options["server_optimizer"] = server_optimizer_of(config)
         return options
 
     @classmethod
@@ -404,19 +405,19 @@ class LoRAStrategy(Strategy):
         self.checks.server_dtype = example.dtype
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
-        """What the strategy needs to go on after its last round, as named tensors and JSON-able
-        facts: the rule's global state, the probe responses the next round is measured against,
-        the checks' top ranks and dtype, the nodes' last restated facts (by partition id: node
+        """What the strategy needs to go on after its last round, as named tensors and a JSON-able
+        part: the rule's global state, the probe responses the next round is measured against,
+        the checks' top ranks and dtype, the nodes' last restated ranks, scales and versions (by partition id: node
         ids change with a new Flower run), the partitions seen spending sample-level DP budget
         and client-level DP's accountant."""
-        state_tensors, state_facts = self.state.state_dict()
+        state_tensors, state_json = self.state.state_dict()
         tensors = {f"state/{key}": t for key, t in state_tensors.items()}
         probes = self._expected_probes
         if probes is not None:
             tensors.update({f"probes/{module}": t for module, t in probes.items()})
-        facts = {
+        json_state = {
             "round": self._round,
-            "state": state_facts,
+            "state": state_json,
             "probes": probes is not None,
             "top_ranks": dict(self.checks.top_ranks),
             "server_dtype": str(self.checks.server_dtype).removeprefix("torch."),
@@ -432,24 +433,24 @@ class LoRAStrategy(Strategy):
             },
             "client_dp": None if self.client_dp is None else self.client_dp.state_dict(),
         }
-        return tensors, facts
+        return tensors, json_state
 
-    def load_state_dict(self, tensors: dict[str, Tensor], facts: dict) -> None:
-        """Go on from what `state_dict` returned; the nodes are asked for their facts again."""
+    def load_state_dict(self, tensors: dict[str, Tensor], json_state: dict) -> None:
+        """Go on from what `state_dict` returned; the nodes are asked for their ranks again."""
         groups: dict[str, dict[str, Tensor]] = {"state": {}, "probes": {}}
         for key, tensor in tensors.items():
             group, name = key.split("/", 1)
             groups[group][name] = tensor
-        self._round = int(facts["round"])
-        self.state = GlobalState.from_state_dict(groups["state"], facts["state"])
-        self._expected_probes = groups["probes"] if facts["probes"] else None
-        self.expect_replies(facts["top_ranks"], torch.empty(0, dtype=dtype_named(facts)))
-        self.setup_bytes_up = int(facts["setup_bytes_up"])
-        self.private_partitions = set(facts["private_partitions"])
-        if (facts["client_dp"] is None) != (self.client_dp is None):
+        self._round = int(json_state["round"])
+        self.state = GlobalState.from_state_dict(groups["state"], json_state["state"])
+        self._expected_probes = groups["probes"] if json_state["probes"] else None
+        self.expect_replies(json_state["top_ranks"], torch.empty(0, dtype=dtype_named(json_state)))
+        self.setup_bytes_up = int(json_state["setup_bytes_up"])
+        self.private_partitions = set(json_state["private_partitions"])
+        if (json_state["client_dp"] is None) != (self.client_dp is None):
             raise ValueError("client-level DP must be on in both the checkpoint and the run")
         if self.client_dp is not None:
-            self.client_dp.load_state_dict(facts["client_dp"])
+            self.client_dp.load_state_dict(json_state["client_dp"])
 
     def _global_arrays(self) -> ArrayRecord | None:
         if self.rule.personalized:
@@ -463,7 +464,7 @@ class LoRAStrategy(Strategy):
         """Write the round's base change to the store (drifting-base rules); its size in bytes."""
         if self.base_store is None or self.state.changes is None:
             return {}
-        change = self.state.changes.rounds[-1]
+        change = self.state.changes.latest
         size = write_round_change(self.base_store, self.state.version, change)
         return {"base_store_bytes": size}
 
@@ -616,8 +617,10 @@ class LoRAStrategy(Strategy):
     def _valid_replies(
         self, replies: Iterable[Message], caller: str
     ) -> list[tuple[Message, NodeReport]]:
-        """Replies without errors whose node restated valid facts, with those facts, by
-        partition id; the others are dropped. Nothing is recorded yet (`_accept`)."""
+        """Replies without errors whose node restated a valid report, with that report, by
+        partition id; the others are dropped. Nothing is recorded yet (`_accept`). A node whose
+        message failed is asked for its ranks again before its next message: it may have
+        restarted, with its store's state or none (a base version the server did not expect)."""
         valid, failures = [], 0
         latest_version = 0 if self.state is None else self.state.version
         for message in replies:
@@ -625,9 +628,10 @@ class LoRAStrategy(Strategy):
             if message.has_error():
                 failures += 1
                 self._drop(node_id, f"error reply: {message.error.reason}")
+                self.nodes.pop(node_id, None)
                 continue
             try:
-                report = self.checks.facts(node_id, message.content, latest_version)
+                report = self.checks.node_report(node_id, message.content, latest_version)
             except RejectedReply as error:
                 failures += 1
                 self._drop(node_id, str(error))
@@ -694,11 +698,11 @@ def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> d
     return {**epsilons, "epsilon_max": max(epsilons.values()), "dp_stopped": stopped}
 
 
-def dtype_named(facts: dict) -> torch.dtype:
+def dtype_named(json_state: dict) -> torch.dtype:
     """The server's dtype a checkpoint names (``float32``, ``float64``)."""
-    dtype = getattr(torch, facts["server_dtype"], None)
+    dtype = getattr(torch, json_state["server_dtype"], None)
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"checkpoint: {facts['server_dtype']!r} is not a torch dtype")
+        raise TypeError(f"checkpoint: {json_state['server_dtype']!r} is not a torch dtype")
     return dtype
 
 

@@ -1,12 +1,12 @@
 """The server's checkpoint: ``RUN_DIR/checkpoints/round-{t}/`` holds ``tensors.safetensors``
 (the rule's global state, the expected probe responses) and ``checkpoint.json`` (a format
-version, the round, the strategy's facts and the metrics rows so far); no pickle. Each is written
+version, the round, the strategy's metadata and the metrics rows so far); no pickle. Each is written
 into a fresh directory renamed into place, so a checkpoint directory is complete or absent; the
 newest `KEEP` are kept.
 
 No global RNG state is saved because the strategy draws from none: node sampling, the probes and
 FLoRA's and FlexLoRA's draws are seeded by the run seed and the round, client-level DP's noise by
-its secret seed and the round (in the strategy's facts).
+its secret seed and the round (in the strategy's metadata).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from strategies.base import LoRAStrategy
 
 CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "tensors.safetensors"
-FACTS_FILE = "checkpoint.json"
+METADATA_FILE = "checkpoint.json"
 FORMAT_VERSION = 1
 KEEP = 2
 
@@ -60,16 +60,16 @@ def write_checkpoint(
     run_dir: Path, server_round: int, strategy: LoRAStrategy, rows: list[dict]
 ) -> Path:
     """Checkpoint the strategy after ``server_round`` with the metrics rows so far."""
-    tensors, facts = strategy.state_dict()
+    tensors, metadata = strategy.state_dict()
     directory = checkpoint_dir(run_dir, server_round)
     fresh = fresh_directory_beside(directory)
     save_tensors_atomic(fresh / TENSORS_FILE, tensors)
     write_json_atomic(
-        fresh / FACTS_FILE,
+        fresh / METADATA_FILE,
         {
             "format": FORMAT_VERSION,
             "round": server_round,
-            "strategy": facts,
+            "strategy": metadata,
             "rows": rows,
         },
     )
@@ -95,18 +95,18 @@ def read_checkpoint(run_dir: Path, server_round: int | None = None) -> Checkpoin
     server_round = rounds[-1] if server_round is None else server_round
     directory = checkpoint_dir(run_dir, server_round)
     try:
-        facts = json.loads((directory / FACTS_FILE).read_text())
+        metadata = json.loads((directory / METADATA_FILE).read_text())
         tensors = load_file(str(directory / TENSORS_FILE))
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read the checkpoint {directory}: {error}") from error
-    if facts.get("format") != FORMAT_VERSION:
+    if metadata.get("format") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{directory}: checkpoint format {facts.get('format')!r}, this fedlora reads "
+            f"{directory}: checkpoint format {metadata.get('format')!r}, this fedlora reads "
             f"{FORMAT_VERSION}"
         )
     return Checkpoint(
-        server_round=int(facts["round"]),
+        server_round=int(metadata["round"]),
         tensors=tensors,
-        strategy=facts["strategy"],
-        rows=facts["rows"],
+        strategy=metadata["strategy"],
+        rows=metadata["rows"],
     )

@@ -1,5 +1,6 @@
-"""One strategy per method: each binds its `fedlora` rule; its options pass through to the rule
-and the rest to `LoRAStrategy`."""
+"""One strategy per method: each binds its `fedlora` rule (setting ``rule_class`` makes the class
+that rule's strategy, `strategies.strategy_class`); its options pass through to the rule and the
+rest to `LoRAStrategy`. Fed-SB's, which runs its own start, is in `strategies.fedsb`."""
 
 from __future__ import annotations
 

@@ -16,26 +16,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
-from fedlora.errors import InvalidUpdateError
 from fedlora.messages import (
-    A_SUFFIX,
     ADAPTER_RECORD,
-    B_SUFFIX,
     BASE_CHANGE_RECORD,
     CONFIG_RECORD,
     HEAD_RECORD,
     METRICS_RECORD,
     NUM_EXAMPLES_KEY,
     Payload,
-    adapter_from_tensors,
-    modules_with_suffix,
-    rank_key,
-    scale_key,
     start_rank_key,
+    update_format,
 )
 from fedlora.probes import PROBE_RECORD
-from fedlora.rules.fedsb import cores_from_tensors
 from fedlora.updates import ClientUpdate
 
 
@@ -103,16 +95,7 @@ def update_from_tensors(
     client_id: str,
 ) -> ClientUpdate:
     """A client's update from its tensors and its ``rank``/``scale``/``start-rank`` config."""
-    if update_kind is LoRAFactors:
-        modules = adapter_from_tensors(adapter, config)
-    elif update_kind is SharedA:
-        modules = one_factor_from_tensors(adapter, config, A_SUFFIX, 0, SharedA)
-    elif update_kind is SBCore:
-        modules = cores_from_tensors(adapter, config)
-    elif update_kind is TrainedB:
-        modules = one_factor_from_tensors(adapter, config, B_SUFFIX, 1, TrainedB)
-    else:
-        raise TypeError(f"no reply layout for updates of kind {update_kind.__name__}")
+    modules = update_format(update_kind).from_tensors(adapter, config)
     start_ranks = {
         module: int(config[start_rank_key(module)])
         for module in modules
@@ -125,26 +108,6 @@ def update_from_tensors(
         head=head,
         start_ranks=start_ranks,
     )
-
-
-def one_factor_from_tensors(
-    adapter: dict[str, Tensor], config: dict, suffix: str, rank_axis: int, kind: type
-) -> dict:
-    """An upload of one factor per module with its declared rank and scale: FedSA-LoRA's
-    ``{module}.lora_A.weight`` (rank on axis 0) as `SharedA`, FFA-LoRA's ``lora_B`` (axis 1) as
-    `TrainedB`."""
-    modules = {}
-    for module in modules_with_suffix(adapter, suffix):
-        factor = adapter[module + suffix]
-        if rank_key(module) not in config or scale_key(module) not in config:
-            raise InvalidUpdateError(f"module {module!r}: rank or scale missing from the config")
-        if factor.ndim != 2 or factor.shape[rank_axis] != int(config[rank_key(module)]):
-            raise InvalidUpdateError(
-                f"module {module!r}: declared rank {config[rank_key(module)]} does not match "
-                f"{suffix.strip('.').removesuffix('.weight')} {tuple(factor.shape)}"
-            )
-        modules[module] = kind(factor, float(config[scale_key(module)]))
-    return modules
 
 
 def probe_responses(content: RecordDict) -> dict[str, Tensor]:

@@ -1,6 +1,6 @@
 """Every reply checked on its own, before anything in it can change the server's state.
 
-A node restates its facts in every reply (partition id, ranks, scales, base version); a train
+A node restates its report in every reply (partition id, ranks, scales, base version); a train
 reply adds its update and metrics, an evaluate reply its metrics, both the probe responses. Each
 check that fails raises `RejectedReply` whose message is the reason; the strategy then drops that
 one reply (or, for a rank query, leaves the node out), names the node and the reason, and goes on
@@ -48,6 +48,7 @@ from fedlora.messages import (
     SECONDS_KEY,
     VERSION_KEY,
     rank_key,
+    rank_modules,
     scale_key,
     start_rank_key,
 )
@@ -102,7 +103,7 @@ class ReplyChecks:
 
     # ---- what every reply restates ---------------------------------------------------------------
 
-    def facts(self, node_id: int, content: RecordDict, latest_version: int) -> NodeReport:
+    def node_report(self, node_id: int, content: RecordDict, latest_version: int) -> NodeReport:
         """The node's restated partition id, ranks, server-side scales and base version."""
         config = record(content.config_records, CONFIG_RECORD)
         partition_id = integer(config, PARTITION_ID_KEY, low=0)
@@ -131,8 +132,7 @@ class ReplyChecks:
                 )
 
     def _ranks(self, config: Mapping) -> dict[str, int]:
-        prefix = rank_key("")
-        modules = sorted(key.removeprefix(prefix) for key in config if key.startswith(prefix))
+        modules = rank_modules(config)
         if self.top_ranks and modules != sorted(self.top_ranks):
             raise RejectedReply(
                 f"ranks for modules {modules}, the run adapts {sorted(self.top_ranks)}"

@@ -1,5 +1,6 @@
 """The Flower ServerApp: the run config's strategy, started from the base model's initial adapter,
-with one JSON row per round in ``RUN_DIR/metrics.jsonl``.
+with one JSON row per round in ``RUN_DIR/metrics.jsonl``, tracked live as the ``tracking`` key
+asks (`fedlora.tracking`: TensorBoard event files in ``RUN_DIR/tensorboard`` by default).
 
 Besides `fedlora.config.RunConfig`'s keys the run config may hold two of the ServerApp's own:
 ``run-dir`` (default: empty, a directory of the run's own, ``runs/flwr/<Flower run id>``) and
@@ -27,20 +28,24 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from fedlora.atomic_files import write_text_atomic
-from fedlora.config import RunConfig
+from fedlora.base_store import discard_changes_after
+from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
 from fedlora.measurement import worst
 from fedlora.messages import GENERATION_KEY
+from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits
 from fedlora.privacy import EPSILON_KEY
+from fedlora.tracking import RunTracking, row_scalars
 from fedlora.training import device_for
 from strategies import LoRAStrategy, strategy_class
-from strategies.base_store import discard_changes_after
 from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation
@@ -64,7 +69,6 @@ SAMPLES_DIR = "samples"
 those of rounds after the one a run starts from are removed as it starts."""
 MB = 1e6
 """Bytes in the megabyte of ``mb_up_total``, ``mb_down_total`` and ``communication-budget-mb``."""
-BASE_CHANGES = ("run-dir", "messages")
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
 
@@ -93,15 +97,11 @@ def run(
 ) -> LoRAStrategy:
     """Run the configured strategy for ``num-server-rounds`` rounds, recording how the run went
     in its run directory; return the strategy."""
-    values = dict(run_config)
-    run_dir = run_directory(str(values.pop("run-dir", "")), flower_run_id)
-    resume = values.pop("resume", False)
-    if not isinstance(resume, bool):
-        raise TypeError(f"resume = {resume!r}: true or false")
-    base_changes = str(values.pop("base-changes", "run-dir"))
-    if base_changes not in BASE_CHANGES:
-        raise ValueError(f"base-changes = {base_changes!r}: choose one of {list(BASE_CHANGES)}")
-    config = RunConfig.from_flower(values)
+    settings = ServerAppSettings.from_flower(run_config)
+    run_dir = run_directory(settings.run_dir, flower_run_id)
+    resume, base_changes = settings.resume, settings.base_changes
+    values = without_server_app_keys(run_config)
+    config = parse_run_config(values)
     check_model_limits(config)
     checkpoint = read_checkpoint(run_dir) if resume else None
     record_start(run_dir, str(device_for(config)), flower_run_id)
@@ -115,22 +115,30 @@ def run(
             if strategy.base_store is not None:
                 discard_changes_after(strategy.base_store, checkpoint.server_round)
         log = MetricsLog(run_dir / "metrics.jsonl", strategy, evaluation, config, rows)
+        tracking = RunTracking(config.tracking, run_dir, values, first_round)
 
         def end_of_round(server_round: int, arrays: ArrayRecord) -> None:
+            written = len(log.rows)
             log.end_of_round(server_round, arrays)
+            for row in log.rows[written:]:
+                tracking.log_row(row)
+                log_server_metrics(row)
             last = server_round == config.num_server_rounds
             if server_round > 0 and (server_round % config.checkpoint_every == 0 or last):
                 write_checkpoint(run_dir, server_round, strategy, log.rows)
 
-        run_rounds(
-            strategy,
-            grid,
-            arrays,
-            first_round,
-            config.num_server_rounds,
-            config.round_timeout,
-            end_of_round,
-        )
+        try:
+            run_rounds(
+                strategy,
+                grid,
+                arrays,
+                first_round,
+                config.num_server_rounds,
+                config.round_timeout,
+                end_of_round,
+            )
+        finally:
+            tracking.close()
         if not any(row["clients"] for row in log.rows):
             mark_failed(run_dir, "no round aggregated an update (see the log's dropped replies)")
             return strategy
@@ -145,6 +153,14 @@ def run(
         raise
     write_status(run_dir, FINISHED)
     return strategy
+
+
+def log_server_metrics(row: dict) -> None:
+    """Log a row's numbers as ``name=value`` pairs (4 significant digits; not the by-rank,
+    by-client or by-partition ones) in Flower's log, which ``flwr run --stream`` shows."""
+    scalars = row_scalars({key: value for key, value in row.items() if not isinstance(value, dict)})
+    pairs = ", ".join(f"{name}={value:.4g}" for name, value in scalars.items())
+    log(INFO, "\t└──> Server metrics, round %d: %s", row["round"], pairs)
 
 
 def run_directory(run_dir: str, flower_run_id: int | None) -> Path:

@@ -92,7 +92,7 @@ class GlobalState:
         return self.factors[module].inner_rank
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
-        """The state as named tensors (``group/module/part``) and JSON-able facts, which
+        """The state as named tensors (``group/module/part``) and a JSON-able part, which
         `from_state_dict` turns back into an identical state (a checkpoint holds them)."""
         tensors: dict[str, Tensor] = {}
         for group, factors in (("factors", self.factors), ("sb_factors", self.sb_factors)):
@@ -100,18 +100,22 @@ class GlobalState:
         tensors.update({f"cores/{module}": core for module, core in self.cores.items()})
         tensors.update({f"head/{name}": t for name, t in self.head.items()})
         tensors.update({f"optimizer/{name}": t for name, t in self.optimizer.items()})
-        if self.changes is not None:
-            for version, change in enumerate(self.changes.rounds, start=1):
+        changes = self.changes
+        if changes is not None:
+            first = changes.snapshot_version + 1
+            for version, change in enumerate(changes.rounds, start=first):
                 tensors.update(low_rank_tensors(f"changes/{version}", change))
-        facts = {
+            tensors.update({f"snapshot/{module}": t for module, t in changes.snapshot.items()})
+        json_state = {
             "version": self.version,
             "shapes": {module: list(shape) for module, shape in self.shapes.items()},
-            "changes": None if self.changes is None else self.changes.version,
+            "changes": None if changes is None else changes.version,
+            "changes_snapshot": None if changes is None else changes.snapshot_version,
         }
-        return tensors, facts
+        return tensors, json_state
 
     @classmethod
-    def from_state_dict(cls, tensors: Mapping[str, Tensor], facts: Mapping) -> GlobalState:
+    def from_state_dict(cls, tensors: Mapping[str, Tensor], json_state: Mapping) -> GlobalState:
         """The state `state_dict` described."""
         groups: dict[str, dict[str, Tensor]] = {}
         for key, tensor in tensors.items():
@@ -121,12 +125,17 @@ class GlobalState:
                 group = f"changes/{version}"
             groups.setdefault(group, {})[name] = tensor
         changes = None
-        if facts["changes"] is not None:
-            rounds = range(1, facts["changes"] + 1)
-            changes = ChangeLog([low_rank_of(groups.get(f"changes/{t}", {})) for t in rounds])
+        if json_state["changes"] is not None:
+            snapshot = int(json_state.get("changes_snapshot") or 0)
+            rounds = range(snapshot + 1, json_state["changes"] + 1)
+            changes = ChangeLog(
+                [low_rank_of(groups.get(f"changes/{t}", {})) for t in rounds],
+                dict(groups.get("snapshot", {})),
+                snapshot,
+            )
         return cls(
-            version=int(facts["version"]),
-            shapes={module: tuple(shape) for module, shape in facts["shapes"].items()},
+            version=int(json_state["version"]),
+            shapes={module: tuple(shape) for module, shape in json_state["shapes"].items()},
             factors=low_rank_of(groups.get("factors", {})),
             head=dict(groups.get("head", {})),
             changes=changes,

@@ -18,6 +18,7 @@ from fedlora.adapter import Adapter
 from fedlora.client_state import ClientState
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
+    FROM_VERSION_KEY,
     VERSION_KEY,
     Payload,
     change_from_tensors,
@@ -28,8 +29,6 @@ from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes, state_dtype
 from fedlora.updates import ClientUpdate
 from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
-
-FROM_VERSION_KEY = "base-from-version"
 
 
 class FedExLoRA(FedAvg):
@@ -50,9 +49,7 @@ class FedExLoRA(FedAvg):
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
         result = super()._aggregate(state, updates, weights)
-        changes = ChangeLog(list(state.changes.rounds))
-        changes.append(result.ideal_update)
-        new_state = replace(result.state, changes=changes)
+        new_state = replace(result.state, changes=state.changes.appended(result.ideal_update))
         reconstructed = ReconstructedUpdates(
             self, state, new_state, rank_classes(updates), state_dtype(state)
         )
@@ -70,8 +67,9 @@ class FedExLoRA(FedAvg):
 
     def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
         payload = adapter_payload(state, spec)
-        payload.base_change = change_to_tensors(state.changes.since(spec.version))
-        payload.config[FROM_VERSION_KEY] = spec.version
+        from_version, change = state.changes.since(spec.version)
+        payload.base_change = change_to_tensors(change)
+        payload.config[FROM_VERSION_KEY] = from_version
         return payload
 
     def client_step(

@@ -45,6 +45,10 @@ class FedSALoRA(AggregationRule):
     client_dp_refusal = None
     keeps_node_state = True
 
+    def client_reply(self, trained: Adapter, lora_alpha: float, rslora: bool) -> dict:
+        """Only A (with its scale) leaves the client; B and the head stay on the node."""
+        return {module: SharedA(A=f.A, scale=f.scale) for module, f in trained.items()}
+
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """Only A is global; the head starts from the same seed on every client and stays there."""
         return super().init_state(initial)

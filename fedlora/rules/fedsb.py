@@ -27,6 +27,7 @@ from fedlora.messages import (
     VERSION_KEY,
     Payload,
     Scalar,
+    checked_capacity,
     modules_with_suffix,
     rank_key,
     to_wire,
@@ -207,16 +208,6 @@ def core_change_norms(fixed: LowRank, core_changes: Tensor) -> Tensor:
     return squared.clamp_min(0).sqrt()
 
 
-def checked_capacity(module: str, capacity: Scalar | None, rank: int) -> int:
-    if capacity is None:
-        raise InvalidUpdateError(f"module {module!r}: no Fed-SB capacity given")
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= rank:
-        raise InvalidUpdateError(
-            f"module {module!r}: Fed-SB capacity {capacity!r} outside 1..{rank}"
-        )
-    return capacity
-
-
 def client_dtype(local: ClientState, payload: Payload, module: str) -> torch.dtype:
     """The dtype the client holds its factors in, else the one the payload's R travels in."""
     if local.adapter:
@@ -266,27 +257,3 @@ def check_initial_factors(fixed: Mapping[str, LowRank], cores: Mapping[str, Tens
                 f"module {module!r}: Fed-SB keeps B and A frozen, and a zero factor never trains; "
                 "initialise them with fedlora.fedsb_init"
             )
-
-
-def cores_to_tensors(cores: Mapping[str, SBCore]) -> tuple[dict[str, Tensor], dict[str, Scalar]]:
-    """A client's reply: ``{module}.sb_R.weight`` (full R) and its capacity as ``rank.{module}``."""
-    tensors = {module + SB_R_SUFFIX: to_wire(core.R) for module, core in cores.items()}
-    config: dict[str, Scalar] = {rank_key(module): core.rank for module, core in cores.items()}
-    return tensors, config
-
-
-def cores_from_tensors(
-    tensors: Mapping[str, Tensor], config: Mapping[str, Scalar]
-) -> dict[str, SBCore]:
-    """The reply's SBCores, refusing a non-square R and a missing or out-of-range capacity."""
-    cores = {}
-    for module in modules_with_suffix(tensors, SB_R_SUFFIX):
-        R = tensors[module + SB_R_SUFFIX]
-        if R.ndim != 2 or R.shape[0] != R.shape[1]:
-            raise InvalidUpdateError(
-                f"module {module!r}: Fed-SB's R must be square, got {tuple(R.shape)}"
-            )
-        cores[module] = SBCore(
-            R=R, rank=checked_capacity(module, config.get(rank_key(module)), R.shape[0])
-        )
-    return cores

@@ -68,6 +68,10 @@ class FFALoRA(SeededRule):
     client_dp_refusal = None
     dp_scale_power = 1.0
 
+    def client_reply(self, trained: Adapter, lora_alpha: float, rslora: bool) -> dict:
+        """Only B (with its scale) leaves the client: A is frozen from the seed."""
+        return {module: TrainedB(B=f.B, scale=f.scale) for module, f in trained.items()}
+
     def init_state(self, initial: Adapter, head=None) -> GlobalState:
         """G_0 = s B_0 of the initial adapter; A is drawn from the seed (the initial adapter's A
         is replaced by it, as every client's is)."""

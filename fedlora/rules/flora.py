@@ -22,6 +22,7 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
     FRESH_ADAPTER_SEED_KEY,
+    FROM_VERSION_KEY,
     VERSION_KEY,
     Payload,
     change_from_tensors,
@@ -38,7 +39,6 @@ from fedlora.rules.base import (
     ReferenceNorms,
     RoundResult,
 )
-from fedlora.rules.fedex import FROM_VERSION_KEY
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
 from fedlora.rules.robust import Robustness
 from fedlora.updates import ClientUpdate, ClientUpdates, average_head
@@ -93,13 +93,11 @@ class FLoRA(AggregationRule):
     ) -> RoundResult:
         change = {module: stack_adapters(updates, weights, module) for module in state.modules}
         reference = ReferenceNorms(dict.fromkeys(state.modules), updates, weights)
-        changes = ChangeLog(list(state.changes.rounds))
-        changes.append(change)
         new_state = GlobalState(
             version=state.version + 1,
             shapes=state.shapes,
             head=average_head(updates, weights) or state.head,
-            changes=changes,
+            changes=state.changes.appended(change),
         )
         dtype = next(iter(change.values())).U.dtype
         reconstructed = ReconstructedUpdates(self, state, new_state, rank_classes(updates), dtype)
@@ -109,9 +107,10 @@ class FLoRA(AggregationRule):
         return accumulated_changes(state, module)
 
     def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
+        from_version, change = state.changes.since(spec.version)
         config = {
             VERSION_KEY: state.version,
-            FROM_VERSION_KEY: spec.version,
+            FROM_VERSION_KEY: from_version,
             FRESH_ADAPTER_SEED_KEY: self.seed * 1_000_003 + state.version,
         }
         for module in state.modules:
@@ -119,7 +118,7 @@ class FLoRA(AggregationRule):
             config[scale_key(module)] = float(spec.scales[module])
         return Payload(
             head={name: to_wire(t) for name, t in state.head.items()},
-            base_change=change_to_tensors(state.changes.since(spec.version)),
+            base_change=change_to_tensors(change),
             config=config,
         )
 

@@ -28,11 +28,12 @@ import torch
 from torch import Tensor
 
 from fedlora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.config import ROBUST_AGGREGATIONS
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank, frobenius_norm
 from fedlora.updates import ClientUpdate
 
-COMBINATIONS = ("mean", "trimmed-mean", "median")
+COMBINATIONS = ROBUST_AGGREGATIONS
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""``fedlora bench simulate`` and ``fedlora bench gpus`` on Ray: the plain loop trains like the
-simulation, and the throughput run keeps its run directory."""
+"""``fedlora bench simulate``, ``fedlora bench gpus`` and ``fedlora bench train`` on Ray: the
+plain loop trains like the simulation, the throughput run keeps its run directory, the training
+benchmark's figures come from its own run."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import json
 
 import pytest
 
-from simulations.cli import main
+from cli.main import main
 from simulations.gpu_scaling import throughput
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import FLOWER_LOG, read_metrics
 
 pytestmark = pytest.mark.slow
 
 TINY = RECIPES_DIR / "tiny.toml"
+TINY_LLAMA = (
+    "model=tiny-llama",
+    "task=causal-lm",
+    'modules-to-save=""',
+    "target-modules=q_proj,v_proj",
+)
 
 
 def test_bench_simulate_splits_rounds_and_the_loop_trains_like_the_simulation(tmp_path, capsys):
@@ -55,3 +63,65 @@ def test_gpu_throughput_keeps_its_run_directory_and_counts_the_rounds_after_the_
         60 * rows[1]["clients"] / rows[1]["seconds"]
     )
     assert result["first_round_seconds"] == rows[0]["seconds"]
+
+
+def test_bench_train_writes_the_figures_of_one_call(tmp_path, capsys):
+    """The tiny Llama on the CPU: plain loop, grouped clients and the simulation from one call."""
+    out = tmp_path / "train.json"
+    argv = [
+        "bench",
+        "train",
+        "--recipe",
+        str(TINY),
+        "--rounds",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        str(out),
+    ]
+    assert main([*argv, *TINY_LLAMA]) == 0
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and results["mfu"] is None
+    assert results["setup"]["group"] == 3  # the recipe's 3 clients, fewer than the default 4
+    rows = read_metrics(tmp_path / "run")
+    later = rows[1]
+    per_client = 2 * 8 * 32  # local steps x batch-size x max-length of tiny.toml
+    exchange = later["client_seconds"] + later["communication_seconds"]
+    assert results["federation_tokens_per_s"] == pytest.approx(3 * per_client / exchange)
+    assert results["ratio"] == pytest.approx(
+        results["federation_tokens_per_s"] / results["plain_tokens_per_s"]
+    )
+    assert results["first_round_seconds"] == rows[0]["seconds"]
+    assert results["later_round_seconds"] == later["seconds"]
+    assert results["plain"]["rows_per_step"] == 3 * 8 == results["grouped"]["rows_per_step"]
+    assert results["grouped"]["ranks"] == [2, 4, 8]
+    assert "grouped clients" in capsys.readouterr().out
+
+
+def test_bench_scale_records_memory_and_seconds_every_round(tmp_path):
+    """The scale recipe at a small size: 20 clients, 10 a round, 4 rounds."""
+    out = tmp_path / "scale.json"
+    argv = [
+        "bench",
+        "scale",
+        "--clients",
+        "20",
+        "--rounds",
+        "4",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        str(out),
+    ]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rounds"]
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    metrics = read_metrics(tmp_path / "run")
+    assert [row["seconds"] for row in rows] == [row["seconds"] for row in metrics]
+    assert all(row["clients"] == 10 for row in metrics)
+    assert rows[-1]["rss_mb"] <= rows[1]["rss_mb"] + 50

@@ -1,6 +1,6 @@
 """``fedlora simulate`` and ``fedlora compare`` end to end in Flower's simulation engine on Ray with
-the tiny BERT: the run directory, results and plots, a run whose clients fail, an engine that
-cannot start."""
+the tiny BERT: the run directory (and the same rows from the in-process engine), results and
+plots, a run whose clients fail, an engine that cannot start."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import time
 import pytest
 from flwr.clientapp import ClientApp
 
+from cli.main import main
 from clients.app import client_app
 from simulations import runner
-from simulations.cli import main
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import SimulationError, simulate
 
@@ -26,7 +27,9 @@ ROW_KEYS = ("round", "accuracy", "loss", "relative_deviation", "bytes_up", "byte
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_simulate_through_the_cli_writes_the_run_directory(tmp_path, capsys):
+def test_simulate_through_the_cli_writes_the_run_directory_as_the_in_process_engine(
+    tmp_path, capsys
+):
     out = tmp_path / "run"
     assert main(["simulate", str(TINY), "--rounds", "2", "--out", str(out), "seed=1"]) == 0
     rows = read_metrics(out)
@@ -46,6 +49,14 @@ def test_simulate_through_the_cli_writes_the_run_directory(tmp_path, capsys):
     assert (out / "flower.log").stat().st_size > 0
     err = capsys.readouterr().err
     assert "round 1: accuracy" in err and "round 2: accuracy" in err
+    in_process = dataclasses.replace(
+        config, simulation=dataclasses.replace(config.simulation, engine="in-process")
+    )
+    same_rows = read_metrics(simulate(in_process, out_dir=tmp_path / "in-process"))
+    for ray_row, row in zip(rows, same_rows, strict=True):
+        for key in ("accuracy", "loss", "relative_deviation"):
+            assert row[key] == pytest.approx(ray_row[key], rel=1e-4, abs=1e-9), key
+        assert (row["bytes_up"], row["bytes_down"]) == (ray_row["bytes_up"], ray_row["bytes_down"])
 
 
 def failing_train_app(run_config) -> ClientApp:
@@ -124,6 +135,8 @@ def test_an_engine_that_cannot_start_fails_the_run_and_frees_the_server_thread(t
     with pytest.raises(SimulationError, match="ValueError: ActorPool is empty") as failure:
         simulate(recipe, (), tmp_path)
     assert str(tmp_path / "flower.log") in str(failure.value)
+    log = (tmp_path / "flower.log").read_text()
+    assert "the simulation failed" in log and "Traceback (most recent call last)" in log
 
     def new_threads() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t not in threads_before and not t.daemon]

@@ -3,7 +3,7 @@
 
 import pytest
 
-from simulations.cli import main
+from cli.main import main
 from simulations.run_dir import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -7,13 +7,13 @@ import csv
 
 import pytest
 
+from cli.main import main
 from fedlora.privacy import NOISE_TOLERANCE
-from simulations.cli import main
 from simulations.dp_sweep import (
     ACCURACY_VS_EPSILON,
     SWEEP_CSV,
 )
-from simulations.recipes import RECIPES_DIR
+from simulations.recipe_files import RECIPES_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -38,3 +38,7 @@ def test_flwr_run_of_the_project_root(tmp_path):
     assert all(row["strategy"] == "fedex" and row["clients"] == 3 for row in rows)
     assert all(row["relative_deviation"] < 1e-5 for row in rows)
     assert (run_dir / "export" / "config.json").exists()
+    stream = done.stdout + done.stderr
+    assert stream.count("[ROUND 2/2]") == 1  # each line once
+    metrics = [line for line in stream.splitlines() if "Server metrics, round 2:" in line]
+    assert len(metrics) == 1 and f"accuracy={rows[-1]['accuracy']:.4g}," in metrics[0]

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from clients.node_store import NODES_DIR
-from simulations.recipes import RECIPES_DIR
+from simulations.recipe_files import RECIPES_DIR
 from simulations.run_dir import read_metrics
 from strategies.checkpoint import TENSORS_FILE, checkpoint_dir, checkpoint_rounds
 from strategies.run_record import FINISHED, read_manifest, read_status
@@ -34,7 +34,7 @@ POLL_SECONDS = 0.02
 
 
 def simulate_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "simulate", *args]
+    return [sys.executable, "-m", "cli", "simulate", *args]
 
 
 def rows_of(run_dir) -> list[dict]:

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from cli.main import main
 from fedlora.bench.aggregate import implemented_methods
-from fedlora.cli import main
 
 KEYS = {
     "method": str,

@@ -11,7 +11,8 @@ from fedlora.errors import ConfigError
 from fedlora.rules import RULES
 from simulations.bench import plain_loop_rounds, runs_in_plain_loop
 from simulations.gpu_scaling import gpu_scaling_benchmark
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 
 TINY = RECIPES_DIR / "tiny.toml"
 
@@ -24,8 +25,9 @@ def test_plain_loop_refuses_methods_with_node_state_before_anything_runs():
             plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy))
 
 
-def test_plain_loop_rounds_report_compute_and_accuracy():
-    rows = plain_loop_rounds(resolve(load_recipe(TINY), strategy="flora", rounds=2))
+@pytest.mark.parametrize("strategy", ["flora", "fslora"])
+def test_plain_loop_rounds_report_compute_and_accuracy(strategy):
+    rows = plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy, rounds=2))
     assert len(rows) == 2
     for row in rows:
         assert row["client_seconds"] > 0 and row["aggregate_seconds"] > 0

@@ -3,24 +3,28 @@ Ray are in ``tests/e2e/test_cli_on_ray.py``)."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import json
 import logging
 import tomllib
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from rich.console import Console
 
-from fedlora.errors import ConfigError
-from simulations.cli import main, rounds_table
-from simulations.compare import strategy_names, summary
-from simulations.recipes import (
-    DEMO_RECIPE,
-    RECIPES_DIR,
-    load_recipe,
-    parse_overrides,
-    resolve,
-)
-from simulations.runner import error_reason
+from cli.main import main
+from cli.simulate import round_progress, rounds_table, spread_table
+from fedlora.data import partition, server_eval_set
+from fedlora.errors import ConfigError, SimulationError
+from simulations.compare import seed_recipes, strategy_names, strategy_spreads, summary
+from simulations.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round
+from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
+from simulations.recipes import load_recipe, parse_overrides, resolve
+from simulations.run_dir import read_metrics
+from simulations.runner import error_reason, reported_cause, run_in
 from strategies import STRATEGIES
 
 TINY = RECIPES_DIR / "tiny.toml"
@@ -212,6 +216,44 @@ def test_error_reason_looks_past_flower_and_ray_wrappers():
     assert error_reason(records[:1]) == "An exception was raised when processing a message"
 
 
+def test_error_reason_shows_the_projects_own_error_not_the_library_cause_under_it():
+    chained = (
+        "pyarrow.lib.ArrowTypeError: object of type <class 'str'> cannot be converted to int\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "fedlora.errors.ConfigError: dataset 'json:x.json': labels must be all integers or all "
+        "strings\nflwr.clientapp.client_app.ClientAppException: \n"
+    )
+    records = [logging.makeLogRecord({"msg": chained})]
+    assert error_reason(records) == (
+        "fedlora.errors.ConfigError: dataset 'json:x.json': labels must be all integers or all "
+        "strings"
+    )
+
+
+def wrapped_as_flower_does(error: Exception) -> RuntimeError:
+    """``error`` raised, then wrapped the way Flower's engine wraps a crash."""
+    try:
+        try:
+            raise error
+        except Exception as cause:
+            raise RuntimeError("An error was encountered. Ending simulation.") from cause
+    except RuntimeError as wrapper:
+        return wrapper
+
+
+def test_an_engine_crash_reports_the_projects_own_error_in_its_chain():
+    try:
+        tomllib.loads("strategy = ")
+    except tomllib.TOMLDecodeError as library_error:
+        own = ConfigError("recipe 'x.toml' is not valid TOML")
+        own.__cause__ = library_error
+    assert reported_cause(wrapped_as_flower_does(own)) == (
+        "ConfigError: recipe 'x.toml' is not valid TOML"
+    )
+    library_only = wrapped_as_flower_does(ValueError("ActorPool is empty\nmore"))
+    assert reported_cause(library_only) == "ValueError: ActorPool is empty"
+
+
 def test_cli_refuses_bad_overrides_anywhere_with_status_2(capsys):
     assert main(["simulate", str(TINY), "--rounds", "2", "lr=1"]) == 2
     assert "'lr'" in capsys.readouterr().err
@@ -228,3 +270,110 @@ def test_cli_still_mounts_bench(tmp_path):
     args = ["bench", "aggregate", "--quick", "--device", "cpu", "--methods", "fedavg"]
     assert main([*args, "--clients", "3", "--json", str(out)]) == 0
     assert [row["method"] for row in json.loads(out.read_text())["results"]] == ["fedavg"]
+
+
+def test_a_run_that_fails_in_the_engine_shows_the_projects_error_and_logs_its_traceback(tmp_path):
+    """A model that is not there, past the command's checks: the in-process engine's ServerApp
+    refuses it; the error is the project's own and flower.log holds the traceback."""
+    recipe = resolve(load_recipe(TINY), (), rounds=1)
+    recipe = dataclasses.replace(
+        recipe, simulation=dataclasses.replace(recipe.simulation, engine="in-process")
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_config = {**recipe.run, "model": str(tmp_path / "no-model"), "run-dir": str(run_dir)}
+    with pytest.raises(SimulationError) as failure:
+        run_in(run_dir, recipe, run_config, None)
+    assert str(failure.value).startswith("ConfigError: model ")
+    assert str(run_dir / "flower.log") in str(failure.value)
+    log = (run_dir / "flower.log").read_text()
+    assert "the simulation failed" in log and "Traceback (most recent call last)" in log
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_shows_the_time_left_on_a_terminal_only(terminal):
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=terminal, width=100, color_system=None)
+    with round_progress(console) as progress:
+        task = progress.add_task("rounds", total=4)
+        progress.update(task, completed=1)
+        progress.console.print("round 1: accuracy 0.5")
+        progress.refresh()
+    assert "round 1: accuracy 0.5" in out.getvalue()
+    assert ("ETA" in out.getvalue()) is terminal
+
+
+def test_seed_runs_vary_the_seed_and_share_the_data():
+    recipe = resolve(load_recipe(TINY), {"seed": 5, "dataset": "bbcnews", "partitioner": "shard"})
+    runs = seed_recipes(recipe, 3)
+    assert list(runs) == [5, 6, 7]
+    configs = [run.run_config for run in runs.values()]
+    assert [config.seed for config in configs] == [5, 6, 7]
+    assert {config.partition_seed for config in configs} == {5}
+    shares = [[sorted(partition(config, i, 3)["text"]) for i in range(3)] for config in configs]
+    assert shares[0] == shares[1] == shares[2]
+    assert sorted(server_eval_set(configs[0])["text"]) == sorted(
+        server_eval_set(configs[2])["text"]
+    )
+    other = dataclasses.replace(configs[1], data_seed=-1)  # without data-seed, seed 6 re-deals
+    assert [sorted(partition(other, i, 3)["text"]) for i in range(3)] != shares[0]
+    assert seed_recipes(recipe, 1) == {5: recipe}
+
+
+def test_strategy_spreads_are_the_mean_and_sample_std_of_the_finished_runs():
+    def result(strategy, seed, final, error=None):
+        return {"strategy": strategy, "seed": seed, "final_accuracy": final, "best_accuracy": final,
+                "max_relative_deviation": None, "answer_accuracy": None, "rouge_l": None,
+                "bytes_up": 100, "bytes_down": 300, "seconds": 2.0, "error": error}  # fmt: skip
+
+    results = [result("fedex", 0, 0.5), result("fedex", 1, 0.7), result("fedex", 2, 0.6),
+               result("fedavg", 0, 0.4), result("fedavg", 1, 0.1, "died")]  # fmt: skip
+    fedex, fedavg = strategy_spreads(results)
+    assert (fedex["runs"], fedex["failed"], fedavg["runs"], fedavg["failed"]) == (3, 0, 2, 1)
+    assert fedex["final_accuracy_mean"] == pytest.approx(0.6)
+    assert fedex["final_accuracy_std"] == pytest.approx(0.1)  # sqrt((0.01 + 0 + 0.01) / 2)
+    assert fedavg["final_accuracy_mean"] == 0.4 and fedavg["final_accuracy_std"] is None
+    assert fedex["max_relative_deviation_mean"] is None
+    cells = {c.header: list(c.cells) for c in spread_table(results, load_recipe(TINY)).columns}
+    assert cells["final acc."] == ["0.600 ± 0.100", "0.400"]
+    assert cells["runs"] == ["3", "2 (1 failed)"]
+
+
+def test_the_plots_draw_a_band_over_seeds(tmp_path):
+    def rows(accuracies):
+        return [{"round": r + 1, "accuracy": a, "bytes_up": 10, "bytes_down": 20}
+                for r, a in enumerate(accuracies)]  # fmt: skip
+
+    runs = {"fedex": [rows([0.5, 0.7]), rows([0.7, 0.9])], "fedavg": [rows([0.4, 0.6])]}
+    plot_accuracy_vs_round(runs, tmp_path / "round.png", "tiny")
+    plot_accuracy_vs_bytes(runs, tmp_path / "bytes.png", "tiny")
+    for name in ("round.png", "bytes.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_compare_over_seeds_reports_the_mean_and_spread(tmp_path, capsys):
+    rows = [{"text": f"words {i} w{i % 3}", "label": i % 3} for i in range(36)]
+    pd.DataFrame(rows).to_csv(tmp_path / "data.csv", index=False)
+    recipe = tmp_path / "tiny-in-process.toml"
+    recipe.write_text(
+        TINY.read_text().replace("[simulation]", '[simulation]\nengine = "in-process"')
+    )
+    out = tmp_path / "compare"
+    args = ["compare", str(recipe), "--strategies", "fedavg", "--seeds", "2", "--rounds", "1"]
+    assert main([*args, "--out", str(out), "seed=3", f"dataset=csv:{tmp_path / 'data.csv'}"]) == 0
+    runs = {seed: out / "fedavg" / f"seed-{seed}" for seed in (3, 4)}
+    configs = {seed: load_recipe(run / "config.toml").run for seed, run in runs.items()}
+    assert [configs[s]["seed"] for s in (3, 4)] == [3, 4]
+    assert configs[3]["data-seed"] == configs[4]["data-seed"] == 3
+    finals = [read_metrics(run)[-1] for run in runs.values()]
+    assert finals[0]["loss"] != finals[1]["loss"]  # the seed varies training
+    with (out / "summary.csv").open() as file:
+        (fedavg,) = list(csv.DictReader(file))
+    accuracies = [row["accuracy"] for row in finals]
+    assert int(fedavg["runs"]) == 2 and int(fedavg["failed"]) == 0
+    assert float(fedavg["final_accuracy_mean"]) == pytest.approx(sum(accuracies) / 2)
+    spread = abs(accuracies[0] - accuracies[1]) / 2**0.5  # sample std of two values
+    assert float(fedavg["final_accuracy_std"]) == pytest.approx(spread, abs=1e-12)
+    with (out / "results.csv").open() as file:
+        assert [row["seed"] for row in csv.DictReader(file)] == ["3", "4"]
+    assert "±" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from fedlora.messages import (
     A_SUFFIX,
     B_SUFFIX,
 )
+from fedlora.method_config import parse_run_config
 from fedlora.rules import make_rule
 from fedlora.updates import ClientUpdate
 from strategies import STRATEGIES
@@ -298,10 +299,10 @@ def test_epsilon_after_k_rounds_equals_a_fresh_opacus_accountant(mechanism):
 )
 def test_dp_client_is_refused_for_strategies_that_combine_products(strategy):
     with pytest.raises(ConfigError, match=f"strategy '{strategy}'"):
-        RunConfig.from_flower({"strategy": strategy, "dp-client": True})
+        parse_run_config({"strategy": strategy, "dp-client": True})
     with pytest.raises(ConfigError, match=f"strategy '{strategy}'"):
         STRATEGIES[strategy](client_dp=ClientLevelDP(1.0, 1.0))
-    RunConfig.from_flower({"strategy": strategy, "dp-client": False})
+    parse_run_config({"strategy": strategy, "dp-client": False})
 
 
 @pytest.mark.parametrize(

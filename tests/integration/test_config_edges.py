@@ -1,15 +1,15 @@
 """Config edges: each refused before anything runs, with one line naming the key, file or
-directory (`simulations.cli.main` prints `ConfigError` as ``fedlora: error: ...``, status 2)."""
+directory (`cli.main.main` prints `ConfigError` as ``fedlora: error: ...``, status 2)."""
 
 from __future__ import annotations
 
 import pytest
 
+from cli import simulate as simulate_command
+from cli.main import main
 from fedlora.config import RunConfig
 from fedlora.data import load_dataset
 from fedlora.errors import ConfigError
-from simulations import cli
-from simulations.cli import main
 
 NOT_UTF8 = b"\xff\xfe\x00"
 
@@ -21,7 +21,7 @@ def nothing_runs(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the simulation started")
 
-    monkeypatch.setattr(cli, "simulate", refuse)
+    monkeypatch.setattr(simulate_command, "simulate", refuse)
 
 
 def one_line_error(capsys, argv) -> str:

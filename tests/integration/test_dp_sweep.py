@@ -14,7 +14,8 @@ from simulations.dp_sweep import (
     parse_epsilons,
     with_accuracy_drop,
 )
-from simulations.recipes import RECIPES_DIR, load_recipe, resolve
+from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 
 
 def test_budgets_parse_in_order_and_inf_means_no_dp():

@@ -31,6 +31,7 @@ from fedlora.messages import (
     ADAPTER_RECORD,
     B_SUFFIX,
     CONFIG_RECORD,
+    FROM_VERSION_KEY,
     GENERATION_KEY,
     HEAD_RECORD,
     LOSS_KEY,
@@ -53,7 +54,6 @@ from fedlora.messages import (
 )
 from fedlora.probes import PROBE_COUNT, PROBE_RECORD, relative_deviation
 from fedlora.rules import ClientSpec, RoundResult, make_rule
-from fedlora.rules.fedex import FROM_VERSION_KEY
 from fedlora.versioning import BaseCache
 from strategies import STRATEGIES
 from strategies.client_dp import ClientLevelDP

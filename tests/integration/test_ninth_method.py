@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from clients.app import client_app
-from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.messages import ADAPTER_RECORD, B_SUFFIX, METRICS_RECORD, NUM_EXAMPLES_KEY, scale_key
+from fedlora.method_config import parse_run_config
 from fedlora.rules import RULES, FedAvg
 from strategies import LoRAStrategy
 from strategies.server_app import run
@@ -95,5 +95,5 @@ def test_a_method_defined_in_a_test_runs_a_round(halfstep_registered, tmp_path):
 
 def test_a_method_declares_its_client_dp_refusal(halfstep_registered):
     with pytest.raises(ConfigError, match="not a sum of client tensors.*use one of"):
-        RunConfig.from_flower({"strategy": "halfstep", "dp-client": True})
-    assert RunConfig.from_flower({"strategy": "halfstep"}).strategy == "halfstep"
+        parse_run_config({"strategy": "halfstep", "dp-client": True})
+    assert parse_run_config({"strategy": "halfstep"}).strategy == "halfstep"

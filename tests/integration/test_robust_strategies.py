@@ -7,6 +7,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedlora.config import RunConfig
 from fedlora.messages import ADAPTER_RECORD, B_SUFFIX
+from fedlora.method_config import robustness_of, server_optimizer_of
 from fedlora.rules import RULES
 from fedlora.rules.robust import Robustness
 from strategies.server_app import make_strategy
@@ -19,7 +20,7 @@ def test_make_strategy_passes_the_robust_options_to_the_rule(name):
         {"strategy": name, "robust-norm-bound": 3, "robust-norm-median-multiple": 1.5}
     )
     strategy = make_strategy(config, None)
-    assert strategy.rule.robustness == config.robustness
+    assert strategy.rule.robustness == robustness_of(config)
     assert strategy.rule.robustness.norm_bound == 3.0
 
 
@@ -70,5 +71,5 @@ def test_make_strategy_passes_the_server_optimizer_to_the_rule(name):
         {"strategy": name, "server-optimizer": "adam", "server-lr": 0.01}
     )
     strategy = make_strategy(config, None)
-    assert strategy.rule.server_optimizer == config.server_optimizer_options
+    assert strategy.rule.server_optimizer == server_optimizer_of(config)
     assert strategy.rule.server_optimizer.kind == "adam"

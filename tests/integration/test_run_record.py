@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from cli.main import main
 from clients.app import client_app
 from fedlora.errors import ConfigError
-from simulations.cli import main
-from simulations.recipes import RECIPES_DIR
+from simulations.recipe_files import RECIPES_DIR
 from simulations.run_dir import RunDirTaken, claim_run_dir
 from strategies.run_record import (
     FINISHED,

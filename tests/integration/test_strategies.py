@@ -28,9 +28,9 @@ from flwr.app import (
 from torch.nn.functional import pad
 
 from clients.app import client_app
-from clients.base_store import catch_up_from_store
 from clients.records import payload_from_record
 from fedlora.adapter import LoRAFactors
+from fedlora.base_store import catch_up_from_store, write_round_change
 from fedlora.fedsb_init import sketch_gradients
 from fedlora.lowrank import LowRank
 from fedlora.messages import (
@@ -40,6 +40,7 @@ from fedlora.messages import (
     B_SUFFIX,
     BASE_CHANGE_RECORD,
     CONFIG_RECORD,
+    FROM_VERSION_KEY,
     HEAD_RECORD,
     LOSS_KEY,
     METRICS_RECORD,
@@ -62,7 +63,6 @@ from fedlora.messages import (
     scale_key,
 )
 from fedlora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_vectors
-from fedlora.rules.fedex import FROM_VERSION_KEY
 from fedlora.versioning import BaseCache
 from strategies import (
     STRATEGIES,
@@ -73,7 +73,6 @@ from strategies import (
     LoRAFedAvg,
     LoRAStrategy,
 )
-from strategies.base_store import write_round_change
 from strategies.records import client_update, payload_record, serialized_bytes
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid

@@ -1,11 +1,13 @@
-"""RunConfig: parsing Flower's run_config, refusing bad keys and values, the rank profile."""
+"""RunConfig: parsing Flower's run_config, refusing bad keys and values, the rank profile; the
+checks that need the methods (`fedlora.method_config`)."""
 
 from collections import Counter
 
 import pytest
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, ServerAppSettings
 from fedlora.errors import ConfigError
+from fedlora.method_config import parse_run_config, robustness_of
 
 PROFILE = "4:0.3,8:0.5,16:0.2"
 
@@ -34,10 +36,33 @@ def test_kebab_keys_map_to_fields_and_ints_pass_as_floats():
     assert config.target_module_names == ("query", "key")
 
 
-def test_unknown_key_is_named_with_the_known_ones():
-    with pytest.raises(ConfigError, match="lora-rnk") as error:
-        RunConfig.from_flower({"lora-rnk": 4})
-    assert "lora-rank" in str(error.value) and "dirichlet-alpha" in str(error.value)
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("lora-rnk", "lora-rank"), ("lerning-rate", "learning-rate"), ("base-change", "base-changes")],
+)
+def test_unknown_key_suggests_the_closest_known_one(typo, meant):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_flower({typo: 4})
+    assert str(error.value) == f"unknown key {typo!r}; did you mean {meant!r}?"
+
+
+def test_unknown_key_far_from_every_key_points_to_the_reference():
+    with pytest.raises(ConfigError, match="unknown key 'zzz'.*docs/config.md"):
+        RunConfig.from_flower({"zzz": 1})
+
+
+def test_server_app_settings_are_checked_apart_from_the_run_config():
+    values = {"run-dir": "runs/x", "base-changes": "messages", "resume": True, "lora-rank": 4}
+    settings = ServerAppSettings.from_flower(values)
+    assert (settings.run_dir, settings.base_changes, settings.resume) == (
+        "runs/x",
+        "messages",
+        True,
+    )
+    with pytest.raises(ConfigError, match="base-changes = 'email'"):
+        ServerAppSettings.from_flower({"base-changes": "email"})
+    with pytest.raises(ConfigError, match="'resume'"):
+        ServerAppSettings.from_flower({"resume": 1})
 
 
 @pytest.mark.parametrize(
@@ -50,7 +75,6 @@ def test_unknown_key_is_named_with_the_known_ones():
         ("test-fraction", 1.0),
         ("fraction-train", 0.0),
         ("dirichlet-alpha", -0.5),
-        ("strategy", "fedprox"),
         ("partitioner", "natural"),
         ("device", "tpu"),
         ("rank-profile", "4:0.5,8:0.4"),
@@ -60,6 +84,13 @@ def test_unknown_key_is_named_with_the_known_ones():
 def test_bad_value_is_named(key, value):
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_flower({key: value})
+
+
+def test_unknown_strategy_is_refused_by_the_methods_layer_with_a_suggestion():
+    with pytest.raises(ConfigError, match="strategy = 'fedexx': did you mean 'fedex'"):
+        parse_run_config({"strategy": "fedexx"})
+    with pytest.raises(ConfigError, match="strategy = 'fedprox'"):
+        parse_run_config({"strategy": "fedprox"})
 
 
 def test_task_sets_the_default_targets_and_head():
@@ -74,7 +105,12 @@ def test_task_sets_the_default_targets_and_head():
 
 def test_a_named_model_refuses_the_other_task():
     with pytest.raises(ConfigError, match="tiny-llama"):
-        RunConfig.from_flower({"model": "tiny-llama"})
+        RunConfig.from_flower({"model": "tiny-llama", "task": "classification"})
+
+
+def test_a_named_model_gives_its_task_when_none_is_set():
+    assert RunConfig.from_flower({"model": "tiny-llama"}).task == "causal-lm"
+    assert RunConfig.from_flower({"model": "tiny-bert"}).task == "classification"
 
 
 @pytest.mark.parametrize(
@@ -104,7 +140,7 @@ def test_without_a_profile_every_node_takes_lora_rank_unless_it_sets_its_own():
 
 
 def test_robust_keys_become_the_rules_options():
-    config = RunConfig.from_flower(
+    config = parse_run_config(
         {
             "strategy": "fedavg",
             "robust-norm-median-multiple": 2,
@@ -112,7 +148,7 @@ def test_robust_keys_become_the_rules_options():
             "robust-trim-fraction": 0.2,
         }
     )
-    robustness = config.robustness
+    robustness = robustness_of(config)
     assert (robustness.norm_median_multiple, robustness.combination) == (2.0, "median")
     assert robustness.trim_fraction == 0.2 and robustness.norm_bound == 0.0
 
@@ -130,4 +166,4 @@ def test_robust_keys_become_the_rules_options():
 )
 def test_robust_keys_out_of_range_or_not_for_the_strategy_are_refused(values, key):
     with pytest.raises(ConfigError, match=key):
-        RunConfig.from_flower(values)
+        parse_run_config(values)

@@ -6,6 +6,7 @@ from torch import nn
 
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.method_config import parse_run_config, server_optimizer_of
 from fedlora.training import train_local
 
 
@@ -49,12 +50,12 @@ def test_proximal_term_pulls_towards_the_start_by_hand():
 )
 def test_bad_fedprox_and_server_optimizer_keys_are_refused(keys, message):
     with pytest.raises(ConfigError, match=message):
-        RunConfig.from_flower(keys)
+        parse_run_config(keys)
 
 
 def test_server_optimizer_keys_reach_the_options():
     config = RunConfig.from_flower(
         {"strategy": "ffalora", "server-optimizer": "yogi", "server-lr": 0.05, "fedprox-mu": 0.01}
     )
-    assert config.server_optimizer_options.kind == "yogi"
-    assert config.server_optimizer_options.lr == 0.05
+    assert server_optimizer_of(config).kind == "yogi"
+    assert server_optimizer_of(config).lr == 0.05

@@ -11,10 +11,17 @@ from fedlora.adapter import LoRAFactors, SBCore
 from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError, InvalidUpdateError
 from fedlora.lowrank import LowRank
-from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX, VERSION_KEY
+from fedlora.messages import (
+    SB_A_SUFFIX,
+    SB_B_SUFFIX,
+    SB_R_SUFFIX,
+    VERSION_KEY,
+    cores_from_tensors,
+    cores_to_tensors,
+)
 from fedlora.rules import make_rule
 from fedlora.rules.base import ClientSpec
-from fedlora.rules.fedsb import FedSB, cores_from_tensors, cores_to_tensors
+from fedlora.rules.fedsb import FedSB
 from fedlora.updates import ClientUpdate
 
 F64 = torch.float64

@@ -109,10 +109,17 @@ def test_base_cache_refuses_a_change_that_does_not_start_at_its_version():
     cache = BaseCache()
     cache.catch_up({"q": torch.ones(2, 2)}, from_version=0, to_version=1)
     with pytest.raises(
-        InvalidUpdateError, match="starts at version 0 but this cache holds version 1"
+        InvalidUpdateError, match="starts at version 2 but this cache holds version 1"
     ):
-        cache.catch_up({"q": torch.ones(2, 2)}, from_version=0, to_version=2)
+        cache.catch_up({"q": torch.ones(2, 2)}, from_version=2, to_version=3)
     assert cache.version == 1 and torch.equal(cache.shift["q"], torch.ones(2, 2))
+
+
+def test_a_change_from_version_0_replaces_the_shift_whatever_the_cache_holds():
+    cache = BaseCache()
+    cache.catch_up({"q": torch.ones(2, 2)}, from_version=0, to_version=1)
+    cache.catch_up({"q": torch.full((2, 2), 5.0)}, from_version=0, to_version=4)
+    assert cache.version == 4 and torch.equal(cache.shift["q"], torch.full((2, 2), 5.0))
 
 
 def test_change_log_refuses_a_version_from_the_future():

@@ -1,9 +1,5 @@
-"""The installed ``fedlora`` command: ``demo``, ``simulate`` and ``compare`` next to `fedlora.cli`'s
-``bench`` commands.
-
-``key=value`` overrides of a recipe's run table may stand anywhere after the command, before or
-after the options. Progress and a line per round go to stderr, the final table to stdout. A bad
-key or value exits with status 2, a failed simulation with 1.
+"""``fedlora demo``, ``simulate``, ``compare`` and ``dp-sweep``: runs of recipes in Flower's
+simulation engine on Ray. Progress and a line per round go to stderr, the final table to stdout.
 """
 
 from __future__ import annotations
@@ -11,26 +7,40 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from deployment.cli import add_deploy_commands
-from fedlora.cli import add_bench_commands, build_parser, output_console
+from cli.options import (
+    RECIPE_HELP,
+    RUNS_DIR,
+    add_out,
+    add_overrides,
+    add_overwrite,
+    add_recipe,
+    add_rounds,
+    add_strategy,
+    output_console,
+)
 from fedlora.errors import ConfigError
-from simulations.baselines_command import add_baselines_command
-from simulations.bench_command import add_simulation_benchmarks
 from simulations.compare import (
     ACCURACY_VS_BYTES,
     ACCURACY_VS_ROUND,
     GENERATION_COLUMNS,
     RESULTS_CSV,
+    SUMMARY_CSV,
     compare,
     strategy_names,
+    strategy_spreads,
 )
 from simulations.dp_sweep import (
     ACCURACY_VS_EPSILON,
@@ -39,7 +49,8 @@ from simulations.dp_sweep import (
     dp_sweep,
     parse_epsilons,
 )
-from simulations.recipes import DEMO_RECIPE, Recipe, load_recipe, resolve
+from simulations.recipe_files import DEMO_RECIPE, recipe_file
+from simulations.recipes import Recipe, load_recipe, resolve
 from simulations.run_dir import (
     CONFIG_FILE,
     FLOWER_LOG,
@@ -49,88 +60,80 @@ from simulations.run_dir import (
     check_out_dir,
     read_metrics,
 )
-from simulations.runner import INTERRUPTED_HINT, SimulationError, resume, simulate
+from simulations.runner import INTERRUPTED_HINT, resume, simulate
 from strategies.run_record import MANIFEST_FILE, STATUS_FILE
-
-RUNS_DIR = Path("runs")
-OVERRIDE_HELP = "run-config overrides of the recipe's [run] table, e.g. learning-rate=1e-3"
-
-
-OVERWRITE_HELP = "replace what an earlier run left in the run directory"
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, metavar="DIR", help="the run directory")
-    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    parser.add_argument("--strategy", metavar="NAME", help="the method (run key 'strategy')")
-    parser.add_argument(
-        "--rounds", type=int, metavar="N", help="server rounds (run key 'num-server-rounds')"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_out(parser, "the run directory")
+    add_overwrite(parser)
+    add_strategy(parser)
+    add_rounds(parser)
+    add_overrides(parser)
+    parser.set_defaults(interrupted_hint=INTERRUPTED_HINT)
 
 
-def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
-    demo = commands.add_parser(
-        "demo",
-        help="the main job: FedEx-LoRA on MiniLM and BBC News, 10 clients of ranks 4, 8, 16",
-        description=(
-            f"Run the demo recipe ({DEMO_RECIPE.name}) in Flower's simulation engine on Ray: "
-            "progress, accuracy per round, a final table; the run directory (default "
-            "runs/demo) gets config.toml, status, manifest.json, metrics.jsonl, metrics.csv, "
-            "flower.log, checkpoints and export/."
-        ),
+def add_demo(demo: argparse.ArgumentParser) -> None:
+    demo.description = (
+        f"Run the demo recipe ({DEMO_RECIPE.name}) in Flower's simulation engine on Ray: "
+        "progress, accuracy per round, a final table; the run directory (default "
+        "runs/demo) gets config.toml, status, manifest.json, metrics.jsonl, metrics.csv, "
+        "flower.log, checkpoints and export/."
     )
     add_run_options(demo)
     demo.set_defaults(handler=run_recipe, recipe=DEMO_RECIPE)
 
-    simulate_parser = commands.add_parser(
-        "simulate",
-        help="run a recipe (TOML) in Flower's simulation engine on Ray",
-        description=(
-            "Run RECIPE (default run directory: runs/<recipe name>), or continue the run in "
-            "--resume RUN_DIR from its last checkpoint (its config.toml is the recipe)."
-        ),
+
+def add_simulate(simulate_parser: argparse.ArgumentParser) -> None:
+    simulate_parser.description = (
+        "Run RECIPE (default run directory: runs/<recipe name>), or continue the run in "
+        "--resume RUN_DIR from its last checkpoint (its config.toml is the recipe)."
     )
-    simulate_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml", nargs="?")
+    simulate_parser.add_argument(
+        "recipe", type=recipe_file, metavar="RECIPE", nargs="?", help=RECIPE_HELP
+    )
     simulate_parser.add_argument(
         "--resume", type=Path, metavar="RUN_DIR", help="continue this run from its checkpoint"
     )
     add_run_options(simulate_parser)
     simulate_parser.set_defaults(handler=run_recipe)
 
-    compare_parser = commands.add_parser(
-        "compare",
-        help="run every method on one recipe; results table and plots",
-        description=(
-            "Run RECIPE once per strategy with identical partitions, ranks and seeds, each into "
-            f"DIR/<strategy>; write DIR/{RESULTS_CSV}, DIR/{ACCURACY_VS_ROUND} and "
-            f"DIR/{ACCURACY_VS_BYTES} (default DIR: runs/compare/<recipe name>)."
-        ),
+
+def add_compare(compare_parser: argparse.ArgumentParser) -> None:
+    compare_parser.description = (
+        "Run RECIPE once per strategy with identical partitions, ranks and seeds, each into "
+        "DIR/<strategy> (with --seeds N, N times per strategy on the same partitions into "
+        "DIR/<strategy>/seed-<seed>: the seed varies the initial adapter, the batches and "
+        f"DP noise); write DIR/{RESULTS_CSV} (a row per run), DIR/{SUMMARY_CSV} (mean and "
+        f"standard deviation per strategy), DIR/{ACCURACY_VS_ROUND} and "
+        f"DIR/{ACCURACY_VS_BYTES} (default DIR: runs/compare/<recipe name>)."
     )
-    compare_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    add_recipe(compare_parser)
     compare_parser.add_argument(
         "--strategies",
         default="all",
         metavar="all|NAME,NAME",
         help="'all' (default) or names separated by commas",
     )
-    compare_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
-    compare_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    compare_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
-    compare_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    compare_parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs per strategy on the same data, seeds s..s+N-1 from the recipe's (default: 1)",
+    )
+    add_sweep_options(compare_parser)
     compare_parser.set_defaults(handler=run_compare)
 
-    sweep_parser = commands.add_parser(
-        "dp-sweep",
-        help="run strategies at several privacy budgets (DP-SGD); accuracy vs epsilon",
-        description=(
-            "Run RECIPE per strategy and budget (identical partitions, ranks and seeds) into "
-            "DIR/<strategy>/eps-<budget>: a finite budget runs DP-SGD with dp-target-epsilon "
-            f"set to it, inf runs without DP. Write DIR/{SWEEP_CSV} and "
-            f"DIR/{ACCURACY_VS_EPSILON} (default DIR: runs/dp-sweep/<recipe name>)."
-        ),
+
+def add_dp_sweep(sweep_parser: argparse.ArgumentParser) -> None:
+    sweep_parser.description = (
+        "Run RECIPE per strategy and budget (identical partitions, ranks and seeds) into "
+        "DIR/<strategy>/eps-<budget>: a finite budget runs DP-SGD with dp-target-epsilon "
+        f"set to it, inf runs without DP. Write DIR/{SWEEP_CSV} and "
+        f"DIR/{ACCURACY_VS_EPSILON} (default DIR: runs/dp-sweep/<recipe name>)."
     )
-    sweep_parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    add_recipe(sweep_parser)
     sweep_parser.add_argument(
         "--epsilons", default="1,3,8,inf", metavar="E,E", help="budgets (default: 1,3,8,inf)"
     )
@@ -140,41 +143,25 @@ def add_simulation_commands(commands: argparse._SubParsersAction) -> None:
         metavar="all|NAME,NAME",
         help=f"'all' or names separated by commas (default: {DEFAULT_STRATEGIES})",
     )
-    sweep_parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
-    sweep_parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    sweep_parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
-    sweep_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    add_sweep_options(sweep_parser)
     sweep_parser.set_defaults(handler=run_dp_sweep)
 
 
-COMMAND_GROUPS = (
-    add_simulation_commands,
-    add_baselines_command,
-    partial(add_bench_commands, more_benchmarks=(add_simulation_benchmarks,)),
-    add_deploy_commands,
-)
+def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """What compare and dp-sweep share: the output directory, --overwrite, --rounds, overrides."""
+    add_out(parser, "the output directory")
+    add_overwrite(parser)
+    add_rounds(parser)
+    add_overrides(parser)
+    parser.set_defaults(interrupted_hint=INTERRUPTED_HINT)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(COMMAND_GROUPS)
-    args, unparsed = parser.parse_known_args(argv)
-    if unparsed:  # key=value pairs after options that follow a positional argument
-        if not hasattr(args, "overrides") or any(
-            arg.startswith("-") or "=" not in arg for arg in unparsed
-        ):
-            parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
-        args.overrides = [*args.overrides, *unparsed]
-    try:
-        return args.handler(args)
-    except ConfigError as error:
-        print(f"fedlora: error: {error}", file=sys.stderr)
-        return 2
-    except SimulationError as error:
-        print(f"fedlora: simulation failed: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(INTERRUPTED_HINT, file=sys.stderr)
-        return 130
+COMMANDS = {
+    "demo": add_demo,
+    "simulate": add_simulate,
+    "compare": add_compare,
+    "dp-sweep": add_dp_sweep,
+}
 
 
 # ---- demo, simulate -------------------------------------------------------------------------------
@@ -230,12 +217,17 @@ def describe(recipe: Recipe) -> str:
 
 
 def round_progress(console: Console) -> Progress:
+    """A bar of rounds with the time elapsed and the time left (from the rounds done so far), on
+    a terminal only: elsewhere only the lines printed through it appear."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -280,22 +272,33 @@ def run_compare(args: argparse.Namespace) -> int:
     check_out_dir(out_dir)
     rounds = checked.run_config.num_server_rounds
     progress_console = Console(stderr=True)
-    progress_console.print(f"{describe(checked)}, strategies {', '.join(strategies)}")
+    seeds = f", {args.seeds} seeds each" if args.seeds > 1 else ""
+    progress_console.print(f"{describe(checked)}, strategies {', '.join(strategies)}{seeds}")
     with round_progress(progress_console) as progress:
-        task = progress.add_task("starting", total=rounds * len(strategies))
+        task = progress.add_task("starting", total=rounds * len(strategies) * args.seeds)
 
         def on_round(strategy: str, row: MetricsRow) -> None:
             progress.console.print(round_line(row, strategy))
-            done = strategies.index(strategy) * rounds + row["round"]
-            progress.update(task, completed=done, description=f"{strategy} round {row['round']}")
+            progress.update(task, advance=1, description=f"{strategy} round {row['round']}")
 
         results = compare(
-            recipe, strategies, out_dir, args.overrides, args.rounds, on_round, args.overwrite
+            recipe,
+            strategies,
+            out_dir,
+            args.overrides,
+            args.rounds,
+            on_round,
+            args.overwrite,
+            args.seeds,
         )
     console = output_console()
-    console.print(results_table(results, checked))
-    files = f"{RESULTS_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
-    console.print(f"{out_dir}: {files}, a run directory per strategy")
+    table = results_table if args.seeds == 1 else spread_table
+    console.print(table(results, checked))
+    files = f"{RESULTS_CSV}, {SUMMARY_CSV}, {ACCURACY_VS_ROUND}, {ACCURACY_VS_BYTES}"
+    console.print(
+        f"{out_dir}: {files}, a run directory per strategy"
+        + (" and seed" if args.seeds > 1 else "")
+    )
     failed = [result for result in results if result["error"]]
     for result in failed:
         print(f"fedlora: {result['strategy']} failed: {result['error']}", file=sys.stderr)
@@ -377,6 +380,33 @@ def results_table(results: list[dict], recipe: Recipe) -> Table:
     return table
 
 
+def spread_table(results: list[dict], recipe: Recipe) -> Table:
+    """A row per strategy: mean ± standard deviation over its seeds' runs that finished."""
+    table = Table(title=f"{describe(recipe)}; same partitions, mean ± std over seeds")
+    columns = ("strategy", "runs", "final acc.", "best acc.", "up", "max rel. dev.", "seconds")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in strategy_spreads(results):
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        table.add_row(
+            row["strategy"],
+            f"{row['runs']}{failed}",
+            mean_and_spread(row, "final_accuracy", ".3f"),
+            mean_and_spread(row, "best_accuracy", ".3f"),
+            "-" if row["bytes_up_mean"] is None else size(row["bytes_up_mean"]),
+            mean_and_spread(row, "max_relative_deviation", ".1e"),
+            number(row["seconds_mean"], ".0f"),
+        )
+    return table
+
+
+def mean_and_spread(row: dict, column: str, spec: str) -> str:
+    mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+    if mean is None:
+        return "-"
+    return format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
+
+
 # ---- formatting -----------------------------------------------------------------------------------
 
 
@@ -392,7 +422,3 @@ def size(num_bytes: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.2f} GiB"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,39 +4,27 @@ the recipe's task (`simulations.baselines`), a results table and ``DIR/results.c
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from fedlora.cli import output_console
+from cli.options import RUNS_DIR, add_out, add_overrides, add_recipe, add_rounds, output_console
 from simulations.baselines import BASELINES_CSV, run_baselines
 from simulations.recipes import load_recipe, resolve
 
-RUNS_DIR = Path("runs")
 
-
-def add_baselines_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "baselines",
-        help="the pretrained model, centralized LoRA and local-only training on a recipe's task",
-        description=(
-            "Evaluate RECIPE's base model without fine-tuning, train one LoRA model on the pooled "
-            "data of all its clients with the federation's total steps and examples, and train "
-            "each client alone for its federated steps (mean and standard deviation); in this "
-            f"process, without Flower. Write DIR/{BASELINES_CSV} (default DIR: "
-            "runs/baselines/<recipe name>)."
-        ),
+def add_baselines_command(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Evaluate RECIPE's base model without fine-tuning, train one LoRA model on the pooled "
+        "data of all its clients with the federation's total steps and examples, and train "
+        "each client alone for its federated steps (mean and standard deviation); in this "
+        f"process, without Flower. Write DIR/{BASELINES_CSV} (default DIR: "
+        "runs/baselines/<recipe name>)."
     )
-    parser.add_argument("recipe", type=Path, metavar="RECIPE.toml")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="the output directory")
-    parser.add_argument("--rounds", type=int, metavar="N", help="server rounds")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="run-config overrides of the recipe's [run] table",
-    )
+    add_recipe(parser)
+    add_out(parser, "the output directory")
+    add_rounds(parser)
+    add_overrides(parser)
     parser.set_defaults(handler=run_baselines_command)
 
 
@@ -78,3 +66,6 @@ def with_spread(row: dict, score: str) -> str:
         return "-"
     spread = row.get(f"{score}_std")
     return f"{row[score]:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
+
+
+COMMANDS = {"baselines": add_baselines_command}

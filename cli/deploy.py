@@ -3,9 +3,10 @@
 ``fedlora deploy init DIR --nodes N --host NAME...`` makes the certificates and node keys
 (`deployment.credentials`), adds the ``flwr`` CLI's connection to ``$FLWR_HOME/config.toml``
 (`deployment.federation`) and prints what to copy to which machine and the exact command each
-runs (`deployment.commands`); ``--insecure`` makes no credentials and prints plain-text commands.
+runs (`deployment.instructions`); ``--insecure`` makes no credentials and prints plain-text commands.
 ``fedlora deploy connect NAME HOST:PORT --root-certificates FILE`` adds the connection on another
-operator machine; ``fedlora deploy startup`` measures a node's per-message start-up
+operator machine; ``fedlora deploy gateway LISTEN SUPERLINK`` serves the public address, the Fleet
+API only (`deployment.gateway`); ``fedlora deploy startup`` measures a node's per-message start-up
 (`deployment.startup`).
 """
 
@@ -13,40 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 from pathlib import Path
 
 from rich.table import Table
 
-from deployment.commands import (
-    DEFAULT_NODE_PORT,
-    DEFAULT_PORT,
-    register_command,
-    run_command,
-    superlink_command,
-    supernode_command,
-)
-from deployment.credentials import (
-    DEFAULT_DAYS,
-    DEFAULT_HOSTS,
-    NODE_PUBLIC_KEY_FILE,
-    SUPERLINK_DIR,
-    write_credentials,
-)
+from cli.options import add_json, output_console
+from deployment.commands import DEFAULT_PORT, DEFAULT_PRIVATE_PORT, PRIVATE_HOST
+from deployment.credentials import DEFAULT_DAYS, DEFAULT_HOSTS, write_credentials
 from deployment.federation import add_connection
+from deployment.gateway import serve_gateway
+from deployment.instructions import DEFAULT_RANK, node_ranks, print_instructions
 from deployment.startup import PHASES, measure_startup
-from fedlora.cli import output_console
 from fedlora.errors import ConfigError
 
 DEFAULT_CONNECTION = "fedlora"
-EXAMPLE_CAPACITY = {"lora-rank": 8, "batch-size": 16, "device": "cpu"}
-"""The capacity a device declares in its node config; each device sets its own."""
-DEPLOYMENT_RUN_CONFIG = {"base-changes": "messages"}
-"""Run-config keys a deployment needs: nodes cannot read the server's run directory."""
 
 
-def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
-    deploy = commands.add_parser("deploy", help="run on real devices: SuperLink and SuperNodes")
+def add_deploy_commands(deploy: argparse.ArgumentParser) -> None:
     actions = deploy.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     init = actions.add_parser(
@@ -68,7 +52,23 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         help="the SuperLink's host names or IP addresses, the first one used to connect "
         f"(default: {' '.join(DEFAULT_HOSTS)})",
     )
-    init.add_argument("--port", type=int, default=DEFAULT_PORT, help="the SuperLink's port")
+    init.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="the public port (the Fleet gateway's)"
+    )
+    init.add_argument(
+        "--private-port",
+        type=int,
+        default=DEFAULT_PRIVATE_PORT,
+        help=f"the SuperLink's own port on {PRIVATE_HOST} (Control API, for operators)",
+    )
+    init.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_RANK],
+        metavar="R",
+        help=f"each node's LoRA rank, one per node or one for all (default: {DEFAULT_RANK})",
+    )
     init.add_argument(
         "--connection", default=DEFAULT_CONNECTION, metavar="NAME", help="the flwr connection name"
     )
@@ -77,6 +77,11 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
         "--insecure",
         action="store_true",
         help="no TLS and no node authentication (a trusted network only); writes no credentials",
+    )
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="let --insecure replace a secure flwr connection of the same name",
     )
     init.set_defaults(handler=run_init)
 
@@ -90,7 +95,26 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     security = connect.add_mutually_exclusive_group(required=True)
     security.add_argument("--root-certificates", type=Path, metavar="FILE", help="the CA (ca.pem)")
     security.add_argument("--insecure", action="store_true", help="no TLS")
+    connect.add_argument(
+        "--force", action="store_true", help="let --insecure replace a secure connection"
+    )
     connect.set_defaults(handler=run_connect)
+
+    gateway = actions.add_parser(
+        "gateway",
+        help="the public address: pass the Fleet API on to the SuperLink, nothing else",
+        description=(
+            "Listen on LISTEN (host:port) and forward Fleet API requests to the SuperLink at "
+            "SUPERLINK (its private address); answer every other request (Control, Runtime) 404."
+        ),
+    )
+    gateway.add_argument("listen", metavar="LISTEN", help="the public host:port")
+    gateway.add_argument("superlink", metavar="SUPERLINK", help="the SuperLink's host:port")
+    gateway.add_argument("--certfile", type=Path, help="the SuperLink's TLS certificate")
+    gateway.add_argument("--keyfile", type=Path, help="its private key")
+    gateway.add_argument("--root-certificates", type=Path, metavar="FILE", help="the CA")
+    gateway.add_argument("--insecure", action="store_true", help="plain HTTP on both sides")
+    gateway.set_defaults(handler=run_gateway)
 
     startup = actions.add_parser(
         "startup",
@@ -105,16 +129,22 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     startup.add_argument("--model", default="minilm", help="run-config model (default: minilm)")
     startup.add_argument("--rank", type=int, default=8, help="the node's LoRA rank (default: 8)")
     startup.add_argument("--repeats", type=int, default=5, help="fresh processes (default: 5)")
-    startup.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    add_json(startup)
     startup.set_defaults(handler=run_startup)
+
+
+COMMANDS = {"deploy": add_deploy_commands}
 
 
 def run_init(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
-    address = f"{args.host[0]}:{args.port}"
+    node_ranks(args.nodes, args.ranks)
+    if args.port == args.private_port:
+        raise ConfigError(f"--port and --private-port must differ, both are {args.port}")
+    address = f"{PRIVATE_HOST}:{args.private_port}"
     if args.insecure:
-        config_file = add_connection(args.connection, address, None)
+        config_file = add_connection(args.connection, address, None, args.force)
         print_instructions(args, None, config_file)
         return 0
     files = write_credentials(args.dir, args.nodes, args.host, args.days)
@@ -124,8 +154,18 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_connect(args: argparse.Namespace) -> int:
-    config_file = add_connection(args.name, args.address, args.root_certificates)
+    config_file = add_connection(args.name, args.address, args.root_certificates, args.force)
     print(f"connection {args.name!r} to {args.address} written to {config_file}")
+    return 0
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    tls = (args.certfile, args.keyfile, args.root_certificates)
+    if not (all(tls) if not args.insecure else not any(tls)):
+        raise ConfigError(
+            "gateway: give --certfile, --keyfile and --root-certificates, or --insecure alone"
+        )
+    serve_gateway(args.listen, args.superlink, *tls)
     return 0
 
 
@@ -146,44 +186,3 @@ def run_startup(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({"run_config": run_config, **result}, indent=2))
     return 0
-
-
-def print_instructions(args: argparse.Namespace, root: Path | None, config_file: Path) -> None:
-    """What to copy to which machine, and the command each one runs."""
-    address = f"{args.host[0]}:{args.port}"
-    secure = root is not None
-    if secure:
-        print(f"Credentials written to {root}: copy each folder to its machine.\n")
-    else:
-        print("INSECURE: no TLS, no node authentication; use on a trusted network only.\n")
-    superlink_folder = Path(SUPERLINK_DIR) if secure else None
-    copy = f" (copy {root / SUPERLINK_DIR}/ there first)" if secure else ""
-    print(f"On the server {args.host[0]}{copy}, with fedlora installed:")
-    print(f"  {shlex.join(superlink_command(superlink_folder, args.port))}")
-    print(
-        "  (--disable-runtime-dependency-installation: the SuperLink would otherwise uv-sync the "
-        "app's dependencies, torch included, into a fresh environment for every run)\n"
-    )
-    print(f"On this machine (the flwr CLI): connection {args.connection!r} -> {address} added to")
-    print(f"  {config_file}")
-    if secure:
-        print("Register every node's public key (once, with the SuperLink running):")
-        for index in range(args.nodes):
-            public_key = root / f"node-{index}" / NODE_PUBLIC_KEY_FILE
-            print(f"  {shlex.join(register_command(public_key, args.connection))}")
-    print()
-    for index in range(args.nodes):
-        node = f"node-{index}"
-        copy = f" (copy {root / node}/ there first)" if secure else ""
-        node_config = {"partition-id": index, "num-partitions": args.nodes, **EXAMPLE_CAPACITY}
-        command = supernode_command(
-            Path(node) if secure else None, address, node_config, DEFAULT_NODE_PORT
-        )
-        print(f"On device {index}{copy}:")
-        print(f"  {shlex.join(command)}")
-    print(
-        "\nEach device states its capacity in --node-config: lora-rank, batch-size, device "
-        "(cpu, cuda, cuda:N), and partition-id/num-partitions or its own data-path."
-    )
-    print("\nThen, from the project folder on this machine:")
-    print(f"  {shlex.join(run_command(args.connection, DEPLOYMENT_RUN_CONFIG))}")

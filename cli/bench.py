@@ -1,18 +1,16 @@
-"""The ``fedlora`` command line.
-
-Commands are argparse sub-parsers: each command group is one ``add_*`` function in ``COMMANDS`` that
-adds its parser and sets ``handler`` (a function of the parsed arguments returning the exit status).
-Here: ``fedlora bench aggregate``; the installed ``fedlora`` command (`simulations.cli`) builds its
-parser from these groups and its own (`build_parser`'s ``command_groups``).
-"""
+"""``fedlora bench``: ``aggregate`` (every rule's aggregation: seconds, error, bytes) and the
+benchmarks that run simulations (`cli.bench_simulate`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import shutil
+import statistics
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.bench_simulate import (
+    add_gpus_benchmark,
+    add_scale_benchmark,
+    add_simulate_benchmark,
+    add_train_benchmark,
+)
+from cli.options import add_json, comma_ints, output_console
 from fedlora.bench.aggregate import (
     CPU_SAMPLED_MODULES,
     BenchConfig,
@@ -31,13 +36,6 @@ from fedlora.bench.aggregate import (
 from fedlora.errors import ConfigError
 
 
-def comma_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}")
-
-
 def method_names(text: str) -> tuple[str, ...]:
     """'all' (every implemented rule) or rule names separated by commas."""
     return () if text == "all" else tuple(name.strip() for name in text.split(","))
@@ -47,22 +45,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# ---- fedlora bench aggregate ----------------------------------------------------------------------
-
-
-AddCommands = Callable[[argparse._SubParsersAction], None]
-"""Adds one command (group) to a sub-parser collection."""
-
-
-def add_bench_commands(
-    commands: argparse._SubParsersAction, more_benchmarks: Sequence[AddCommands] = ()
-) -> None:
-    """``fedlora bench aggregate`` and the benchmarks ``more_benchmarks`` add."""
-    bench = commands.add_parser("bench", help="benchmarks")
+def add_bench_commands(bench: argparse.ArgumentParser) -> None:
     benchmarks = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
     add_aggregate_benchmark(benchmarks)
-    for add_benchmark in more_benchmarks:
-        add_benchmark(benchmarks)
+    add_simulate_benchmark(benchmarks)
+    add_gpus_benchmark(benchmarks)
+    add_train_benchmark(benchmarks)
+    add_scale_benchmark(benchmarks)
+    add_cli_benchmark(benchmarks)
 
 
 def add_aggregate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
@@ -76,7 +66,7 @@ def add_aggregate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
             "a client sends and receives."
         ),
     )
-    aggregate.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    add_json(aggregate)
     aggregate.add_argument(
         "--quick",
         action="store_true",
@@ -121,7 +111,6 @@ OPTION_FIELDS = {
     "seed": "seed",
 }
 """Command-line option -> BenchConfig field; an option left out keeps the preset's value."""
-PIPE_WIDTH = 160
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
@@ -155,12 +144,6 @@ def run_bench_aggregate(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
     return 0
-
-
-def output_console() -> Console:
-    """stdout, wide enough for the results table when it is not a terminal (a pipe, a log)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=PIPE_WIDTH)
 
 
 def seconds_text(value: float | None) -> str:
@@ -204,29 +187,35 @@ def results_table(config: BenchConfig, results: list[dict]) -> Table:
     return table
 
 
-# ---- entry point ----------------------------------------------------------------------------------
-
-COMMANDS: tuple[AddCommands, ...] = (add_bench_commands,)
-"""Each adds one command group to the parser."""
-
-
-def build_parser(command_groups: Sequence[AddCommands] = COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning.")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add_commands in command_groups:
-        add_commands(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except ConfigError as error:
-        print(f"fedlora: error: {error}", file=sys.stderr)
-        return 2
+def add_cli_benchmark(benchmarks: argparse._SubParsersAction) -> None:
+    parser = benchmarks.add_parser(
+        "cli",
+        help="seconds of fedlora --help next to flwr --help",
+        description=(
+            "Run `fedlora --help` (python -m cli, what the installed command runs) and "
+            "`flwr --help` REPEATS times each in fresh processes, alternating; print the median "
+            "seconds of each."
+        ),
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each (default: 5)")
+    parser.set_defaults(handler=run_bench_cli)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run_bench_cli(args: argparse.Namespace) -> int:
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
+    if flwr is None:
+        raise ConfigError("the flwr command is not installed next to this Python or on PATH")
+    commands = {"fedlora --help": [sys.executable, "-m", "cli", "--help"]}
+    commands["flwr --help"] = [flwr, "--help"]
+    seconds = {name: [] for name in commands}
+    for _ in range(max(args.repeats, 1)):
+        for name, command in commands.items():
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            seconds[name].append(time.perf_counter() - start)
+    for name, runs in seconds.items():
+        print(f"{name}: {statistics.median(runs):.2f} s (median of {len(runs)})")
+    return 0
+
+
+COMMANDS = {"bench": add_bench_commands}

@@ -1,0 +1,265 @@
+"""Several clients' LoRA adapters over one shared frozen base, trained in one forward/backward.
+
+A group's batch is the clients' batches stacked along the batch dimension, client g owning the
+rows ``rows[g]``. Every adapted linear layer computes the frozen base once for all rows and adds,
+on client g's rows only, its own low-rank term: y_g = W x_g + s_g B_g A_g x_g. Rows never mix in
+a transformer (no batch statistics), so client g's loss depends on its own factors alone, and the
+gradient of the summed losses with respect to (A_g, B_g) is that of client g's loss: each client
+trains exactly as it would alone (up to float rounding; dropout masks are drawn for the whole
+batch, so they match the lone run's only when dropout is 0).
+
+peft's mixed-batch forward (``adapter_names``) serves inference only (it refuses train mode),
+hence this small layer. Factors enter and leave by peft's module paths (``base_model.model.``
+prefix), so a client's peft model and its slot in a group exchange them directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fedlora.adapter import lora_scale
+from fedlora.client_state import fresh_lora_A
+from fedlora.fedsb_init import module_seed
+from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers, read_head
+
+PEFT_PREFIX = "base_model.model."
+
+
+class GroupedLoRALinear(nn.Module):
+    """A frozen linear layer plus one LoRA term per client, each applied to that client's rows.
+
+    The factors are float32 over a float32 or lower-precision base (float64 over a float64 one)."""
+
+    def __init__(self, base: nn.Linear, ranks: Sequence[int], scalings: Sequence[float]) -> None:
+        super().__init__()
+        self.base = base
+        self.scalings = list(scalings)
+        weight = base.weight
+        factory = {
+            "device": weight.device,
+            "dtype": torch.promote_types(weight.dtype, torch.float32),
+        }
+        self.lora_A = nn.ParameterList(
+            nn.Parameter(torch.zeros(rank, base.in_features, **factory)) for rank in ranks
+        )
+        self.lora_B = nn.ParameterList(
+            nn.Parameter(torch.zeros(base.out_features, rank, **factory)) for rank in ranks
+        )
+        self.rows: list[int] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rows is None:
+            raise RuntimeError("GroupedLoRALinear called outside GroupedLoRA.forward (rows unset)")
+        result = self.base(x)
+        terms = [
+            (part.to(A.dtype) @ A.T @ B.T) * scaling
+            for part, A, B, scaling in zip(
+                x.split(self.rows), self.lora_A, self.lora_B, self.scalings, strict=True
+            )
+        ]
+        return result + torch.cat(terms).to(result.dtype)
+
+
+class GroupedHead(nn.Module):
+    """One trainable copy per client of a head module (peft's ``modules_to_save``: a classifier,
+    a pooler), each applied to its client's rows."""
+
+    def __init__(self, module: nn.Module, num_clients: int) -> None:
+        super().__init__()
+        dtype = torch.promote_types(next(module.parameters()).dtype, torch.float32)
+        self.copies = nn.ModuleList(
+            copy.deepcopy(module).to(dtype).requires_grad_(True) for _ in range(num_clients)
+        )
+        self.rows: list[int] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rows is None:
+            raise RuntimeError("GroupedHead called outside GroupedLoRA.forward (rows unset)")
+        return torch.cat(
+            [head(part) for head, part in zip(self.copies, x.split(self.rows), strict=True)]
+        )
+
+
+class GroupedLoRA(nn.Module):
+    """A base model whose target linear layers carry one LoRA adapter per client of the group,
+    and whose ``heads`` (module names, matched as peft matches ``modules_to_save``) one trainable
+    copy per client.
+
+    ``forward(rows, **batch)`` runs the stacked batch; client g owns the next ``rows[g]`` rows.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        ranks: Sequence[int],
+        scalings: Sequence[float],
+        target_modules: Sequence[str],
+        heads: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        self.base = base
+        self.num_clients = len(ranks)
+        self.layers: dict[str, GroupedLoRALinear] = {}
+        names = [
+            name
+            for name, module in base.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+        ]
+        if not names:
+            raise ValueError(f"no linear layer of the base is named by {list(target_modules)}")
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name)
+            layer = GroupedLoRALinear(getattr(parent, child), ranks, scalings)
+            setattr(parent, child, layer)
+            self.layers[PEFT_PREFIX + name] = layer
+        self.heads: dict[str, GroupedHead] = {}
+        head_names = [
+            name
+            for name, _ in base.named_modules()
+            if any(name == head or name.endswith("." + head) for head in heads)
+        ]
+        for name in head_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name)
+            head = GroupedHead(getattr(parent, child), len(ranks))
+            setattr(parent, child, head)
+            self.heads[PEFT_PREFIX + name] = head
+
+    def forward(self, rows: Sequence[int], **batch: Tensor):
+        rows = [int(count) for count in rows]
+        if len(rows) != self.num_clients:
+            raise ValueError(f"{len(rows)} row counts for a group of {self.num_clients} clients")
+        grouped = [*self.layers.values(), *self.heads.values()]
+        for module in grouped:
+            module.rows = rows
+        try:
+            return self.base(**batch)
+        finally:
+            for module in grouped:
+                module.rows = None
+
+    def client_parameters(self, client: int) -> list[nn.Parameter]:
+        """Client ``client``'s trainable parameters: A then B of every layer, then its heads'."""
+        factors = [
+            factor
+            for layer in self.layers.values()
+            for factor in (layer.lora_A[client], layer.lora_B[client])
+        ]
+        return factors + list(self.client_head_parameters(client).values())
+
+    def client_head_parameters(self, client: int) -> dict[str, nn.Parameter]:
+        """Client ``client``'s head parameters, keyed as peft's state dict keys them."""
+        return {
+            f"{name}.{key}": parameter
+            for name, head in self.heads.items()
+            for key, parameter in head.copies[client].named_parameters()
+        }
+
+    @torch.no_grad()
+    def load_client_head(self, client: int, head: Mapping[str, Tensor]) -> None:
+        """Set client ``client``'s head parameters (peft's keys); every one must be given."""
+        parameters = self.client_head_parameters(client)
+        if set(head) != set(parameters):
+            raise ValueError(
+                f"client head does not fit the group: {sorted(head)} for {sorted(parameters)}"
+            )
+        for key, value in head.items():
+            parameters[key].copy_(value)
+
+    @torch.no_grad()
+    def load_client(self, client: int, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+        """Set client ``client``'s (A, B) per peft module path; every layer must be given."""
+        if set(factors) != set(self.layers):
+            missing = sorted(set(self.layers) - set(factors))
+            extra = sorted(set(factors) - set(self.layers))
+            raise ValueError(
+                f"client factors do not fit the group: missing {missing}, extra {extra}"
+            )
+        for name, (A, B) in factors.items():
+            layer = self.layers[name]
+            if A.shape != layer.lora_A[client].shape or B.shape != layer.lora_B[client].shape:
+                raise ValueError(
+                    f"{name}: factors of shapes {tuple(A.shape)}, {tuple(B.shape)} for a slot of "
+                    f"{tuple(layer.lora_A[client].shape)}, {tuple(layer.lora_B[client].shape)}"
+                )
+            layer.lora_A[client].copy_(A)
+            layer.lora_B[client].copy_(B)
+
+    def client_factors(self, client: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Client ``client``'s (A, B) per peft module path (detached, on the group's device)."""
+        return {
+            name: (layer.lora_A[client].detach(), layer.lora_B[client].detach())
+            for name, layer in self.layers.items()
+        }
+
+
+def peft_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """A peft model's (A, B) per module path."""
+    return {
+        name: (
+            layer.lora_A[DEFAULT_ADAPTER].weight.detach(),
+            layer.lora_B[DEFAULT_ADAPTER].weight.detach(),
+        )
+        for name, layer in lora_layers(model).items()
+    }
+
+
+def peft_scaling(model: nn.Module) -> float:
+    """The one scale s = alpha / r (or alpha / sqrt(r)) of a peft model's LoRA layers."""
+    scalings = {float(layer.scaling[DEFAULT_ADAPTER]) for layer in lora_layers(model).values()}
+    if len(scalings) != 1:
+        raise ValueError(
+            f"a grouped client needs one LoRA scale for all its layers, not {scalings}"
+        )
+    return scalings.pop()
+
+
+def group_of_peft_models(base: nn.Module, models: Sequence[nn.Module]) -> GroupedLoRA:
+    """A group over ``base`` (modified in place: pass a copy to keep it) holding each peft model's
+    current factors and head; each model must have one rank and one scale over its layers."""
+    factors = [peft_factors(model) for model in models]
+    ranks = []
+    for client in factors:
+        client_ranks = {A.shape[0] for A, _ in client.values()}
+        if len(client_ranks) != 1:
+            raise ValueError(
+                f"a grouped client needs one rank for all its layers, not {client_ranks}"
+            )
+        ranks.append(client_ranks.pop())
+    targets = sorted({name.rsplit(".", 1)[-1] for name in factors[0]})
+    heads = models[0].peft_config[DEFAULT_ADAPTER].modules_to_save or ()
+    group = GroupedLoRA(base, ranks, [peft_scaling(model) for model in models], targets, heads)
+    for client, (model, client_factors) in enumerate(zip(models, factors, strict=True)):
+        group.load_client(client, client_factors)
+        group.load_client_head(client, read_head(model))
+    return group
+
+
+@torch.no_grad()
+def fresh_group(
+    base: nn.Module,
+    ranks: Sequence[int],
+    alpha: float,
+    rslora: bool,
+    target_modules: Sequence[str],
+    seed: int,
+    heads: Sequence[str] = (),
+) -> GroupedLoRA:
+    """A group over ``base`` (modified in place) whose clients start as `fedlora.models.with_lora`
+    starts them: A seeded from (``seed``, module path), B = 0, scale alpha / r (or / sqrt(r)),
+    each head a copy of the base's."""
+    group = GroupedLoRA(
+        base, ranks, [lora_scale(alpha, rank, rslora) for rank in ranks], target_modules, heads
+    )
+    for name, layer in group.layers.items():
+        for A in layer.lora_A:
+            rank, d_in = A.shape
+            A.copy_(fresh_lora_A(rank, d_in, module_seed(seed, name), dtype=A.dtype))
+    return group

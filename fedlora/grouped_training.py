@@ -1,0 +1,129 @@
+"""Local training of a group of clients in one forward/backward per step (`fedlora.grouped_lora`).
+
+Each step stacks every client's next batch (padded on the right to the widest: masked, ignored
+positions), runs the group once, and sums the clients' own mean losses; one AdamW holds one
+parameter group per client, so each client's moments, step count and learning rate are its own.
+Client g's factors then follow the steps `fedlora.training.train_local` takes on its batches
+alone: the sum's gradient with respect to client g's factors is its own loss's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedlora.data import IGNORED_LABEL
+from fedlora.errors import ConfigError
+from fedlora.grouped_lora import GroupedLoRA
+from fedlora.training import TrainReport, autocast, seeded_rng, to_device
+
+
+def stack_batches(group: Sequence[Mapping[str, Tensor]]) -> tuple[list[int], dict[str, Tensor]]:
+    """Each batch's row count and the batches stacked along rows; 2-D tensors are padded on the
+    right to the widest (labels with -100, everything else with 0: masked positions)."""
+    keys = set(group[0])
+    if any(set(batch) != keys for batch in group):
+        raise ValueError("the clients' batches do not have the same keys")
+    rows = [len(batch["labels"]) for batch in group]
+    stacked = {}
+    for key in group[0]:
+        tensors = [batch[key] for batch in group]
+        if tensors[0].dim() == 2:
+            width = max(tensor.shape[1] for tensor in tensors)
+            fill = IGNORED_LABEL if key == "labels" else 0
+            tensors = [
+                F.pad(tensor, (0, width - tensor.shape[1]), value=fill) for tensor in tensors
+            ]
+        stacked[key] = torch.cat(tensors)
+    return rows, stacked
+
+
+def client_losses(logits: Tensor, labels: Tensor, rows: Sequence[int]) -> list[Tensor]:
+    """Each client's mean loss over its rows: cross-entropy of the class (1-D labels) or of the
+    next token over the labelled positions (2-D labels, -100 ignored), as transformers computes it."""
+    losses = []
+    for part, target in zip(logits.split(rows), labels.split(rows), strict=True):
+        if target.dim() == 2:  # transformers' causal-LM loss takes float32 logits
+            part, target = part[:, :-1].float(), target[:, 1:]
+        losses.append(
+            F.cross_entropy(
+                part.reshape(-1, part.shape[-1]), target.reshape(-1), ignore_index=IGNORED_LABEL
+            )
+        )
+    return losses
+
+
+def make_group_optimizer(
+    group: GroupedLoRA, lr: float, weight_decay: float, fused: bool = False
+) -> torch.optim.AdamW:
+    """One AdamW with one parameter group per client (its own moments and learning rate)."""
+    return torch.optim.AdamW(
+        [{"params": group.client_parameters(client)} for client in range(group.num_clients)],
+        lr=lr,
+        weight_decay=weight_decay,
+        fused=fused or None,
+    )
+
+
+def train_group(
+    group: GroupedLoRA,
+    client_batches: Sequence[Iterable[Mapping[str, Tensor]]],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    device: torch.device | str,
+    seed: int | None = None,
+    learning_rates: Sequence[Sequence[float]] | None = None,
+    fused: bool = False,
+) -> list[TrainReport]:
+    """``steps`` AdamW steps of every client of the group together, client g on
+    ``client_batches[g]``; ``learning_rates[g]`` (one per step) replaces ``lr`` for client g.
+    One report per client (the seconds are the group's). Left in eval mode."""
+    device = torch.device(device)
+    if len(client_batches) != group.num_clients:
+        raise ValueError(f"{len(client_batches)} batch streams for {group.num_clients} clients")
+    optimizer = make_group_optimizer(group, lr, weight_decay, fused)
+    streams = [iter(batches) for batches in client_batches]
+    losses: list[list[Tensor]] = [[] for _ in streams]
+    examples = [0] * len(streams)
+    start = time.perf_counter()
+    group.train()
+    try:
+        with seeded_rng(seed, device):
+            for step in range(steps):
+                batches = [next(stream, None) for stream in streams]
+                if any(batch is None for batch in batches):
+                    break
+                rows, stacked = stack_batches(batches)
+                stacked = to_device(stacked, device)
+                labels = stacked.pop("labels")
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device):
+                    logits = group(rows, **stacked).logits
+                step_losses = client_losses(logits, labels, rows)
+                torch.stack(step_losses).sum().backward()
+                if learning_rates is not None:
+                    for param_group, rates in zip(
+                        optimizer.param_groups, learning_rates, strict=True
+                    ):
+                        param_group["lr"] = rates[step]
+                optimizer.step()
+                for client, loss in enumerate(step_losses):
+                    losses[client].append(loss.detach())
+                    examples[client] += rows[client]
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        group.eval()
+    if not losses[0]:
+        raise ConfigError("no training batches")
+    seconds = time.perf_counter() - start
+    return [
+        TrainReport(
+            loss=torch.stack(client).float().mean().item(), num_examples=count, seconds=seconds
+        )
+        for client, count in zip(losses, examples, strict=True)
+    ]

@@ -1,0 +1,158 @@
+"""``fedlora bench train``: the clients' training rate inside a simulated federation against the
+plain LoRA loop at the batch the clients add up to, from one call on one device.
+
+- ``plain_tokens_per_s``: one peft LoRA model trained at ``group`` x ``batch-size`` rows a step
+  (`fedlora.bench.train.plain_throughput`); ``mfu`` is its model FLOP utilisation;
+- ``federation_tokens_per_s``: the recipe run in Flower's Ray simulation; over the rounds after
+  the first, the clients' training tokens (clients x local steps x accumulation x batch-size x
+  max-length) over the training exchange's wall time (``client_seconds`` +
+  ``communication_seconds``: the slowest client's handling of its message and the rest of the
+  exchange); ``round_tokens_per_s`` over whole rounds; ``first_round_seconds`` and
+  ``later_round_seconds`` (their mean) beside them;
+- ``grouped_tokens_per_s``: ``group`` clients trained together in one forward/backward per step
+  (`fedlora.bench.train.grouped_throughput`), in this process;
+- ``ratio`` = federation / plain, ``grouped_ratio`` = grouped / plain.
+
+``group`` defaults to the ClientApps that share a GPU in the recipe (1 / ``num-gpus``), else 4
+(at most the recipe's clients).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fedlora.bench.train import device_name, grouped_throughput, mfu, plain_throughput
+from fedlora.errors import ConfigError
+from fedlora.models import load_base_model
+from fedlora.training import device_for
+from simulations.recipes import Recipe, load_recipe, resolve
+from simulations.run_dir import claim_run_dir, read_metrics
+from simulations.runner import simulate
+
+DEFAULT_GROUP = 4
+
+
+def default_group(recipe: Recipe) -> int:
+    share = recipe.simulation.num_gpus
+    group = round(1 / share) if 0 < share < 1 else DEFAULT_GROUP
+    return min(group, recipe.simulation.num_supernodes)
+
+
+def train_benchmark(
+    recipe_path: str | Path,
+    overrides=(),
+    rounds: int | None = None,
+    group: int | None = None,
+    steps: int = 10,
+    warmup: int = 2,
+    bf16_weights: bool = False,
+    out_dir: str | Path = "runs/bench-train",
+    say: Callable[[str], None] = lambda text: None,
+) -> dict:
+    """The figures of the module docstring, for the recipe with ``overrides``."""
+    recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
+    config = recipe.run_config
+    group = group or default_group(recipe)
+    partitions = recipe.simulation.num_supernodes
+    if not 1 <= group <= partitions:
+        raise ConfigError(f"--group {group}: choose 1 to the recipe's {partitions} clients")
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps {steps}, --warmup {warmup}: need 1 or more and 0 or more")
+    claim_run_dir(
+        Path(out_dir).resolve(), overwrite=True
+    )  # a taken --out is refused before any work
+    device = device_for(config)
+    base = load_base_model(config)
+    parameters = sum(parameter.numel() for parameter in base.model.parameters())
+    say("plain loop")
+    plain = plain_throughput(
+        base, config, device, group * config.batch_size, partitions, steps, warmup, bf16_weights
+    )
+    say("grouped clients")
+    grouped = grouped_throughput(
+        base, config, device, group, partitions, steps, warmup, bf16_weights
+    )
+    del base
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    federation = federation_throughput(recipe, Path(out_dir), say)
+    return {
+        "device": device_name(device),
+        "federation_tokens_per_s": federation["tokens_per_s"],
+        "plain_tokens_per_s": plain["tokens_per_s"],
+        "ratio": federation["tokens_per_s"] / plain["tokens_per_s"],
+        "mfu": plain["mfu"],
+        "first_round_seconds": federation["first_round_seconds"],
+        "later_round_seconds": federation["later_round_seconds"],
+        "round_tokens_per_s": federation["round_tokens_per_s"],
+        "federation_mfu": mfu(parameters, federation["tokens_per_s"], device_name(device)),
+        "grouped_tokens_per_s": grouped["tokens_per_s"],
+        "grouped_ratio": grouped["tokens_per_s"] / plain["tokens_per_s"],
+        "grouped_mfu": grouped["mfu"],
+        "setup": {
+            "recipe": recipe.name,
+            "run": recipe.run,
+            "simulation": recipe.simulation.table(),
+            "group": group,
+            "steps": steps,
+            "warmup": warmup,
+            "bf16_weights": bf16_weights,
+            "parameters": parameters,
+            "torch": torch.__version__,
+        },
+        "plain": plain,
+        "grouped": grouped,
+        "federation": federation,
+    }
+
+
+def federation_throughput(recipe: Recipe, run_dir: Path, say: Callable[[str], None]) -> dict:
+    """The recipe simulated into ``run_dir`` (an earlier benchmark's run there is replaced):
+    training tokens per second of the training exchange and of whole rounds, after round 1."""
+    config = recipe.run_config
+    rows = read_metrics(
+        simulate(
+            recipe,
+            out_dir=run_dir,
+            on_round=lambda row: say(f"simulation: round {row['round']} done"),
+            overwrite=True,
+        )
+    )
+    if len(rows) < 2:
+        raise ConfigError("the federation's rate is taken after round 1: run 2 rounds or more")
+    later = rows[1:]
+    per_client = (
+        config.local_steps
+        * config.gradient_accumulation_steps
+        * config.batch_size
+        * config.max_length
+    )
+    tokens = sum(row["clients"] * per_client for row in later)
+    exchange = sum(row["client_seconds"] + row["communication_seconds"] for row in later)
+    return {
+        "tokens": tokens,
+        "exchange_seconds": exchange,
+        "tokens_per_s": tokens / exchange,
+        "round_tokens_per_s": tokens / sum(row["seconds"] for row in later),
+        "first_round_seconds": rows[0]["seconds"],
+        "later_round_seconds": sum(row["seconds"] for row in later) / len(later),
+        "rounds": [
+            {
+                key: row[key]
+                for key in (
+                    "round",
+                    "clients",
+                    "seconds",
+                    "train_seconds",
+                    "client_seconds",
+                    "communication_seconds",
+                )
+            }
+            for row in rows
+        ],
+    }

@@ -1,0 +1,50 @@
+"""``fedlora bench train``'s in-process loops on the tiny Llama, and its refusals (the run on Ray
+is in ``tests/e2e/test_bench_on_ray.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora.bench.train import grouped_throughput, mfu, plain_throughput
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.models import load_base_model
+from simulations.bench_train import train_benchmark
+from simulations.recipe_files import RECIPES_DIR
+
+CONFIG = RunConfig.from_flower(
+    {
+        "model": "tiny-llama",
+        "task": "causal-lm",
+        "partitioner": "iid",
+        "max-length": 16,
+        "batch-size": 2,
+        "rank-profile": "2:0.5,4:0.5",
+    }
+)
+CPU = torch.device("cpu")
+
+
+def test_plain_and_grouped_loops_count_the_positions_they_train(one_thread):
+    base = load_base_model(CONFIG)
+    plain = plain_throughput(base, CONFIG, CPU, 4, 4, steps=2, warmup=1)
+    grouped = grouped_throughput(base, CONFIG, CPU, 2, 4, steps=2, warmup=1)
+    for result in (plain, grouped):
+        assert result["rows_per_step"] == 4 and result["mfu"] is None
+        assert 2 * 4 * 2 < result["tokens"] <= 2 * 4 * 16  # 2 steps of 4 rows, up to 16 wide
+        assert result["tokens_per_s"] == pytest.approx(result["tokens"] / result["seconds"])
+    assert grouped["ranks"] == [2, 2]  # partitions 0 and 1 of 4: the profile's first half
+
+
+def test_mfu_counts_four_flops_per_parameter_and_token_on_known_gpus():
+    assert mfu(10**9, 1e3, "cpu") is None
+    assert mfu(10**9, 1e3, "NVIDIA H200") == pytest.approx(4e12 / 989e12)
+
+
+def test_a_group_past_the_clients_is_refused(tmp_path):
+    base = load_base_model(CONFIG)
+    with pytest.raises(ConfigError, match="a group of 5 clients, but the run has 4"):
+        grouped_throughput(base, CONFIG, CPU, 5, 4, 1, 0)
+    with pytest.raises(ConfigError, match="--group 4"):
+        train_benchmark(RECIPES_DIR / "tiny.toml", group=4, out_dir=tmp_path / "run")

@@ -1,0 +1,153 @@
+"""Grouped training: four clients trained in one forward/backward end where each ends alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fedlora.grouped_lora import GroupedLoRA, group_of_peft_models, peft_factors
+from fedlora.grouped_training import stack_batches, train_group
+from fedlora.models import BaseModel, with_lora
+from fedlora.peft_io import read_head
+from fedlora.training import train_local
+from tests.support.models import VOCAB, tiny_bert, tiny_llama
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# (rank, batch size, sequence length, seed) of each client: mixed ranks, widths and data order
+CLIENTS = ((2, 3, 9, 11), (8, 2, 16, 12), (4, 4, 5, 13), (8, 1, 12, 14))
+STEPS, LR, WEIGHT_DECAY = 3, 0.05, 0.01
+
+
+def client_batches(batch_size: int, length: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``STEPS`` seeded causal-LM batches, right-padded: some rows shorter than ``length``."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(STEPS):
+        input_ids = torch.randint(3, VOCAB, (batch_size, length), generator=generator)
+        lengths = torch.randint(length // 2, length + 1, (batch_size,), generator=generator)
+        mask = (torch.arange(length) < lengths[:, None]).long()
+        input_ids = input_ids * mask
+        labels = input_ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def lora_client(base: BaseModel, rank: int, seed: int):
+    """A peft client of ``rank`` whose B starts random (so that A trains from the first step)."""
+    model = with_lora(base, rank, 2.0 * rank, False, TARGETS, (), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, B in peft_factors(model).values():
+            B.copy_(torch.randn(B.shape, generator=generator, dtype=B.dtype) * 0.1)
+    return model
+
+
+def test_each_client_of_a_group_trains_as_it_would_alone(one_thread):
+    base = BaseModel(model=tiny_llama(), tokenizer=None, num_labels=0)
+    clients = [lora_client(base, rank, seed) for rank, _, _, seed in CLIENTS]
+    data = [client_batches(size, length, seed) for _, size, length, seed in CLIENTS]
+    group = group_of_peft_models(copy.deepcopy(base.model), clients)
+
+    reports = train_group(group, data, STEPS, LR, WEIGHT_DECAY, "cpu", seed=0)
+    for client, (model, batches) in enumerate(zip(clients, data, strict=True)):
+        alone = train_local(model, batches, STEPS, LR, WEIGHT_DECAY, "cpu", seed=CLIENTS[client][3])
+        assert reports[client].loss == pytest.approx(alone.loss, rel=1e-10)
+        grouped = group.client_factors(client)
+        for name, (A, B) in peft_factors(model).items():
+            start_A = lora_client(base, CLIENTS[client][0], CLIENTS[client][3])
+            assert not torch.equal(A, peft_factors(start_A)[name][0])  # it did train
+            torch.testing.assert_close(grouped[name][0], A, rtol=0, atol=1e-10)
+            torch.testing.assert_close(grouped[name][1], B, rtol=0, atol=1e-10)
+
+
+def test_clients_with_their_own_heads_train_as_alone(one_thread):
+    """Classification with peft's modules_to_save (pooler and classifier): one head copy per
+    client on its rows; dropout off."""
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config).double()
+    base = BaseModel(model=model, tokenizer=None, num_labels=3)
+    clients = [
+        with_lora(
+            base, rank, 2.0 * rank, False, ("query", "value"), ("classifier", "pooler"), seed=seed
+        )
+        for rank, seed in ((2, 1), (4, 2), (2, 3))
+    ]
+    data = []
+    for size, length, seed in ((3, 7, 1), (2, 11, 2), (4, 5, 3)):
+        generator = torch.Generator().manual_seed(seed)
+        mask = torch.ones(size, length, dtype=torch.long)
+        mask[0, length - 2 :] = 0  # a padded row
+        data.append(
+            [
+                {
+                    "input_ids": torch.randint(3, VOCAB, (size, length), generator=generator)
+                    * mask,
+                    "attention_mask": mask,
+                    "labels": torch.randint(0, 3, (size,), generator=generator),
+                }
+                for _ in range(STEPS)
+            ]
+        )
+    group = group_of_peft_models(copy.deepcopy(base.model), clients)
+    assert set(group.heads) == {"base_model.model.classifier", "base_model.model.bert.pooler"}
+    train_group(group, data, STEPS, LR, WEIGHT_DECAY, "cpu")
+    for client, (model, batches) in enumerate(zip(clients, data, strict=True)):
+        train_local(model, batches, STEPS, LR, WEIGHT_DECAY, "cpu")
+        trained_head = read_head(model)
+        assert trained_head.keys() == group.client_head_parameters(client).keys()
+        for key, parameter in group.client_head_parameters(client).items():
+            torch.testing.assert_close(parameter.detach(), trained_head[key], rtol=0, atol=1e-10)
+        for name, (A, B) in peft_factors(model).items():
+            torch.testing.assert_close(group.client_factors(client)[name][1], B, rtol=0, atol=1e-10)
+            torch.testing.assert_close(group.client_factors(client)[name][0], A, rtol=0, atol=1e-10)
+
+
+def test_a_client_alone_in_the_group_is_a_plain_lora_forward(one_thread):
+    base = BaseModel(model=tiny_llama(), tokenizer=None, num_labels=0)
+    model = lora_client(base, 4, 5)
+    group = group_of_peft_models(copy.deepcopy(base.model), [model])
+    batch = client_batches(3, 10, 5)[0]
+    labels = batch.pop("labels")
+    torch.testing.assert_close(
+        group([3], **batch).logits, model(**batch).logits, rtol=0, atol=1e-12
+    )
+    assert labels.shape == (3, 10)
+
+
+def test_stacking_pads_on_the_right_with_masked_ignored_positions():
+    short = {
+        "input_ids": torch.ones(1, 2, dtype=torch.long),
+        "attention_mask": torch.ones(1, 2),
+        "labels": torch.ones(1, 2, dtype=torch.long),
+    }
+    wide = {key: torch.ones(2, 4, dtype=tensor.dtype) for key, tensor in short.items()}
+    rows, stacked = stack_batches([short, wide])
+    assert rows == [1, 2]
+    assert stacked["attention_mask"].tolist()[0] == [1, 1, 0, 0]
+    assert stacked["labels"].tolist()[0] == [1, 1, -100, -100]
+    assert stacked["input_ids"].shape == (3, 4)
+
+
+def test_a_group_refuses_factors_that_do_not_fit():
+    group = GroupedLoRA(tiny_llama(), [2, 4], [1.0, 1.0], TARGETS)
+    factors = group.client_factors(1)
+    with pytest.raises(ValueError, match="shapes"):
+        group.load_client(0, factors)
+    with pytest.raises(ValueError, match="missing"):
+        group.load_client(0, dict(list(factors.items())[1:]))
+    with pytest.raises(ValueError, match="no linear layer"):
+        GroupedLoRA(tiny_bert(), [2], [1.0], TARGETS)
