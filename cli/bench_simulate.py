@@ -188,7 +188,7 @@ def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
             "multi-gpu.toml) in Flower's Ray simulation; tokens/s, their ratios, MFU and round times."
         ),
     )
-    add_recipe(parser, default=MULTI_GPU_RECIPE)
+    add_recipe_option(parser, default=MULTI_GPU_RECIPE)
     add_rounds(parser)
     parser.add_argument(
         "--group",
@@ -281,7 +281,7 @@ def add_scale_benchmark(benchmarks: argparse._SubParsersAction) -> None:
             "process running the ServerApp and the round's seconds."
         ),
     )
-    add_recipe(parser, default=SCALE_RECIPE)
+    add_recipe_option(parser, default=SCALE_RECIPE)
     add_rounds(parser)
     parser.add_argument(
         "--clients", type=int, metavar="N", help="simulated clients (num-supernodes)"
