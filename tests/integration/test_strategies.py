@@ -180,7 +180,18 @@ def started(strategy: LoRAStrategy, generator: torch.Generator):
 
 def test_strategies_bind_their_rules_and_pass_options_through():
     assert sorted(STRATEGIES) == sorted(
-        ["fedavg", "fedex", "flora", "fedsa", "fedsb", "lorafair", "flexlora", "hetlora"]
+        [
+            "fedavg",
+            "fedex",
+            "flora",
+            "fedsa",
+            "fedsb",
+            "lorafair",
+            "flexlora",
+            "hetlora",
+            "ffalora",
+            "fslora",
+        ]
     )
     assert LoRAFAIR(steps=3, fraction_train=0.5).rule.steps == 3
     with pytest.raises(TypeError):
