@@ -499,7 +499,7 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federa
     wait_for(
         lambda: run.poll() is not None or checkpoint_rounds(run_dir) == [1],
         "round 1's checkpoint",
-        RUN_TIMEOUT,
+        2 * RUN_TIMEOUT,
     )
     assert run.poll() is None, federation.processes.log("interrupted")[-3000:]
     federation.processes.kill("superlink")
