@@ -42,12 +42,32 @@ def read_status(run_dir: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+SECRET_OPTIONS = ("--token",)
+"""Options whose values are secrets: Flower's ServerApp process gets its Runtime API token so."""
+
+
+def without_secrets(argv: list[str]) -> list[str]:
+    """``argv`` with the value of every `SECRET_OPTIONS` option (``--token T`` or ``--token=T``)
+    replaced by ``***``."""
+    kept, hide_next = [], False
+    for arg in argv:
+        option = arg.split("=", 1)[0]
+        if hide_next:
+            kept.append("***")
+        elif option in SECRET_OPTIONS and "=" in arg:
+            kept.append(f"{option}=***")
+        else:
+            kept.append(arg)
+        hide_next = not hide_next and arg in SECRET_OPTIONS
+    return kept
+
+
 def record_start(run_dir: Path, device: str, flower_run_id: int | None) -> dict:
     """Write the manifest of a run starting now and mark the directory ``running``; a run that
     continues the directory's experiment adds its start and Flower run id to the manifest."""
     path = run_dir / MANIFEST_FILE
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    start = {"started": now, "flower_run_id": flower_run_id, "command": list(sys.argv)}
+    start = {"started": now, "flower_run_id": flower_run_id, "command": without_secrets(sys.argv)}
     if path.exists():
         manifest = read_manifest(run_dir)
         manifest["runs"].append(start)

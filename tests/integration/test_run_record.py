@@ -19,6 +19,7 @@ from strategies.run_record import (
     PACKAGES,
     read_manifest,
     read_status,
+    without_secrets,
 )
 from strategies.server_app import FLWR_RUNS_DIR, run, run_directory
 from tests.support.local_grid import LocalGrid
@@ -144,3 +145,22 @@ def test_resume_takes_only_a_run_directory_with_a_checkpoint(tmp_path, capsys):
     (tmp_path / "config.toml").write_text((RECIPES_DIR / "tiny.toml").read_text())
     assert main(["simulate", "--resume", str(tmp_path)]) == 2
     assert f"{tmp_path} holds no checkpoint" in capsys.readouterr().err
+
+
+def test_the_manifest_keeps_no_runtime_token():
+    argv = [
+        "flwr-serverapp",
+        "--token",
+        "c0ffee",
+        "--runtime-api-address",
+        "127.0.0.1:1",
+        "--token=abc",
+    ]
+    assert without_secrets(argv) == [
+        "flwr-serverapp",
+        "--token",
+        "***",
+        "--runtime-api-address",
+        "127.0.0.1:1",
+        "--token=***",
+    ]
