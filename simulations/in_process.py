@@ -2,7 +2,8 @@
 message to the ClientApp of its node, one node after another, each node with a Context of its
 own as a SuperNode keeps it. One process holds the base model, the data and (on a GPU) one CUDA
 context for every node, so a run starts in the time of one model load; the nodes train one at a
-time. Results equal a Ray run's with the same recipe: the nodes, partitions and seeds are the same.
+time. The nodes, partitions and seeds are a Ray run's, so the rows match a Ray run's with the
+same recipe up to float rounding (bytes exactly).
 """
 
 from __future__ import annotations
