@@ -14,6 +14,9 @@ and each baseline's own time.
     python benchmarks/llm_table.py simulations/recipes/llm-gpu.toml --out runs/llm-table \\
         --seeds 0,1,2 --parallel 12 --csv benchmarks/llm-gpu-table-h200.csv \\
         --markdown benchmarks/llm-gpu-table-h200.md
+
+``--skip-done RESULTS --limit N`` runs the next N jobs not yet in RESULTS (to fill a table over
+several calls of limited time).
 """
 
 from __future__ import annotations
@@ -70,6 +73,18 @@ def jobs(tasks: list[str], seeds: list[int], strategies: list[str]) -> list[Job]
         for task in tasks
         for method in ("baselines", *strategies)
     ]
+
+
+def done_jobs(results: Path) -> set[Job]:
+    """The jobs whose rows in ``results`` hold no error (a baselines job: its three rows)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    ok = {(row["task"], row["seed"], row["method"]) for row in rows if not row["error"]}
+    done = {Job(task, seed, method) for task, seed, method in ok if method in STRATEGIES}
+    baseline_runs = {(task, seed) for task, seed, method in ok if method in BASELINES}
+    for task, seed in baseline_runs:
+        if all((task, seed, name) in ok for name in BASELINES):
+            done.add(Job(task, seed, "baselines"))
+    return done
 
 
 def federation_result(job: Job, run_dir: Path) -> list[dict]:
@@ -191,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--from-results", type=Path, help="only tabulate this results.jsonl")
+    parser.add_argument(
+        "--skip-done", type=Path, help="a results.jsonl: skip the jobs it holds without error"
+    )
+    parser.add_argument("--limit", type=int, help="run at most this many of the jobs left")
     args = parser.parse_args(argv)
     if args.from_results:
         rows = [json.loads(line) for line in args.from_results.read_text().splitlines()]
@@ -198,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [task for task in args.tasks.split(",") if task]
         seeds = [int(seed) for seed in args.seeds.split(",") if seed]
         strategies = [name for name in args.strategies.split(",") if name]
-        rows = run_all(args.recipe, jobs(tasks, seeds, strategies), args.out, args.parallel)
+        left = jobs(tasks, seeds, strategies)
+        if args.skip_done:
+            done = done_jobs(args.skip_done)
+            left = [job for job in left if job not in done]
+        rows = run_all(args.recipe, left[: args.limit], args.out, args.parallel)
     if args.csv:
         with args.csv.open("w", newline="") as file:
             writer = csv.DictWriter(file, COLUMNS, extrasaction="ignore")
