@@ -48,8 +48,9 @@ from fedlora.rules.base import (
 from fedlora.rules.fedavg import FedAvg
 from fedlora.updates import ClientUpdate, ClientUpdates, average_head, example_weights
 
-LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
-"""A module path's transformer layer index, as peft's ``layers_to_transform`` finds it."""
+LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
+"""A module path's transformer layer index, the first numbered segment, as peft's
+``layers_to_transform`` finds it."""
 
 
 def layer_index(module: str) -> int | None:
