@@ -191,3 +191,22 @@ def test_norm_bounding_runs_per_module_over_its_trainers():
     updates = client_updates(generator, [2, 4, 8], [10, 30, 7])
     result = rule.aggregate(rule.init_state(initial), updates)
     assert math.isfinite(result.relative_deviation())
+
+
+def test_reply_checks_name_bad_legend_ranks():
+    from fedlora.messages import rank_key
+    from strategies.reply_checks import RejectedReply, ReplyChecks
+
+    checks = ReplyChecks(
+        rule=make_rule("legend"),
+        lora_alpha=16,
+        rslora=False,
+        max_examples=10**7,
+        top_ranks=dict.fromkeys(MODULES, TOP),
+    )
+    good = legend_ranks(4, MODULES, TOP)
+    assert checks._ranks({rank_key(m): r for m, r in good.items()}) == good
+    with pytest.raises(RejectedReply, match="no LEGEND configuration"):
+        checks._ranks({rank_key(m): TOP for m in good})
+    with pytest.raises(RejectedReply, match="not a non-empty subset"):
+        checks._ranks({rank_key("bert.pooler.dense"): 2})
