@@ -64,7 +64,12 @@ class LoRAModelStep:
         self.worker, self.rule = worker, rule
 
     def rank_config(self, ranks: Mapping[str, int] | int) -> dict[str, Scalar]:
-        """``rank.{module}`` and ``scale.{module}`` of a model with these ranks."""
+        """``rank.{module}`` and ``scale.{module}`` of a model with these ranks; a capacity class
+        (one rank) becomes the ranks the rule gives it (`AggregationRule.client_ranks`: LEGEND's
+        depth and rank distribution)."""
+        if isinstance(ranks, int):
+            modules = sorted(self.worker.lora_model(ranks).pristine.adapter)
+            ranks = self.rule.client_ranks(ranks, modules, self.worker.config.max_rank)
         return adapter_config(self.worker.lora_model(ranks).pristine.adapter)
 
     def receive(self, payload: Payload, context: Context, cache: BaseCache | None) -> nn.Module:

@@ -16,7 +16,8 @@ from fedlora.client_state import ClientState
 from fedlora.config import RunConfig
 from fedlora.data import ClientData, client_data
 from fedlora.models import load_base_model, with_lora, with_sb_layers
-from fedlora.peft_io import client_state_from_model
+from fedlora.peft_io import ModelMismatchError, client_state_from_model
+from fedlora.rules.legend import layer_index
 from fedlora.training import device_for
 from fedlora.versioning import BaseCache
 
@@ -45,8 +46,11 @@ class Worker:
         self._caches: dict[str, BaseCache] = {}
 
     def lora_model(self, ranks: Mapping[str, int] | int) -> LoRAModel:
-        """A LoRA copy with these ranks (one for all modules, or per peft module path)."""
+        """A LoRA copy with these ranks (one for all modules, or per peft module path; modules
+        left out of the dict are not adapted, through peft's ``layers_to_transform``: the
+        numbered layers of the modules named, which must then be exactly those)."""
         top, pattern = rank_pattern(ranks)
+        layers = transformed_layers(ranks)
         config = self.config
 
         def build() -> LoRAModel:
@@ -60,10 +64,18 @@ class Worker:
                 rank_pattern=pattern,
                 device=self.device,
                 seed=config.seed,
+                layers_to_transform=layers,
             )
-            return LoRAModel(model, client_state_from_model(model))
+            built = client_state_from_model(model)
+            if not isinstance(ranks, int) and set(built.adapter) != set(ranks):
+                raise ModelMismatchError(
+                    f"LoRA on layers {layers} adapts modules {sorted(built.adapter)}, not the "
+                    f"requested {sorted(ranks)}"
+                )
+            return LoRAModel(model, built)
 
-        return self._cached(("lora", top, tuple(sorted(pattern.items()))), build)
+        key = ("lora", top, tuple(sorted(pattern.items())), tuple(layers or ()))
+        return self._cached(key, build)
 
     def sb_model(self, capacities: Mapping[str, int] | int) -> nn.Module:
         """A Fed-SB copy at the run's top rank training these capacities (zero factors until the
@@ -112,6 +124,15 @@ def rank_pattern(ranks: Mapping[str, int] | int) -> tuple[int, dict[str, int]]:
         if rank != top
     }
     return top, pattern
+
+
+def transformed_layers(ranks: Mapping[str, int] | int) -> list[int] | None:
+    """The numbered layers of the modules in ``ranks`` (peft's ``layers_to_transform``), or None
+    (every layer) for one rank, or where a module is in no numbered layer."""
+    if isinstance(ranks, int):
+        return None
+    layers = {layer_index(module) for module in ranks}
+    return None if None in layers else sorted(layers)
 
 
 _WORKERS: dict[RunConfig, Worker] = {}

@@ -30,20 +30,25 @@ def rank_class_deltas(
     rslora: bool,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """W - W_0 per module for a client of ``rank`` after its client step on this state."""
+    """W - W_0 per module for a client of ``rank`` after its client step on this state (0 for a
+    module the rule leaves out at that capacity: LEGEND's layers below the client's depth)."""
+    top = max((f.inner_rank for f in state.factors.values()), default=rank)
+    ranks = rule.client_ranks(rank, state.modules, top)
+    if isinstance(ranks, int):
+        ranks = dict.fromkeys(state.modules, ranks)
     spec = ClientSpec(
-        ranks=dict.fromkeys(state.modules, rank),
-        scales=dict.fromkeys(state.modules, lora_scale(alpha, rank, rslora)),
+        ranks=dict(ranks),
+        scales={m: lora_scale(alpha, r, rslora) for m, r in ranks.items()},
         version=state.version if state.changes is not None else 0,
     )
     local = ClientState(
         adapter={
             module: LoRAFactors(
-                torch.zeros(rank, d_in, dtype=dtype),
-                torch.zeros(d_out, rank, dtype=dtype),
+                torch.zeros(r, state.shapes[module][1], dtype=dtype),
+                torch.zeros(state.shapes[module][0], r, dtype=dtype),
                 spec.scales[module],
             )
-            for module, (d_out, d_in) in state.shapes.items()
+            for module, r in spec.ranks.items()
         }
     )
     cache = None
@@ -51,7 +56,12 @@ def rank_class_deltas(
         shift = {m: rule.global_delta(state, m).dense().to(dtype) for m in state.modules}
         cache = BaseCache(version=state.version, shift=shift)
     local = rule.client_step(local, rule.client_payload(state, spec), cache)
-    return {module: local.effective_delta(module) for module in state.modules}
+    return {
+        module: local.effective_delta(module)
+        if module in local.adapter
+        else torch.zeros(state.shapes[module], dtype=dtype)
+        for module in state.modules
+    }
 
 
 def plain_model_with(

@@ -270,12 +270,14 @@ def with_lora(
     rank_pattern: Mapping[str, int] | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    layers_to_transform: Sequence[int] | None = None,
 ) -> PeftModel:
     """A LoRA copy of the base on ``device``: A seeded per module, B = 0, the head copied.
 
     A module's A is `fresh_lora_A` (peft's Kaiming-uniform) from ``seed`` and its peft path, so
     every client gets the same A, and a rank-r A is the leading r rows of any higher-rank one.
-    ``rank_pattern`` gives chosen modules (peft's patterns) another rank. In eval mode. GPT-2's
+    ``rank_pattern`` gives chosen modules (peft's patterns) another rank; ``layers_to_transform``
+    (peft's) adapts only the target modules of these numbered layers (LEGEND's depth). In eval mode. GPT-2's
     ``Conv1D`` layers (weights stored transposed) get peft's ``fan_in_fan_out``.
     """
     config = LoraConfig(
@@ -286,6 +288,7 @@ def with_lora(
         target_modules=list(target_modules),
         modules_to_save=list(modules_to_save) or None,
         rank_pattern=dict(rank_pattern or {}),
+        layers_to_transform=list(layers_to_transform) if layers_to_transform is not None else None,
         fan_in_fan_out=any(
             isinstance(module, Conv1D) for module in target_layers(base.model, target_modules)
         ),

@@ -66,6 +66,7 @@ class ClientUpdates(list):
         self._ranks: dict[str, tuple[int, ...]] = {}
         self._start_ranks: dict[str, tuple[int, ...]] = {}
         self._indices: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._trainers: dict[str, ClientUpdates] = {}
 
     @classmethod
     def of(cls, updates: Sequence[ClientUpdate]) -> ClientUpdates:
@@ -80,6 +81,19 @@ class ClientUpdates(list):
         if module not in self._start_ranks:
             self._start_ranks[module] = tuple(update.start_rank(module) for update in self)
         return self._start_ranks[module]
+
+    def trainers(self, module: str) -> ClientUpdates:
+        """T_m: the updates that trained ``module`` (all of them where every client trains every
+        module), as a batch of their own: their weights, renormalised, are p_i / sum_{T_m} p_j."""
+        if all(module in update.modules for update in self):
+            return self
+        if module not in self._trainers:
+            self._trainers[module] = ClientUpdates([u for u in self if module in u.modules])
+        return self._trainers[module]
+
+    def modules(self) -> list[str]:
+        """Every module some update trained."""
+        return sorted({module for update in self for module in update.modules})
 
     def concatenated(self, module: str) -> ConcatenatedFactors:
         if module not in self._concatenated:
@@ -111,8 +125,12 @@ class ClientUpdates(list):
         return self._indices[key]
 
 
-def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
-    """Reject what cannot be aggregated, naming the client and the problem."""
+def validate_updates(
+    updates: Sequence[ClientUpdate], kind: type, module_subsets: bool = False
+) -> None:
+    """Reject what cannot be aggregated, naming the client and the problem. With
+    ``module_subsets`` (a rule that `allows_module_subsets`) clients may train different module
+    sets, each non-empty; otherwise every client must train the same modules."""
     if not updates:
         raise InvalidUpdateError("no client updates to aggregate")
     reference = updates[0]
@@ -124,7 +142,9 @@ def validate_updates(updates: Sequence[ClientUpdate], kind: type) -> None:
             raise InvalidUpdateError(
                 f"{who}: example count must be a positive integer, got {update.num_examples!r}"
             )
-        if set(update.modules) != module_set:
+        if module_subsets and not update.modules:
+            raise InvalidUpdateError(f"{who}: trains no module")
+        if not module_subsets and set(update.modules) != module_set:
             diff = sorted(set(update.modules) ^ module_set)
             raise InvalidUpdateError(
                 f"{who}: module set differs from client {reference.client_id!r} on {diff}"
@@ -152,14 +172,16 @@ def _check_finite(updates: Sequence[ClientUpdate]) -> None:
     failure, name the client and the tensor."""
     batch = ClientUpdates.of(updates)
     flags = []
-    for module, factors in batch[0].modules.items():
+    for module in batch.modules():
+        trainers = batch.trainers(module)
+        factors = trainers[0].modules[module]
         if isinstance(factors, LoRAFactors):
-            c = batch.concatenated(module)
+            c = trainers.concatenated(module)
             flags += [torch.isfinite(c.U).all(), torch.isfinite(c.V).all()]
         else:
             for attr in ("A", "B", "R"):
                 if hasattr(factors, attr):
-                    rows = torch.cat([getattr(u.modules[module], attr).flatten() for u in batch])
+                    rows = torch.cat([getattr(u.modules[module], attr).flatten() for u in trainers])
                     flags.append(torch.isfinite(rows).all())
     for name in batch[0].head:
         flags.append(torch.isfinite(torch.stack([u.head[name] for u in batch])).all())
@@ -209,6 +231,17 @@ def average_head(updates: Sequence[ClientUpdate], weights: Tensor) -> dict[str, 
     return {
         name: weighted_sum([u.head[name] for u in updates], weights) for name in updates[0].head
     }
+
+
+def check_module_subsets(expected: Mapping[str, object], updates: Sequence[ClientUpdate]) -> None:
+    """Every update trains a non-empty subset of the global modules."""
+    for update in updates:
+        unknown = sorted(set(update.modules) - set(expected))
+        if unknown:
+            raise InvalidUpdateError(
+                f"client {update.client_id!r}: trains modules {unknown} that the global state "
+                f"does not adapt"
+            )
 
 
 def check_same_modules(expected: Mapping[str, object], updates: Sequence[ClientUpdate]) -> None:

@@ -71,16 +71,17 @@ class PlainLoop:
 
     def receive(self, partition_id: int) -> torch.nn.Module:
         """The rule's client step on a model of the client's rank, as the ClientApp takes it."""
-        rank = self.rank(partition_id)
         config = self.config
-        scale = lora_scale(config.lora_alpha, rank, config.rslora)
+        ranks = self.rule.client_ranks(self.rank(partition_id), self.state.modules, config.max_rank)
+        if isinstance(ranks, int):
+            ranks = dict.fromkeys(self.state.modules, ranks)
         spec = ClientSpec(
-            ranks=dict.fromkeys(self.state.modules, rank),
-            scales=dict.fromkeys(self.state.modules, scale),
+            ranks=ranks,
+            scales={m: lora_scale(config.lora_alpha, r, config.rslora) for m, r in ranks.items()},
             version=self.cache.version,
             client=str(partition_id),
         )
-        built = self.worker.lora_model(rank)
+        built = self.worker.lora_model(ranks)
         payload = self.rule.client_payload(self.state, spec)
         apply_client_state(built.model, self.rule.client_step(built.pristine, payload, self.cache))
         probe_responses(lora_weight_changes(built.model), config.seed)

@@ -7,6 +7,7 @@ from fedlora.rules import RULES
 from strategies.base import LoRAStrategy, strategy_class
 from strategies.fedsb import FedSB
 from strategies.methods import (
+    LEGEND,
     FedExLoRA,
     FedSALoRA,
     FFALoRA,
@@ -38,6 +39,7 @@ class StrategiesByName(Mapping):
 STRATEGIES = StrategiesByName()
 
 __all__ = [
+    "LEGEND",
     "STRATEGIES",
     "FFALoRA",
     "FLoRA",

@@ -679,7 +679,13 @@ class LoRAStrategy(Strategy):
         measured = [responses for responses in measured if responses]
         if not measured:
             return None
-        return worst(relative_deviation(responses, self._expected_probes) for responses in measured)
+        expected = self._expected_probes
+        return worst(
+            relative_deviation(responses, {m: expected[m] for m in responses if m in expected})
+            if self.rule.allows_module_subsets
+            else relative_deviation(responses, expected)
+            for responses in measured
+        )
 
 
 def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> dict[str, float]:

@@ -66,3 +66,10 @@ class HetLoRA(LoRAStrategy):
     """HetLoRA: sparsity-weighted padded factors; clients prune their own ranks."""
 
     rule_class = rules.HetLoRA
+
+
+class LEGEND(LoRAStrategy):
+    """LEGEND: each node adapts its top layers (its LoRA depth) at ranks growing towards the
+    output, from its capacity class; each module is averaged over the nodes that adapted it."""
+
+    rule_class = rules.LEGEND

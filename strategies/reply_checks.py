@@ -9,7 +9,9 @@ with the others.
 - Identity: the node id is the message's source node (what Flower authenticates); it is bound to
   the partition id it first answered with, and a reply claiming another partition (or a
   partition bound to another node) is refused.
-- Ranks: integers from 1 to the run's top rank for exactly the global modules; a train reply's
+- Ranks: integers from 1 to the run's top rank for exactly the global modules (a non-empty
+  subset of them where the rule `allows_module_subsets`, in a configuration the rule allows:
+  `AggregationRule.rank_refusal`); a train reply's
   at most what the server sent that node, any start rank exactly what it sent.
 - Scales: the server's, alpha / r (alpha / sqrt(r) with rsLoRA) for the node's rank; a reply that
   restates another is refused (rules whose clients run at scale 1 declare ``scaled = False``).
@@ -133,14 +135,23 @@ class ReplyChecks:
 
     def _ranks(self, config: Mapping) -> dict[str, int]:
         modules = rank_modules(config)
-        if self.top_ranks and modules != sorted(self.top_ranks):
-            raise RejectedReply(
-                f"ranks for modules {modules}, the run adapts {sorted(self.top_ranks)}"
-            )
-        return {
+        adapted = sorted(self.top_ranks)
+        if self.top_ranks and self.rule.allows_module_subsets:
+            if not modules or not set(modules) <= set(adapted):
+                raise RejectedReply(
+                    f"ranks for modules {modules}, not a non-empty subset of the run's {adapted}"
+                )
+        elif self.top_ranks and modules != adapted:
+            raise RejectedReply(f"ranks for modules {modules}, the run adapts {adapted}")
+        ranks = {
             module: integer(config, rank_key(module), low=1, high=self.top_ranks.get(module))
             for module in modules
         }
+        if self.top_ranks:
+            reason = self.rule.rank_refusal(ranks, adapted, max(self.top_ranks.values()))
+            if reason is not None:
+                raise RejectedReply(f"ranks {ranks}: {reason}")
+        return ranks
 
     def _scales(self, config: Mapping, ranks: Mapping[str, int]) -> dict[str, float]:
         scales = {}
@@ -194,6 +205,10 @@ class ReplyChecks:
     def _start_ranks(config: Mapping, node: NodeReport, sent: ClientSpec) -> dict[str, int]:
         """The ranks the node says it started from: those it was sent; its ranks at most those."""
         start_ranks = {}
+        if set(node.ranks) != set(sent.ranks):
+            raise RejectedReply(
+                f"ranks for modules {sorted(node.ranks)}, the node was sent {sorted(sent.ranks)}"
+            )
         for module, rank in node.ranks.items():
             received = sent.ranks[module]
             key = start_rank_key(module)
@@ -287,6 +302,9 @@ class ReplyChecks:
         if PROBE_RECORD not in content.array_records:
             return
         shapes = {module: (d_out, PROBE_COUNT) for module, (d_out, _) in state.shapes.items()}
+        if self.rule.allows_module_subsets:  # a node measures the modules it adapts
+            sent = set(content.array_records[PROBE_RECORD])
+            shapes = {module: shape for module, shape in shapes.items() if module in sent} or shapes
         self._tensors(content, PROBE_RECORD, shapes, PROBE_DTYPES, finite=False)
 
 

@@ -11,6 +11,7 @@ from fedlora.rules.flexlora import FlexLoRA
 from fedlora.rules.flora import FLoRA
 from fedlora.rules.fslora import FSLoRA
 from fedlora.rules.hetlora import HetLoRA
+from fedlora.rules.legend import LEGEND
 from fedlora.rules.lorafair import LoRAFAIR
 
 RULES: dict[str, type[AggregationRule]] = {
@@ -26,6 +27,7 @@ RULES: dict[str, type[AggregationRule]] = {
         HetLoRA,
         FFALoRA,
         FSLoRA,
+        LEGEND,
     )
 }
 

@@ -41,6 +41,7 @@ from fedlora.updates import (
     ClientUpdate,
     ClientUpdates,
     ConcatenatedFactors,
+    check_module_subsets,
     check_same_modules,
     example_weights,
     validate_updates,
@@ -226,6 +227,25 @@ class AggregationRule(ABC):
     keeps_node_state: ClassVar[bool] = False
     """Whether a node keeps something of its own between rounds (FedSA-LoRA its B and head,
     Fed-SB its fixed factors, HetLoRA its pruned rank)."""
+    allows_module_subsets: ClassVar[bool] = False
+    """Whether clients may train different subsets of the global modules (LEGEND's LoRA depth):
+    the rule then aggregates each module m over T_m, the clients that trained it, with the
+    weights p_i / sum_{j in T_m} p_j. Otherwise a module set that differs is refused."""
+
+    def client_ranks(
+        self, rank: int, modules: Sequence[str], top_rank: int
+    ) -> int | dict[str, int]:
+        """The ranks a node of capacity class ``rank`` (its ``lora-rank`` or the rank profile's
+        class) trains, given the model's adaptable ``modules`` and the run's top rank: that rank
+        for every module, unless the rule configures modules itself (LEGEND)."""
+        return rank
+
+    def rank_refusal(
+        self, ranks: Mapping[str, int], modules: Sequence[str], top_rank: int
+    ) -> str | None:
+        """Why a node's restated ranks are not a configuration the rule allows, or None: any
+        ranks within 1..top_rank (checked elsewhere) for the rules that take a rank per node."""
+        return None
 
     @classmethod
     def options_from(cls, config: RunConfig) -> dict:
@@ -252,7 +272,7 @@ class AggregationRule(ABC):
 
     def aggregate(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> RoundResult:
         batch = ClientUpdates(updates)
-        validate_updates(batch, self.update_kind)
+        validate_updates(batch, self.update_kind, self.allows_module_subsets)
         self._check_against_state(state, batch)
         batch = ClientUpdates(self.completed_updates(state, batch))
         weights = example_weights(batch)
@@ -272,12 +292,17 @@ class AggregationRule(ABC):
     ) -> list[ClientUpdate]:
         """Every client's change per module shrunk to the round's bound (`fedlora.rules.robust`)."""
         starts = self.client_starts(state)
+        batch = ClientUpdates.of(updates)
         bounded: list[dict] = [{} for _ in updates]
         for module in state.modules:
-            norms = client_change_norms_per_client(starts[module], updates, module).double()
+            trainers = batch.trainers(module)
+            if not trainers:
+                continue
+            norms = client_change_norms_per_client(starts[module], trainers, module).double()
             bound = self.robustness.bound(norms)
-            for i, (update, norm) in enumerate(zip(updates, norms.tolist())):
-                bounded[i][module] = bounded_lora(update, module, starts[module], norm, bound)
+            where = [i for i, update in enumerate(updates) if module in update.modules]
+            for i, norm in zip(where, norms.tolist()):
+                bounded[i][module] = bounded_lora(updates[i], module, starts[module], norm, bound)
         return [with_modules(update, modules) for update, modules in zip(updates, bounded)]
 
     def client_starts(self, state: GlobalState) -> dict[str, LowRank | None]:
@@ -319,8 +344,12 @@ class AggregationRule(ABC):
         return shapes
 
     def _check_against_state(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
-        """Updates must adapt the state's modules, with its shapes, at no more than its rank."""
-        check_same_modules(state.shapes, updates)
+        """Updates must adapt the state's modules (a subset of them, where the rule allows
+        module subsets), with its shapes, at no more than its rank."""
+        if self.allows_module_subsets:
+            check_module_subsets(state.shapes, updates)
+        else:
+            check_same_modules(state.shapes, updates)
         global_factors = state.factors or state.sb_factors
         for update in updates:
             for module, factors in update.modules.items():
@@ -504,6 +533,55 @@ def ideal_and_reference(
         for module, previous in starts.items()
     }
     return ideal, ReferenceNorms(starts, updates, weights)
+
+
+class TrainerReferenceNorms(Mapping):
+    """max(||dW*_m||, sum_{i in T_m} p_i/P_m ||dW_i||) per module m over T_m, the clients that
+    trained it (0 where nobody did), computed on first use."""
+
+    def __init__(self, starts: dict[str, LowRank | None], updates: Sequence[ClientUpdate]):
+        self._starts, self._batch = starts, ClientUpdates.of(updates)
+        self._cache: dict[str, float] = {}
+
+    def __getitem__(self, module: str) -> float:
+        if module not in self._cache:
+            trainers = self._batch.trainers(module)
+            self._cache[module] = (
+                client_change_norms(
+                    self._starts[module], trainers, example_weights(trainers), module
+                )
+                if trainers
+                else 0.0
+            )
+        return self._cache[module]
+
+    def __iter__(self):
+        return iter(self._starts)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+
+def ideal_over_trainers(
+    starts: dict[str, LowRank | None],
+    updates: Sequence[ClientUpdate],
+    shapes: Mapping[str, tuple[int, int]],
+) -> tuple[dict[str, LowRank], TrainerReferenceNorms]:
+    """Per module m, dW*_m = sum_{i in T_m} p_i dW_{i,m} / sum_{i in T_m} p_i over the clients
+    that trained it (a zero update where nobody did), and its reference norms."""
+    batch = ClientUpdates.of(updates)
+    ideal = {}
+    for module, previous in starts.items():
+        trainers = batch.trainers(module)
+        if trainers:
+            ideal[module] = ideal_update(previous, trainers, example_weights(trainers), module)
+        else:
+            d_out, d_in = shapes[module]
+            dtype = previous.U.dtype if previous is not None else torch.float64
+            ideal[module] = LowRank(
+                torch.zeros(d_out, 1, dtype=dtype), torch.zeros(1, d_in, dtype=dtype)
+            )
+    return ideal, TrainerReferenceNorms(starts, batch)
 
 
 def difference(new: LowRank, old: LowRank) -> LowRank:

@@ -4,7 +4,8 @@ actors, for 3 rounds, with the checks of the in-process strategy matrix
 with the base store read by other processes (FedEx-LoRA on the Llama), the node state that
 FedSA-LoRA keeps between rounds, Fed-SB's extra start-up exchange, and the two methods whose
 clients hold what no other does: FFA-LoRA's A drawn from the seed in each actor (and its tail
-folded into the base), FSLoRA's per-client sketches.
+folded into the base), FSLoRA's per-client sketches; and LEGEND, whose actors build models of
+different depths (peft's ``layers_to_transform``) and rank patterns from their capacity class.
 
 The ServerApp is the project's own (`strategies.server_app.run`) on Flower's grid, wrapped to
 record every message and reply; the ClientApp is `clients.app.client_app`. `run_simulation`
@@ -26,6 +27,7 @@ RAY_CASES = [
     ("fedsb", "tiny-bert"),
     ("ffalora", "tiny-bert"),
     ("fslora", "tiny-bert"),
+    ("legend", "tiny-bert"),
 ]
 
 

@@ -19,13 +19,13 @@ TINY = RECIPES_DIR / "tiny.toml"
 
 def test_plain_loop_refuses_methods_with_node_state_before_anything_runs():
     plain = {name for name, rule in RULES.items() if runs_in_plain_loop(rule)}
-    assert plain == {"fedavg", "fedex", "flora", "lorafair", "flexlora", "fslora"}
+    assert plain == {"fedavg", "fedex", "flora", "lorafair", "flexlora", "fslora", "legend"}
     for strategy in ("fedsa", "fedsb", "hetlora", "ffalora"):
         with pytest.raises(ConfigError, match=strategy):
             plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy))
 
 
-@pytest.mark.parametrize("strategy", ["flora", "fslora"])
+@pytest.mark.parametrize("strategy", ["flora", "fslora", "legend"])
 def test_plain_loop_rounds_report_compute_and_accuracy(strategy):
     rows = plain_loop_rounds(resolve(load_recipe(TINY), strategy=strategy, rounds=2))
     assert len(rows) == 2

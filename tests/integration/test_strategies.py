@@ -191,6 +191,7 @@ def test_strategies_bind_their_rules_and_pass_options_through():
             "hetlora",
             "ffalora",
             "fslora",
+            "legend",
         ]
     )
     assert LoRAFAIR(steps=3, fraction_train=0.5).rule.steps == 3

@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.app import MessageType
 
 from fedlora.messages import A_SUFFIX, B_SUFFIX, CONFIG_RECORD, HEAD_RECORD, PARTITION_ID_KEY
+from fedlora.rules.legend import layer_index
 from strategies import STRATEGIES
 from strategies.records import serialized_bytes
 
@@ -116,3 +117,21 @@ def check_run(strategy: str, model: str, run_dir: Path, grid) -> None:
         for message in grid.sent + grid.replies:
             keys = [key for record in message.content.array_records.values() for key in record]
             assert not [key for key in keys if key.endswith(A_SUFFIX)]
+    if strategy == "legend":
+        check_legend_depths(grid)
+
+
+def check_legend_depths(grid) -> None:
+    """LEGEND: each node trains the modules of its depth (the rank-2 node fewer layers than the
+    rank-8 one), at ranks that do not fall towards the output."""
+    adapted = {}
+    for _, replies in train_exchanges(grid):
+        for reply in replies:
+            config = reply.content[CONFIG_RECORD]
+            ranks = {k[len("rank.") :]: v for k, v in config.items() if k.startswith("rank.")}
+            adapted[max(ranks.values())] = ranks
+    assert set(adapted) == RANKS
+    assert set(adapted[2]) < set(adapted[8])
+    top = adapted[8]
+    by_layer = sorted((layer_index(m), r) for m, r in top.items())
+    assert [r for _, r in by_layer] == sorted(r for _, r in by_layer)

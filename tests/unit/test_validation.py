@@ -102,6 +102,7 @@ def test_unknown_rule_lists_the_known_ones():
         "hetlora",
         "ffalora",
         "fslora",
+        "legend",
     }
 
 
