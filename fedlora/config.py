@@ -10,8 +10,9 @@ closest known one) and values of the wrong type or out of range, naming the key.
 follow the model and data when left unset (`fedlora.model_defaults`): ``task`` (a named model's
 own; else the model's head, or the dataset's columns), ``target-modules`` (``q_proj,v_proj`` for
 the named causal LMs, ``query,value`` for the named classifiers, else what peft knows for the
-architecture) and ``modules-to-save`` (``classifier,pooler`` for classification, none for causal
-LM). Checks that depend on the methods (the strategy's name, what
+architecture) and ``modules-to-save`` (none for causal LM; ``classifier,pooler`` for the named
+classifiers, else the head the architecture's sequence classifier adds: ``score`` for GPT-2 and
+Llama, ``classifier`` for RoBERTa). Checks that depend on the methods (the strategy's name, what
 it supports) are `fedlora.method_config`'s.
 """
 
@@ -148,7 +149,7 @@ class RunConfig:
     )
     modules_to_save: str | None = key(
         None,
-        "modules trained whole, comma-separated (unset: classifier,pooler for classification, none for causal LM)",
+        "modules trained whole, comma-separated (unset: none for causal LM; classifier,pooler for the named classifiers, else the head of the architecture's sequence classifier, e.g. score for GPT-2 and Llama)",
     )
     max_length: int = key(96, "tokens per example", AT_LEAST_1)
     local_steps: int = key(3, "optimizer steps a client takes per round", AT_LEAST_1)
@@ -289,8 +290,7 @@ class RunConfig:
         if self.target_modules is None:
             object.__setattr__(self, "target_modules", default_targets(self.model, self.task))
         if self.modules_to_save is None:
-            head = CLASSIFICATION_HEAD if self.task == "classification" else ""
-            object.__setattr__(self, "modules_to_save", head)
+            object.__setattr__(self, "modules_to_save", default_head(self.model, self.task))
         check_defined_values(self)
         check_run_values(self)
 
@@ -444,6 +444,18 @@ def default_targets(model: str, task: str) -> str:
     from fedlora.model_defaults import peft_target_modules  # reads the model's config file
 
     return ",".join(peft_target_modules(model))
+
+
+def default_head(model: str, task: str) -> str:
+    """No head for a causal LM; the named classifiers' ``classifier,pooler``; else the head that
+    the sequence classifier of the model's architecture adds (``score`` for GPT-2 and Llama)."""
+    if task != "classification":
+        return ""
+    if model in NAMED_MODELS:
+        return CLASSIFICATION_HEAD
+    from fedlora.model_defaults import classification_head  # reads the model's config file
+
+    return ",".join(classification_head(model))
 
 
 def comma_names(text: str) -> tuple[str, ...]:

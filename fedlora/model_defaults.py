@@ -4,18 +4,22 @@ The task is the model's head when its config names one (``...ForCausalLM`` or ``
 causal LM; ``...ForSequenceClassification``: classification); a model without a head (e.g.
 ``BertModel``) takes the task the dataset's columns allow: instructions or text alone mean causal
 LM, a label with text could be either and is refused as ambiguous. The LoRA targets are peft's
-defaults for the model type (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``).
+defaults for the model type (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``). A
+classifier's trained head (``modules-to-save``) is the one its architecture's sequence classifier
+adds (``score`` for GPT-2 and Llama, ``classifier`` for RoBERTa, ``classifier`` and BERT's
+``pooler`` for BERT), read from that classifier built on the meta device (no weights).
 """
 
 from __future__ import annotations
 
+import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from fedlora.columns import INSTRUCTION, LABEL, RESPONSE
 from fedlora.config import RunConfig
 from fedlora.data import source_columns
 from fedlora.errors import ConfigError
-from fedlora.models import pretrained_config
+from fedlora.models import classification_head_names, pretrained_config
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
 CLASSIFICATION_HEADS = ("ForSequenceClassification",)
@@ -67,3 +71,20 @@ def peft_target_modules(model: str) -> list[str]:
             "target-modules=q_proj,v_proj"
         )
     return list(targets)
+
+
+def classification_head(model: str) -> list[str]:
+    """The head that transformers' sequence classifier for the model's type adds to the base
+    (`fedlora.models.classification_head_names`), found on a copy without weights."""
+    config = pretrained_config(model)
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        with torch.device("meta"):
+            classifier = AutoModelForSequenceClassification.from_config(config)
+    except ValueError as error:
+        raise ConfigError(
+            f"modules-to-save: transformers has no sequence classifier for model {model!r} "
+            f"(model type {config.model_type!r}); set modules-to-save to its head's modules"
+        ) from error
+    return classification_head_names(classifier)

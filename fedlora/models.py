@@ -277,9 +277,12 @@ def with_lora(
     A module's A is `fresh_lora_A` (peft's Kaiming-uniform) from ``seed`` and its peft path, so
     every client gets the same A, and a rank-r A is the leading r rows of any higher-rank one.
     ``rank_pattern`` gives chosen modules (peft's patterns) another rank; ``layers_to_transform``
-    (peft's) adapts only the target modules of these numbered layers (LEGEND's depth). In eval mode. GPT-2's
-    ``Conv1D`` layers (weights stored transposed) get peft's ``fan_in_fan_out``.
+    (peft's) adapts only the target modules of these numbered layers (LEGEND's depth). In eval
+    mode. GPT-2's ``Conv1D`` layers (weights stored transposed) get peft's ``fan_in_fan_out``.
+    Every name in ``modules_to_save`` must name a module of the model (peft would train nothing
+    for one that names none: a head left as initialised).
     """
+    matching_modules(base.model, modules_to_save)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -371,6 +374,23 @@ def matching_modules(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
             raise ConfigError(f"no module of the model matches {target!r} in modules-to-save")
         found.extend(matches)
     return found
+
+
+def classification_head_names(model: PreTrainedModel) -> list[str]:
+    """The head a sequence classifier adds to its base model: its own modules with parameters
+    beside the base model (``classifier`` for BERT and RoBERTa, ``score`` for GPT-2 and Llama,
+    ``pre_classifier`` and ``classifier`` for DistilBERT), then the base model's ``pooler`` where
+    the classifier reads one (BERT's)."""
+    base = getattr(model, model.base_model_prefix, None)
+    head = [
+        name
+        for name, module in model.named_children()
+        if module is not base and any(True for _ in module.parameters())
+    ]
+    pooler = getattr(base, "pooler", None)
+    if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+        head.append("pooler")
+    return head
 
 
 def sb_head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -205,6 +213,9 @@ class LoRAStrategy(Strategy):
         self._expected_probes: dict[str, Tensor] | None = None
         self._bytes_down_by_partition: dict[str, dict[int, int]] = {}
         self._sent_at: dict[str, float] = {}
+        self._sent: dict[str, list[Metadata]] = {}
+        """Per kind of exchange, the metadata of the messages last sent (Flower's grid gives each
+        its message id when it pushes it): an error reply names the message it answers."""
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
@@ -532,7 +543,7 @@ class LoRAStrategy(Strategy):
         )
         self._sent_specs[kind] = specs
         self._sent_at[kind] = time.perf_counter()
-        return messages
+        return self._sending(kind, messages)
 
     def _sent_spec(self, node_id: int, kind: str) -> ClientSpec:
         """What the node was sent in this exchange (taken once: a second reply is refused)."""
@@ -597,7 +608,8 @@ class LoRAStrategy(Strategy):
             )
             for node_id in unseen
         ]
-        self._accept_answers(grid.send_and_receive(queries, timeout=self.query_timeout), "query")
+        answers = grid.send_and_receive(self._sending("query", queries), timeout=self.query_timeout)
+        self._accept_answers(answers, "query")
 
     def _accept_answers(self, answers: Iterable[Message], caller: str) -> list[Message]:
         """The valid answers to a query, their nodes recorded; of two new nodes that claim one
@@ -627,7 +639,10 @@ class LoRAStrategy(Strategy):
             node_id = message.metadata.src_node_id
             if message.has_error():
                 failures += 1
-                self._drop(node_id, f"error reply: {message.error.reason}")
+                node_id = self._addressee(message)
+                partition_id = self.checks.partitions.get(node_id)
+                node = "" if partition_id is None else f" of partition {partition_id}"
+                self._drop(node_id, f"error reply{node}: {message.error.reason}")
                 self.nodes.pop(node_id, None)
                 continue
             try:
@@ -639,6 +654,25 @@ class LoRAStrategy(Strategy):
             valid.append((message, report))
         log(INFO, "%s: Received %s results and %s failures", caller, len(valid), failures)
         return sorted(valid, key=lambda pair: (pair[1].partition_id, pair[0].metadata.src_node_id))
+
+    def _sending(self, kind: str, messages: list[Message]) -> list[Message]:
+        """Keep the metadata of the messages of this exchange (see `_addressee`)."""
+        self._sent[kind] = [message.metadata for message in messages]
+        return messages
+
+    def _addressee(self, reply: Message) -> int:
+        """The node an error reply stands for: the one the message it answers was sent to.
+
+        Flower's SuperLink answers for a node that stopped sending heartbeats itself ("Node
+        Unavailable"), with the SuperLink's own node id as the source; the message id it replies
+        to names the node. A reply to no message sent here keeps its source."""
+        answered = reply.metadata.reply_to_message_id
+        if answered:
+            for sent in self._sent.values():
+                for metadata in sent:
+                    if metadata.message_id == answered:
+                        return metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     def _accept(self, node_id: int, report: NodeReport) -> None:
         """Record what an accepted reply restated; its first binds the node to its partition."""

@@ -136,7 +136,9 @@ class FedSB(LoRAStrategy):
             )
             for node_id in node_ids
         ]
-        answers = grid.send_and_receive(queries, timeout=self.query_timeout)
+        answers = grid.send_and_receive(
+            self._sending(SB_INIT_ACTION, queries), timeout=self.query_timeout
+        )
         expected = estimate_shapes(self.init_mode, shapes, rank)
         replies, counts, estimates = [], [], []
         for message in self._accept_answers(answers, "sb_init"):

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -515,6 +517,84 @@ def test_a_restarted_superlink_keeps_its_nodes_and_the_experiment_resumes(federa
     assert all(row["clients"] == 3 for row in rows)
     assert len(read_manifest(run_dir)["runs"]) == 2
     assert read_status(run_dir) == FINISHED
+
+
+@pytest.mark.slow
+def test_a_killed_serverapp_leaves_the_federation_up_and_the_experiment_resumes(
+    federation, tmp_path
+):
+    """Only the ServerApp (Flower's detached ``flwr-serverapp`` child of the SuperLink) is killed
+    in round 2, after round 1's checkpoint; the SuperLink and the nodes stay up. The SuperLink
+    fails the orphaned run once its heartbeats stop (``flwr ls``), the nodes finish with it, and
+    ``flwr run`` with ``resume = true`` alone finishes the experiment as a new Flower run, every
+    node training in it."""
+    run_dir = tmp_path / "run"
+    overrides = {
+        **DEPLOYED,
+        "strategy": "fedex",
+        "round-timeout": ROUND_TIMEOUT,
+        "run-dir": str(run_dir),
+    }
+    run = federation.processes.start("orphaned", run_command(CONNECTION, overrides, str(PROJECT)))
+    try:
+        wait_for(
+            lambda: run.poll() is not None or checkpoint_rounds(run_dir) == [1],
+            "round 1's checkpoint",
+            2 * RUN_TIMEOUT,
+        )
+        assert run.poll() is None, federation.processes.log("orphaned")[-3000:]
+        serverapps = processes_running(federation, "superlink", b"flwr-serverapp")
+        assert len(serverapps) == 1, serverapps
+        (orphaned,) = (entry["flower_run_id"] for entry in read_manifest(run_dir)["runs"])
+        kill_pid(serverapps[0])
+        wait_for(
+            lambda: run_status(federation, orphaned).startswith("finished"),
+            "the SuperLink to end the orphaned run",
+            RUN_TIMEOUT,
+            every=5,
+        )
+        wait_for(
+            lambda: (
+                not any(
+                    processes_running(federation, f"node-{i}", b"flwr-clientapp")
+                    for i in range(len(RANKS))
+                )
+            ),
+            "the nodes to finish with the orphaned run",
+            RUN_TIMEOUT,
+        )
+    finally:
+        federation.processes.kill("orphaned")
+
+    assert run_status(federation, orphaned) == "finished:failed"
+    assert processes_running(federation, "superlink", b"flower-superlink")
+    assert federation.online() == len(RANKS)
+    rows, done = federation.run({**overrides, "resume": True}, run_dir, 2 * RUN_TIMEOUT)
+    assert [row["round"] for row in rows] == [1, 2], done.stdout[-3000:]
+    assert all(row["clients"] == 3 for row in rows)
+    runs = read_manifest(run_dir)["runs"]
+    assert len(runs) == 2 and runs[1]["flower_run_id"] != orphaned
+    assert read_status(run_dir) == FINISHED
+    assert run_status(federation, runs[1]["flower_run_id"]) == "finished:completed"
+
+
+def run_status(federation: Federation, run_id: int) -> str:
+    """A run's status in ``flwr ls`` (e.g. ``running``, ``finished:failed``)."""
+    (entry,) = [entry for entry in federation.runs() if int(entry["run-id"]) == run_id]
+    return entry["status"]
+
+
+def processes_running(federation: Federation, name: str, program: bytes) -> list[int]:
+    """The live processes tagged ``name`` (and its detached children) running ``program``."""
+    prefix = f"{federation.processes.tag}:{name}".encode()
+    return [pid for pid in tagged_pids(prefix) if program in command_line(pid)]
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def client_app_running(federation: Federation, node: str) -> bool:

@@ -1,18 +1,30 @@
 """Runs on one's own data and model, in process (the ServerApp on a grid of ClientApps): a
-``review,sentiment`` CSV with its own evaluation file, and a GPT-2 folder trained on instruction
-data whose columns have other names, with neither task nor target modules given."""
+``review,sentiment`` CSV with its own evaluation file, a GPT-2 folder trained on instruction
+data whose columns have other names, with neither task nor target modules given, and GPT-2 and
+Llama sequence classifiers whose ``score`` head is trained and exported without being named."""
 
 import json
 import math
 
 import pandas as pd
+import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from clients.app import client_app
 from fedlora.config import RunConfig
 from fedlora.data import clear_caches, server_eval_set
+from fedlora.errors import ConfigError
+from fedlora.models import load_base_model, with_lora
 from simulations.run_dir import read_metrics
 from strategies.evaluation import LABELS_FILE
 from strategies.server_app import run
@@ -57,14 +69,19 @@ def test_a_review_sentiment_csv_with_its_eval_file(tmp_path, task_identity, one_
     assert labels["id2label"] == {"0": "bad", "1": "good"}
 
 
-def gpt2_folder(path):
-    """A 1-layer GPT-2 of width 16 and a word-level tokenizer, saved as a model folder."""
+def word_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {word: i for i, word in enumerate(WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>"
     )
+
+
+def gpt2_folder(path):
+    """A 1-layer GPT-2 of width 16 and a word-level tokenizer, saved as a model folder."""
+    vocab = {word: i for i, word in enumerate(WORDS)}
+    tokenizer = word_tokenizer()
     config = GPT2Config(
         vocab_size=len(WORDS),
         n_embd=16,
@@ -103,3 +120,68 @@ def test_a_gpt2_folder_on_renamed_instruction_columns(tmp_path, task_identity, o
     rows = one_round(flower_config, tmp_path / "run")
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"])
     assert rows[0]["relative_deviation"] < 1e-4  # FedEx-LoRA stays exact on GPT-2's Conv1D
+
+
+def classifier_folder(path, family):
+    """A 1-layer sequence classifier of width 16 (GPT-2 or Llama, their head named ``score``)
+    and a word-level tokenizer, saved as a model folder."""
+    eos = WORDS.index("<eos>")
+    if family == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(WORDS), n_embd=16, n_layer=1, n_head=2, n_positions=32, num_labels=2
+        )
+        build = GPT2ForSequenceClassification
+    else:
+        config = LlamaConfig(
+            vocab_size=len(WORDS),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
+        build = LlamaForSequenceClassification
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = eos
+    torch.manual_seed(0)
+    build(config).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("family", "targets"), [("gpt2", ("c_attn",)), ("llama", None)])
+def test_a_classifier_of_another_architecture_trains_and_exports_its_score_head(
+    tmp_path, task_identity, one_thread, family, targets
+):
+    colours = WORDS[1:6]
+    rows = [{"text": f"say {colours[i % 5]} .", "label": int(i % 5 < 2)} for i in range(24)]
+    (tmp_path / "colours.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    flower_config = {
+        "strategy": "fedavg",
+        "model": str(classifier_folder(tmp_path / family, family)),
+        "dataset": f"json:{tmp_path / 'colours.jsonl'}",
+        "partitioner": "iid",
+        "num-server-rounds": 1,
+        "local-steps": 2,
+        "batch-size": 4,
+        "max-length": 8,
+        "lora-rank": 2,
+        "learning-rate": 0.05,
+    }
+    config = RunConfig.from_flower(flower_config)
+    assert (config.task, config.head_module_names) == ("classification", ("score",))
+    if targets:
+        assert config.target_module_names == targets
+    base = load_base_model(config)
+    with pytest.raises(ConfigError, match="'classifier' in modules-to-save"):
+        with_lora(base, 2, 8.0, False, config.target_module_names, ("classifier", "pooler"))
+
+    rows = one_round(flower_config, tmp_path / "run")
+
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"])
+    exported = load_file(tmp_path / "run" / "export" / "adapter_model.safetensors")
+    (key,) = [key for key in exported if key.endswith("score.weight")]
+    initial = base.model.score.weight
+    assert exported[key].shape == initial.shape
+    assert not torch.allclose(exported[key], initial)

@@ -7,7 +7,13 @@ import datasets
 import pandas as pd
 import pytest
 from datasets.arrow_writer import ArrowWriter
-from transformers import BertConfig, GPT2Config
+from transformers import (
+    BertConfig,
+    DistilBertConfig,
+    GPT2Config,
+    LlamaConfig,
+    RobertaConfig,
+)
 
 from fedlora import data
 from fedlora.config import RunConfig
@@ -141,6 +147,48 @@ def test_a_bert_classifier_folder_is_a_classifier_on_query_and_value(tmp_path):
     config = RunConfig(model=folder)
     assert config.task == "classification"
     assert config.target_module_names == ("query", "value")
+
+
+@pytest.mark.parametrize(
+    ("config", "architecture", "head"),
+    [
+        (GPT2Config(n_embd=8, n_layer=1, n_head=2), "GPT2ForSequenceClassification", ("score",)),
+        (
+            LlamaConfig(
+                hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+            ),
+            "LlamaForSequenceClassification",
+            ("score",),
+        ),
+        (
+            RobertaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2),
+            "RobertaForSequenceClassification",
+            ("classifier",),
+        ),
+        (
+            DistilBertConfig(dim=8, n_layers=1, n_heads=2, hidden_dim=16),
+            "DistilBertForSequenceClassification",
+            ("pre_classifier", "classifier"),
+        ),
+        (tiny_bert_config(), "BertForSequenceClassification", ("classifier", "pooler")),
+    ],
+    ids=["gpt2", "llama", "roberta", "distilbert", "bert"],
+)
+def test_a_classifier_trains_the_head_of_its_architecture(tmp_path, config, architecture, head):
+    folder = model_folder(tmp_path, config, [architecture])
+    # peft knows no LoRA targets for DistilBERT
+    targets = {"target_modules": "q_lin,v_lin"} if "DistilBert" in architecture else {}
+    config = RunConfig(model=folder, **targets)
+    assert config.task == "classification"
+    assert config.head_module_names == head
+    chosen = RunConfig(model=folder, modules_to_save="score", **targets)
+    assert chosen.head_module_names == ("score",)
+    assert RunConfig(model=folder, task="causal-lm", **targets).head_module_names == ()
+
+
+def test_the_named_classifiers_keep_classifier_and_pooler():
+    for model in ("minilm", "tiny-bert"):
+        assert RunConfig(model=model).head_module_names == ("classifier", "pooler")
 
 
 def test_a_model_without_a_head_takes_the_task_the_columns_allow(tmp_path, reviews):
