@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from clients.app import client_app
 from fedlora.config import RunConfig
-from fedlora.data import clear_caches, server_eval_set
+from fedlora.data.partitioning import clear_caches, server_eval_set
 from simulations.run_dir import read_metrics
 from strategies.evaluation import LABELS_FILE
 from strategies.server_app import run
