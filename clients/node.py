@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor
 
+from fedlora.dp_accounting import History, history_from_values, history_to_values
 from fedlora.messages import VERSION_KEY, rank_key, ranks_in
-from fedlora.privacy import History, history_from_values, history_to_values
 from fedlora.versioning import BaseCache
 
 RANKS_AND_VERSION_RECORD = "fedlora.node"

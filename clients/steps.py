@@ -1,64 +1,63 @@
 """A method's client step on a live model, and the update the client sends back.
 
 `LoRAModelStep` runs the methods on peft LoRA models (FedAvg, FedEx-LoRA, FLoRA, FedSA-LoRA,
-LoRA-FAIR, FlexLoRA, HetLoRA), `SBModelStep` Fed-SB on LoRA-SB layers. Each applies the rule's pure
+LoRA-FAIR, FlexLoRA, HetLoRA), `clients.fedsb.SBModelStep` Fed-SB on LoRA-SB layers. Each applies the rule's pure
 ``client_step`` to what the node holds and writes the result into a model of the worker, reports
 how the model's weights moved (for the exactness probes), and builds the reply after training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from flwr.app import Context
+from flwr.app import Context, Message
 from torch import Tensor, nn
 
 from clients.node import keep_tensors, kept_tensors
 from clients.worker import Worker
-from fedlora.adapter import LoRAFactors, SBCore
 from fedlora.client_dp import CLIP_KEY, UPDATE_NORM_KEY, clip_reply
 from fedlora.client_state import ClientState
-from fedlora.lowrank import LowRank
 from fedlora.messages import (
     A_SUFFIX,
     ADAPTER_RECORD,
     B_SUFFIX,
     HEAD_RECORD,
-    SB_A_SUFFIX,
-    SB_B_SUFFIX,
     Payload,
     Scalar,
     adapter_config,
-    modules_with_suffix,
-    rank_key,
     ranks_in,
     scale_key,
     start_rank_key,
     to_wire,
     update_format,
 )
-from fedlora.models import sb_head_parameters
 from fedlora.peft_io import (
     DEFAULT_ADAPTER,
-    ModelMismatchError,
     apply_client_state,
     lora_layers,
     read_adapter,
     read_head,
 )
-from fedlora.probes import Delta, lora_weight_changes, sb_weight_changes
+from fedlora.probes import Delta, lora_weight_changes
 from fedlora.rules import AggregationRule
-from fedlora.sb_layer import load_cores, load_fixed_factors, read_cores, sb_layers
 from fedlora.versioning import BaseCache
+
+if TYPE_CHECKING:
+    from clients.client import Client
 
 Arrays = dict[str, dict[str, Tensor]]
 """Tensor records of a reply by record name."""
+QueryAnswer = Callable[["Client", Message, Context], Message]
+"""A model step's answer to a query of its own (``query.{action}``), as the client it runs as."""
 
 
 class LoRAModelStep:
     """The methods that run on peft LoRA models."""
+
+    queries: ClassVar[dict[str, QueryAnswer]] = {}
+    """The queries the method's nodes answer besides the rank query, by action."""
 
     def __init__(self, worker: Worker, rule: AggregationRule) -> None:
         self.worker, self.rule = worker, rule
@@ -113,73 +112,6 @@ def with_kept(pristine: ClientState, kept: Mapping[str, Tensor]) -> ClientState:
     }
     head = {key: kept[key] for key in pristine.head}
     return replace(pristine, adapter=adapter, head=head)
-
-
-class SBModelStep:
-    """Fed-SB on LoRA-SB layers: fixed B and A (kept on the node), R from the server."""
-
-    def __init__(self, worker: Worker, rule: AggregationRule) -> None:
-        self.worker, self.rule = worker, rule
-
-    def rank_config(self, capacities: Mapping[str, int] | int) -> dict[str, Scalar]:
-        """``rank.{module}``: the capacity (leading block of R) the node trains per layer."""
-        layers = sb_layers(self.worker.sb_model(capacities))
-        return {rank_key(module): layer.capacity for module, layer in layers.items()}
-
-    def receive(self, payload: Payload, context: Context, cache: BaseCache | None) -> nn.Module:
-        """Load the fixed factors (sent once, then kept on the node), R_t and the head."""
-        model = self.worker.sb_model(ranks_in(payload.config))
-        kept = kept_tensors(context)
-        local = ClientState(
-            adapter={
-                module: LoRAFactors(
-                    A=kept[module + SB_A_SUFFIX], B=kept[module + SB_B_SUFFIX], scale=1.0
-                )
-                for module in modules_with_suffix(kept, SB_A_SUFFIX)
-            }
-        )
-        stepped = self.rule.client_step(local, payload)
-        load_fixed_factors(model, {m: LowRank(f.B, f.A) for m, f in stepped.adapter.items()})
-        load_cores(model, stepped.cores)
-        write_sb_head(model, stepped.head)
-        if modules_with_suffix(payload.adapter, SB_A_SUFFIX):
-            keep_tensors(
-                context,
-                {
-                    **{m + SB_A_SUFFIX: f.A for m, f in stepped.adapter.items()},
-                    **{m + SB_B_SUFFIX: f.B for m, f in stepped.adapter.items()},
-                },
-            )
-        return model
-
-    def weight_changes(self, model: nn.Module) -> dict[str, Delta]:
-        return sb_weight_changes(model)
-
-    def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
-        """Each layer's full R (R_global + its trained block) and capacity, and the head."""
-        layers = sb_layers(model)
-        cores = {m: SBCore(R=R, rank=layers[m].capacity) for m, R in read_cores(model).items()}
-        tensors, config = update_format(self.rule.update_kind).to_tensors(cores)
-        head = {key: to_wire(p.detach()) for key, p in sb_head_parameters(model).items()}
-        return {ADAPTER_RECORD: tensors, HEAD_RECORD: head}, config
-
-
-@torch.no_grad()
-def write_sb_head(model: nn.Module, head: Mapping[str, Tensor]) -> None:
-    """Copy the head into a Fed-SB model's trained full parameters; the names must match."""
-    parameters = sb_head_parameters(model)
-    if set(head) != set(parameters):
-        raise ModelMismatchError(
-            f"head {sorted(head)} does not match the model's trained parameters "
-            f"{sorted(parameters)}"
-        )
-    for key, tensor in head.items():
-        parameters[key].copy_(tensor)
-
-
-def model_step_for(worker: Worker, rule: AggregationRule) -> LoRAModelStep | SBModelStep:
-    """LoRA-SB layers for a rule whose updates are Fed-SB's R, else peft LoRA models."""
-    return SBModelStep(worker, rule) if rule.update_kind is SBCore else LoRAModelStep(worker, rule)
 
 
 def clip_for_client_dp(

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedlora.client_state import ClientState
 from fedlora.config import RunConfig
-from fedlora.data import ClientData, client_data
+from fedlora.data.partitioning import ClientData, client_data
 from fedlora.models import load_base_model, with_lora, with_sb_layers
 from fedlora.peft_io import ModelMismatchError, client_state_from_model
 from fedlora.rules.legend import layer_index

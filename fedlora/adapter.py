@@ -66,6 +66,11 @@ class LoRAFactors:
         """The dense s B A."""
         return self.product().dense()
 
+    def summed(self) -> dict[str, Tensor]:
+        """What the rules sum of this update, by factor: the folded B and A."""
+        folded = self.folded()
+        return {"B": folded.U, "A": folded.V}
+
     @classmethod
     def from_folded(cls, folded: LowRank, rank: int, scale: float) -> LoRAFactors:
         """The client's factors from the leading ``rank`` columns/rows of folded global factors."""
@@ -88,6 +93,10 @@ class SharedA:
     def rank(self) -> int:
         return self.A.shape[0]
 
+    def summed(self) -> dict[str, Tensor]:
+        """What the rule sums of this update: the folded A, sqrt(s) A."""
+        return {"A": math.sqrt(self.scale) * self.A}
+
 
 @dataclass(frozen=True)
 class SBCore:
@@ -102,6 +111,10 @@ class SBCore:
         if not 0 < self.rank <= self.R.shape[0]:
             raise ValueError(f"Fed-SB capacity {self.rank} outside 1..{self.R.shape[0]}")
 
+    def summed(self) -> dict[str, Tensor]:
+        """What the rule sums of this update: R."""
+        return {"R": self.R}
+
 
 @dataclass(frozen=True)
 class TrainedB:
@@ -113,6 +126,10 @@ class TrainedB:
     @property
     def rank(self) -> int:
         return self.B.shape[1]
+
+    def summed(self) -> dict[str, Tensor]:
+        """What the rule sums of this update: s B, in FFA-LoRA's coordinates G."""
+        return {"B": self.scale * self.B}
 
 
 ModuleUpdate = LoRAFactors | SharedA | SBCore | TrainedB

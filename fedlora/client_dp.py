@@ -25,15 +25,12 @@ With equal ranks and every sampled reply in, the two coincide.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from opacus.accountants import create_accountant
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.opacus_logging import drop_opacus_root_handler
@@ -47,7 +44,6 @@ CLIP_KEY = "dp-client-clip"
 """Config key of a train message: the bound the client clips its update to (absent: no clipping)."""
 UPDATE_NORM_KEY = "update-norm"
 """Metric of a train reply: the norm of the client's update before it clipped it."""
-ACCOUNTANTS = ("rdp", "prv")
 
 
 def check_client_dp_rule(name: str) -> None:
@@ -99,22 +95,14 @@ def clip_reply(
 
 
 def client_tensors(update: ClientUpdate) -> dict[str, Tensor]:
-    """What a client's reply adds to the sum, in its own shapes: folded factors ``{module}.B``,
-    ``{module}.A`` (FedAvg), ``{module}.A`` (FedSA-LoRA), ``{module}.R`` (Fed-SB), ``{module}.B``
-    = s_i B_i in FFA-LoRA's coordinates G (its A is frozen), and the head."""
-    tensors: dict[str, Tensor] = {}
-    for module, factors in update.modules.items():
-        if isinstance(factors, LoRAFactors):
-            folded = factors.folded()
-            tensors[f"{module}.B"], tensors[f"{module}.A"] = folded.U, folded.V
-        elif isinstance(factors, SharedA):
-            tensors[f"{module}.A"] = math.sqrt(factors.scale) * factors.A
-        elif isinstance(factors, SBCore):
-            tensors[f"{module}.R"] = factors.R
-        elif isinstance(factors, TrainedB):
-            tensors[f"{module}.B"] = factors.scale * factors.B
-        else:
-            raise TypeError(f"no client-level DP for updates of kind {type(factors).__name__}")
+    """What a client's reply adds to the sum, in its own shapes: ``{module}.{factor}`` for what its
+    update kind sums (``summed``: folded B and A, FedSA-LoRA's folded A, Fed-SB's R, FFA-LoRA's
+    s_i B_i in its coordinates G), and the head."""
+    tensors = {
+        f"{module}.{name}": tensor
+        for module, factors in update.modules.items()
+        for name, tensor in factors.summed().items()
+    }
     return {**tensors, **update.head}
 
 
@@ -234,46 +222,3 @@ def private_mean(
         noise = gaussian_noise(total.shape, std, generator)
         mean[key] = (total / n + noise).to(estimates[0][key])
     return mean, [norm for _, norm in clipped]
-
-
-class FederationAccountant:
-    """The federation's privacy budget: an Opacus accountant (``rdp`` or ``prv``) stepped once
-    per private release with its noise multiplier and the fraction of clients sampled for it.
-
-    Opacus analyses Poisson sampling (each client independently with probability q); Flower
-    samples exactly n of N clients without replacement. With q = n / N = 1 (every client in every
-    round) nothing is amplified and the bound is exact; below 1 the reported epsilon is the
-    Poisson-sampling figure at q = n / N, an approximation for fixed-size sampling.
-    """
-
-    def __init__(self, mechanism: str = "rdp") -> None:
-        if mechanism not in ACCOUNTANTS:
-            raise ConfigError(f"accountant {mechanism!r}: choose one of {list(ACCOUNTANTS)}")
-        self.mechanism = mechanism
-        self.accountant = create_accountant(mechanism)
-
-    def step(self, noise_multiplier: float, sample_rate: float) -> None:
-        self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
-
-    def state_dict(self) -> dict:
-        """The mechanism and Opacus's history (noise multiplier, sample rate, steps), JSON-able,
-        so that the budget survives a checkpoint."""
-        history = [list(step) for step in self.accountant.state_dict()["history"]]
-        return {"mechanism": self.mechanism, "history": history}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Go on from the history `state_dict` returned (of the same mechanism)."""
-        if state["mechanism"] != self.mechanism:
-            raise ConfigError(
-                f"accountant {self.mechanism!r} cannot go on from a {state['mechanism']!r} history"
-            )
-        history = [tuple(step) for step in state["history"]]
-        self.accountant.load_state_dict({**self.accountant.state_dict(), "history": history})
-
-    def epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (0 before any release, inf with no noise)."""
-        if not self.accountant.history:
-            return 0.0
-        if any(sigma == 0 for sigma, _, _ in self.accountant.history):
-            return math.inf
-        return float(self.accountant.get_epsilon(delta=delta))

@@ -10,7 +10,7 @@ import datasets
 
 from fedlora.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.config import RunConfig
-from fedlora.data import is_instruction_data
+from fedlora.data.encoding import is_instruction_data
 from fedlora.errors import ConfigError
 from fedlora.generation import METRIC_COLUMNS, generation_metric, greedy_replies, score
 from fedlora.instructions import example_ids, user_turn

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedlora.data import IGNORED_LABEL
+from fedlora.data.encoding import IGNORED_LABEL
 from fedlora.errors import ConfigError
 from fedlora.grouped_lora import GroupedLoRA
 from fedlora.training import TrainReport, autocast, seeded_rng, to_device

@@ -17,7 +17,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 
 from fedlora.columns import INSTRUCTION, LABEL, RESPONSE
 from fedlora.config import RunConfig
-from fedlora.data import source_columns
+from fedlora.data.loading import source_columns
 from fedlora.errors import ConfigError
 from fedlora.models import classification_head_names, pretrained_config
 

@@ -35,7 +35,8 @@ from transformers.utils import logging as transformers_logging
 
 from fedlora.client_state import fresh_lora_A, module_seed
 from fedlora.config import RunConfig
-from fedlora.data import HashingTokenizer, load_dataset, num_labels
+from fedlora.data.hashing_tokenizer import HashingTokenizer
+from fedlora.data.loading import load_dataset, num_labels
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers

@@ -13,7 +13,7 @@ A client's plan (`client_plan`) follows from the run config and its N_i training
   for Fed-SB's initialisation, all at rate q_i.
 
 The accountant (``rdp`` or ``prv``) is Opacus': its history [(sigma, q, steps), ...] is what a
-node carries across rounds (`history_to_values`), so epsilon counts every step the client took in
+node carries across rounds (`fedlora.dp_accounting.history_to_values`), so epsilon counts every step the client took in
 the rounds it trained in. `private_training` makes the model private in place (Opacus' hooks,
 removed afterwards, so that a cached model comes back as it was) and trains with `ExampleLoss`,
 the per-example loss averaged over the batch; a causal LM's token losses are averaged per
@@ -34,7 +34,6 @@ import datasets
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule
 from opacus.validators.errors import UnsupportedModuleError
@@ -42,9 +41,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedlora.config import RunConfig
-from fedlora.data import IGNORED_LABEL, encode
+from fedlora.data.encoding import encode
+from fedlora.dp_accounting import History, epsilon_of, extended
 from fedlora.errors import ConfigError
-from fedlora.messages import Scalar
+from fedlora.instructions import IGNORED_LABEL
 from fedlora.opacus_logging import drop_opacus_root_handler
 from fedlora.rules import RULES
 
@@ -62,8 +62,6 @@ that a client whose accountant history is missing refuses to train instead of co
 NOISE_TOLERANCE = 0.01
 """Epsilon tolerance of the noise search in target-epsilon mode (Opacus' default)."""
 
-History = list[tuple[float, float, int]]
-"""Opacus' accountant history: (noise multiplier, sample rate, steps) entries."""
 Batch = Mapping[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
 
@@ -154,54 +152,6 @@ def noise_for_target(
             f"dp-target-epsilon = {target_epsilon}: no noise multiplier reaches it over "
             f"{steps} steps at sample rate {rate:.4g} and delta {delta:.3g} ({error})"
         ) from error
-
-
-# ---- accounting -----------------------------------------------------------------------------------
-
-
-def extended(history: History, noise: float, rate: float, steps: int) -> History:
-    """``history`` followed by ``steps`` steps at (noise, rate)."""
-    return [*history, (noise, rate, steps)] if steps > 0 else list(history)
-
-
-def epsilon_of(history: History, delta: float, accountant: str) -> float:
-    """Epsilon of a fresh accountant of that kind holding ``history``; 0 for no steps, infinite
-    when a step had no noise."""
-    if not history:
-        return 0.0
-    if any(noise == 0 for noise, _, _ in history):
-        return math.inf
-    fresh = create_accountant(accountant)
-    fresh.history = list(history)
-    return float(fresh.get_epsilon(delta=delta))
-
-
-def history_to_values(history: History, accountant: str) -> dict[str, Scalar | list]:
-    """The history as plain values (for a Flower ConfigRecord): parallel lists and the kind."""
-    return {
-        "accountant": accountant,
-        "noise-multiplier": [float(noise) for noise, _, _ in history],
-        "sample-rate": [float(rate) for _, rate, _ in history],
-        "steps": [int(steps) for _, _, steps in history],
-    }
-
-
-def history_from_values(values: Mapping[str, Scalar | list], accountant: str) -> History:
-    """The history `history_to_values` wrote (empty for no values); another accountant's is
-    refused, since its steps cannot be counted by this one."""
-    if not values:
-        return []
-    if values["accountant"] != accountant:
-        raise ConfigError(
-            f"dp-accountant = {accountant!r}, but this client's budget so far was counted by "
-            f"{values['accountant']!r}; keep the accountant for the whole run"
-        )
-    return [
-        (float(noise), float(rate), int(steps))
-        for noise, rate, steps in zip(
-            values["noise-multiplier"], values["sample-rate"], values["steps"], strict=True
-        )
-    ]
 
 
 # ---- DP-SGD ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora.config import RunConfig
-from fedlora.data import IGNORED_LABEL, batches, ordered_batches
+from fedlora.data.encoding import IGNORED_LABEL, batches, ordered_batches
 from fedlora.errors import ConfigError
 from fedlora.lr_schedule import round_learning_rates
 from fedlora.privacy import History, PrivacyPlan, example_loader, private_training

@@ -27,7 +27,8 @@ from pathlib import Path
 import datasets
 
 from fedlora.config import RunConfig
-from fedlora.data import client_data, is_instruction_data, server_eval_set
+from fedlora.data.encoding import is_instruction_data
+from fedlora.data.partitioning import client_data, server_eval_set
 from fedlora.generation_eval import GenerationEvaluation
 from fedlora.models import BaseModel, load_base_model, with_lora
 from fedlora.training import client_seed, device_for, evaluate, set_torch_threads, train_round

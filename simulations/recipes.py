@@ -23,7 +23,7 @@ from fedlora.config import (
     unknown_key,
     without_server_app_keys,
 )
-from fedlora.data import load_dataset, load_eval_dataset
+from fedlora.data.loading import load_dataset, load_eval_dataset
 from fedlora.errors import ConfigError
 from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits

@@ -69,6 +69,7 @@ from strategies.initial_arrays import lora_initial_arrays
 from strategies.records import NodeReport, payload_record, serialized_bytes
 from strategies.records import probe_responses as reply_probes
 from strategies.reply_checks import RejectedReply, ReplyChecks
+from strategies.round_metrics import EvaluateMetrics, SampleDP, TrainMetrics
 
 BINDINGS: dict[type[AggregationRule], type[LoRAStrategy]] = {}
 """Each rule's strategy, filled in as the bindings are defined."""
@@ -134,7 +135,7 @@ class LoRAStrategy(Strategy):
         The rule's global state (None before the first round).
     nodes : dict[int, NodeReport]
         What each node restated last, by node id.
-    train_metrics, evaluate_metrics : dict[int, MetricRecord]
+    train_metrics, evaluate_metrics : dict[int, TrainMetrics], dict[int, EvaluateMetrics]
         The aggregated metrics of each round.
     dropped : dict[int, dict[int, str]]
         Per round, the nodes whose replies (or rank answers) were dropped, with the reason.
@@ -203,8 +204,8 @@ class LoRAStrategy(Strategy):
         self.state: GlobalState | None = None
         self.nodes: dict[int, NodeReport] = {}
         self.setup_bytes_up = 0
-        self.train_metrics: dict[int, MetricRecord] = {}
-        self.evaluate_metrics: dict[int, MetricRecord] = {}
+        self.train_metrics: dict[int, TrainMetrics] = {}
+        self.evaluate_metrics: dict[int, EvaluateMetrics] = {}
         self.checks = ReplyChecks(rule, lora_alpha, rslora, max_examples_per_client)
         self.dropped: dict[int, dict[int, str]] = {}
         self.private_partitions: set[int] = set()
@@ -310,8 +311,8 @@ class LoRAStrategy(Strategy):
                 len(updates),
                 self.min_train_nodes,
             )
-            self.train_metrics[server_round] = MetricRecord({"clients": 0, **sample_dp})
-            return None, self.train_metrics[server_round]
+            self.train_metrics[server_round] = TrainMetrics(sample_dp=sample_dp)
+            return None, self.train_metrics[server_round].to_record()
         deviation = self._probe_deviation(parsed)
         previous = self.state
         start = time.perf_counter()
@@ -325,22 +326,26 @@ class LoRAStrategy(Strategy):
         aggregate_seconds = time.perf_counter() - start
         self.state = result.state
         self._expected_probes = self._ideal_probes(previous, result)
-        metrics = {
-            LOSS_KEY: weighted_mean(parsed, LOSS_KEY),
-            "num_examples": sum(update.num_examples for update in updates),
-            "clients": len(updates),
-            **self._timing(parsed, exchange_seconds),
-            "aggregate_seconds": aggregate_seconds,
-            **self._bytes_by_partition(parsed),
-            **self._store_round_change(),
-            **self._take_setup_bytes(),
-            **privacy,
-            **sample_dp,
-        }
-        if deviation is not None:
-            metrics["relative_deviation"] = deviation
-        self.train_metrics[server_round] = MetricRecord(metrics)
-        return self._global_arrays(), self.train_metrics[server_round]
+        metrics = TrainMetrics(
+            clients=len(updates),
+            loss=weighted_mean(parsed, LOSS_KEY),
+            num_examples=sum(update.num_examples for update in updates),
+            aggregate_seconds=aggregate_seconds,
+            bytes_up_by_client=self._bytes_up_by_partition(parsed),
+            bytes_down_by_client={
+                str(pid): size
+                for pid, size in self._bytes_down_by_partition.get(MessageType.TRAIN, {}).items()
+            },
+            bytes_down=self._bytes_down(MessageType.TRAIN),
+            base_store_bytes=self._store_round_change(),
+            setup_bytes_up=self._take_setup_bytes(),
+            client_dp=privacy,
+            sample_dp=sample_dp,
+            relative_deviation=deviation,
+        )
+        self._time(metrics, parsed, exchange_seconds)
+        self.train_metrics[server_round] = metrics
+        return self._global_arrays(), metrics.to_record()
 
     # ---- evaluation ------------------------------------------------------------------------------
 
@@ -378,19 +383,18 @@ class LoRAStrategy(Strategy):
             valid.append(message)
         if not valid:
             return None
-        metrics = {
-            LOSS_KEY: weighted_mean(valid, LOSS_KEY),
-            ACCURACY_KEY: weighted_mean(valid, ACCURACY_KEY),
-            "num_examples": sum(int(m.content[METRICS_RECORD][NUM_EXAMPLES_KEY]) for m in valid),
-            "bytes_down": self._bytes_down(MessageType.EVALUATE),
-        }
-        deviation = self._probe_deviation(valid)
-        if deviation is not None:
-            metrics["relative_deviation"] = deviation
+        generation = None
         if all(GENERATION_KEY in m.content[METRICS_RECORD] for m in valid):
-            metrics[GENERATION_KEY] = weighted_mean(valid, GENERATION_KEY)
-        self.evaluate_metrics[server_round] = MetricRecord(metrics)
-        return self.evaluate_metrics[server_round]
+            generation = weighted_mean(valid, GENERATION_KEY)
+        self.evaluate_metrics[server_round] = EvaluateMetrics(
+            loss=weighted_mean(valid, LOSS_KEY),
+            accuracy=weighted_mean(valid, ACCURACY_KEY),
+            num_examples=sum(int(m.content[METRICS_RECORD][NUM_EXAMPLES_KEY]) for m in valid),
+            bytes_down=self._bytes_down(MessageType.EVALUATE),
+            relative_deviation=self._probe_deviation(valid),
+            generation=generation,
+        )
+        return self.evaluate_metrics[server_round].to_record()
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -471,20 +475,19 @@ class LoRAStrategy(Strategy):
         }
         return ArrayRecord({**change_to_tensors(delta), **self.state.head})
 
-    def _store_round_change(self) -> dict[str, int]:
+    def _store_round_change(self) -> int | None:
         """Write the round's base change to the store (drifting-base rules); its size in bytes."""
         if self.base_store is None or self.state.changes is None:
-            return {}
+            return None
         change = self.state.changes.latest
-        size = write_round_change(self.base_store, self.state.version, change)
-        return {"base_store_bytes": size}
+        return write_round_change(self.base_store, self.state.version, change)
 
-    def _take_setup_bytes(self) -> dict[str, int]:
+    def _take_setup_bytes(self) -> int | None:
         """Bytes uploaded before the first round (Fed-SB's initialisation), reported once."""
         if not self.setup_bytes_up:
-            return {}
+            return None
         taken, self.setup_bytes_up = self.setup_bytes_up, 0
-        return {"setup_bytes_up": taken}
+        return taken
 
     # ---- nodes and messages ----------------------------------------------------------------------
 
@@ -556,34 +559,24 @@ class LoRAStrategy(Strategy):
         """Serialized bytes of the last payloads of this kind, all nodes together."""
         return sum(self._bytes_down_by_partition.get(kind, {}).values())
 
-    def _bytes_by_partition(self, replies: list[Message]) -> dict[str, int]:
-        """The train exchange's serialized bytes: totals (``bytes_up``, ``bytes_down``) and per
-        client (``bytes_up.{partition id}``, ``bytes_down.{partition id}``)."""
-        up = {
-            self.nodes[m.metadata.src_node_id].partition_id: serialized_bytes(m.content)
-            for m in replies
-        }
-        down = self._bytes_down_by_partition.get(MessageType.TRAIN, {})
+    def _bytes_up_by_partition(self, replies: list[Message]) -> dict[str, int]:
+        """The train replies' serialized bytes, by partition id."""
         return {
-            "bytes_up": sum(up.values()),
-            "bytes_down": self._bytes_down(MessageType.TRAIN),
-            **{f"bytes_up.{pid}": size for pid, size in up.items()},
-            **{f"bytes_down.{pid}": size for pid, size in down.items()},
+            str(self.nodes[m.metadata.src_node_id].partition_id): serialized_bytes(m.content)
+            for m in replies
         }
 
     @staticmethod
-    def _timing(replies: list[Message], exchange_seconds: float) -> dict[str, float]:
+    def _time(metrics: TrainMetrics, replies: list[Message], exchange_seconds: float) -> None:
         """Seconds of the train exchange: the slowest client's local training
         (``train_seconds``) and whole handling of its message (``client_seconds``), and what the
         exchange took beyond that handling (``communication_seconds``: transport, serialization,
         the start of the client's process or the wait for a free simulation worker)."""
-        metrics = [m.content[METRICS_RECORD] for m in replies]
-        handling = max(float(m.get(HANDLER_SECONDS_KEY, m[SECONDS_KEY])) for m in metrics)
-        return {
-            "train_seconds": max(float(m[SECONDS_KEY]) for m in metrics),
-            "client_seconds": handling,
-            "communication_seconds": max(exchange_seconds - handling, 0.0),
-        }
+        reported = [m.content[METRICS_RECORD] for m in replies]
+        handling = max(float(m.get(HANDLER_SECONDS_KEY, m[SECONDS_KEY])) for m in reported)
+        metrics.train_seconds = max(float(m[SECONDS_KEY]) for m in reported)
+        metrics.client_seconds = handling
+        metrics.communication_seconds = max(exchange_seconds - handling, 0.0)
 
     def _spec(self, node: NodeReport) -> ClientSpec:
         """The node's ranks and scales, and the base version its payload starts from: the
@@ -722,20 +715,17 @@ class LoRAStrategy(Strategy):
         )
 
 
-def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> dict[str, float]:
-    """Sample-level DP: each replying client's epsilon (``epsilon.{partition id}``), the largest
-    (``epsilon_max``) and how many clients stopped with their budget spent (``dp_stopped``);
-    empty when no reply reports an epsilon."""
+def sample_dp_metrics(replies: list[Message], nodes: dict[int, NodeReport]) -> SampleDP | None:
+    """Sample-level DP: each replying client's epsilon and how many clients stopped with their
+    budget spent; None when no reply reports an epsilon."""
     epsilons, stopped = {}, 0
     for message in replies:
         metrics = message.content[METRICS_RECORD]
         if EPSILON_KEY in metrics:
             partition_id = nodes[message.metadata.src_node_id].partition_id
-            epsilons[f"{EPSILON_KEY}.{partition_id}"] = float(metrics[EPSILON_KEY])
+            epsilons[str(partition_id)] = float(metrics[EPSILON_KEY])
             stopped += int(metrics.get(BUDGET_SPENT_KEY, 0))
-    if not epsilons:
-        return {}
-    return {**epsilons, "epsilon_max": max(epsilons.values()), "dp_stopped": stopped}
+    return SampleDP(epsilons, stopped) if epsilons else None
 
 
 def dtype_named(json_state: dict) -> torch.dtype:

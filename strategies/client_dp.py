@@ -31,12 +31,8 @@ from flwr.app import Message
 from flwr.supercore import log
 from torch import Tensor
 
-from fedlora.client_dp import (
-    UPDATE_NORM_KEY,
-    FederationAccountant,
-    private_mean,
-    private_round,
-)
+from fedlora.client_dp import UPDATE_NORM_KEY, private_mean, private_round
+from fedlora.dp_accounting import FederationAccountant
 from fedlora.messages import METRICS_RECORD
 from fedlora.rules import AggregationRule, GlobalState, RoundResult
 from fedlora.updates import ClientUpdate

@@ -17,7 +17,8 @@ from pathlib import Path
 from fedlora.adapter import LoRAFactors, lora_scale
 from fedlora.atomic_files import fresh_directory_beside, swap_in_directory, write_json_atomic
 from fedlora.config import RunConfig, parse_rank_profile
-from fedlora.data import class_names, server_eval_set
+from fedlora.data.loading import class_names
+from fedlora.data.partitioning import server_eval_set
 from fedlora.generation_eval import GenerationEvaluation, GenerationReport
 from fedlora.global_model import plain_model_with, rank_class_deltas
 from fedlora.models import load_base_model, quiet_transformers, with_lora

@@ -39,10 +39,8 @@ from fedlora.atomic_files import write_text_atomic
 from fedlora.base_store import discard_changes_after
 from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
 from fedlora.measurement import worst
-from fedlora.messages import GENERATION_KEY
 from fedlora.method_config import parse_run_config
 from fedlora.models import check_model_limits
-from fedlora.privacy import EPSILON_KEY
 from fedlora.tracking import RunTracking, row_scalars
 from fedlora.training import device_for
 from strategies import LoRAStrategy, strategy_class
@@ -50,6 +48,7 @@ from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP
 from strategies.evaluation import ServerEvaluation
 from strategies.round_loop import run_rounds
+from strategies.round_metrics import RoundMetrics, TrainMetrics
 from strategies.run_record import (
     EXPORT_DIR,
     FINISHED,
@@ -69,8 +68,6 @@ SAMPLES_DIR = "samples"
 those of rounds after the one a run starts from are removed as it starts."""
 MB = 1e6
 """Bytes in the megabyte of ``mb_up_total``, ``mb_down_total`` and ``communication-budget-mb``."""
-TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
-"""The train exchange's seconds, as `strategies.base.LoRAStrategy` measures them."""
 
 
 def server_app(
@@ -260,45 +257,55 @@ class MetricsLog:
         return None
 
     def row(self, server_round: int, seconds: float) -> dict:
-        train = dict(self.strategy.train_metrics.get(server_round, {}))
-        evaluation = dict(self.strategy.evaluate_metrics.get(server_round, {}))
-        deviations = [
-            m["relative_deviation"] for m in (train, evaluation) if "relative_deviation" in m
-        ]
+        train = self.strategy.train_metrics.get(server_round, TrainMetrics())
+        evaluation = self.strategy.evaluate_metrics.get(server_round)
+        measured = [train.relative_deviation]
+        if evaluation is not None:
+            measured.append(evaluation.relative_deviation)
+        deviations = [deviation for deviation in measured if deviation is not None]
         started = time.perf_counter()
         server = self.evaluation(self.strategy.rule, self.strategy.state, server_round)
-        bytes_up = train.get("bytes_up", 0) + train.get("setup_bytes_up", 0)
-        bytes_down = train.get("bytes_down", 0) + evaluation.get("bytes_down", 0)
-        return {
-            "round": server_round,
-            "strategy": self.strategy.rule.name,
-            "accuracy": server["accuracy"] if server else evaluation.get("accuracy"),
-            "accuracy_source": "server" if server else "clients",
-            "loss": server["loss"] if server else evaluation.get("loss"),
-            "accuracy_by_rank": server["accuracy_by_rank"] if server else None,
-            "client_accuracy": evaluation.get("accuracy"),
-            "client_loss": evaluation.get("loss"),
-            "train_loss": train.get("loss"),
-            "relative_deviation": worst(deviations) if deviations else None,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            **self.communication_columns(server_round, bytes_up, bytes_down),
-            "bytes_up_by_client": by_partition(train, "bytes_up"),
-            "bytes_down_by_client": by_partition(train, "bytes_down"),
-            "base_store_bytes": train.get("base_store_bytes", 0),
-            "clients": train.get("clients", 0),
-            "dropped": {
+        bytes_up = train.bytes_up + (train.setup_bytes_up or 0)
+        bytes_down = train.bytes_down + (evaluation.bytes_down if evaluation else 0)
+        client_accuracy = evaluation.accuracy if evaluation else None
+        client_loss = evaluation.loss if evaluation else None
+        mb_up_total, mb_down_total = self.communication_totals(server_round, bytes_up, bytes_down)
+        return RoundMetrics(
+            round=server_round,
+            strategy=self.strategy.rule.name,
+            accuracy=server["accuracy"] if server else client_accuracy,
+            accuracy_source="server" if server else "clients",
+            loss=server["loss"] if server else client_loss,
+            accuracy_by_rank=server["accuracy_by_rank"] if server else None,
+            client_accuracy=client_accuracy,
+            client_loss=client_loss,
+            train_loss=train.loss,
+            relative_deviation=worst(deviations) if deviations else None,
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            mb_up_total=mb_up_total,
+            mb_down_total=mb_down_total,
+            bytes_up_by_client=train.bytes_up_by_client,
+            bytes_down_by_client=train.bytes_down_by_client,
+            base_store_bytes=train.base_store_bytes or 0,
+            clients=train.clients,
+            dropped={
                 str(node): why for node, why in self.strategy.dropped.get(server_round, {}).items()
             },
-            "seconds": seconds,
-            **{key: train.get(key) for key in TIMING_COLUMNS},
-            "server_eval_seconds": time.perf_counter() - started,
-            **self.client_dp_columns(train),
-            **sample_dp_columns(train),
-            **self.generation_columns(server_round, server),
-        }
+            seconds=seconds,
+            train_seconds=train.train_seconds,
+            client_seconds=train.client_seconds,
+            aggregate_seconds=train.aggregate_seconds,
+            communication_seconds=train.communication_seconds,
+            server_eval_seconds=time.perf_counter() - started,
+            client_dp=self.client_dp_columns(train),
+            sample_dp=train.sample_dp,
+            generation=self.generation_columns(server_round, server),
+        ).to_row()
 
-    def communication_columns(self, server_round: int, bytes_up: int, bytes_down: int) -> dict:
+    def communication_totals(
+        self, server_round: int, bytes_up: int, bytes_down: int
+    ) -> tuple[float, float]:
         """The running totals in MB; warns in the round their sum first passes the budget."""
         before = self.mb_up_total + self.mb_down_total
         self.mb_up_total += bytes_up / MB
@@ -313,7 +320,7 @@ class MetricsLog:
                 self.mb_down_total,
                 budget,
             )
-        return {"mb_up_total": self.mb_up_total, "mb_down_total": self.mb_down_total}
+        return self.mb_up_total, self.mb_down_total
 
     def generation_columns(self, server_round: int, server: dict | None) -> dict:
         """The generation score's column and eval_loss (null in rounds without generation), and
@@ -324,8 +331,8 @@ class MetricsLog:
         column = self.evaluation.generation.column
         clients = {}
         if self.config.client_generation:
-            evaluation = self.strategy.evaluate_metrics.get(server_round, {})
-            clients = {f"client_{column}": evaluation.get(GENERATION_KEY)}
+            evaluation = self.strategy.evaluate_metrics.get(server_round)
+            clients = {f"client_{column}": evaluation.generation if evaluation else None}
         if report is None:
             return {column: None, "eval_loss": None, **clients}
         samples = self.path.parent / SAMPLES_DIR / f"round-{server_round}.jsonl"
@@ -333,14 +340,14 @@ class MetricsLog:
         samples.write_text("".join(json.dumps(sample) + "\n" for sample in report.samples))
         return {column: report.value, "eval_loss": server["loss"], **clients}
 
-    def client_dp_columns(self, train: dict) -> dict:
+    def client_dp_columns(self, train: TrainMetrics) -> dict:
         """The round's client-level DP columns (none without it); epsilon from the accountant
         when the round released nothing."""
         if self.strategy.client_dp is None:
             return {}
         return {
-            EPSILON_METRIC: train.get(EPSILON_METRIC, self.strategy.client_dp.epsilon()),
-            CLIPPED_METRIC: train.get(CLIPPED_METRIC),
+            EPSILON_METRIC: train.client_dp.get(EPSILON_METRIC, self.strategy.client_dp.epsilon()),
+            CLIPPED_METRIC: train.client_dp.get(CLIPPED_METRIC),
         }
 
 
@@ -350,20 +357,3 @@ def discard_samples_after(folder: Path, server_round: int) -> None:
     for path in folder.glob("round-*.jsonl"):
         if int(path.stem.removeprefix("round-")) > server_round:
             path.unlink()
-
-
-def by_partition(train: dict, name: str) -> dict[str, float]:
-    """A per-client metric of the train exchange (``{name}.{partition id}``), by partition id."""
-    prefix = f"{name}."
-    return {k.removeprefix(prefix): v for k, v in train.items() if k.startswith(prefix)}
-
-
-def sample_dp_columns(train: dict) -> dict:
-    """The round's sample-level DP columns (none without it)."""
-    if "epsilon_max" not in train:
-        return {}
-    return {
-        "epsilon_max": train["epsilon_max"],
-        "epsilon": by_partition(train, EPSILON_KEY),
-        "dp_stopped": train["dp_stopped"],
-    }

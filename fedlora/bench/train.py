@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from fedlora.config import RunConfig
-from fedlora.data import batches, client_data
+from fedlora.data.encoding import batches
+from fedlora.data.partitioning import client_data
 from fedlora.errors import ConfigError
 from fedlora.grouped_lora import fresh_group
 from fedlora.grouped_training import train_group

@@ -38,7 +38,8 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from safetensors.torch import load_file
 
 from cli.main import main as cli_main
-from clients.app import Client, client_app, node_run_config
+from clients.app import client_app
+from clients.client import Client, node_run_config
 from deployment.commands import (
     gateway_command,
     register_command,

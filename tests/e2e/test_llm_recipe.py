@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli.main import main
-from fedlora.data import server_eval_set
+from fedlora.data.partitioning import server_eval_set
 from fedlora.generation_eval import GenerationEvaluation
 from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe

@@ -9,7 +9,7 @@ import pytest
 
 from cli.main import main
 from fedlora.config import RunConfig
-from fedlora.data import server_eval_set
+from fedlora.data.partitioning import server_eval_set
 from fedlora.models import load_base_model
 from fedlora.training import evaluate
 from simulations.baselines import RESULT_COLUMNS, spread, training_clients

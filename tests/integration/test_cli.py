@@ -17,7 +17,7 @@ from rich.console import Console
 
 from cli.main import main
 from cli.simulate import round_progress, rounds_table, spread_table
-from fedlora.data import partition, server_eval_set
+from fedlora.data.partitioning import partition, server_eval_set
 from fedlora.errors import ConfigError, SimulationError
 from simulations.compare import seed_recipes, strategy_names, strategy_spreads, summary
 from simulations.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round

@@ -8,7 +8,7 @@ import pytest
 from cli import simulate as simulate_command
 from cli.main import main
 from fedlora.config import RunConfig
-from fedlora.data import load_dataset
+from fedlora.data.loading import load_dataset
 from fedlora.errors import ConfigError
 
 NOT_UTF8 = b"\xff\xfe\x00"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from clients.app import client_app
 from fedlora.config import RunConfig
-from fedlora.data import server_eval_set
+from fedlora.data.partitioning import server_eval_set
 from fedlora.generation import greedy_replies
 from fedlora.instructions import prompt_ids, user_turn
 from fedlora.models import load_base_model

@@ -22,7 +22,7 @@ from transformers import (
 
 from clients.app import client_app
 from fedlora.config import RunConfig
-from fedlora.data import clear_caches, server_eval_set
+from fedlora.data.partitioning import clear_caches, server_eval_set
 from fedlora.errors import ConfigError
 from fedlora.models import load_base_model, with_lora
 from simulations.run_dir import read_metrics

@@ -18,6 +18,7 @@ from torch import nn
 from clients.app import client_app
 from fedlora import data
 from fedlora.config import RunConfig
+from fedlora.dp_accounting import history_from_values, history_to_values
 from fedlora.errors import ConfigError
 from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient
 from fedlora.models import load_base_model, with_lora
@@ -25,8 +26,6 @@ from fedlora.privacy import (
     NOISE_TOLERANCE,
     client_plan,
     example_loader,
-    history_from_values,
-    history_to_values,
     private_training,
 )
 from fedlora.training import train_local, train_private

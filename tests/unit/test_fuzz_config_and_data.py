@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedlora.config import RunConfig, kebab
-from fedlora.data import clear_caches, load_dataset
+from fedlora.data.loading import load_dataset
+from fedlora.data.partitioning import clear_caches
 from fedlora.errors import ConfigError
 from simulations.recipes import load_recipe
 

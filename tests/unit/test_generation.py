@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.data import HashingTokenizer
+from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.errors import ConfigError
 from fedlora.generation import (
     answer_correct,

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from fedlora import data, smollm2
 from fedlora.bucketing import length_grouped_batches
-from fedlora.data import HashingTokenizer
+from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.instructions import IGNORED_LABEL, PLAIN_PROMPT, collate, example_ids, examples_ids
 
 QUESTION = "What is the capital of France?"

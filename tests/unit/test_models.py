@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedlora.config import RunConfig
-from fedlora.data import HashingTokenizer
+from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.errors import ConfigError
 from fedlora.lowrank import LowRank
 from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers

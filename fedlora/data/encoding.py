@@ -1,0 +1,98 @@
+"""Examples as model inputs: the task a dataset holds, its rows encoded as tensors, and the seeded
+batches of local training (an instruction dataset's grouped by length, `fedlora.bucketing`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import datasets
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlora.bucketing import length_grouped_batches
+from fedlora.columns import INSTRUCTION, LABEL, TEXT
+from fedlora.errors import ConfigError
+from fedlora.instructions import IGNORED_LABEL, collate, examples_ids
+
+
+def infer_task(data: datasets.Dataset) -> str:
+    if INSTRUCTION in data.column_names:
+        return "causal-lm"
+    return "classification" if LABEL in data.column_names else "causal-lm"
+
+
+def is_instruction_data(data: datasets.Dataset, task: str) -> bool:
+    return task == "causal-lm" and INSTRUCTION in data.column_names
+
+
+def encode(rows: dict[str, list], tokenizer, max_length: int, task: str) -> dict[str, Tensor]:
+    """A batch of rows as model inputs with ``labels``: the class, or the next tokens (causal LM;
+    padding positions get -100, and an instruction's prompt positions too)."""
+    if task == "causal-lm" and INSTRUCTION in rows:
+        return collate(examples_ids(rows, tokenizer, max_length), tokenizer.pad_token_id)
+    inputs = dict(
+        tokenizer(
+            list(rows[TEXT]),
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    if task == "classification":
+        inputs["labels"] = torch.tensor(rows[LABEL], dtype=torch.long)
+    else:
+        labels = inputs["input_ids"].clone()
+        labels[inputs["attention_mask"] == 0] = IGNORED_LABEL
+        inputs["labels"] = labels
+    return inputs
+
+
+def batches(
+    data: datasets.Dataset,
+    tokenizer,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    steps: int,
+    task: str | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """``steps`` training batches drawn without replacement, reshuffled (seeded) each epoch;
+    instruction examples are tokenized once and grouped by length (`fedlora.bucketing`).
+
+    ``task`` defaults to causal LM for instruction data, else to classification when the data has
+    a ``label`` column, else to causal LM.
+    """
+    if len(data) == 0:
+        raise ConfigError("no training examples: the client's train split is empty")
+    task = task or infer_task(data)
+    rng = np.random.default_rng(seed)
+    if is_instruction_data(data, task):
+        examples = examples_ids(data[:], tokenizer, max_length)
+        order = length_grouped_batches([len(ids) for ids, _ in examples], batch_size, rng)
+        for _, chosen in zip(range(steps), order, strict=False):
+            yield collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+        return
+    stream = np.empty(0, dtype=np.int64)
+    for _ in range(steps):
+        while len(stream) < batch_size:
+            stream = np.concatenate([stream, rng.permutation(len(data))])
+        chosen, stream = stream[:batch_size], stream[batch_size:]
+        yield encode(data[chosen.tolist()], tokenizer, max_length, task)
+
+
+def ordered_batches(
+    data: datasets.Dataset, tokenizer, max_length: int, batch_size: int, task: str | None = None
+) -> Iterator[dict[str, Tensor]]:
+    """Every example once, for evaluation: in order, instruction examples by length."""
+    task = task or infer_task(data)
+    if is_instruction_data(data, task):
+        examples = examples_ids(data[:], tokenizer, max_length)
+        order = np.argsort([-len(ids) for ids, _ in examples], kind="stable")
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            yield collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+        return
+    for start in range(0, len(data), batch_size):
+        yield encode(data[start : start + batch_size], tokenizer, max_length, task)
