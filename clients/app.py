@@ -29,9 +29,13 @@ from clients.node_store import NodeStore
 from clients.private_training import budget_spent_reply, train_privately
 from clients.records import message_config, payload_from_record, reply_record
 from clients.steps import QueryAnswer, clip_for_client_dp
-from fedlora.base_store import catch_up_from_store
-from fedlora.generation_eval import GenerationEvaluation, generation_due
-from fedlora.messages import (
+from fedlora.lora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_responses
+from fedlora.lora.versioning import BaseCache
+from fedlora.privacy.sample_level import SPENT_BEFORE_KEY
+from fedlora.training.generation_eval import GenerationEvaluation, generation_due
+from fedlora.training.local import evaluate, train_round
+from fedlora.wire.base_store import catch_up_from_store
+from fedlora.wire.messages import (
     ACCURACY_KEY,
     BASE_STORE_KEY,
     FROM_VERSION_KEY,
@@ -46,10 +50,6 @@ from fedlora.messages import (
     Payload,
     ranks_in,
 )
-from fedlora.privacy import SPENT_BEFORE_KEY
-from fedlora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_responses
-from fedlora.training import evaluate, train_round
-from fedlora.versioning import BaseCache
 
 
 def client_app(run_config: BoundRunConfig = None) -> ClientApp:

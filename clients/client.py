@@ -18,14 +18,14 @@ from clients.fedsb import SBModelStep
 from clients.node import saved_version
 from clients.steps import LoRAModelStep
 from clients.worker import Worker, worker_for
-from fedlora.adapter import SBCore
 from fedlora.config import RunConfig, without_server_app_keys
 from fedlora.data.partitioning import ClientData
 from fedlora.errors import ConfigError
-from fedlora.messages import PARTITION_ID_KEY, VERSION_KEY
+from fedlora.lora.adapter import SBCore
 from fedlora.method_config import parse_run_config
 from fedlora.rules import AggregationRule, make_rule
-from fedlora.training import client_seed, set_torch_threads
+from fedlora.training.local import client_seed, set_torch_threads
+from fedlora.wire.messages import PARTITION_ID_KEY, VERSION_KEY
 
 MODEL_STEPS = (LoRAModelStep, SBModelStep)
 """The kinds of model a method's client step runs on; the ClientApp answers their queries."""

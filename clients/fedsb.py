@@ -16,13 +16,21 @@ from clients.node import keep_tensors, kept_tensors, save_privacy_history, saved
 from clients.records import message_config, reply_record
 from clients.steps import Arrays, QueryAnswer
 from clients.worker import Worker
-from fedlora.adapter import LoRAFactors, SBCore
-from fedlora.client_state import ClientState
 from fedlora.data.encoding import batches
 from fedlora.errors import ConfigError
-from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.adapter import LoRAFactors, SBCore
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.probes import Delta, sb_weight_changes
+from fedlora.lora.versioning import BaseCache
+from fedlora.models.base_model import sb_head_parameters
+from fedlora.models.peft_io import ModelMismatchError
+from fedlora.models.sb_layer import load_cores, load_fixed_factors, read_cores, sb_layers
+from fedlora.privacy.sample_level import client_plan, example_loader
+from fedlora.rules import AggregationRule
+from fedlora.training.local import seeded_rng, to_device
+from fedlora.wire.messages import (
     ADAPTER_RECORD,
     GRADIENT_SUFFIX,
     HEAD_RECORD,
@@ -43,14 +51,6 @@ from fedlora.messages import (
     to_wire,
     update_format,
 )
-from fedlora.models import sb_head_parameters
-from fedlora.peft_io import ModelMismatchError
-from fedlora.privacy import client_plan, example_loader
-from fedlora.probes import Delta, sb_weight_changes
-from fedlora.rules import AggregationRule
-from fedlora.sb_layer import load_cores, load_fixed_factors, read_cores, sb_layers
-from fedlora.training import seeded_rng, to_device
-from fedlora.versioning import BaseCache
 
 if TYPE_CHECKING:
     from clients.client import Client

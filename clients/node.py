@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor
 
-from fedlora.dp_accounting import History, history_from_values, history_to_values
-from fedlora.messages import VERSION_KEY, rank_key, ranks_in
-from fedlora.versioning import BaseCache
+from fedlora.lora.versioning import BaseCache
+from fedlora.privacy.accounting import History, history_from_values, history_to_values
+from fedlora.wire.messages import VERSION_KEY, rank_key, ranks_in
 
 RANKS_AND_VERSION_RECORD = "fedlora.node"
 KEPT_RECORD = "fedlora.kept"

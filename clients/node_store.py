@@ -22,9 +22,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from safetensors import safe_open
 
-from fedlora.atomic_files import save_tensors_atomic
 from fedlora.config import ServerAppSettings
-from fedlora.messages import PARTITION_ID_KEY
+from fedlora.run_records.atomic_files import save_tensors_atomic
+from fedlora.wire.messages import PARTITION_ID_KEY
 
 STATE_DIR_KEY = "state-dir"
 """Node-config key of the directory that keeps the node's state across runs."""

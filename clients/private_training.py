@@ -11,9 +11,9 @@ from clients.client import Client
 from clients.node import save_privacy_history, saved_privacy_history
 from clients.records import reply_record
 from fedlora.errors import ConfigError
-from fedlora.messages import NUM_EXAMPLES_KEY, Payload, ranks_in
-from fedlora.privacy import BUDGET_SPENT_KEY, DELTA_KEY, EPSILON_KEY, client_plan
-from fedlora.training import TrainReport, train_private
+from fedlora.privacy.sample_level import BUDGET_SPENT_KEY, DELTA_KEY, EPSILON_KEY, client_plan
+from fedlora.training.local import TrainReport, train_private
+from fedlora.wire.messages import NUM_EXAMPLES_KEY, Payload, ranks_in
 
 
 def train_privately(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
-from fedlora.messages import (
+from fedlora.wire.messages import (
     ADAPTER_RECORD,
     BASE_CHANGE_RECORD,
     CONFIG_RECORD,

@@ -17,9 +17,19 @@ from torch import Tensor, nn
 
 from clients.node import keep_tensors, kept_tensors
 from clients.worker import Worker
-from fedlora.client_dp import CLIP_KEY, UPDATE_NORM_KEY, clip_reply
-from fedlora.client_state import ClientState
-from fedlora.messages import (
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.probes import Delta, lora_weight_changes
+from fedlora.lora.versioning import BaseCache
+from fedlora.models.peft_io import (
+    DEFAULT_ADAPTER,
+    apply_client_state,
+    lora_layers,
+    read_adapter,
+    read_head,
+)
+from fedlora.privacy.client_level import CLIP_KEY, UPDATE_NORM_KEY, clip_reply
+from fedlora.rules import AggregationRule
+from fedlora.wire.messages import (
     A_SUFFIX,
     ADAPTER_RECORD,
     B_SUFFIX,
@@ -33,16 +43,6 @@ from fedlora.messages import (
     to_wire,
     update_format,
 )
-from fedlora.peft_io import (
-    DEFAULT_ADAPTER,
-    apply_client_state,
-    lora_layers,
-    read_adapter,
-    read_head,
-)
-from fedlora.probes import Delta, lora_weight_changes
-from fedlora.rules import AggregationRule
-from fedlora.versioning import BaseCache
 
 if TYPE_CHECKING:
     from clients.client import Client
@@ -120,7 +120,7 @@ def clip_for_client_dp(
     """Client-level DP: the reply's adapter and head with their change from the payload clipped,
     as one vector in the client's own shapes and folded (LoRA factors times s_i ** the rule's
     ``dp_scale_power``: sqrt(s_i), FFA-LoRA's s_i), to the
-    payload's ``dp-client-clip`` (`fedlora.client_dp.clip_reply`); and the change's norm before
+    payload's ``dp-client-clip`` (`fedlora.privacy.client_level.clip_reply`); and the change's norm before
     clipping. Unchanged, with no metric, when the payload asks for no clipping."""
     if CLIP_KEY not in payload.config:
         return arrays, {}

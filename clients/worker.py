@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from peft import PeftModel
 from torch import nn
 
-from fedlora.client_state import ClientState
 from fedlora.config import RunConfig
 from fedlora.data.partitioning import ClientData, client_data
-from fedlora.models import load_base_model, with_lora, with_sb_layers
-from fedlora.peft_io import ModelMismatchError, client_state_from_model
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.versioning import BaseCache
+from fedlora.models.base_model import load_base_model, with_lora, with_sb_layers
+from fedlora.models.peft_io import ModelMismatchError, client_state_from_model
 from fedlora.rules.legend import layer_index
-from fedlora.training import device_for
-from fedlora.versioning import BaseCache
+from fedlora.training.local import device_for
 
 PEFT_PREFIX = "base_model.model."
 MAX_MODELS = 4

@@ -72,8 +72,12 @@ def child(run_config: Mapping[str, str | int | float], rank: int) -> dict[str, f
     from clients.node import BASE_RECORD, BASE_VERSION_RECORD, own_base
     from clients.worker import Worker
     from fedlora.config import RunConfig
-    from fedlora.messages import VERSION_KEY
-    from fedlora.peft_io import apply_client_state, client_state_from_model, pretrained_weights
+    from fedlora.models.peft_io import (
+        apply_client_state,
+        client_state_from_model,
+        pretrained_weights,
+    )
+    from fedlora.wire.messages import VERSION_KEY
 
     config = RunConfig.from_flower(run_config)
     lap("import the apps")

@@ -7,7 +7,7 @@ with ``-`` for ``_``, declared with `key`: default, help text, and the values it
 reference of every key, ``docs/config.md``, is generated from these definitions
 (`fedlora.config_reference`). `RunConfig.from_flower` refuses unknown keys (suggesting the
 closest known one) and values of the wrong type or out of range, naming the key. Three defaults
-follow the model and data when left unset (`fedlora.model_defaults`): ``task`` (a named model's
+follow the model and data when left unset (`fedlora.models.model_defaults`): ``task`` (a named model's
 own; else the model's head, or the dataset's columns), ``target-modules`` (``q_proj,v_proj`` for
 the named causal LMs, ``query,value`` for the named classifiers, else what peft knows for the
 architecture) and ``modules-to-save`` (none for causal LM; ``classifier,pooler`` for the named
@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
+from fedlora.data.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 from fedlora.errors import ConfigError
-from fedlora.lr_schedule import LR_SCHEDULES
-from fedlora.tracking import tracker_names
+from fedlora.run_records.tracking import tracker_names
+from fedlora.training.lr_schedule import LR_SCHEDULES
 
 Scalar = int | float | str | bool
 """A run-config value (Flower's scalar user-config values)."""
@@ -431,7 +431,7 @@ def default_task(config: RunConfig) -> str:
     """A named model's task; else inferred from the model's head or the dataset's columns."""
     if config.model in NAMED_MODELS:
         return NAMED_MODELS[config.model]
-    from fedlora.model_defaults import inferred_task  # reads the model's files and the data
+    from fedlora.models.model_defaults import inferred_task  # reads the model's files and the data
 
     return inferred_task(config)
 
@@ -441,7 +441,7 @@ def default_targets(model: str, task: str) -> str:
     default LoRA targets for the model's architecture."""
     if model in NAMED_MODELS:
         return CAUSAL_LM_TARGETS if task == "causal-lm" else CLASSIFICATION_TARGETS
-    from fedlora.model_defaults import peft_target_modules  # reads the model's config file
+    from fedlora.models.model_defaults import peft_target_modules  # reads the model's config file
 
     return ",".join(peft_target_modules(model))
 
@@ -453,7 +453,7 @@ def default_head(model: str, task: str) -> str:
         return ""
     if model in NAMED_MODELS:
         return CLASSIFICATION_HEAD
-    from fedlora.model_defaults import classification_head  # reads the model's config file
+    from fedlora.models.model_defaults import classification_head  # reads the model's config file
 
     return ",".join(classification_head(model))
 

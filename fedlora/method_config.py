@@ -6,13 +6,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 
-from fedlora.client_dp import check_client_dp_rule
 from fedlora.config import RunConfig, Scalar
 from fedlora.errors import ConfigError
+from fedlora.lora.server_optimizer import ServerOptimizer
+from fedlora.privacy.client_level import check_client_dp_rule
 from fedlora.rules import RULES
 from fedlora.rules.base import check_robustness
 from fedlora.rules.robust import Robustness
-from fedlora.server_optimizer import ServerOptimizer
 
 
 def parse_run_config(run_config: Mapping[str, Scalar]) -> RunConfig:

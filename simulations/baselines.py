@@ -11,8 +11,8 @@
   results are the mean and the standard deviation (population) over the clients.
 
 Each is evaluated as the server evaluates the global model: loss and accuracy on its held-out set
-(`fedlora.training.evaluate`) and, for instruction data, the generation score
-(`fedlora.generation_eval`). ``results.csv`` has one row per baseline.
+(`fedlora.training.local.evaluate`) and, for instruction data, the generation score
+(`fedlora.training.generation_eval`). ``results.csv`` has one row per baseline.
 """
 
 from __future__ import annotations
@@ -29,9 +29,15 @@ import datasets
 from fedlora.config import RunConfig
 from fedlora.data.encoding import is_instruction_data
 from fedlora.data.partitioning import client_data, server_eval_set
-from fedlora.generation_eval import GenerationEvaluation
-from fedlora.models import BaseModel, load_base_model, with_lora
-from fedlora.training import client_seed, device_for, evaluate, set_torch_threads, train_round
+from fedlora.models.base_model import BaseModel, load_base_model, with_lora
+from fedlora.training.generation_eval import GenerationEvaluation
+from fedlora.training.local import (
+    client_seed,
+    device_for,
+    evaluate,
+    set_torch_threads,
+    train_round,
+)
 from simulations.recipes import Recipe
 
 BASELINES = ("pretrained", "centralized", "local-only")

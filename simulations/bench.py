@@ -28,16 +28,22 @@ from pathlib import Path
 import torch
 
 from clients.worker import Worker
-from fedlora.adapter import LoRAFactors, lora_scale
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.peft_io import apply_client_state, read_adapter, read_head
-from fedlora.probes import lora_weight_changes, probe_responses
+from fedlora.lora.adapter import LoRAFactors, lora_scale
+from fedlora.lora.probes import lora_weight_changes, probe_responses
+from fedlora.lora.updates import ClientUpdate
+from fedlora.lora.versioning import BaseCache
+from fedlora.models.peft_io import apply_client_state, read_adapter, read_head
 from fedlora.rules import RULES, AggregationRule, ClientSpec
 from fedlora.rules.base import GlobalState
-from fedlora.training import client_seed, device_for, evaluate, set_torch_threads, train_round
-from fedlora.updates import ClientUpdate
-from fedlora.versioning import BaseCache
+from fedlora.training.local import (
+    client_seed,
+    device_for,
+    evaluate,
+    set_torch_threads,
+    train_round,
+)
 from simulations.recipes import Recipe, SimulationSettings, load_recipe, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import simulate

@@ -4,7 +4,7 @@ the server process's resident memory as each round ends and the round's seconds.
 The default recipe (`scale.toml`) has 1000 clients of the tiny BERT, 10 sampled per round, 50
 rounds. Memory should stay flat: what the server keeps grows with the rounds only where it must
 (FedEx-LoRA's and FLoRA's change log is folded into a dense snapshot once its factors are larger,
-`fedlora.versioning.ChangeLog`).
+`fedlora.lora.versioning.ChangeLog`).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ import torch
 
 from fedlora.bench.train import device_name, grouped_throughput, mfu, plain_throughput
 from fedlora.errors import ConfigError
-from fedlora.models import load_base_model
-from fedlora.training import device_for
+from fedlora.models.base_model import load_base_model
+from fedlora.training.local import device_for
 from simulations.recipes import Recipe, load_recipe, resolve
 from simulations.run_dir import claim_run_dir, read_metrics
 from simulations.runner import simulate

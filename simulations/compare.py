@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedlora.errors import ConfigError
-from fedlora.messages import Scalar
+from fedlora.wire.messages import Scalar
 from simulations.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round
 from simulations.recipes import Recipe, load_recipe, resolve
 from simulations.run_dir import MetricsRow, read_metrics

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedlora.errors import ConfigError
-from fedlora.messages import Scalar
+from fedlora.wire.messages import Scalar
 from simulations.compare import summary
 from simulations.plots import finish, new_figure
 from simulations.recipes import Recipe, load_recipe, parse_overrides

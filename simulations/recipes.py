@@ -26,9 +26,9 @@ from fedlora.config import (
 from fedlora.data.loading import load_dataset, load_eval_dataset
 from fedlora.errors import ConfigError
 from fedlora.method_config import parse_run_config
-from fedlora.models import check_model_limits
+from fedlora.models.base_model import check_model_limits
+from fedlora.run_records.tracking import check_trackers_installed
 from fedlora.toml_values import toml_table
-from fedlora.tracking import check_trackers_installed
 
 RUN_DIR_KEY = "run-dir"
 RESUME_KEY = "resume"

@@ -29,9 +29,9 @@ from flwr.common.logger import FLOWER_LOGGER, console_handler
 from flwr.simulation import run_simulation
 
 from clients.app import client_app
-from fedlora.atomic_files import write_text_atomic
 from fedlora.errors import ConfigError, InvalidUpdateError, SimulationError
-from fedlora.messages import Scalar
+from fedlora.run_records.atomic_files import write_text_atomic
+from fedlora.wire.messages import Scalar
 from simulations.in_process import run_in_process
 from simulations.recipes import RESUME_KEY, RUN_DIR_KEY, Recipe, load_recipe, resolve
 from simulations.run_dir import (

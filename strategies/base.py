@@ -35,13 +35,17 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 from torch import Tensor
 
-from fedlora.adapter import lora_scale
-from fedlora.base_store import write_round_change
-from fedlora.client_dp import CLIP_KEY, check_client_dp_rule
 from fedlora.config import RunConfig
-from fedlora.lowrank import stack
-from fedlora.measurement import worst
-from fedlora.messages import (
+from fedlora.lora.adapter import lora_scale
+from fedlora.lora.lowrank import stack
+from fedlora.lora.measurement import worst
+from fedlora.lora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
+from fedlora.method_config import robustness_of, server_optimizer_of
+from fedlora.privacy.client_level import CLIP_KEY, check_client_dp_rule
+from fedlora.privacy.sample_level import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
+from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult, rule_class
+from fedlora.wire.base_store import write_round_change
+from fedlora.wire.messages import (
     A_SUFFIX,
     ACCURACY_KEY,
     B_SUFFIX,
@@ -60,10 +64,6 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
-from fedlora.method_config import robustness_of, server_optimizer_of
-from fedlora.privacy import BUDGET_SPENT_KEY, EPSILON_KEY, SPENT_BEFORE_KEY
-from fedlora.probes import PROBE_SEED_KEY, probe_responses, relative_deviation
-from fedlora.rules import AggregationRule, ClientSpec, GlobalState, RoundResult, rule_class
 from strategies.client_dp import ClientLevelDP
 from strategies.initial_arrays import lora_initial_arrays
 from strategies.records import NodeReport, payload_record, serialized_bytes

@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import Tensor
 
-from fedlora.atomic_files import (
+from fedlora.run_records.atomic_files import (
     fresh_directory_beside,
     save_tensors_atomic,
     swap_in_directory,

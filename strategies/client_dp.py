@@ -12,8 +12,8 @@ several records (adapter, head, probes), Fed-SB's first payload holds fixed fact
 lacks, and it would clip the unfolded factors, whose change understates by sqrt(s_i) what the
 server adds. `DifferentialPrivacyServerSideFixedClipping` clips each reply against the global
 arrays, which have the top rank's shapes, so it breaks with mixed ranks. Here each client clips its
-update in its own shapes (`fedlora.client_dp.clip_reply`), the server clips again (so the bound
-holds for a client that did not) and noises the state (`fedlora.client_dp.private_round`).
+update in its own shapes (`fedlora.privacy.client_level.clip_reply`), the server clips again (so the bound
+holds for a client that did not) and noises the state (`fedlora.privacy.client_level.private_round`).
 
 Training and evaluation metrics (loss, accuracy, example counts, update norms) are not privatised,
 as in Flower's wrappers; the probes that measure exactness are not asked for under DP, since a
@@ -31,11 +31,11 @@ from flwr.app import Message
 from flwr.supercore import log
 from torch import Tensor
 
-from fedlora.client_dp import UPDATE_NORM_KEY, private_mean, private_round
-from fedlora.dp_accounting import FederationAccountant
-from fedlora.messages import METRICS_RECORD
+from fedlora.lora.updates import ClientUpdate
+from fedlora.privacy.accounting import FederationAccountant
+from fedlora.privacy.client_level import UPDATE_NORM_KEY, private_mean, private_round
 from fedlora.rules import AggregationRule, GlobalState, RoundResult
-from fedlora.updates import ClientUpdate
+from fedlora.wire.messages import METRICS_RECORD
 
 EPSILON_METRIC = "client_dp_epsilon"
 CLIPPED_METRIC = "client_dp_clipped"
@@ -116,7 +116,7 @@ class ClientLevelDP:
         replies: Sequence[Message],
         server_round: int,
     ) -> tuple[RoundResult, dict[str, float]]:
-        """The private round (`fedlora.client_dp.private_round`), the accountant stepped, and the
+        """The private round (`fedlora.privacy.client_level.private_round`), the accountant stepped, and the
         metrics: epsilon so far, the largest update norm the server measured (at most C, up to
         rounding, when clients clip) and the fraction of clients that had to clip."""
         num_sampled, num_nodes = self._sampled.pop(server_round)

@@ -1,11 +1,11 @@
 """Server-side evaluation and export of the global model.
 
 The server evaluates, on its held-out set, the model a client of each rank class runs
-(`fedlora.global_model.rank_class_deltas`): once for the exact methods, whose clients all run W_t,
+(`fedlora.lora.global_model.rank_class_deltas`): once for the exact methods, whose clients all run W_t,
 and per rank for the others; the row's accuracy is the top rank's. Personalized methods (FedSA-LoRA)
 have no global model: their accuracy stays the clients' personal one. In the rounds that
 ``generation-every`` names, the top rank's model also answers the held-out instructions
-(`fedlora.generation_eval`).
+(`fedlora.training.generation_eval`).
 """
 
 from __future__ import annotations
@@ -14,17 +14,21 @@ import logging
 import shutil
 from pathlib import Path
 
-from fedlora.adapter import LoRAFactors, lora_scale
-from fedlora.atomic_files import fresh_directory_beside, swap_in_directory, write_json_atomic
 from fedlora.config import RunConfig, parse_rank_profile
 from fedlora.data.loading import class_names
 from fedlora.data.partitioning import server_eval_set
-from fedlora.generation_eval import GenerationEvaluation, GenerationReport
-from fedlora.global_model import plain_model_with, rank_class_deltas
-from fedlora.models import load_base_model, quiet_transformers, with_lora
-from fedlora.peft_io import write_adapter, write_head
+from fedlora.lora.adapter import LoRAFactors, lora_scale
+from fedlora.lora.global_model import plain_model_with, rank_class_deltas
+from fedlora.models.base_model import load_base_model, quiet_transformers, with_lora
+from fedlora.models.peft_io import write_adapter, write_head
 from fedlora.rules import AggregationRule, GlobalState
-from fedlora.training import device_for, evaluate
+from fedlora.run_records.atomic_files import (
+    fresh_directory_beside,
+    swap_in_directory,
+    write_json_atomic,
+)
+from fedlora.training.generation_eval import GenerationEvaluation, GenerationReport
+from fedlora.training.local import device_for, evaluate
 
 logger = logging.getLogger(__name__)
 LABELS_FILE = "labels.json"

@@ -3,7 +3,7 @@
 Before the first round, unless the initial arrays already carry non-zero fixed factors and R, the
 strategy asks every sampled node (a ``query.sb_init`` message) for its estimate of the full-weight
 gradient on its own data, and sets B, A and R_0 from their example-weighted combination
-(`fedlora.fedsb_init`): in ``sketch`` mode (default) nodes send the sketches G Omega and Psi G
+(`fedlora.lora.fedsb_init`): in ``sketch`` mode (default) nodes send the sketches G Omega and Psi G
 (k d_out + l d_in floats per module) and the first step is SGD-like, -eta G; in ``sign`` mode they
 send the dense G (d_out x d_in per module) and the first step is LoRA-SB's Adam-like -eta sign(G).
 The upload is reported once, as ``setup_bytes_up`` of round 1. Under client-level DP the
@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from fedlora import rules
 from fedlora.config import RunConfig
-from fedlora.fedsb_init import (
+from fedlora.lora.fedsb_init import (
     DEFAULT_ETA,
     DEFAULT_OVERSAMPLE,
     GradientSketch,
@@ -27,8 +27,9 @@ from fedlora.fedsb_init import (
     sketch_init,
     sketch_sizes,
 )
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.lowrank import LowRank
+from fedlora.rules import GlobalState
+from fedlora.wire.messages import (
     CONFIG_RECORD,
     GRADIENT_SUFFIX,
     SB_A_SUFFIX,
@@ -42,7 +43,6 @@ from fedlora.messages import (
     SKETCH_Z_SUFFIX,
     modules_with_suffix,
 )
-from fedlora.rules import GlobalState
 from strategies.base import LoRAStrategy
 from strategies.initial_arrays import sb_initial_arrays
 from strategies.records import serialized_bytes

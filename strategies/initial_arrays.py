@@ -7,10 +7,15 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedlora.config import RunConfig
-from fedlora.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
-from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
-from fedlora.peft_io import read_adapter, read_head
-from fedlora.sb_layer import sb_layers
+from fedlora.models.base_model import (
+    load_base_model,
+    sb_head_parameters,
+    with_lora,
+    with_sb_layers,
+)
+from fedlora.models.peft_io import read_adapter, read_head
+from fedlora.models.sb_layer import sb_layers
+from fedlora.wire.messages import SB_A_SUFFIX, SB_B_SUFFIX, adapter_to_tensors
 
 
 def lora_initial_arrays(config: RunConfig) -> ArrayRecord:

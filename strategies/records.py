@@ -16,7 +16,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from fedlora.messages import (
+from fedlora.lora.probes import PROBE_RECORD
+from fedlora.lora.updates import ClientUpdate
+from fedlora.wire.messages import (
     ADAPTER_RECORD,
     BASE_CHANGE_RECORD,
     CONFIG_RECORD,
@@ -27,8 +29,6 @@ from fedlora.messages import (
     start_rank_key,
     update_format,
 )
-from fedlora.probes import PROBE_RECORD
-from fedlora.updates import ClientUpdate
 
 
 def payload_record(payload: Payload) -> RecordDict:

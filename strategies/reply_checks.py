@@ -35,8 +35,11 @@ import torch
 from flwr.app import RecordDict
 from torch import Tensor
 
-from fedlora.adapter import lora_scale
-from fedlora.messages import (
+from fedlora.lora.adapter import lora_scale
+from fedlora.lora.probes import PROBE_COUNT, PROBE_RECORD
+from fedlora.lora.updates import ClientUpdate
+from fedlora.rules import AggregationRule, ClientSpec, GlobalState
+from fedlora.wire.messages import (
     ACCURACY_KEY,
     ADAPTER_RECORD,
     CONFIG_RECORD,
@@ -54,9 +57,6 @@ from fedlora.messages import (
     scale_key,
     start_rank_key,
 )
-from fedlora.probes import PROBE_COUNT, PROBE_RECORD
-from fedlora.rules import AggregationRule, ClientSpec, GlobalState
-from fedlora.updates import ClientUpdate
 from strategies.records import NodeReport, update_from_tensors
 
 WIRE_DTYPES = ("float32", "float16")

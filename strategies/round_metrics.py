@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from flwr.app import MetricRecord
 
-from fedlora.messages import ACCURACY_KEY, GENERATION_KEY, LOSS_KEY
-from fedlora.privacy import EPSILON_KEY
+from fedlora.privacy.sample_level import EPSILON_KEY
+from fedlora.wire.messages import ACCURACY_KEY, GENERATION_KEY, LOSS_KEY
 
 TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
 """The train exchange's seconds in a row, as `strategies.base.LoRAStrategy` measures them."""

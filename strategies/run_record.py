@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from fedlora.atomic_files import write_json_atomic, write_text_atomic
+from fedlora.run_records.atomic_files import write_json_atomic, write_text_atomic
 
 STATUS_FILE = "status"
 MANIFEST_FILE = "manifest.json"

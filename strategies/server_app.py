@@ -1,6 +1,6 @@
 """The Flower ServerApp: the run config's strategy, started from the base model's initial adapter,
 with one JSON row per round in ``RUN_DIR/metrics.jsonl``, tracked live as the ``tracking`` key
-asks (`fedlora.tracking`: TensorBoard event files in ``RUN_DIR/tensorboard`` by default).
+asks (`fedlora.run_records.tracking`: TensorBoard event files in ``RUN_DIR/tensorboard`` by default).
 
 Besides `fedlora.config.RunConfig`'s keys the run config may hold two of the ServerApp's own:
 ``run-dir`` (default: empty, a directory of the run's own, ``runs/flwr/<Flower run id>``) and
@@ -35,14 +35,14 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedlora.atomic_files import write_text_atomic
-from fedlora.base_store import discard_changes_after
 from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
-from fedlora.measurement import worst
+from fedlora.lora.measurement import worst
 from fedlora.method_config import parse_run_config
-from fedlora.models import check_model_limits
-from fedlora.tracking import RunTracking, row_scalars
-from fedlora.training import device_for
+from fedlora.models.base_model import check_model_limits
+from fedlora.run_records.atomic_files import write_text_atomic
+from fedlora.run_records.tracking import RunTracking, row_scalars
+from fedlora.training.local import device_for
+from fedlora.wire.base_store import discard_changes_after
 from strategies import LoRAStrategy, strategy_class
 from strategies.checkpoint import read_checkpoint, write_checkpoint
 from strategies.client_dp import CLIPPED_METRIC, EPSILON_METRIC, ClientLevelDP

@@ -34,7 +34,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from fedlora.adapter import (
+from fedlora.errors import ConfigError
+from fedlora.lora.adapter import (
     Adapter,
     LoRAFactors,
     ModuleUpdate,
@@ -43,12 +44,11 @@ from fedlora.adapter import (
     TrainedB,
     lora_scale,
 )
-from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.messages import to_wire
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate, example_weights
 from fedlora.rules import RULES, AggregationRule, ClientSpec, make_rule
 from fedlora.rules.flora import stack_adapters
-from fedlora.updates import ClientUpdate, example_weights
+from fedlora.wire.messages import to_wire
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CPU_SAMPLED_MODULES = 2

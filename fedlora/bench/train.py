@@ -1,5 +1,5 @@
 """Training throughput in one process: the plain peft LoRA loop at a batch, and a group of clients
-trained together (`fedlora.grouped_training`).
+trained together (`fedlora.training.grouped`).
 
 Both draw their batches from the run's client partitions before the clock starts, run
 ``warmup`` untimed steps, then ``steps`` timed ones; a token is a position of a batch (rows x
@@ -23,10 +23,10 @@ from fedlora.config import RunConfig
 from fedlora.data.encoding import batches
 from fedlora.data.partitioning import client_data
 from fedlora.errors import ConfigError
-from fedlora.grouped_lora import fresh_group
-from fedlora.grouped_training import train_group
-from fedlora.models import BaseModel, with_lora
-from fedlora.training import client_seed, train_local
+from fedlora.models.base_model import BaseModel, with_lora
+from fedlora.models.grouped_lora import fresh_group
+from fedlora.training.grouped import train_group
+from fedlora.training.local import client_seed, train_local
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 """Dense bf16 peak of the GPUs the figures are quoted for, by a word of the device's name."""

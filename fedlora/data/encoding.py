@@ -1,5 +1,5 @@
 """Examples as model inputs: the task a dataset holds, its rows encoded as tensors, and the seeded
-batches of local training (an instruction dataset's grouped by length, `fedlora.bucketing`)."""
+batches of local training (an instruction dataset's grouped by length, `fedlora.data.bucketing`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedlora.bucketing import length_grouped_batches
-from fedlora.columns import INSTRUCTION, LABEL, TEXT
+from fedlora.data.bucketing import length_grouped_batches
+from fedlora.data.columns import INSTRUCTION, LABEL, TEXT
+from fedlora.data.instructions import IGNORED_LABEL, collate, examples_ids
 from fedlora.errors import ConfigError
-from fedlora.instructions import IGNORED_LABEL, collate, examples_ids
 
 
 def infer_task(data: datasets.Dataset) -> str:
@@ -59,7 +59,7 @@ def batches(
     task: str | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """``steps`` training batches drawn without replacement, reshuffled (seeded) each epoch;
-    instruction examples are tokenized once and grouped by length (`fedlora.bucketing`).
+    instruction examples are tokenized once and grouped by length (`fedlora.data.bucketing`).
 
     ``task`` defaults to causal LM for instruction data, else to classification when the data has
     a ``label`` column, else to causal LM.

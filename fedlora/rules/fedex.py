@@ -14,21 +14,21 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from fedlora.adapter import Adapter
-from fedlora.client_state import ClientState
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.adapter import Adapter
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate
+from fedlora.lora.versioning import BaseCache, ChangeLog, accumulated_changes
+from fedlora.rules.base import ClientSpec, GlobalState, RoundResult, adapter_payload, load_adapter
+from fedlora.rules.fedavg import FedAvg
+from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes, state_dtype
+from fedlora.wire.messages import (
     FROM_VERSION_KEY,
     VERSION_KEY,
     Payload,
     change_from_tensors,
     change_to_tensors,
 )
-from fedlora.rules.base import ClientSpec, GlobalState, RoundResult, adapter_payload, load_adapter
-from fedlora.rules.fedavg import FedAvg
-from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes, state_dtype
-from fedlora.updates import ClientUpdate
-from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
 
 class FedExLoRA(FedAvg):

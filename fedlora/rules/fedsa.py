@@ -13,11 +13,19 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors, SharedA
-from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.adapter import Adapter, LoRAFactors, SharedA
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate
+from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
+from fedlora.rules.robust import (
+    bounded_shared_a,
+    robust_padded_rows,
+    shared_a_norms,
+    with_modules,
+)
+from fedlora.wire.messages import (
     A_SUFFIX,
     VERSION_KEY,
     Payload,
@@ -26,14 +34,6 @@ from fedlora.messages import (
     scale_key,
     to_wire,
 )
-from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
-from fedlora.rules.robust import (
-    bounded_shared_a,
-    robust_padded_rows,
-    shared_a_norms,
-    with_modules,
-)
-from fedlora.updates import ClientUpdate
 
 
 class FedSALoRA(AggregationRule):

@@ -1,8 +1,8 @@
 """Fed-SB: average the r x r matrix R trained between fixed shared factors B and A.
 
 Every client runs W_0 + B R A with the same frozen B (d_out x r) and A (r x d_in), set once by
-LoRA-SB's initialisation (`fedlora.fedsb_init`), at scale 1 (alpha = r). Client i trains R_i from
-the global R_{t-1}, a client of capacity r_i only the leading r_i x r_i block (`fedlora.sb_layer`),
+LoRA-SB's initialisation (`fedlora.lora.fedsb_init`), at scale 1 (alpha = r). Client i trains R_i from
+the global R_{t-1}, a client of capacity r_i only the leading r_i x r_i block (`fedlora.models.sb_layer`),
 and the server averages R_t = sum_i p_i R_i. Exact for any mix of capacities: B R A is linear in
 R, so B (R_t - R_{t-1}) A = sum_i p_i B (R_i - R_{t-1}) A = dW*. R travels in full (r^2 floats per
 module) each way; the fixed factors travel once, to a client whose base version is 0.
@@ -16,11 +16,14 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors, SBCore
-from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError, InvalidUpdateError
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.adapter import Adapter, LoRAFactors, SBCore
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate, average_head
+from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
+from fedlora.rules.robust import bounded_core, robust_combine, with_modules
+from fedlora.wire.messages import (
     SB_A_SUFFIX,
     SB_B_SUFFIX,
     SB_R_SUFFIX,
@@ -32,9 +35,6 @@ from fedlora.messages import (
     rank_key,
     to_wire,
 )
-from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
-from fedlora.rules.robust import bounded_core, robust_combine, with_modules
-from fedlora.updates import ClientUpdate, average_head
 
 
 class FedSB(AggregationRule):
@@ -255,5 +255,5 @@ def check_initial_factors(fixed: Mapping[str, LowRank], cores: Mapping[str, Tens
         if not factors.U.any() or not factors.V.any():
             raise ConfigError(
                 f"module {module!r}: Fed-SB keeps B and A frozen, and a zero factor never trains; "
-                "initialise them with fedlora.fedsb_init"
+                "initialise them with fedlora.lora.fedsb_init"
             )

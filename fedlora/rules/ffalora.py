@@ -8,7 +8,7 @@ dW_i = (s_i B_i - G[:, :r_i]) A[:r_i], linear in B. The server sets
     G_t = G_{t-1} + sum_i p_i pad(s_i B_i - G_{t-1}[:, :r_i]),
 
 so G_t A = W_{t-1} + dW*: exact for any mix of ranks (with equal ranks, the plain average of s B_i).
-The change is applied through the server optimizer (`fedlora.server_optimizer`; SGD at lr 1 is the
+The change is applied through the server optimizer (`fedlora.lora.server_optimizer`; SGD at lr 1 is the
 rule above, any other is measured against dW*).
 
 Mixed ranks: the tail as a base change. A client below the top rank would run G[:, :r_i] A[:r_i]
@@ -24,21 +24,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors, TrainedB
-from fedlora.client_state import ClientState, fresh_lora_A, module_seed
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
-    B_SUFFIX,
-    B_TAIL_SUFFIX,
-    FROZEN_A_SEED_KEY,
-    VERSION_KEY,
-    Payload,
-    modules_with_suffix,
-    rank_key,
-    scale_key,
-    to_wire,
-)
+from fedlora.lora.adapter import Adapter, LoRAFactors, TrainedB
+from fedlora.lora.client_state import ClientState, fresh_lora_A, module_seed
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate, average_head
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
@@ -50,12 +40,22 @@ from fedlora.rules.base import (
 )
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
 from fedlora.rules.robust import with_modules
-from fedlora.updates import ClientUpdate, average_head
+from fedlora.wire.messages import (
+    B_SUFFIX,
+    B_TAIL_SUFFIX,
+    FROZEN_A_SEED_KEY,
+    VERSION_KEY,
+    Payload,
+    modules_with_suffix,
+    rank_key,
+    scale_key,
+    to_wire,
+)
 
 
 def frozen_A(seed: int, module: str, rank: int, d_in: int, dtype: torch.dtype) -> Tensor:
     """The module's frozen A at ``rank``: peft's initialisation drawn from (seed, module path), as
-    `fedlora.models.with_lora` seeds every client (a lower rank's A is its leading rows)."""
+    `fedlora.models.base_model.with_lora` seeds every client (a lower rank's A is its leading rows)."""
     return fresh_lora_A(rank, d_in, module_seed(seed, module), dtype=dtype)
 
 

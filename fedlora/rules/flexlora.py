@@ -5,10 +5,10 @@ keeps its best rank-r approximation at the global rank r, T ~ P diag(S) Q^T, nev
 product, batched over the modules of one shape. Two paths (``svd``):
 
 - "exact": QR of the stacked B and of the stacked A^T, then the SVD of the small (sum_i r_i)^2 core
-  (`fedlora.lowrank.exact_truncated_svd`): exact up to round-off at any total rank, at a cost
+  (`fedlora.lora.lowrank.exact_truncated_svd`): exact up to round-off at any total rank, at a cost
   growing as (d_out + d_in) (sum_i r_i)^2;
 - "randomized": randomized subspace iteration on the factors
-  (`fedlora.lowrank.randomized_truncated_svd`), exact only while the stack's inner rank sum_i r_i is
+  (`fedlora.lora.lowrank.randomized_truncated_svd`), exact only while the stack's inner rank sum_i r_i is
   at most r + ``oversample``; beyond, each power step shrinks the excess error over the optimal
   truncation (about 1e-3 of it), at a cost growing as (d_out + d_in) (sum_i r_i) (r + oversample).
 - "auto" (the default): exact while sum_i r_i <= 4 (r + ``oversample``), randomized beyond, where
@@ -31,17 +31,17 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.lowrank import (
+from fedlora.lora.lowrank import (
     LowRank,
     exact_truncated_svd,
     pad_cols,
     pad_rows,
     randomized_truncated_svd,
 )
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules.base import concatenate_folded
 from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.robust import Robustness
-from fedlora.updates import ClientUpdate
 
 if TYPE_CHECKING:
     from fedlora.config import RunConfig

@@ -16,11 +16,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors
-from fedlora.client_state import ClientState, fresh_lora_A
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.adapter import Adapter, LoRAFactors
+from fedlora.lora.client_state import ClientState, fresh_lora_A
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head
+from fedlora.lora.versioning import BaseCache, ChangeLog, accumulated_changes
+from fedlora.rules.base import (
+    AggregationRule,
+    ClientSpec,
+    GlobalState,
+    ReferenceNorms,
+    RoundResult,
+)
+from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
+from fedlora.rules.robust import Robustness
+from fedlora.wire.messages import (
     FRESH_ADAPTER_SEED_KEY,
     FROM_VERSION_KEY,
     VERSION_KEY,
@@ -32,17 +43,6 @@ from fedlora.messages import (
     scale_key,
     to_wire,
 )
-from fedlora.rules.base import (
-    AggregationRule,
-    ClientSpec,
-    GlobalState,
-    ReferenceNorms,
-    RoundResult,
-)
-from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
-from fedlora.rules.robust import Robustness
-from fedlora.updates import ClientUpdate, ClientUpdates, average_head
-from fedlora.versioning import BaseCache, ChangeLog, accumulated_changes
 
 if TYPE_CHECKING:
     from fedlora.config import RunConfig

@@ -26,11 +26,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors
-from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank, frobenius_norm, stack
-from fedlora.messages import VERSION_KEY, Payload, adapter_config, adapter_to_tensors, to_wire
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank, frobenius_norm, stack
+from fedlora.lora.updates import ClientUpdate, average_head
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
@@ -39,7 +39,7 @@ from fedlora.rules.base import (
     difference,
     load_adapter,
 )
-from fedlora.updates import ClientUpdate, average_head
+from fedlora.wire.messages import VERSION_KEY, Payload, adapter_config, adapter_to_tensors, to_wire
 
 
 def sketch_indices(

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors, lora_scale
-from fedlora.lowrank import LowRank, frobenius_norm
+from fedlora.lora.adapter import Adapter, LoRAFactors, lora_scale
+from fedlora.lora.lowrank import LowRank, frobenius_norm
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules.base import client_change_norms_per_client
 from fedlora.rules.fedavg import FedAvg
-from fedlora.updates import ClientUpdate
 
 DEFAULT_PRUNE_GAMMA = 0.05
 """Default pruning threshold: a tail is dropped when its norm is below 5% of the head's."""

@@ -36,7 +36,7 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from fedlora.messages import A_SUFFIX, B_SUFFIX, Payload
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head, example_weights
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
@@ -46,7 +46,7 @@ from fedlora.rules.base import (
     ideal_over_trainers,
 )
 from fedlora.rules.fedavg import FedAvg
-from fedlora.updates import ClientUpdate, ClientUpdates, average_head, example_weights
+from fedlora.wire.messages import A_SUFFIX, B_SUFFIX, Payload
 
 LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 """A module path's transformer layer index, the first numbered segment, as peft's

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank, frobenius_norm, stack
+from fedlora.lora.lowrank import LowRank, frobenius_norm, stack
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules.base import ideal_update
 from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.robust import Robustness
-from fedlora.updates import ClientUpdate
 
 
 class LoRAFAIR(FedAvg):

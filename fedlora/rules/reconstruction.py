@@ -16,11 +16,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors
-from fedlora.client_state import ClientState
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.updates import ClientUpdate
+from fedlora.lora.versioning import BaseCache
 from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState
-from fedlora.updates import ClientUpdate
-from fedlora.versioning import BaseCache
 
 
 def rank_classes(updates: Sequence[ClientUpdate]) -> list[ClientSpec]:

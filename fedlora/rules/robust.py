@@ -27,11 +27,11 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
 from fedlora.config import ROBUST_AGGREGATIONS
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank, frobenius_norm
-from fedlora.updates import ClientUpdate
+from fedlora.lora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.lora.lowrank import LowRank, frobenius_norm
+from fedlora.lora.updates import ClientUpdate
 
 COMBINATIONS = ROBUST_AGGREGATIONS
 

@@ -59,7 +59,7 @@ from deployment.gateway import fleet_gateway, is_fleet_call
 from deployment.startup import LOADING, PHASES, measure_startup
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.models import load_base_model
+from fedlora.models.base_model import load_base_model
 from strategies.checkpoint import checkpoint_rounds
 from strategies.run_record import FINISHED, read_manifest, read_status
 from strategies.server_app import run

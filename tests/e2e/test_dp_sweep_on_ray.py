@@ -8,7 +8,7 @@ import csv
 import pytest
 
 from cli.main import main
-from fedlora.privacy import NOISE_TOLERANCE
+from fedlora.privacy.sample_level import NOISE_TOLERANCE
 from simulations.dp_sweep import (
     ACCURACY_VS_EPSILON,
     SWEEP_CSV,

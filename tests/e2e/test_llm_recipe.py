@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli.main import main
 from fedlora.data.partitioning import server_eval_set
-from fedlora.generation_eval import GenerationEvaluation
+from fedlora.training.generation_eval import GenerationEvaluation
 from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe
 from simulations.run_dir import read_metrics

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from fedlora import data
 from fedlora.config import RunConfig
+from fedlora.data import partitioning
 from simulations.runner import simulate
 from tests.support.privacy import TINY, fresh_epsilon
 
@@ -28,7 +28,7 @@ def test_max_epsilon_stops_a_client_and_the_run_goes_on(tmp_path):
         "dp-sample": True,
     }
     config = RunConfig.from_flower({**TINY, **overrides})
-    sizes = [len(data.client_data(config, pid, 3).train) for pid in range(3)]
+    sizes = [len(partitioning.client_data(config, pid, 3).train) for pid in range(3)]
     small = sizes.index(min(sizes))
 
     def epsilon(pid: int, rounds: int) -> float:

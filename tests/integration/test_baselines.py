@@ -10,8 +10,8 @@ import pytest
 from cli.main import main
 from fedlora.config import RunConfig
 from fedlora.data.partitioning import server_eval_set
-from fedlora.models import load_base_model
-from fedlora.training import evaluate
+from fedlora.models.base_model import load_base_model
+from fedlora.training.local import evaluate
 from simulations.baselines import RESULT_COLUMNS, spread, training_clients
 
 COLOURS = ["red", "green", "blue", "black", "white"]

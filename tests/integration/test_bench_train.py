@@ -9,7 +9,7 @@ import torch
 from fedlora.bench.train import grouped_throughput, mfu, plain_throughput
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.models import load_base_model
+from fedlora.models.base_model import load_base_model
 from simulations.bench_train import train_benchmark
 from simulations.recipe_files import RECIPES_DIR
 

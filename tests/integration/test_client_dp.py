@@ -11,22 +11,22 @@ import torch
 from opacus.accountants import create_accountant
 
 from clients.app import client_app
-from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB, lora_scale
-from fedlora.client_dp import (
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.lora.adapter import LoRAFactors, SBCore, SharedA, TrainedB, lora_scale
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate
+from fedlora.method_config import parse_run_config
+from fedlora.privacy.client_level import (
     clip_reply,
     own_update,
     private_round,
 )
-from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.rules import make_rule
+from fedlora.wire.messages import (
     A_SUFFIX,
     B_SUFFIX,
 )
-from fedlora.method_config import parse_run_config
-from fedlora.rules import make_rule
-from fedlora.updates import ClientUpdate
 from strategies import STRATEGIES
 from strategies.client_dp import ClientLevelDP
 from strategies.server_app import run

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from clients.app import client_app
-from fedlora import data
 from fedlora.config import RunConfig
-from fedlora.instructions import IGNORED_LABEL
-from fedlora.models import load_base_model, with_lora
-from fedlora.privacy import ExampleLoss, client_plan, example_loader
-from fedlora.training import train_local, train_private
+from fedlora.data import encoding, partitioning
+from fedlora.data.instructions import IGNORED_LABEL
+from fedlora.models.base_model import load_base_model, with_lora
+from fedlora.privacy.sample_level import ExampleLoss, client_plan, example_loader
+from fedlora.training.local import train_local, train_private
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid
 
@@ -49,7 +49,7 @@ def dp_config(spec: str, **fields) -> RunConfig:
 def test_private_batches_label_the_responses_only(instructions_spec):
     config = dp_config(instructions_spec)
     base = load_base_model(config)
-    train = data.client_data(config, 0, 2).train
+    train = partitioning.client_data(config, 0, 2).train
     batch = next(iter(example_loader(train, base.tokenizer, config, seed=0)))
     for ids, labels, mask in zip(
         batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
@@ -74,7 +74,7 @@ def test_noise_free_unclipped_dp_sgd_equals_plain_training_on_the_response_loss(
         dp_max_grad_norm=1e6,
         dp_poisson_sampling=False,
     )
-    train = data.client_data(config, 0, 2).train.select(range(n))
+    train = partitioning.client_data(config, 0, 2).train.select(range(n))
     plan = client_plan(config, n)
     per_sequence = ExampleLoss("causal-lm")
     runs = []
@@ -85,7 +85,7 @@ def test_noise_free_unclipped_dp_sgd_equals_plain_training_on_the_response_loss(
             _, history = train_private(model, train, base.tokenizer, config, plan, [], "cpu", 0)
             assert history == [(0.0, 1.0, 3)]
         else:
-            every = data.encode(train[:], base.tokenizer, config.max_length, config.task)
+            every = encoding.encode(train[:], base.tokenizer, config.max_length, config.task)
 
             def loss_fn(model: nn.Module, batch) -> torch.Tensor:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from clients.app import client_app
 from fedlora.config import RunConfig
+from fedlora.data.instructions import prompt_ids, user_turn
 from fedlora.data.partitioning import server_eval_set
-from fedlora.generation import greedy_replies
-from fedlora.instructions import prompt_ids, user_turn
-from fedlora.models import load_base_model
+from fedlora.models.base_model import load_base_model
+from fedlora.models.generation import greedy_replies
 from strategies.evaluation import ServerEvaluation
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid

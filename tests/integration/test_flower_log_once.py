@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 LOG_ONE_LINE = (
-    "import logging, fedlora.privacy, fedlora.client_dp\n"
+    "import logging, fedlora.privacy, fedlora.privacy.client_level\n"
     "from flwr.supercore import log\n"
     "log(logging.INFO, 'round 1 server metrics')\n"
 )

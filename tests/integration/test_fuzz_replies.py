@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlora.messages import (
+from fedlora.lora.probes import PROBE_RECORD
+from fedlora.wire.messages import (
     ADAPTER_RECORD,
     CONFIG_RECORD,
     HEAD_RECORD,
@@ -28,7 +29,6 @@ from fedlora.messages import (
     scale_key,
     start_rank_key,
 )
-from fedlora.probes import PROBE_RECORD
 from strategies import STRATEGIES
 from tests.integration.test_hostile_replies import BAD, play_round, state_tensors
 

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from clients.app import client_app
-from fedlora.generation import answer_correct
+from fedlora.models.generation import answer_correct
 from strategies.server_app import MB, run
 from tests.support.local_grid import LocalGrid
 

@@ -18,14 +18,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from torch.nn.functional import pad
 
 from clients.app import client_app
-from fedlora.adapter import LoRAFactors
-from fedlora.client_state import ClientState
 from fedlora.config import RunConfig
 from fedlora.errors import InvalidUpdateError
-from fedlora.fedsb_init import sketch_gradients
-from fedlora.lowrank import LowRank
-from fedlora.measurement import worst
-from fedlora.messages import (
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.fedsb_init import sketch_gradients
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.measurement import worst
+from fedlora.lora.probes import PROBE_COUNT, PROBE_RECORD, relative_deviation
+from fedlora.lora.versioning import BaseCache
+from fedlora.rules import ClientSpec, RoundResult, make_rule
+from fedlora.wire.messages import (
     A_SUFFIX,
     ACCURACY_KEY,
     ADAPTER_RECORD,
@@ -52,9 +55,6 @@ from fedlora.messages import (
     scale_key,
     start_rank_key,
 )
-from fedlora.probes import PROBE_COUNT, PROBE_RECORD, relative_deviation
-from fedlora.rules import ClientSpec, RoundResult, make_rule
-from fedlora.versioning import BaseCache
 from strategies import STRATEGIES
 from strategies.client_dp import ClientLevelDP
 from strategies.records import serialized_bytes

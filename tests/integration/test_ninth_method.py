@@ -11,10 +11,16 @@ import torch
 
 from clients.app import client_app
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.messages import ADAPTER_RECORD, B_SUFFIX, METRICS_RECORD, NUM_EXAMPLES_KEY, scale_key
+from fedlora.lora.lowrank import LowRank
 from fedlora.method_config import parse_run_config
 from fedlora.rules import RULES, FedAvg
+from fedlora.wire.messages import (
+    ADAPTER_RECORD,
+    B_SUFFIX,
+    METRICS_RECORD,
+    NUM_EXAMPLES_KEY,
+    scale_key,
+)
 from strategies import LoRAStrategy
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid

@@ -24,7 +24,7 @@ from clients.app import client_app
 from fedlora.config import RunConfig
 from fedlora.data.partitioning import clear_caches, server_eval_set
 from fedlora.errors import ConfigError
-from fedlora.models import load_base_model, with_lora
+from fedlora.models.base_model import load_base_model, with_lora
 from simulations.run_dir import read_metrics
 from strategies.evaluation import LABELS_FILE
 from strategies.server_app import run

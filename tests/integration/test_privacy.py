@@ -16,19 +16,19 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from clients.app import client_app
-from fedlora import data
 from fedlora.config import RunConfig
-from fedlora.dp_accounting import history_from_values, history_to_values
+from fedlora.data import encoding, partitioning
 from fedlora.errors import ConfigError
-from fedlora.fedsb_init import estimate_gradient, estimate_private_gradient
-from fedlora.models import load_base_model, with_lora
-from fedlora.privacy import (
+from fedlora.lora.fedsb_init import estimate_gradient, estimate_private_gradient
+from fedlora.models.base_model import load_base_model, with_lora
+from fedlora.privacy.accounting import history_from_values, history_to_values
+from fedlora.privacy.sample_level import (
     NOISE_TOLERANCE,
     client_plan,
     example_loader,
     private_training,
 )
-from fedlora.training import train_local, train_private
+from fedlora.training.local import train_local, train_private
 from strategies.server_app import run
 from tests.support.local_grid import FIRST_NODE_ID, LocalGrid
 from tests.support.privacy import TINY, TINY_FIELDS, fresh_epsilon
@@ -89,7 +89,7 @@ def test_reported_epsilon_is_a_fresh_accountant_over_the_rounds_a_client_trained
     run_config = RunConfig.from_flower(config)
     init_steps = 1 if strategy == "fedsb" else 0
     for pid, rounds in trained.items():
-        n = len(data.client_data(run_config, pid, 3).train)
+        n = len(partitioning.client_data(run_config, pid, 3).train)
         rate = 1 / math.ceil(n / 8)
         expected = fresh_epsilon(accountant, 1.3, rate, 2 * (rounds + init_steps), 1e-5)
         assert last_reported[str(pid)] == pytest.approx(expected, abs=1e-6)
@@ -167,7 +167,7 @@ def test_noise_free_unclipped_dp_sgd_equals_plain_training():
         dp_max_grad_norm=1e6,
         dp_poisson_sampling=False,
     )
-    train = data.client_data(config, 0, 3).train.select(range(n))
+    train = partitioning.client_data(config, 0, 3).train.select(range(n))
     plan = client_plan(config, n)
     assert plan.sample_rate == 1.0
     runs = []
@@ -181,7 +181,7 @@ def test_noise_free_unclipped_dp_sgd_equals_plain_training():
             _, history = train_private(model, train, base.tokenizer, config, plan, [], CPU, 0)
             assert history == [(0.0, 1.0, 3)]
         else:
-            batches = data.batches(train, base.tokenizer, config.max_length, n, seed=0, steps=3)
+            batches = encoding.batches(train, base.tokenizer, config.max_length, n, seed=0, steps=3)
             train_local(model, batches, 3, config.learning_rate, 0.0, CPU, seed=0)
         runs.append(trainable(model))
     plain, private = runs
@@ -194,7 +194,7 @@ def test_noise_free_unclipped_dp_sgd_equals_plain_training():
 def test_private_training_leaves_the_cached_model_unhooked_and_counts_every_round():
     config = tiny_config()
     base, model = tiny_lora(config)
-    train = data.client_data(config, 0, 3).train
+    train = partitioning.client_data(config, 0, 3).train
     plan = client_plan(config, len(train))
     history = []
     for round_seed in (1, 2):
@@ -216,7 +216,7 @@ def test_ghost_clipping_trains_as_the_hooks_do():
     for mode in ("hooks", "ghost"):
         config = tiny_config(dp_grad_sample_mode=mode, dp_max_grad_norm=0.05)
         base, model = tiny_lora(config)
-        train = data.client_data(config, 0, 3).train
+        train = partitioning.client_data(config, 0, 3).train
         plan = client_plan(config, len(train))
         train_private(model, train, base.tokenizer, config, plan, [], CPU, 3)
         weights.append(trainable(model))
@@ -231,7 +231,7 @@ def test_dora_is_refused_before_anything_is_hooked():
         base.model, LoraConfig(r=4, target_modules=["query", "value"], use_dora=True)
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    train = data.client_data(config, 0, 3).train
+    train = partitioning.client_data(config, 0, 3).train
     loader = example_loader(train, base.tokenizer, config, 0)
     plan = client_plan(config, len(train))
     with (
@@ -251,13 +251,13 @@ def test_private_fed_sb_estimate_without_noise_or_clipping_is_the_plain_estimate
     )
     base = load_base_model(config)
     model = base.model.double()
-    train = data.client_data(config, 0, 3).train.select(range(n))
+    train = partitioning.client_data(config, 0, 3).train.select(range(n))
     plan = client_plan(config, n)
     loader = example_loader(train, base.tokenizer, config, 0)
     private, history = estimate_private_gradient(
         model, loader, config.target_module_names, 2, plan, [], config.task, CPU
     )
-    batches = data.batches(train, base.tokenizer, config.max_length, n, seed=0, steps=2)
+    batches = encoding.batches(train, base.tokenizer, config.max_length, n, seed=0, steps=2)
     plain = estimate_gradient(
         model, lambda m, batch: m(**batch).loss, batches, config.target_module_names
     )

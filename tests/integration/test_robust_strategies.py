@@ -6,10 +6,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedlora.config import RunConfig
-from fedlora.messages import ADAPTER_RECORD, B_SUFFIX
 from fedlora.method_config import robustness_of, server_optimizer_of
 from fedlora.rules import RULES
 from fedlora.rules.robust import Robustness
+from fedlora.wire.messages import ADAPTER_RECORD, B_SUFFIX
 from strategies.server_app import make_strategy
 from tests.integration.test_hostile_replies import BAD, play_round, state_tensors
 

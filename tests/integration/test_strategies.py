@@ -29,11 +29,13 @@ from torch.nn.functional import pad
 
 from clients.app import client_app
 from clients.records import payload_from_record
-from fedlora.adapter import LoRAFactors
-from fedlora.base_store import catch_up_from_store, write_round_change
-from fedlora.fedsb_init import sketch_gradients
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.fedsb_init import sketch_gradients
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_vectors
+from fedlora.lora.versioning import BaseCache
+from fedlora.wire.base_store import catch_up_from_store, write_round_change
+from fedlora.wire.messages import (
     A_SUFFIX,
     ACCURACY_KEY,
     ADAPTER_RECORD,
@@ -62,8 +64,6 @@ from fedlora.messages import (
     rank_key,
     scale_key,
 )
-from fedlora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_vectors
-from fedlora.versioning import BaseCache
 from strategies import (
     STRATEGIES,
     FedExLoRA,

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from clients.app import client_app
 from fedlora.errors import ConfigError
-from fedlora.tracking import TENSORBOARD_DIR, RunTracking, row_scalars, tracker_names
+from fedlora.run_records.tracking import TENSORBOARD_DIR, RunTracking, row_scalars, tracker_names
 from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import read_metrics
 from strategies.server_app import run

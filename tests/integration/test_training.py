@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedlora import data
 from fedlora.config import RunConfig
+from fedlora.data import encoding, loading, partitioning
+from fedlora.data.instructions import example_ids
 from fedlora.errors import ConfigError
-from fedlora.instructions import example_ids
-from fedlora.models import load_base_model, with_lora
-from fedlora.peft_io import read_adapter, read_head
-from fedlora.training import device_for, evaluate, train_local
+from fedlora.models.base_model import load_base_model, with_lora
+from fedlora.models.peft_io import read_adapter, read_head
+from fedlora.training.local import device_for, evaluate, train_local
 from tests.support.models import torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,10 +43,10 @@ def test_minilm_lora_learns_bbc_news_on_the_cpu():
     config = RunConfig(max_length=64, batch_size=16)
     base = load_base_model(config)
     model = with_lora(base, 4, 8.0, False, ("query", "value"), ("classifier", "pooler"))
-    train = data.client_data(config, 0, 1).train
-    held_out = data.server_eval_set(config)
+    train = partitioning.client_data(config, 0, 1).train
+    held_out = partitioning.server_eval_set(config)
     before = evaluate(model, held_out, base.tokenizer, config, CPU, batch_size=64)
-    steps = data.batches(train, base.tokenizer, config.max_length, 16, seed=0, steps=20)
+    steps = encoding.batches(train, base.tokenizer, config.max_length, 16, seed=0, steps=20)
     report = train_local(model, steps, 20, 5e-3, 0.0, CPU, seed=0)
     after = evaluate(model, held_out, base.tokenizer, config, CPU, batch_size=64)
     assert report.num_examples == 320 and report.seconds > 0
@@ -57,12 +57,12 @@ def test_minilm_lora_learns_bbc_news_on_the_cpu():
 
 def test_training_is_reproducible_and_moves_only_trainable_weights(words_spec):
     config = RunConfig(model="tiny-bert", dataset=words_spec, modules_to_save="classifier")
-    train = data.client_data(config, 0, 2).train
+    train = partitioning.client_data(config, 0, 2).train
     results = []
     for _ in range(2):
         base, model = tiny_bert_lora(config)
         frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-        steps = data.batches(train, base.tokenizer, config.max_length, 8, seed=1, steps=4)
+        steps = encoding.batches(train, base.tokenizer, config.max_length, 8, seed=1, steps=4)
         report = train_local(model, steps, 4, 1e-2, 0.01, CPU, seed=2)
         assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
         assert not model.training
@@ -77,7 +77,7 @@ def test_training_is_reproducible_and_moves_only_trainable_weights(words_spec):
 def test_classification_evaluation_matches_one_example_at_a_time(words_spec):
     config = RunConfig(model="tiny-bert", dataset=words_spec, batch_size=7)
     base, model = tiny_bert_lora(config)
-    examples = data.federated_set(config).select(range(20))
+    examples = partitioning.federated_set(config).select(range(20))
     report = evaluate(model, examples, base.tokenizer, config, CPU)
     losses, hits = [], 0
     with torch.no_grad():
@@ -119,9 +119,9 @@ def test_tiny_llama_learns_local_instructions(instructions_spec):
     config = causal_config(instructions_spec)
     base = load_base_model(config)
     model = with_lora(base, 8, 16.0, False, config.target_module_names, config.head_module_names)
-    train = data.client_data(config, 0, 1).train
+    train = partitioning.client_data(config, 0, 1).train
     before = evaluate(model, train, base.tokenizer, config, CPU)
-    steps = data.batches(train, base.tokenizer, config.max_length, 8, seed=0, steps=30)
+    steps = encoding.batches(train, base.tokenizer, config.max_length, 8, seed=0, steps=30)
     report = train_local(model, steps, 30, 2e-2, 0.0, CPU, seed=0)
     after = evaluate(model, train, base.tokenizer, config, CPU)
     assert math.isclose(before.loss, math.log(base.tokenizer.vocab_size), rel_tol=0.05)
@@ -133,7 +133,7 @@ def test_tiny_llama_learns_local_instructions(instructions_spec):
 def test_next_token_evaluation_matches_a_loop_over_response_positions(instructions_spec):
     config = causal_config(instructions_spec)
     base = load_base_model(config)
-    examples = data.load_dataset(config).select(range(0, 40, 7))
+    examples = loading.load_dataset(config).select(range(0, 40, 7))
     report = evaluate(base.model, examples, base.tokenizer, config, CPU, batch_size=3)
     losses, hits = [], 0
     with torch.no_grad():

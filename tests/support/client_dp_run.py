@@ -11,8 +11,9 @@ import pytest
 from flwr.app import MessageType
 from opacus.accountants import create_accountant
 
-from fedlora.client_dp import UPDATE_NORM_KEY
-from fedlora.messages import (
+from fedlora.privacy.client_level import UPDATE_NORM_KEY
+from fedlora.rules import RULES
+from fedlora.wire.messages import (
     A_SUFFIX,
     ADAPTER_RECORD,
     B_SUFFIX,
@@ -21,7 +22,6 @@ from fedlora.messages import (
     METRICS_RECORD,
     scale_key,
 )
-from fedlora.rules import RULES
 
 CLIP, SIGMA, ROUNDS = 0.05, 0.3, 2
 RUN = {

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, TrainedB, lora_scale
-from fedlora.client_state import ClientState
+from fedlora.lora.adapter import LoRAFactors, TrainedB, lora_scale
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.updates import ClientUpdate
+from fedlora.lora.versioning import BaseCache
 from fedlora.rules import AggregationRule, ClientSpec
-from fedlora.updates import ClientUpdate
-from fedlora.versioning import BaseCache
 
 
 def effective(local: ClientState, module: str) -> Tensor:

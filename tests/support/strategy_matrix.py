@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flwr.app import MessageType
 
-from fedlora.messages import A_SUFFIX, B_SUFFIX, CONFIG_RECORD, HEAD_RECORD, PARTITION_ID_KEY
 from fedlora.rules.legend import layer_index
+from fedlora.wire.messages import A_SUFFIX, B_SUFFIX, CONFIG_RECORD, HEAD_RECORD, PARTITION_ID_KEY
 from strategies import STRATEGIES
 from strategies.records import serialized_bytes
 

@@ -4,20 +4,20 @@ from collections import Counter
 
 import pytest
 
-from fedlora import data
 from fedlora.config import RunConfig
+from fedlora.data import loading, partitioning
 from fedlora.errors import ConfigError
 
 TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
 
 
 def load(name):
-    return data.load_dataset(RunConfig(model="tiny-llama", task="causal-lm", dataset=name))
+    return loading.load_dataset(RunConfig(model="tiny-llama", task="causal-lm", dataset=name))
 
 
 @pytest.fixture(scope="module")
 def news():
-    return data.bbc_news()
+    return loading.bbc_news()
 
 
 def test_topic_rows_ask_for_one_of_the_five_topics(news):
@@ -50,12 +50,12 @@ def test_topic_partitions_follow_the_label(news):
     config = RunConfig(
         model="tiny-llama", task="causal-lm", dataset="bbc-topic", partitioner="shard"
     )
-    shares = [data.partition(config, i, 5) for i in range(5)]
-    assert sum(len(share) for share in shares) == len(data.federated_set(config))
+    shares = [partitioning.partition(config, i, 5) for i in range(5)]
+    assert sum(len(share) for share in shares) == len(partitioning.federated_set(config))
     assert all(len(set(share["label"])) <= 3 for share in shares)
     assert all(share["response"] == [TOPICS[label] for label in share["label"]] for share in shares)
 
 
 def test_bbc_tasks_are_causal_lm_only():
     with pytest.raises(ConfigError, match="causal-lm"):
-        data.load_dataset(RunConfig(model="tiny-bert", dataset="bbc-topic"))
+        loading.load_dataset(RunConfig(model="tiny-bert", dataset="bbc-topic"))

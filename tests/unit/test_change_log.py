@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from fedlora.lowrank import LowRank
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.versioning import BaseCache, ChangeLog
 from fedlora.rules import make_rule
 from fedlora.rules.base import GlobalState
-from fedlora.versioning import BaseCache, ChangeLog
 from tests.support.rounds import Federation
 
 SHAPES = {"layer.q": (9, 6), "layer.v": (6, 9)}

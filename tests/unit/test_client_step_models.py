@@ -2,7 +2,7 @@
 
 Clients are LoRA models of mixed ranks (2; 4 with one module at 2; 8 with rsLoRA) on copies of one
 pretrained model, the global rank is 8. Each round every client loads its payload through
-``rule.client_step`` and `fedlora.peft_io`, "trains" (its LoRA factors and head move at random, B
+``rule.client_step`` and `fedlora.models.peft_io`, "trains" (its LoRA factors and head move at random, B
 non-zero), and reports a `ClientUpdate` read from its model. The expected models are built from the
 clients' own merged weights (peft's ``merge_and_unload`` on copies), independently of the rules.
 """
@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 from torch.nn.functional import pad
 
-from fedlora.adapter import Adapter, SharedA
-from fedlora.peft_io import (
+from fedlora.lora.adapter import Adapter, SharedA
+from fedlora.lora.updates import ClientUpdate
+from fedlora.lora.versioning import BaseCache
+from fedlora.models.peft_io import (
     apply_client_state,
     client_state_from_model,
     pretrained_weights,
@@ -26,8 +28,6 @@ from fedlora.peft_io import (
     read_head,
 )
 from fedlora.rules import ClientSpec, make_rule
-from fedlora.updates import ClientUpdate
-from fedlora.versioning import BaseCache
 from tests.support.models import (
     FAMILIES,
     logits,

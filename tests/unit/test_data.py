@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedlora import data
 from fedlora.config import RunConfig
+from fedlora.data import encoding, hashing_tokenizer, instructions, loading, partitioning
 from fedlora.errors import ConfigError
 
 ROWS, CLASSES, CLIENTS = 400, 4, 6
@@ -24,11 +24,11 @@ def csv_spec(tmp_path_factory):
 
 
 def shares(config, clients=CLIENTS):
-    return [data.partition(config, i, clients) for i in range(clients)]
+    return [partitioning.partition(config, i, clients) for i in range(clients)]
 
 
 def test_bbcnews_has_its_five_topics():
-    bbc = data.load_dataset(RunConfig())
+    bbc = loading.load_dataset(RunConfig())
     assert len(bbc) == 2225
     names = bbc.features["label"].names
     assert names == ["business", "entertainment", "politics", "sports", "tech"]
@@ -41,7 +41,7 @@ def test_partitions_are_disjoint_cover_the_federated_set_and_miss_the_server_set
     csv_spec, partitioner
 ):
     config = RunConfig(dataset=csv_spec, partitioner=partitioner)
-    federated, server = data.federated_set(config), data.server_eval_set(config)
+    federated, server = partitioning.federated_set(config), partitioning.server_eval_set(config)
     assert len(server) == round(0.1 * ROWS) and len(federated) == ROWS - len(server)
     texts = [text for share in shares(config) for text in share["text"]]
     assert len(texts) == len(set(texts))
@@ -52,14 +52,17 @@ def test_partitions_are_disjoint_cover_the_federated_set_and_miss_the_server_set
 def test_client_splits_divide_the_share(csv_spec):
     config = RunConfig(dataset=csv_spec, partitioner="iid", test_fraction=0.25)
     for i in range(CLIENTS):
-        share, split = data.partition(config, i, CLIENTS), data.client_data(config, i, CLIENTS)
+        share, split = (
+            partitioning.partition(config, i, CLIENTS),
+            partitioning.client_data(config, i, CLIENTS),
+        )
         assert len(split.test) == round(0.25 * len(share))
         assert sorted([*split.train["text"], *split.test["text"]]) == sorted(share["text"])
 
 
 def label_skew(config):
     """Mean total-variation distance between each partition's label mix and the overall one."""
-    overall = np.bincount(list(data.federated_set(config)["label"]), minlength=CLASSES)
+    overall = np.bincount(list(partitioning.federated_set(config)["label"]), minlength=CLASSES)
     overall = overall / overall.sum()
     distances = []
     for share in shares(config):
@@ -77,11 +80,11 @@ def test_dirichlet_skews_the_label_mix(csv_spec):
 
 def test_same_seed_same_partitions_and_splits(csv_spec):
     def snapshot(seed):
-        data.clear_caches()
+        partitioning.clear_caches()
         config = RunConfig(dataset=csv_spec, seed=seed)
         return [
             (list(split.train["text"]), list(split.test["text"]))
-            for split in (data.client_data(config, i, CLIENTS) for i in range(CLIENTS))
+            for split in (partitioning.client_data(config, i, CLIENTS) for i in range(CLIENTS))
         ]
 
     first = snapshot(0)
@@ -93,19 +96,19 @@ def test_same_seed_same_partitions_and_splits(csv_spec):
 def test_missing_dataset_path_is_named(tmp_path, spec):
     spec = spec.format(tmp_path)
     with pytest.raises(ConfigError, match=str(tmp_path / "absent")):
-        data.load_dataset(RunConfig(dataset=spec))
+        loading.load_dataset(RunConfig(dataset=spec))
 
 
 def test_too_many_partitions_is_an_error(csv_spec):
     with pytest.raises(ConfigError, match="too few"):
-        data.partition(RunConfig(dataset=csv_spec, partitioner="iid"), 0, ROWS)
+        partitioning.partition(RunConfig(dataset=csv_spec, partitioner="iid"), 0, ROWS)
 
 
 def test_string_labels_become_sorted_classes(tmp_path):
     path = tmp_path / "labels.jsonl"
     rows = [{"text": f"t{i}", "label": name} for i, name in enumerate(["sport", "art", "sport"])]
     path.write_text("\n".join(json.dumps(row) for row in rows))
-    loaded = data.load_dataset(RunConfig(dataset=f"json:{path}"))
+    loaded = loading.load_dataset(RunConfig(dataset=f"json:{path}"))
     assert loaded.features["label"].names == ["art", "sport"]
     assert list(loaded["label"]) == [1, 0, 1]
 
@@ -115,32 +118,32 @@ def test_instruction_records_keep_their_columns_for_causal_lm(tmp_path):
     records = [{"instruction": "Add 1 and 2.", "response": "3", "extra": 0}]
     path.write_text(json.dumps(records))
     config = RunConfig(model="tiny-llama", task="causal-lm", dataset=f"json:{path}")
-    loaded = data.load_dataset(config)
+    loaded = loading.load_dataset(config)
     assert loaded.column_names == ["instruction", "response"]
     assert loaded[0] == {"instruction": "Add 1 and 2.", "response": "3"}
 
 
 def test_batches_are_seeded_and_cover_an_epoch_before_repeating(csv_spec):
-    examples = data.federated_set(RunConfig(dataset=csv_spec)).select(range(40))
-    tokenizer = data.HashingTokenizer(vocab_size=64)
-    drawn = list(data.batches(examples, tokenizer, max_length=5, batch_size=8, seed=3, steps=5))
+    examples = partitioning.federated_set(RunConfig(dataset=csv_spec)).select(range(40))
+    tokenizer = hashing_tokenizer.HashingTokenizer(vocab_size=64)
+    drawn = list(encoding.batches(examples, tokenizer, max_length=5, batch_size=8, seed=3, steps=5))
     assert len(drawn) == 5
     for batch in drawn:
         assert batch["input_ids"].shape == batch["attention_mask"].shape
         assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 5
     labels = Counter(label for batch in drawn for label in batch["labels"].tolist())
     assert labels == Counter(examples["label"])
-    again = data.batches(examples, tokenizer, max_length=5, batch_size=8, seed=3, steps=5)
+    again = encoding.batches(examples, tokenizer, max_length=5, batch_size=8, seed=3, steps=5)
     assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(drawn, again, strict=True))
 
 
 def test_causal_lm_labels_are_the_tokens_with_padding_ignored():
-    tokenizer = data.HashingTokenizer(vocab_size=64)
+    tokenizer = hashing_tokenizer.HashingTokenizer(vocab_size=64)
     rows = {"text": ["one two three", "one"]}
-    batch = data.encode(rows, tokenizer, max_length=8, task="causal-lm")
+    batch = encoding.encode(rows, tokenizer, max_length=8, task="causal-lm")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids[0].tolist()[0] == 1 and ids[0].tolist()[4] == 2  # BOS, 3 words, EOS
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     expected = ids.clone()
-    expected[1, 3:] = data.IGNORED_LABEL
+    expected[1, 3:] = instructions.IGNORED_LABEL
     assert (batch["labels"] == expected).all()

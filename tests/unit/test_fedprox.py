@@ -7,7 +7,7 @@ from torch import nn
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.method_config import parse_run_config, server_optimizer_of
-from fedlora.training import train_local
+from fedlora.training.local import train_local
 
 
 def test_proximal_term_pulls_towards_the_start_by_hand():

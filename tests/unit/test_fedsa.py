@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from fedlora.adapter import LoRAFactors, SharedA
-from fedlora.client_state import ClientState
+from fedlora.lora.adapter import LoRAFactors, SharedA
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import ClientSpec, make_rule
-from fedlora.updates import ClientUpdate
 
 
 def test_a_is_the_weighted_padded_average_and_b_stays_local():

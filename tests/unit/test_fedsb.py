@@ -7,11 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.adapter import LoRAFactors, SBCore
-from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError, InvalidUpdateError
-from fedlora.lowrank import LowRank
-from fedlora.messages import (
+from fedlora.lora.adapter import LoRAFactors, SBCore
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate
+from fedlora.rules import make_rule
+from fedlora.rules.base import ClientSpec
+from fedlora.rules.fedsb import FedSB
+from fedlora.wire.messages import (
     SB_A_SUFFIX,
     SB_B_SUFFIX,
     SB_R_SUFFIX,
@@ -19,10 +23,6 @@ from fedlora.messages import (
     cores_from_tensors,
     cores_to_tensors,
 )
-from fedlora.rules import make_rule
-from fedlora.rules.base import ClientSpec
-from fedlora.rules.fedsb import FedSB
-from fedlora.updates import ClientUpdate
 
 F64 = torch.float64
 

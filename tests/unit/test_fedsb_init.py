@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.errors import ConfigError
-from fedlora.fedsb_init import (
+from fedlora.lora.fedsb_init import (
     DEFAULT_ETA,
     dense_upload_floats,
     estimate_gradient,

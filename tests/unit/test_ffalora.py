@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors, TrainedB
-from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
-from fedlora.messages import B_SUFFIX, B_TAIL_SUFFIX
+from fedlora.lora.adapter import LoRAFactors, TrainedB
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.server_optimizer import ServerOptimizer
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import ClientSpec, make_rule
 from fedlora.rules.ffalora import frozen_A
 from fedlora.rules.robust import Robustness
-from fedlora.server_optimizer import ServerOptimizer
-from fedlora.updates import ClientUpdate
+from fedlora.wire.messages import B_SUFFIX, B_TAIL_SUFFIX
 
 D_OUT, D_IN, TOP, ALPHA = 6, 5, 4, 8.0
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors
-from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError, InvalidUpdateError
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import ClientSpec, make_rule
-from fedlora.updates import ClientUpdate
 
 DTYPE = torch.float64
 ALPHA = 8.0

@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors
-from fedlora.client_state import ClientState
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.server_optimizer import ServerOptimizer
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import ClientSpec, GlobalState, make_rule
 from fedlora.rules.fslora import FSLoRA, sketch_indices
-from fedlora.server_optimizer import ServerOptimizer
-from fedlora.updates import ClientUpdate
 
 D_OUT, D_IN, TOP, ALPHA = 5, 4, 4, 8.0
 DTYPE = torch.float64

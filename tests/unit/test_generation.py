@@ -9,7 +9,8 @@ import torch
 from fedlora.config import RunConfig
 from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.errors import ConfigError
-from fedlora.generation import (
+from fedlora.models.base_model import TINY_VOCAB, tiny_llama
+from fedlora.models.generation import (
     answer_correct,
     generation_metric,
     greedy_replies,
@@ -18,8 +19,7 @@ from fedlora.generation import (
     rouge_l,
     score,
 )
-from fedlora.generation_eval import GenerationEvaluation
-from fedlora.models import TINY_VOCAB, tiny_llama
+from fedlora.training.generation_eval import GenerationEvaluation
 
 
 @pytest.mark.parametrize(

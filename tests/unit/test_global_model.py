@@ -4,8 +4,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedlora.global_model import plain_model_with, rank_class_deltas
-from fedlora.peft_io import pretrained_weights
+from fedlora.lora.global_model import plain_model_with, rank_class_deltas
+from fedlora.models.peft_io import pretrained_weights
 from fedlora.rules import make_rule
 from tests.support.models import tiny_bert, tiny_gpt2, token_batch
 from tests.support.rounds import Federation, effective

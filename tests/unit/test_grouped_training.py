@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedlora.grouped_lora import GroupedLoRA, group_of_peft_models, peft_factors
-from fedlora.grouped_training import stack_batches, train_group
-from fedlora.models import BaseModel, with_lora
-from fedlora.peft_io import read_head
-from fedlora.training import train_local
+from fedlora.models.base_model import BaseModel, with_lora
+from fedlora.models.grouped_lora import GroupedLoRA, group_of_peft_models, peft_factors
+from fedlora.models.peft_io import read_head
+from fedlora.training.grouped import stack_batches, train_group
+from fedlora.training.local import train_local
 from tests.support.models import VOCAB, tiny_bert, tiny_llama
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors
 from fedlora.errors import InvalidUpdateError
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.updates import ClientUpdate, example_weights
 from fedlora.rules import make_rule
 from fedlora.rules.hetlora import prune_rank, sparsity_weights
-from fedlora.updates import ClientUpdate, example_weights
 
 DTYPE = torch.float64
 

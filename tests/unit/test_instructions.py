@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from fedlora import data, smollm2
-from fedlora.bucketing import length_grouped_batches
+from fedlora.data import encoding, loading
+from fedlora.data.bucketing import length_grouped_batches
 from fedlora.data.hashing_tokenizer import HashingTokenizer
-from fedlora.instructions import IGNORED_LABEL, PLAIN_PROMPT, collate, example_ids, examples_ids
+from fedlora.data.instructions import (
+    IGNORED_LABEL,
+    PLAIN_PROMPT,
+    collate,
+    example_ids,
+    examples_ids,
+)
+from fedlora.models import smollm2
 
 QUESTION = "What is the capital of France?"
 
@@ -75,18 +82,18 @@ def test_length_bucketing_pads_less_and_covers_each_epoch():
 
 def test_instruction_batches_pad_to_their_longest_and_mask_prompts():
     tokenizer = HashingTokenizer(vocab_size=512)
-    examples = data.datasets.Dataset.from_dict(
+    examples = loading.datasets.Dataset.from_dict(
         {
             "instruction": [f"Repeat {'x ' * (i % 9)}now." for i in range(48)],
             "response": [f"y {'z ' * (i % 5)}" for i in range(48)],
         }
     )
-    for batch in data.batches(examples, tokenizer, 128, 8, seed=0, steps=6):
+    for batch in encoding.batches(examples, tokenizer, 128, 8, seed=0, steps=6):
         width = batch["input_ids"].shape[1]
         assert width == int(batch["attention_mask"].sum(1).max()) < 128
         prompt = batch["labels"] == IGNORED_LABEL
         assert (prompt[:, :4]).all() and (batch["input_ids"][~prompt] != 0).all()
-    ordered = list(data.ordered_batches(examples, tokenizer, 128, 8))
+    ordered = list(encoding.ordered_batches(examples, tokenizer, 128, 8))
     assert sum(len(b["input_ids"]) for b in ordered) == 48
     widths = [b["input_ids"].shape[1] for b in ordered]
     assert widths == sorted(widths, reverse=True)

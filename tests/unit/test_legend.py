@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors
 from fedlora.errors import InvalidUpdateError
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import ClientSpec, make_rule
 from fedlora.rules.legend import layer_index, legend_ranks
-from fedlora.updates import ClientUpdate
 
 DTYPE = torch.float64
 LAYERS = 4
@@ -194,7 +194,7 @@ def test_norm_bounding_runs_per_module_over_its_trainers():
 
 
 def test_reply_checks_name_bad_legend_ranks():
-    from fedlora.messages import rank_key
+    from fedlora.wire.messages import rank_key
     from strategies.reply_checks import RejectedReply, ReplyChecks
 
     checks = ReplyChecks(

@@ -7,11 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlora.adapter import LoRAFactors
-from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError, InvalidUpdateError
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import ClientSpec, lorafair, make_rule
-from fedlora.updates import ClientUpdate
 
 DTYPE = torch.float64
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedlora.lowrank import (
+from fedlora.lora.lowrank import (
     LowRank,
     frobenius_norm,
     inner,

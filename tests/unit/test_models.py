@@ -6,10 +6,15 @@ import torch
 from fedlora.config import RunConfig
 from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.models import load_base_model, sb_head_parameters, with_lora, with_sb_layers
-from fedlora.peft_io import lora_layers, read_adapter
-from fedlora.sb_layer import load_cores, load_fixed_factors, sb_layers
+from fedlora.lora.lowrank import LowRank
+from fedlora.models.base_model import (
+    load_base_model,
+    sb_head_parameters,
+    with_lora,
+    with_sb_layers,
+)
+from fedlora.models.peft_io import lora_layers, read_adapter
+from fedlora.models.sb_layer import load_cores, load_fixed_factors, sb_layers
 from tests.support.models import token_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")

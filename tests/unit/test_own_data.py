@@ -15,8 +15,8 @@ from transformers import (
     RobertaConfig,
 )
 
-from fedlora import data
 from fedlora.config import RunConfig
+from fedlora.data import loading, partitioning
 from fedlora.errors import ConfigError
 
 SENTIMENTS = ["negative", "neutral", "positive"]
@@ -26,9 +26,9 @@ REVIEW_COLUMNS = {"text_column": "review", "label_column": "sentiment"}
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    data.clear_caches()
+    partitioning.clear_caches()
     yield
-    data.clear_caches()
+    partitioning.clear_caches()
 
 
 def write_csv(path, rows):
@@ -45,9 +45,9 @@ def reviews(tmp_path):
 
 def test_a_review_sentiment_csv_loads_with_the_mapping(reviews):
     with pytest.raises(ConfigError, match=r"lacks column\(s\) \['text', 'label'\]"):
-        data.load_dataset(RunConfig(dataset=reviews))
+        loading.load_dataset(RunConfig(dataset=reviews))
     config = RunConfig(dataset=reviews, **REVIEW_COLUMNS)
-    loaded = data.load_dataset(config)
+    loaded = loading.load_dataset(config)
     assert loaded.column_names == ["text", "label"]
     assert loaded.features["label"].names == SENTIMENTS
     assert loaded["text"][:4] == ["review 0", "review 1", "review 2", "review 3"]
@@ -57,18 +57,18 @@ def test_a_review_sentiment_csv_loads_with_the_mapping(reviews):
 def test_a_mapped_column_the_data_lacks_is_named(reviews):
     config = RunConfig(dataset=reviews, text_column="body", label_column="sentiment")
     with pytest.raises(ConfigError, match=r"text-column = 'body'.*\['review', 'sentiment'\]"):
-        data.load_dataset(config)
+        loading.load_dataset(config)
 
 
 def test_a_mapped_column_replaces_one_of_fedlora_s_name_and_columns_may_swap(tmp_path):
     rows = [{"text": f"title {i}", "body": f"body {i}", "label": i % 2} for i in range(10)]
     spec = write_csv(tmp_path / "news.csv", rows)
-    loaded = data.load_dataset(RunConfig(dataset=spec, text_column="body"))
+    loaded = loading.load_dataset(RunConfig(dataset=spec, text_column="body"))
     assert loaded["text"][:2] == ["body 0", "body 1"]
     swapped = [{"text": str(i % 2), "label": f"words {i}"} for i in range(10)]
     spec = write_csv(tmp_path / "swapped.csv", swapped)
     config = RunConfig(dataset=spec, text_column="label", label_column="text")
-    loaded = data.load_dataset(config)
+    loaded = loading.load_dataset(config)
     assert loaded["text"][:2] == ["words 0", "words 1"] and loaded["label"][:2] == [0, 1]
 
 
@@ -76,7 +76,7 @@ def test_a_column_named_by_two_keys_and_a_mapping_of_bbcnews_are_refused():
     with pytest.raises(ConfigError, match=r"\['label'\] named by more than one"):
         RunConfig(text_column="label")
     with pytest.raises(ConfigError, match="for one's own data"):
-        data.load_dataset(RunConfig(text_column="body"))
+        loading.load_dataset(RunConfig(text_column="body"))
 
 
 def test_instruction_columns_map_for_causal_lm(tmp_path):
@@ -91,7 +91,7 @@ def test_instruction_columns_map_for_causal_lm(tmp_path):
         response_column="answer",
     )
     assert config.task == "causal-lm"
-    loaded = data.load_dataset(config)
+    loaded = loading.load_dataset(config)
     assert loaded.column_names == ["instruction", "input", "response"]
     assert loaded[3] == {"instruction": "Say 3.", "input": "", "response": "3"}
 
@@ -101,8 +101,8 @@ def test_an_eval_file_is_the_server_s_set_and_all_the_rest_is_federated(reviews,
     rows = [{"review": f"held {i}", "sentiment": ["positive", "negative"][i % 2]} for i in range(6)]
     eval_spec = write_csv(tmp_path / "eval.csv", rows)
     config = RunConfig(dataset=reviews, eval_dataset=eval_spec, **REVIEW_COLUMNS)
-    assert len(data.federated_set(config)) == 30
-    held = data.server_eval_set(config)
+    assert len(partitioning.federated_set(config)) == 30
+    held = partitioning.server_eval_set(config)
     assert held["text"] == [f"held {i}" for i in range(6)]
     assert held.features["label"].names == SENTIMENTS
     assert held["label"] == [2, 0, 2, 0, 2, 0]
@@ -113,14 +113,14 @@ def test_an_eval_file_with_a_class_the_training_data_lacks_is_refused(reviews, t
     eval_spec = write_csv(tmp_path / "eval.csv", rows)
     config = RunConfig(dataset=reviews, eval_dataset=eval_spec, **REVIEW_COLUMNS)
     with pytest.raises(ConfigError, match=r"labels \['furious'\] are not among"):
-        data.server_eval_set(config)
+        partitioning.server_eval_set(config)
 
 
 def test_integer_eval_labels_past_the_training_classes_are_refused(tmp_path):
     spec = write_csv(tmp_path / "train.csv", [{"text": f"t{i}", "label": i % 2} for i in range(8)])
     eval_spec = write_csv(tmp_path / "eval.csv", [{"text": "e", "label": 2}])
     with pytest.raises(ConfigError, match="label 2 is past the training set's 2 classes"):
-        data.server_eval_set(RunConfig(dataset=spec, eval_dataset=eval_spec))
+        partitioning.server_eval_set(RunConfig(dataset=spec, eval_dataset=eval_spec))
 
 
 def model_folder(tmp_path, config, architectures):
@@ -240,11 +240,11 @@ def test_a_cached_hub_dataset_loads_by_name_offline(tmp_path, monkeypatch):
     rows = [{"review": f"review {i}", "sentiment": SENTIMENTS[i % 3]} for i in range(9)]
     cache_hub_dataset(tmp_path, "reviews", rows)
     config = RunConfig(dataset="hf:reviews", **REVIEW_COLUMNS)
-    loaded = data.load_dataset(config)
+    loaded = loading.load_dataset(config)
     assert loaded["text"] == [row["review"] for row in rows]
     assert loaded.features["label"].names == SENTIMENTS
     with pytest.raises(ConfigError, match="'absent' is not in the local Hugging Face"):
-        data.load_dataset(RunConfig(dataset="hf:absent"))
+        loading.load_dataset(RunConfig(dataset="hf:absent"))
     assert datasets.config.HF_HUB_OFFLINE == offline
 
 
@@ -257,7 +257,7 @@ def test_clients_never_read_the_eval_file(reviews, tmp_path):
         **REVIEW_COLUMNS,
         partitioner="iid",
     )
-    shares = [data.client_data(config, i, 3) for i in range(3)]
+    shares = [partitioning.client_data(config, i, 3) for i in range(3)]
     assert sum(len(share.train) + len(share.test) for share in shares) == 30
     with pytest.raises(ConfigError, match="on-the-server-only.csv does not exist"):
-        data.server_eval_set(config)
+        partitioning.server_eval_set(config)

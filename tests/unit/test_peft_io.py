@@ -7,9 +7,9 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedlora.adapter import LoRAFactors, lora_scale
-from fedlora.client_state import ClientState
-from fedlora.peft_io import (
+from fedlora.lora.adapter import LoRAFactors, lora_scale
+from fedlora.lora.client_state import ClientState
+from fedlora.models.peft_io import (
     ModelMismatchError,
     apply_client_state,
     base_weights,

@@ -10,9 +10,9 @@ import torch
 
 from clients.worker import Worker
 from fedlora.config import RunConfig
-from fedlora.peft_io import read_adapter
-from fedlora.privacy import client_plan
-from fedlora.training import train_private
+from fedlora.models.peft_io import read_adapter
+from fedlora.privacy.sample_level import client_plan
+from fedlora.training.local import train_private
 
 pytestmark = [
     pytest.mark.gpu,

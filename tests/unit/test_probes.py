@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.client_state import ClientState
-from fedlora.lowrank import LowRank
-from fedlora.peft_io import apply_client_state, client_state_from_model, pretrained_weights
-from fedlora.probes import (
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.probes import (
     PROBE_COUNT,
     lora_weight_changes,
     probe_responses,
@@ -16,7 +15,8 @@ from fedlora.probes import (
     relative_deviation,
     sb_weight_changes,
 )
-from fedlora.sb_layer import inject_sb_layers
+from fedlora.models.peft_io import apply_client_state, client_state_from_model, pretrained_weights
+from fedlora.models.sb_layer import inject_sb_layers
 from tests.support.models import FAMILIES, PEFT_PREFIX, merged_state, perturb_trainable, with_lora
 
 

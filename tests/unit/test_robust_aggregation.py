@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
+from fedlora.lora.adapter import LoRAFactors, SBCore, SharedA, TrainedB
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import RULES, make_rule
 from fedlora.rules.base import client_change_norms_per_client
 from fedlora.rules.robust import Robustness, robust_padded_rows
-from fedlora.updates import ClientUpdate
 
 DTYPE = torch.float64
 SHAPES = {"q": (24, 16), "v": (20, 16)}

@@ -7,10 +7,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients.node_store import NodeStore, stored_round
-from fedlora.atomic_files import fresh_directory_beside, swap_in_directory
-from fedlora.lowrank import LowRank
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.versioning import ChangeLog
 from fedlora.rules.base import GlobalState
-from fedlora.versioning import ChangeLog
+from fedlora.run_records.atomic_files import fresh_directory_beside, swap_in_directory
 
 
 def low_rank(d_out: int, k: int, d_in: int) -> LowRank:

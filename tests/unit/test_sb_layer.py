@@ -11,13 +11,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 from transformers.pytorch_utils import Conv1D
 
-from fedlora.adapter import SBCore
-from fedlora.client_state import ClientState
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.rules.base import ClientSpec
-from fedlora.rules.fedsb import FedSB
-from fedlora.sb_layer import (
+from fedlora.lora.adapter import SBCore
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate
+from fedlora.models.sb_layer import (
     SBLinear,
     inject_sb_layers,
     load_cores,
@@ -26,7 +25,8 @@ from fedlora.sb_layer import (
     read_fixed_factors,
     sb_layers,
 )
-from fedlora.updates import ClientUpdate
+from fedlora.rules.base import ClientSpec
+from fedlora.rules.fedsb import FedSB
 
 F64 = torch.float64
 

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors, SBCore
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
+from fedlora.lora.adapter import LoRAFactors, SBCore
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.server_optimizer import ServerOptimizer
+from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import make_rule
-from fedlora.server_optimizer import ServerOptimizer
-from fedlora.updates import ClientUpdate
 
 
 def run(optimizer, deltas, x0=1.0):

@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-from fedlora import smollm2
 from fedlora.config import RunConfig
+from fedlora.data.instructions import greedy_reply, prompt_ids
 from fedlora.errors import ConfigError
-from fedlora.generation import greedy_replies
-from fedlora.instructions import greedy_reply, prompt_ids
-from fedlora.models import load_base_model
+from fedlora.models import smollm2
+from fedlora.models.base_model import load_base_model
+from fedlora.models.generation import greedy_replies
 from tests.support.models import torch_threads
 
 SMOLLM2 = RunConfig(model="smollm2", task="causal-lm", dataset="bbc-topic")

@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from fedlora.config import RunConfig
+from fedlora.data.instructions import collate
 from fedlora.errors import ConfigError
-from fedlora.instructions import collate
-from fedlora.lr_schedule import round_learning_rates
-from fedlora.models import load_base_model, with_lora
-from fedlora.training import (
+from fedlora.models.base_model import load_base_model, with_lora
+from fedlora.training.local import (
     enable_activation_checkpointing,
     learning_rates,
     loss_targets,
     train_local,
     train_round,
 )
+from fedlora.training.lr_schedule import round_learning_rates
 from tests.support.models import FAMILIES, tiny_llama, torch_threads
 from tests.support.models import with_lora as lora_copy
 

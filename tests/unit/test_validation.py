@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors
 from fedlora.errors import InvalidUpdateError
-from fedlora.messages import adapter_config, adapter_from_tensors, adapter_to_tensors
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.lora.updates import ClientUpdate
+from fedlora.lora.versioning import BaseCache, ChangeLog
 from fedlora.rules import RULES, ClientSpec, make_rule
-from fedlora.updates import ClientUpdate
-from fedlora.versioning import BaseCache, ChangeLog
+from fedlora.wire.messages import adapter_config, adapter_from_tensors, adapter_to_tensors
 
 LORA_RULES = ["fedavg", "fedex", "flora", "lorafair", "flexlora", "hetlora"]
 

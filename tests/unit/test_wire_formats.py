@@ -6,12 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapter import LoRAFactors, SBCore, SharedA
-from fedlora.base_store import catch_up_from_store, discard_changes_after, write_round_change
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank
-from fedlora.messages import A_SUFFIX, B_SUFFIX, SB_R_SUFFIX, rank_modules, ranks_in, update_format
-from fedlora.versioning import BaseCache
+from fedlora.lora.adapter import LoRAFactors, SBCore, SharedA
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.versioning import BaseCache
+from fedlora.wire.base_store import catch_up_from_store, discard_changes_after, write_round_change
+from fedlora.wire.messages import (
+    A_SUFFIX,
+    B_SUFFIX,
+    SB_R_SUFFIX,
+    rank_modules,
+    ranks_in,
+    update_format,
+)
 
 generator = torch.Generator().manual_seed(0)
 

@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedlora.columns import INPUT, INSTRUCTION, RESPONSE
+from fedlora.data.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.errors import ConfigError
-from fedlora.generation import greedy_replies
+from fedlora.models.generation import greedy_replies
 
 IGNORED_LABEL = -100
 """Label of a position the causal-LM loss skips, as transformers expects."""

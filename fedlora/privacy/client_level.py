@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.opacus_logging import drop_opacus_root_handler
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, validate_updates
+from fedlora.privacy.opacus_logging import drop_opacus_root_handler
 from fedlora.rules import RULES
 from fedlora.rules.base import AggregationRule, GlobalState, RoundResult, difference
-from fedlora.updates import ClientUpdate, ClientUpdates, validate_updates
 
 drop_opacus_root_handler()
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter, LoRAFactors, ModuleUpdate, SBCore, SharedA, TrainedB
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank
+from fedlora.lora.adapter import Adapter, LoRAFactors, ModuleUpdate, SBCore, SharedA, TrainedB
+from fedlora.lora.lowrank import LowRank
 
 ADAPTER_RECORD = "adapter"
 HEAD_RECORD = "head"

@@ -25,8 +25,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import Tensor, nn
 
-from fedlora.adapter import Adapter, LoRAFactors
-from fedlora.client_state import ClientState
+from fedlora.lora.adapter import Adapter, LoRAFactors
+from fedlora.lora.client_state import ClientState
 
 DEFAULT_ADAPTER = "default"
 PRETRAINED_ATTRIBUTE = "fedlora_pretrained_weights"

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora.adapter import LoRAFactors, ModuleUpdate
 from fedlora.errors import InvalidUpdateError
+from fedlora.lora.adapter import LoRAFactors, ModuleUpdate
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datasets
 
-from fedlora.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
+from fedlora.data.columns import INPUT, INSTRUCTION, LABEL, RESPONSE, TEXT
 
 TOPIC_INSTRUCTION = "What is the topic of this news article? Answer with one word: {topics}."
 HEADLINE_INSTRUCTION = "Write a headline for this news article."

@@ -1,9 +1,9 @@
-"""Local training of a group of clients in one forward/backward per step (`fedlora.grouped_lora`).
+"""Local training of a group of clients in one forward/backward per step (`fedlora.models.grouped_lora`).
 
 Each step stacks every client's next batch (padded on the right to the widest: masked, ignored
 positions), runs the group once, and sums the clients' own mean losses; one AdamW holds one
 parameter group per client, so each client's moments, step count and learning rate are its own.
-Client g's factors then follow the steps `fedlora.training.train_local` takes on its batches
+Client g's factors then follow the steps `fedlora.training.local.train_local` takes on its batches
 alone: the sum's gradient with respect to client g's factors is its own loss's.
 """
 
@@ -18,8 +18,8 @@ from torch import Tensor
 
 from fedlora.data.encoding import IGNORED_LABEL
 from fedlora.errors import ConfigError
-from fedlora.grouped_lora import GroupedLoRA
-from fedlora.training import TrainReport, autocast, seeded_rng, to_device
+from fedlora.models.grouped_lora import GroupedLoRA
+from fedlora.training.local import TrainReport, autocast, seeded_rng, to_device
 
 
 def stack_batches(group: Sequence[Mapping[str, Tensor]]) -> tuple[list[int], dict[str, Tensor]]:

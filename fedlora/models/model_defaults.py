@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from fedlora.columns import INSTRUCTION, LABEL, RESPONSE
 from fedlora.config import RunConfig
+from fedlora.data.columns import INSTRUCTION, LABEL, RESPONSE
 from fedlora.data.loading import source_columns
 from fedlora.errors import ConfigError
-from fedlora.models import classification_head_names, pretrained_config
+from fedlora.models.base_model import classification_head_names, pretrained_config
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")
 CLASSIFICATION_HEADS = ("ForSequenceClassification",)
@@ -75,7 +75,7 @@ def peft_target_modules(model: str) -> list[str]:
 
 def classification_head(model: str) -> list[str]:
     """The head that transformers' sequence classifier for the model's type adds to the base
-    (`fedlora.models.classification_head_names`), found on a copy without weights."""
+    (`fedlora.models.base_model.classification_head_names`), found on a copy without weights."""
     config = pretrained_config(model)
     from transformers import AutoModelForSequenceClassification
 

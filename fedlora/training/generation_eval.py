@@ -1,6 +1,6 @@
 """Evaluation by generation on a held-out set of instructions (the server's, or a client's with
 ``client-generation``): a model's greedy answers scored against the references
-(`fedlora.generation`), in rounds k, 2k, ... of ``generation-every`` = k and after the last."""
+(`fedlora.models.generation`), in rounds k, 2k, ... of ``generation-every`` = k and after the last."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import datasets
 
-from fedlora.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.config import RunConfig
+from fedlora.data.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.data.encoding import is_instruction_data
+from fedlora.data.instructions import example_ids, user_turn
 from fedlora.errors import ConfigError
-from fedlora.generation import METRIC_COLUMNS, generation_metric, greedy_replies, score
-from fedlora.instructions import example_ids, user_turn
+from fedlora.models.generation import METRIC_COLUMNS, generation_metric, greedy_replies, score
 
 
 def generation_due(config: RunConfig, server_round: int) -> bool:

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from fedlora.lowrank import LowRank
-from fedlora.measurement import worst
-from fedlora.peft_io import base_weights, pretrained_weights, read_adapter
-from fedlora.sb_layer import read_cores, read_fixed_factors, sb_layers
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.measurement import worst
+from fedlora.models.peft_io import base_weights, pretrained_weights, read_adapter
+from fedlora.models.sb_layer import read_cores, read_fixed_factors, sb_layers
 
 PROBE_RECORD = "probes"
 """The reply's record of probe responses, one (d_out x `PROBE_COUNT`) array per module."""

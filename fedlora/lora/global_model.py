@@ -14,10 +14,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from fedlora.adapter import LoRAFactors, lora_scale
-from fedlora.client_state import ClientState
+from fedlora.lora.adapter import LoRAFactors, lora_scale
+from fedlora.lora.client_state import ClientState
+from fedlora.lora.versioning import BaseCache
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState
-from fedlora.versioning import BaseCache
 
 PEFT_PREFIX = "base_model.model."
 

@@ -1,5 +1,5 @@
 """The shared base store of the methods that change the base (FedEx-LoRA, FLoRA): each round's
-change of the global weights as factors (or dense where smaller, `fedlora.messages`) in
+change of the global weights as factors (or dense where smaller, `fedlora.wire.messages`) in
 ``{store}/round-{t}.safetensors``, written by the server and read by the clients' workers."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from fedlora.lowrank import LowRank
-from fedlora.messages import change_from_tensors, change_to_tensors
-from fedlora.versioning import BaseCache
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.versioning import BaseCache
+from fedlora.wire.messages import change_from_tensors, change_to_tensors
 
 
 def base_change_file(store: str | Path, version: int) -> Path:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
+from fedlora.lora.lowrank import LowRank
 
 SUPPORTED_BASES = (nn.Linear, Conv1D)
 """The base layers Fed-SB wraps: torch's Linear and GPT-2's Conv1D (weight stored d_in x d_out)."""

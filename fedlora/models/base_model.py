@@ -33,15 +33,15 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as transformers_logging
 
-from fedlora.client_state import fresh_lora_A, module_seed
 from fedlora.config import RunConfig
 from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.data.loading import load_dataset, num_labels
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers
-from fedlora.sb_layer import base_shape, find_targets, inject_sb_layers
-from fedlora.smollm2 import SMOLLM2, smollm2_folder
+from fedlora.lora.client_state import fresh_lora_A, module_seed
+from fedlora.lora.lowrank import LowRank
+from fedlora.models.peft_io import DEFAULT_ADAPTER, lora_layers
+from fedlora.models.sb_layer import base_shape, find_targets, inject_sb_layers
+from fedlora.models.smollm2 import SMOLLM2, smollm2_folder
 
 TINY_VOCAB = 1024
 """Vocabulary of the models built from configs (and of their `HashingTokenizer`)."""
@@ -73,7 +73,7 @@ def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseMod
     """The base model named by ``config.model``, its classifier head initialised from ``seed``.
 
     ``minilm`` (the packaged all-MiniLM-L6-v2), ``smollm2`` (the packaged SmolLM2-135M-Instruct,
-    dequantized once into fedlora's cache: `fedlora.smollm2`), ``tiny-bert`` / ``tiny-llama``
+    dequantized once into fedlora's cache: `fedlora.models.smollm2`), ``tiny-bert`` / ``tiny-llama``
     (small models built from configs, for tests), ``llama-400m`` (a randomly initialised 0.4B
     Llama, for GPU throughput), a local folder, or a Hugging Face id already in the local cache
     (nothing is downloaded). ``num_labels`` defaults to the classes of ``config.dataset``.
@@ -326,7 +326,7 @@ def with_sb_layers(
     ``rank`` training its leading ``capacity`` block; the ``modules_to_save`` train in full.
 
     Without ``fixed`` and ``cores`` the fixed factors and R are zero placeholders (the model then
-    runs as the base) until the server's are loaded (`fedlora.sb_layer.load_fixed_factors`,
+    runs as the base) until the server's are loaded (`fedlora.models.sb_layer.load_fixed_factors`,
     `load_cores`). In eval mode.
     """
     model = copy.deepcopy(base.model).to(device)

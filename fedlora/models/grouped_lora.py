@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fedlora.adapter import lora_scale
-from fedlora.client_state import fresh_lora_A
-from fedlora.fedsb_init import module_seed
-from fedlora.peft_io import DEFAULT_ADAPTER, lora_layers, read_head
+from fedlora.lora.adapter import lora_scale
+from fedlora.lora.client_state import fresh_lora_A
+from fedlora.lora.fedsb_init import module_seed
+from fedlora.models.peft_io import DEFAULT_ADAPTER, lora_layers, read_head
 
 PEFT_PREFIX = "base_model.model."
 
@@ -252,7 +252,7 @@ def fresh_group(
     seed: int,
     heads: Sequence[str] = (),
 ) -> GroupedLoRA:
-    """A group over ``base`` (modified in place) whose clients start as `fedlora.models.with_lora`
+    """A group over ``base`` (modified in place) whose clients start as `fedlora.models.base_model.with_lora`
     starts them: A seeded from (``seed``, module path), B = 0, scale alpha / r (or / sqrt(r)),
     each head a copy of the base's."""
     group = GroupedLoRA(

@@ -33,12 +33,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from fedlora.client_state import module_seed
 from fedlora.errors import ConfigError
-from fedlora.lowrank import LowRank
-from fedlora.privacy import History, PrivacyPlan, private_training
-from fedlora.sb_layer import find_targets, to_linear_orientation
-from fedlora.updates import weighted_sum
+from fedlora.lora.client_state import module_seed
+from fedlora.lora.lowrank import LowRank
+from fedlora.lora.updates import weighted_sum
+from fedlora.models.sb_layer import find_targets, to_linear_orientation
+from fedlora.privacy.accounting import History
+from fedlora.privacy.sample_level import PrivacyPlan, private_training
 
 DEFAULT_ETA = 1e-4
 """Step size of the approximated first step; LoRA-SB uses the run's learning rate."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedlora.adapter import Adapter
+from fedlora.lora.adapter import Adapter
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Orientation is always that of ``torch.nn.Linear``: the module's weight W is (d_out x d_in) and the
 adapter adds ``scale * B @ A`` with A (r x d_in) and B (d_out x r). GPT-2 ``Conv1D`` layers
-(fan_in_fan_out) are turned to this orientation when read from a model (see `fedlora.peft_io`).
+(fan_in_fan_out) are turned to this orientation when read from a model (see `fedlora.models.peft_io`).
 
 Mixed ranks and scales: to put adapters of different ranks and scales on one footing, the rules
 average *folded* factors sqrt(s) B and sqrt(s) A (whose product is the adapter's product s B A), and a
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from fedlora.lowrank import LowRank
+from fedlora.lora.lowrank import LowRank
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:

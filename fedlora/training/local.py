@@ -4,7 +4,7 @@ On CUDA the forward passes run under bf16 autocast (the weights stay float32); o
 float32. Training draws its dropout masks from ``seed`` when one is given, so a client's round is
 reproducible. An optimizer step may accumulate the gradients of several batches, each batch's loss
 weighted by its share of the step's loss targets, so that the step equals one on all of them
-together; its learning rate follows the run's schedule (`fedlora.lr_schedule`). `train_private`
+together; its learning rate follows the run's schedule (`fedlora.training.lr_schedule`). `train_private`
 runs the same steps as DP-SGD (`fedlora.privacy`): Opacus' per-example
 clipping and noise on a (Poisson-sampled) loader over the client's examples.
 """
@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from fedlora.config import RunConfig
 from fedlora.data.encoding import IGNORED_LABEL, batches, ordered_batches
 from fedlora.errors import ConfigError
-from fedlora.lr_schedule import round_learning_rates
-from fedlora.privacy import History, PrivacyPlan, example_loader, private_training
+from fedlora.privacy.accounting import History
+from fedlora.privacy.sample_level import PrivacyPlan, example_loader, private_training
+from fedlora.training.lr_schedule import round_learning_rates
 
 
 @dataclass(frozen=True)

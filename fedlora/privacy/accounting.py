@@ -11,8 +11,8 @@ from opacus.accountants import create_accountant
 
 from fedlora.config import DP_ACCOUNTANTS
 from fedlora.errors import ConfigError
-from fedlora.messages import Scalar
-from fedlora.opacus_logging import drop_opacus_root_handler
+from fedlora.privacy.opacus_logging import drop_opacus_root_handler
+from fedlora.wire.messages import Scalar
 
 drop_opacus_root_handler()
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import InvalidUpdateError
-from fedlora.lowrank import LowRank, stack
+from fedlora.lora.lowrank import LowRank, stack
 
 
 @dataclass

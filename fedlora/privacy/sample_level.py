@@ -13,7 +13,7 @@ A client's plan (`client_plan`) follows from the run config and its N_i training
   for Fed-SB's initialisation, all at rate q_i.
 
 The accountant (``rdp`` or ``prv``) is Opacus': its history [(sigma, q, steps), ...] is what a
-node carries across rounds (`fedlora.dp_accounting.history_to_values`), so epsilon counts every step the client took in
+node carries across rounds (`fedlora.privacy.accounting.history_to_values`), so epsilon counts every step the client took in
 the rounds it trained in. `private_training` makes the model private in place (Opacus' hooks,
 removed afterwards, so that a cached model comes back as it was) and trains with `ExampleLoss`,
 the per-example loss averaged over the batch; a causal LM's token losses are averaged per
@@ -42,10 +42,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedlora.config import RunConfig
 from fedlora.data.encoding import encode
-from fedlora.dp_accounting import History, epsilon_of, extended
+from fedlora.data.instructions import IGNORED_LABEL
 from fedlora.errors import ConfigError
-from fedlora.instructions import IGNORED_LABEL
-from fedlora.opacus_logging import drop_opacus_root_handler
+from fedlora.privacy.accounting import History, epsilon_of, extended
+from fedlora.privacy.opacus_logging import drop_opacus_root_handler
 from fedlora.rules import RULES
 
 drop_opacus_root_handler()

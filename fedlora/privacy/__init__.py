@@ -1,0 +1,1 @@
+"""Differential privacy: sample-level DP-SGD, client-level DP and their accounting."""

@@ -1,0 +1,1 @@
+"""A run's records: files written atomically and live tracking."""

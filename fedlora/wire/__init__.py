@@ -1,0 +1,1 @@
+"""What travels between server and clients: the message layout and the base store."""
