@@ -70,8 +70,12 @@ class FedAvg(AggregationRule):
             return padded_average(updates, weights, module, rank)
         return robust_padded_factors(updates, module, rank, self.robustness)
 
+    def _ideal(self, state, updates, weights) -> tuple[dict, dict]:
+        """The ideal update sum_i p_i B_i A_i per module, and the reference norms."""
+        return ideal_and_reference(state.factors, updates, weights)
+
     def _result(self, state, updates, weights, factors) -> RoundResult:
-        ideal, reference = ideal_and_reference(state.factors, updates, weights)
+        ideal, reference = self._ideal(state, updates, weights)
         new_state = GlobalState(
             version=state.version + 1,
             shapes=state.shapes,

@@ -34,15 +34,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from torch import Tensor
-
-from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head, example_weights
+from fedlora.lora.updates import ClientUpdates, example_weights
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
-    RoundResult,
     adapter_payload,
-    difference,
     ideal_over_trainers,
 )
 from fedlora.rules.fedavg import FedAvg
@@ -98,9 +94,9 @@ class LEGEND(FedAvg):
                 return None
         return "its depth and ranks are no LEGEND configuration of any capacity class"
 
-    def _aggregate(
-        self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
-    ) -> RoundResult:
+    def _average_factors(self, state, updates, weights) -> dict:
+        """Each module's combination over the clients that trained it, weighted by their
+        examples; a module nobody trained keeps its global state."""
         batch = ClientUpdates.of(updates)
         factors = {}
         for module in state.modules:
@@ -110,15 +106,10 @@ class LEGEND(FedAvg):
                 if trainers
                 else state.factors[module]
             )
-        ideal, reference = ideal_over_trainers(state.factors, batch, state.shapes)
-        new_state = GlobalState(
-            version=state.version + 1,
-            shapes=state.shapes,
-            factors=factors,
-            head=average_head(updates, weights) or state.head,
-        )
-        update = {m: difference(factors[m], state.factors[m]) for m in factors}
-        return RoundResult(new_state, update, ideal, reference)
+        return factors
+
+    def _ideal(self, state, updates, weights) -> tuple[dict, dict]:
+        return ideal_over_trainers(state.factors, ClientUpdates.of(updates), state.shapes)
 
     def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
         """The leading slices of the modules the client adapts, and the head."""
