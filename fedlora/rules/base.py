@@ -336,9 +336,12 @@ class AggregationRule(ABC):
         self, state: GlobalState, ranks: Mapping[str, int]
     ) -> dict[str, tuple[int, ...]]:
         """The update tensors a client of these ranks sends back, by key, with their shapes:
-        ``lora_A`` (r x d_in) and ``lora_B`` (d_out x r) per module."""
+        ``lora_A`` (r x d_in) and ``lora_B`` (d_out x r) per module (per module of ``ranks``, where
+        the rule allows module subsets)."""
         shapes: dict[str, tuple[int, ...]] = {}
         for module, (d_out, d_in) in state.shapes.items():
+            if self.allows_module_subsets and module not in ranks:
+                continue
             shapes[module + A_SUFFIX] = (ranks[module], d_in)
             shapes[module + B_SUFFIX] = (d_out, ranks[module])
         return shapes
@@ -576,12 +579,27 @@ def ideal_over_trainers(
         if trainers:
             ideal[module] = ideal_update(previous, trainers, example_weights(trainers), module)
         else:
-            d_out, d_in = shapes[module]
-            dtype = previous.U.dtype if previous is not None else torch.float64
-            ideal[module] = LowRank(
-                torch.zeros(d_out, 1, dtype=dtype), torch.zeros(1, d_in, dtype=dtype)
-            )
+            like = previous.U if previous is not None else any_update_tensor(batch)
+            ideal[module] = zero_update(shapes[module], like)
     return ideal, TrainerReferenceNorms(starts, batch)
+
+
+def any_update_tensor(updates: Sequence[ClientUpdate]) -> Tensor:
+    """A tensor of the updates (for their dtype and device): the first factor of the first one."""
+    factors = next(iter(updates[0].modules.values()))
+    return factors.A if hasattr(factors, "A") else factors.B
+
+
+def zero_update(shape: tuple[int, int], like: Tensor) -> LowRank:
+    """A module's zero change (inner rank 1), in the dtype and on the device of ``like``."""
+    d_out, d_in = shape
+    return LowRank(like.new_zeros(d_out, 1), like.new_zeros(1, d_in))
+
+
+def trained_factors(factors: Mapping[str, LowRank], spec: ClientSpec) -> dict[str, LowRank]:
+    """The global factors of the modules the client adapts (every module, but for a rule that
+    allows module subsets), in the state's module order."""
+    return {module: f for module, f in factors.items() if module in spec.ranks}
 
 
 def difference(new: LowRank, old: LowRank) -> LowRank:

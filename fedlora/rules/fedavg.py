@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.updates import ClientUpdate, average_head
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head, example_weights
 from fedlora.rules.base import (
     AggregationRule,
     ClientSpec,
@@ -21,6 +21,7 @@ from fedlora.rules.base import (
     adapter_payload,
     difference,
     ideal_and_reference,
+    ideal_over_trainers,
     load_adapter,
     padded_average,
     robust_padded_factors,
@@ -59,10 +60,24 @@ class FedAvg(AggregationRule):
         return factors, moments
 
     def _average_factors(self, state, updates, weights) -> dict:
-        return {
-            module: self._combine(updates, weights, module, state.top_rank(module))
-            for module in state.modules
-        }
+        """Each module's combination of the clients' factors. Where the rule allows module
+        subsets, over the clients that trained it (weights p_i / P_m); a module nobody trained
+        keeps its global factors."""
+        if not self.allows_module_subsets:
+            return {
+                module: self._combine(updates, weights, module, state.top_rank(module))
+                for module in state.modules
+            }
+        batch = ClientUpdates.of(updates)
+        factors = {}
+        for module in state.modules:
+            trainers = batch.trainers(module)
+            factors[module] = (
+                self._combine(trainers, example_weights(trainers), module, state.top_rank(module))
+                if trainers
+                else state.factors[module]
+            )
+        return factors
 
     def _combine(self, updates, weights: Tensor, module: str, rank: int) -> LowRank:
         """The weighted mean of the padded folded factors, or the configured robust combination."""
@@ -71,7 +86,10 @@ class FedAvg(AggregationRule):
         return robust_padded_factors(updates, module, rank, self.robustness)
 
     def _ideal(self, state, updates, weights) -> tuple[dict, dict]:
-        """The ideal update sum_i p_i B_i A_i per module, and the reference norms."""
+        """The ideal update sum_i p_i B_i A_i per module, and the reference norms (over T_m with
+        the weights p_i / P_m, where the rule allows module subsets)."""
+        if self.allows_module_subsets:
+            return ideal_over_trainers(state.factors, ClientUpdates.of(updates), state.shapes)
         return ideal_and_reference(state.factors, updates, weights)
 
     def _result(self, state, updates, weights, factors) -> RoundResult:

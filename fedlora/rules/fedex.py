@@ -6,6 +6,13 @@ ranks the base differs per rank, so the client derives it as W_t - s_i B_i' A_i'
 W_t - W_0 (`BaseCache`, one per worker). The round's change dW* has inner rank <= sum_i r_i + r and
 travels as factors, or dense where that is smaller; clients that skipped rounds receive the changes of
 every round since the version they hold.
+
+Module subsets: clients may adapt different subsets of the modules. Each module m is then aggregated
+over T_m, the clients that trained it, with the weights p_i / P_m (P_m = sum_{T_m} p_i): the averaged
+factors over T_m, and the change dW*_m = sum_{T_m} p_i / P_m dW_i, so that the residual
+sum_{T_m} p_i / P_m s_i B_i A_i - (avg B)(avg A) is folded into module m's base; a module nobody
+trained keeps its factors and its base. A client receives the slices of the modules it adapts and
+the base changes of every module: exact per module.
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ from fedlora.lora.client_state import ClientState
 from fedlora.lora.lowrank import LowRank
 from fedlora.lora.updates import ClientUpdate
 from fedlora.lora.versioning import BaseCache, ChangeLog, accumulated_changes
-from fedlora.rules.base import ClientSpec, GlobalState, RoundResult, adapter_payload, load_adapter
+from fedlora.rules.base import (
+    ClientSpec,
+    GlobalState,
+    RoundResult,
+    adapter_payload,
+    load_adapter,
+    trained_factors,
+)
 from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes, state_dtype
 from fedlora.wire.messages import (
@@ -35,6 +49,7 @@ class FedExLoRA(FedAvg):
     name = "fedex"
     takes_server_optimizer = False
     exact = True
+    allows_module_subsets = True
     combinations = ("mean",)
     client_dp_refusal = (
         "its exact residual sum_i p_i s_i B_i A_i - s B A sums products of each client's factors"
@@ -66,7 +81,9 @@ class FedExLoRA(FedAvg):
         return accumulated_changes(state, module)
 
     def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
-        payload = adapter_payload(state, spec)
+        payload = adapter_payload(
+            replace(state, factors=trained_factors(state.factors, spec)), spec
+        )
         from_version, change = state.changes.since(spec.version)
         payload.base_change = change_to_tensors(change)
         payload.config[FROM_VERSION_KEY] = from_version

@@ -5,6 +5,12 @@ the rows of A, B unscaled, the stack at scale 1), so B_g A_g = sum_i p_i s_i B_i
 any mix of ranks. Every client merges B_g A_g into its base and re-initialises its adapter (A random,
 B = 0) each round, so the stacked rank never grows. Clients that skipped rounds receive the stacks of
 every round since the version they hold.
+
+Module subsets: clients may adapt different subsets of the modules. Module m's stack is then built
+from T_m, the clients that trained it, with the weights p_i / P_m (P_m = sum_{T_m} p_i), so its
+product is dW*_m = sum_{T_m} p_i / P_m s_i B_i A_i; a module nobody trained gets a zero change. A
+client receives the stacks of every module and fresh adapters for the modules it adapts: exact per
+module.
 """
 
 from __future__ import annotations
@@ -20,14 +26,16 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lora.adapter import Adapter, LoRAFactors
 from fedlora.lora.client_state import ClientState, fresh_lora_A
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head, example_weights
 from fedlora.lora.versioning import BaseCache, ChangeLog, accumulated_changes
 from fedlora.rules.base import (
     AggregationRule,
     ClientSpec,
     GlobalState,
-    ReferenceNorms,
     RoundResult,
+    TrainerReferenceNorms,
+    any_update_tensor,
+    zero_update,
 )
 from fedlora.rules.reconstruction import ReconstructedUpdates, rank_classes
 from fedlora.rules.robust import Robustness
@@ -62,6 +70,7 @@ def stack_adapters(updates: list[ClientUpdate], weights: Tensor, module: str) ->
 class FLoRA(AggregationRule):
     name = "flora"
     exact = True
+    allows_module_subsets = True
     client_dp_refusal = (
         "it stacks every client's B_i and p_i s_i A_i, whose product is the client's whole change"
     )
@@ -91,8 +100,16 @@ class FLoRA(AggregationRule):
     def _aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
-        change = {module: stack_adapters(updates, weights, module) for module in state.modules}
-        reference = ReferenceNorms(dict.fromkeys(state.modules), updates, weights)
+        batch = ClientUpdates.of(updates)
+        change = {}
+        for module in state.modules:
+            trainers = batch.trainers(module)
+            change[module] = (
+                stack_adapters(trainers, example_weights(trainers), module)
+                if trainers
+                else zero_update(state.shapes[module], any_update_tensor(batch))
+            )
+        reference = TrainerReferenceNorms(dict.fromkeys(state.modules), batch)
         new_state = GlobalState(
             version=state.version + 1,
             shapes=state.shapes,
@@ -114,6 +131,8 @@ class FLoRA(AggregationRule):
             FRESH_ADAPTER_SEED_KEY: self.seed * 1_000_003 + state.version,
         }
         for module in state.modules:
+            if module not in spec.ranks:
+                continue
             config[rank_key(module)] = spec.ranks[module]
             config[scale_key(module)] = float(spec.scales[module])
         return Payload(

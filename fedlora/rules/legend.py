@@ -34,12 +34,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from fedlora.lora.updates import ClientUpdates, example_weights
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
     adapter_payload,
-    ideal_over_trainers,
 )
 from fedlora.rules.fedavg import FedAvg
 from fedlora.wire.messages import A_SUFFIX, B_SUFFIX, Payload
@@ -93,23 +91,6 @@ class LEGEND(FedAvg):
             if legend_ranks(capacity, modules, top_rank) == dict(ranks):
                 return None
         return "its depth and ranks are no LEGEND configuration of any capacity class"
-
-    def _average_factors(self, state, updates, weights) -> dict:
-        """Each module's combination over the clients that trained it, weighted by their
-        examples; a module nobody trained keeps its global state."""
-        batch = ClientUpdates.of(updates)
-        factors = {}
-        for module in state.modules:
-            trainers = batch.trainers(module)
-            factors[module] = (
-                self._combine(trainers, example_weights(trainers), module, state.top_rank(module))
-                if trainers
-                else state.factors[module]
-            )
-        return factors
-
-    def _ideal(self, state, updates, weights) -> tuple[dict, dict]:
-        return ideal_over_trainers(state.factors, ClientUpdates.of(updates), state.shapes)
 
     def client_payload(self, state: GlobalState, spec: ClientSpec) -> Payload:
         """The leading slices of the modules the client adapts, and the head."""

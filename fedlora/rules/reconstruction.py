@@ -69,7 +69,7 @@ class ReconstructedUpdates(Mapping):
             local = pure_client(self._state.shapes, spec, self._dtype)
             payload = rule.client_payload(self._state, replace(spec, version=0))
             stepped = rule.client_step(local, payload, BaseCache())
-            for module in modules:
+            for module in spec.ranks:
                 updates[module].append(stepped.effective_delta(module).double() - before[module])
         return updates
 
@@ -77,7 +77,8 @@ class ReconstructedUpdates(Mapping):
 def pure_client(
     shapes: Mapping[str, tuple[int, int]], spec: ClientSpec, dtype: torch.dtype
 ) -> ClientState:
-    """A client of these ranks and scales holding zero factors and the pretrained base."""
+    """A client of these ranks and scales holding zero factors and the pretrained base, on the
+    modules of its ranks (a subset of the global ones, for a rule that allows module subsets)."""
     return ClientState(
         adapter={
             module: LoRAFactors(
@@ -86,6 +87,7 @@ def pure_client(
                 scale=spec.scales[module],
             )
             for module, (d_out, d_in) in shapes.items()
+            if module in spec.ranks
         }
     )
 
