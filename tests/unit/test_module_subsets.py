@@ -240,3 +240,21 @@ def test_payload_and_reply_shapes_cover_the_adapted_modules(name):
     )
     stepped = rule.client_step(local, payload, BaseCache())
     assert set(stepped.adapter) == set(ranks)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_reply_checks_take_a_subset_of_the_run_modules(name):
+    from fedlora.wire.messages import rank_key
+    from strategies.reply_checks import RejectedReply, ReplyChecks
+
+    checks = ReplyChecks(
+        rule=make_rule(name),
+        lora_alpha=16,
+        rslora=False,
+        max_examples=10**7,
+        top_ranks=dict.fromkeys(MODULES, TOP),
+    )
+    ranks = {"m1": 4, "m2": 3}
+    assert checks._ranks({rank_key(m): r for m, r in ranks.items()}) == ranks
+    with pytest.raises(RejectedReply, match="not a non-empty subset"):
+        checks._ranks({rank_key("m9"): 2})
