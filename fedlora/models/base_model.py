@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,7 +299,9 @@ def with_lora(
         ),
     )
     model = copy.deepcopy(base.model).to(device)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias: not ours to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        peft_model = get_peft_model(model, config)
     seed_lora_A(peft_model, seed)
     return peft_model.eval()
 
