@@ -32,7 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STRATEGIES = ("fedavg", "fedex", "flora", "fedsa", "fedsb", "lorafair", "flexlora", "hetlora")
+STRATEGIES = (
+    "fedavg", "fedex", "flora", "fedsa", "fedsb", "lorafair", "flexlora", "hetlora",
+    "ffalora", "fslora", "legend",
+)  # fmt: skip
 BASELINES = ("pretrained", "centralized", "local-only")
 TASK_OVERRIDES = {
     "bbc-topic": ("dataset=bbc-topic",),
