@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fedlora.errors import InvalidUpdateError
-from fedlora.lora.adapter import LoRAFactors
 from fedlora.lora.updates import ClientUpdate
 from fedlora.rules import ClientSpec, make_rule
 from fedlora.rules.legend import layer_index, legend_ranks
+from tests.support.factors import random_adapter, random_factors
 
 DTYPE = torch.float64
 LAYERS = 4
@@ -19,25 +19,12 @@ SHAPES = {m: (6 + i % 3, 5) for i, m in enumerate(MODULES)}
 TOP = 8
 
 
-def factors(generator, module, rank, scale=None):
-    d_out, d_in = SHAPES[module]
-    return LoRAFactors(
-        A=torch.randn(rank, d_in, generator=generator, dtype=DTYPE),
-        B=torch.randn(d_out, rank, generator=generator, dtype=DTYPE),
-        scale=16 / rank if scale is None else scale,
-    )
-
-
-def initial_adapter(generator):
-    return {module: factors(generator, module, TOP) for module in MODULES}
-
-
 def client_updates(generator, capacities, counts):
     """One client per capacity class, training the modules and ranks LEGEND gives it."""
     updates = []
     for i, (capacity, n) in enumerate(zip(capacities, counts)):
         ranks = legend_ranks(capacity, MODULES, TOP)
-        modules = {m: factors(generator, m, r) for m, r in ranks.items()}
+        modules = {m: random_factors(generator, SHAPES[m], r) for m, r in ranks.items()}
         updates.append(ClientUpdate(f"c{i}", n, modules))
     return updates
 
@@ -84,7 +71,7 @@ def brute_force_module(initial, updates, module):
 
 def test_each_module_is_averaged_over_the_clients_that_trained_it():
     generator = torch.Generator().manual_seed(0)
-    initial = initial_adapter(generator)
+    initial = random_adapter(generator, SHAPES, TOP)
     rule = make_rule("legend")
     state = rule.init_state(initial)
     updates = client_updates(generator, [2, 4, 8, 4], [10, 30, 7, 50])
@@ -105,7 +92,7 @@ def test_each_module_is_averaged_over_the_clients_that_trained_it():
 
 def test_a_module_nobody_trained_keeps_its_global_state():
     generator = torch.Generator().manual_seed(1)
-    initial = initial_adapter(generator)
+    initial = random_adapter(generator, SHAPES, TOP)
     rule = make_rule("legend")
     state = rule.init_state(initial)
     updates = client_updates(generator, [2, 4], [10, 30])
@@ -122,7 +109,7 @@ def test_a_module_nobody_trained_keeps_its_global_state():
 
 def test_with_equal_module_sets_it_is_fedavg():
     generator = torch.Generator().manual_seed(2)
-    initial = initial_adapter(generator)
+    initial = random_adapter(generator, SHAPES, TOP)
     updates = client_updates(generator, [8, 8, 8], [3, 5, 9])
     legend = make_rule("legend").aggregate(make_rule("legend").init_state(initial), updates)
     fedavg = make_rule("fedavg").aggregate(make_rule("fedavg").init_state(initial), updates)
@@ -135,7 +122,7 @@ def test_with_equal_module_sets_it_is_fedavg():
 def test_payload_carries_only_the_adapted_modules():
     generator = torch.Generator().manual_seed(3)
     rule = make_rule("legend")
-    state = rule.init_state(initial_adapter(generator))
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
     ranks = legend_ranks(4, MODULES, TOP)
     spec = ClientSpec(ranks, {m: 16 / r for m, r in ranks.items()})
     payload = rule.client_payload(state, spec)
@@ -147,9 +134,11 @@ def test_payload_carries_only_the_adapted_modules():
 def test_module_outside_the_global_ones_is_refused():
     generator = torch.Generator().manual_seed(4)
     rule = make_rule("legend")
-    state = rule.init_state(initial_adapter(generator))
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
     updates = client_updates(generator, [2, 4], [10, 30])
-    stray = ClientUpdate("c9", 5, {"bert.pooler.dense": factors(generator, MODULES[0], 2)})
+    stray = ClientUpdate(
+        "c9", 5, {"bert.pooler.dense": random_factors(generator, SHAPES[MODULES[0]], 2)}
+    )
     with pytest.raises(InvalidUpdateError, match="does not adapt"):
         rule.aggregate(state, [*updates, stray])
     with pytest.raises(InvalidUpdateError, match="trains no module"):
@@ -159,8 +148,10 @@ def test_module_outside_the_global_ones_is_refused():
 def test_rank_above_the_global_rank_is_refused():
     generator = torch.Generator().manual_seed(5)
     rule = make_rule("legend")
-    state = rule.init_state(initial_adapter(generator))
-    too_big = ClientUpdate("c0", 5, {MODULES[-1]: factors(generator, MODULES[-1], TOP + 1)})
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
+    too_big = ClientUpdate(
+        "c0", 5, {MODULES[-1]: random_factors(generator, SHAPES[MODULES[-1]], TOP + 1)}
+    )
     with pytest.raises(InvalidUpdateError, match="above the global rank"):
         rule.aggregate(state, [too_big])
 
@@ -168,7 +159,7 @@ def test_rank_above_the_global_rank_is_refused():
 def test_other_rules_still_refuse_differing_module_sets():
     generator = torch.Generator().manual_seed(6)
     rule = make_rule("fedavg")
-    state = rule.init_state(initial_adapter(generator))
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
     updates = client_updates(generator, [8, 4], [10, 30])
     with pytest.raises(InvalidUpdateError, match="module set differs"):
         rule.aggregate(state, updates)
@@ -186,7 +177,7 @@ def test_norm_bounding_runs_per_module_over_its_trainers():
     from fedlora.rules.robust import Robustness
 
     generator = torch.Generator().manual_seed(7)
-    initial = initial_adapter(generator)
+    initial = random_adapter(generator, SHAPES, TOP)
     rule = make_rule("legend", robustness=Robustness(norm_median_multiple=1.0))
     updates = client_updates(generator, [2, 4, 8], [10, 30, 7])
     result = rule.aggregate(rule.init_state(initial), updates)

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from fedlora.lora.adapter import LoRAFactors
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.updates import ClientUpdate, example_weights
 from fedlora.lora.versioning import BaseCache
@@ -16,6 +15,7 @@ from fedlora.rules import ClientSpec, make_rule
 from fedlora.rules.fedex import FedExLoRA
 from fedlora.rules.flora import FLoRA, stack_adapters
 from fedlora.rules.reconstruction import pure_client
+from tests.support.factors import random_adapter, random_factors
 
 DTYPE = torch.float64
 MODULES = ["m0", "m1", "m2", "m3"]
@@ -32,22 +32,11 @@ COUNTS = [10, 30, 7, 50]
 RULES = ["fedex", "flora"]
 
 
-def factors(generator, module, rank, scale=None):
-    d_out, d_in = SHAPES[module]
-    return LoRAFactors(
-        A=torch.randn(rank, d_in, generator=generator, dtype=DTYPE),
-        B=torch.randn(d_out, rank, generator=generator, dtype=DTYPE),
-        scale=16 / rank if scale is None else scale,
-    )
-
-
-def initial_adapter(generator):
-    return {module: factors(generator, module, TOP) for module in MODULES}
-
-
 def updates_for(generator, subsets, counts=COUNTS):
     return [
-        ClientUpdate(f"c{i}", n, {m: factors(generator, m, r) for m, r in ranks.items()})
+        ClientUpdate(
+            f"c{i}", n, {m: random_factors(generator, SHAPES[m], r) for m, r in ranks.items()}
+        )
         for i, (ranks, n) in enumerate(zip(subsets, counts))
     ]
 
@@ -85,7 +74,7 @@ def test_each_module_is_exact_over_the_clients_that_trained_it(name):
     generator = torch.Generator().manual_seed(0)
     rule = make_rule(name)
     assert rule.allows_module_subsets
-    state = rule.init_state(initial_adapter(generator))
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
     updates = updates_for(generator, SUBSETS)
     result = rule.aggregate(state, updates)
     for module in MODULES:
@@ -111,7 +100,7 @@ def test_each_module_is_exact_over_the_clients_that_trained_it(name):
 def test_fedex_averages_factors_over_the_trainers_and_keeps_the_untrained_ones():
     generator = torch.Generator().manual_seed(1)
     rule = make_rule("fedex")
-    state = rule.init_state(initial_adapter(generator))
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
     updates = updates_for(generator, SUBSETS)
     result = rule.aggregate(state, updates)
     for module in MODULES:
@@ -135,7 +124,7 @@ def test_fedex_averages_factors_over_the_trainers_and_keeps_the_untrained_ones()
 def test_flora_stacks_the_trainers_only():
     generator = torch.Generator().manual_seed(2)
     rule = make_rule("flora")
-    state = rule.init_state(initial_adapter(generator))
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
     updates = updates_for(generator, SUBSETS)
     change = rule.aggregate(state, updates).state.changes.latest
     for module in MODULES:
@@ -147,7 +136,7 @@ def test_flora_stacks_the_trainers_only():
 def test_two_rounds_with_changing_subsets_and_a_client_catching_up(name):
     generator = torch.Generator().manual_seed(3)
     rule = make_rule(name)
-    state0 = rule.init_state(initial_adapter(generator))
+    state0 = rule.init_state(random_adapter(generator, SHAPES, TOP))
     round1 = updates_for(generator, SUBSETS)
     state1 = rule.aggregate(state0, round1).state
     second = [{"m3": 2, "m0": 4}, {"m1": 8}, {"m2": 2, "m3": 5}]
@@ -186,7 +175,7 @@ class FedExWithoutSubsets(FedExLoRA):
 
 def test_fedex_with_every_module_trained_is_unchanged():
     generator = torch.Generator().manual_seed(4)
-    initial = initial_adapter(generator)
+    initial = random_adapter(generator, SHAPES, TOP)
     updates = updates_for(generator, [{m: r for m in MODULES} for r in (2, 8, 5)], [3, 5, 9])
     new, old = make_rule("fedex"), FedExWithoutSubsets()
     got = new.aggregate(new.init_state(initial), updates)
@@ -211,7 +200,7 @@ def test_flora_with_every_module_trained_is_unchanged():
     from fedlora.rules.base import ReferenceNorms
 
     generator = torch.Generator().manual_seed(5)
-    initial = initial_adapter(generator)
+    initial = random_adapter(generator, SHAPES, TOP)
     updates = updates_for(generator, [{m: r for m in MODULES} for r in (2, 8, 5)], [3, 5, 9])
     rule = FLoRA()
     result = rule.aggregate(rule.init_state(initial), updates)
@@ -228,7 +217,7 @@ def test_flora_with_every_module_trained_is_unchanged():
 def test_payload_and_reply_shapes_cover_the_adapted_modules(name):
     generator = torch.Generator().manual_seed(6)
     rule = make_rule(name)
-    state = rule.init_state(initial_adapter(generator))
+    state = rule.init_state(random_adapter(generator, SHAPES, TOP))
     ranks = {"m1": 4, "m2": 3}
     shapes = rule.reply_shapes(state, ranks)
     assert {key.rsplit(".lora_", 1)[0] for key in shapes} == set(ranks)
@@ -236,7 +225,7 @@ def test_payload_and_reply_shapes_cover_the_adapted_modules(name):
     if name == "fedex":
         assert {key.rsplit(".lora_", 1)[0] for key in payload.adapter} == set(ranks)
     local = ClientState(
-        adapter={m: factors(generator, m, r) for m, r in ranks.items()},
+        adapter={m: random_factors(generator, SHAPES[m], r) for m, r in ranks.items()},
     )
     stepped = rule.client_step(local, payload, BaseCache())
     assert set(stepped.adapter) == set(ranks)
