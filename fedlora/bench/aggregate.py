@@ -9,21 +9,36 @@ took part in the previous round receives (for Fed-SB: R without the one-time fix
 - ``seconds``: the rule's own ``aggregate`` (its output), the median of ``repeats`` runs;
 - ``relative_error``: ``RoundResult.relative_deviation`` (a dense GEMM per module, float32), timed
   apart as ``error_seconds``, not part of ``seconds``;
-- ``bytes_up_per_client``: the update tensors a client of the largest rank sends, as serialized;
-  ``bytes_down_per_client``: the rule's payload to that client (``ClientSpec.version`` = 1);
+- ``bytes_up_per_client``: the update tensors sent by the client with the largest update, as
+  serialized; ``bytes_down_per_client``: the rule's payload to that client (``ClientSpec.version`` =
+  1, the client's own rank per module);
 - ``naive_seconds``: a Python loop over clients adding dense p_i s_i B_i A_i per module, as the
   reference codes do (rules whose updates are LoRA factors only);
 - ``gemm_seconds``: one stacked GEMM per module, [B_1 ... B_K] @ [p_1 s_1 A_1; ...; p_K s_K A_K],
   alone in float32 (``gemm_bf16_seconds``: in bfloat16, on CUDA only).
 
+What the clients train comes from the rule's ``client_ranks`` for each client's capacity class. A rule
+that takes one rank per node trains every module at its class, the config's ``client_ranks`` cycled
+over the clients (none given: every client at the top rank r). A rule that configures a node's
+modules from its class (``client_ranks`` gives a dict: LEGEND's depth and per-layer ranks) gets its
+own workload: each client's update holds only the modules its class adapts, at their ranks, the
+classes being ``client_ranks`` cycled or, none given, ceil(r/4), ceil(r/2), r cycled, so that the
+depth varies (``client_classes`` in each row). The dense baselines then sum each module over the
+clients that trained it, with the weights p_i / sum_{j in T_m} p_j, the update the rule approximates.
+
 A sample of the modules may be built and timed (the default on the CPU): all modules have one shape,
 so times and bytes are scaled by modules_total / modules_timed (``scaled`` says so), and
-relative_error is the worst over the sampled modules.
+relative_error is the worst over the sampled modules. Where every client trains every module, the
+sample is the first modules (``module_sample``: "first"); where a rule configures the modules, the
+modules near the output are trained by more clients than those far from it, so the sample is spread
+evenly over the depth and ends at the top module ("spread"), and its scaled times and bytes are
+estimates ("all": no sample).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import platform
 import statistics
@@ -45,7 +60,7 @@ from fedlora.lora.adapter import (
     lora_scale,
 )
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.updates import ClientUpdate, example_weights
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, example_weights
 from fedlora.rules import RULES, AggregationRule, ClientSpec, make_rule
 from fedlora.rules.flora import stack_adapters
 from fedlora.wire.messages import to_wire
@@ -117,6 +132,13 @@ class BenchConfig:
         ranks = self.client_ranks or (self.rank,)
         return [ranks[i % len(ranks)] for i in range(clients)]
 
+    def capacities_of(self, clients: int) -> list[int]:
+        """Capacity classes for a rule that configures modules from them: ``client_ranks`` cycled,
+        or none given, ceil(r/4), ceil(r/2), r cycled."""
+        spread = tuple(dict.fromkeys(math.ceil(self.rank / d) for d in (4, 2, 1)))
+        classes = self.client_ranks or spread
+        return [classes[i % len(classes)] for i in range(clients)]
+
 
 FULL = BenchConfig()
 QUICK = BenchConfig(layers=4, hidden=256, rank=8, clients=(4, 10), repeats=3)
@@ -146,12 +168,13 @@ def describe_device(device: str) -> str:
 
 @dataclass
 class Workload:
-    """One round's clients (ranks, scales, example counts) and their common initial adapter."""
+    """One round's clients (the rank and scale of each module a client trains, example counts) and
+    their common initial adapter of the built modules."""
 
     modules: list[str]
     shape: tuple[int, int]
-    ranks: list[int]
-    scales: list[float]
+    ranks: list[dict[str, int]]
+    scales: list[dict[str, float]]
     counts: list[int]
     initial: Adapter
     generator: torch.Generator
@@ -170,10 +193,14 @@ class Workload:
         d_out = self.shape[0]
         return torch.randn(d_out, rank, generator=self.generator, device=self.device) * B_STD
 
+    def largest_client(self) -> int:
+        """The client with the largest update (the most rank summed over its modules; the first)."""
+        return max(range(len(self.ranks)), key=lambda client: sum(self.ranks[client].values()))
+
     def spec(self, client: int, version: int) -> ClientSpec:
         return ClientSpec(
-            ranks=dict.fromkeys(self.modules, self.ranks[client]),
-            scales=dict.fromkeys(self.modules, self.scales[client]),
+            ranks=dict(self.ranks[client]),
+            scales=dict(self.scales[client]),
             version=version,
             client=str(client),
         )
@@ -183,20 +210,61 @@ def module_names(layers: int) -> list[str]:
     return [f"model.layers.{i}.self_attn.{p}" for i in range(layers) for p in PROJECTIONS]
 
 
-def build_workload(config: BenchConfig, clients: int) -> Workload:
-    """Seeded clients and initial adapter on the config's device, for the sampled modules only."""
+def spread_sample(modules: Sequence[str], count: int) -> list[str]:
+    """``count`` modules spread evenly over ``modules`` (ordered from the input to the output): the
+    last of each of ``count`` equal stretches, so the top module is always one."""
+    total = len(modules)
+    return [modules[math.ceil((i + 1) * total / count) - 1] for i in range(count)]
+
+
+@dataclass
+class ClientPlan:
+    """What a rule's clients train: their capacity classes, the modules built and timed, how they
+    were sampled, and each client's rank per module among them."""
+
+    classes: list[int]
+    modules: list[str]
+    sample: str
+    ranks: list[dict[str, int]]
+
+
+def configures_modules(rule: AggregationRule, modules: Sequence[str], top_rank: int) -> bool:
+    """Whether the rule sets a node's modules and ranks from its capacity class (``client_ranks``
+    gives a dict, as LEGEND's does) rather than taking the class as every module's rank."""
+    return not isinstance(rule.client_ranks(top_rank, modules, top_rank), int)
+
+
+def client_plan(rule: AggregationRule, config: BenchConfig, clients: int) -> ClientPlan:
+    """The clients of ``rule`` as the module docstring states them."""
+    every = module_names(config.layers)
+    sampled = config.modules_timed < config.modules_total
+    if not configures_modules(rule, every, config.rank):
+        classes = config.ranks_of(clients)
+        modules = every[: config.modules_timed]
+        ranks = [dict.fromkeys(modules, rank) for rank in classes]
+        return ClientPlan(classes, modules, "first" if sampled else "all", ranks)
+    classes = config.capacities_of(clients)
+    modules = spread_sample(every, config.modules_timed)
+    ranks = []
+    for capacity in classes:
+        configured = rule.client_ranks(capacity, every, config.rank)
+        ranks.append({module: configured[module] for module in modules if module in configured})
+    return ClientPlan(classes, modules, "spread" if sampled else "all", ranks)
+
+
+def build_workload(config: BenchConfig, clients: int, plan: ClientPlan) -> Workload:
+    """Seeded clients and initial adapter on the config's device, for the plan's modules only."""
     seed = config.seed * 1_000_003 + clients
     generator = torch.Generator(device=config.device).manual_seed(seed)
     alpha = ALPHA_PER_RANK * config.rank
-    ranks = config.ranks_of(clients)
     counts = torch.randint(
         MIN_EXAMPLES, MAX_EXAMPLES, (clients,), generator=torch.Generator().manual_seed(seed)
     )
     workload = Workload(
-        modules=module_names(config.layers)[: config.modules_timed],
+        modules=plan.modules,
         shape=(config.hidden, config.hidden),
-        ranks=ranks,
-        scales=[lora_scale(alpha, r) for r in ranks],
+        ranks=plan.ranks,
+        scales=[{m: lora_scale(alpha, r) for m, r in ranks.items()} for ranks in plan.ranks],
         counts=counts.tolist(),
         initial={},
         generator=generator,
@@ -208,26 +276,25 @@ def build_workload(config: BenchConfig, clients: int) -> Workload:
     return workload
 
 
-def lora_update(workload: Workload, client: int) -> LoRAFactors:
-    rank = workload.ranks[client]
-    return LoRAFactors(
-        A=workload.kaiming_A(rank), B=workload.small_B(rank), scale=workload.scales[client]
-    )
+def lora_update(workload: Workload, client: int, module: str) -> LoRAFactors:
+    rank, scale = workload.ranks[client][module], workload.scales[client][module]
+    return LoRAFactors(A=workload.kaiming_A(rank), B=workload.small_B(rank), scale=scale)
 
 
-def shared_a_update(workload: Workload, client: int) -> SharedA:
-    return SharedA(A=workload.kaiming_A(workload.ranks[client]), scale=workload.scales[client])
+def shared_a_update(workload: Workload, client: int, module: str) -> SharedA:
+    rank, scale = workload.ranks[client][module], workload.scales[client][module]
+    return SharedA(A=workload.kaiming_A(rank), scale=scale)
 
 
-def trained_b_update(workload: Workload, client: int) -> TrainedB:
-    rank = workload.ranks[client]
-    return TrainedB(B=workload.small_B(rank), scale=workload.scales[client])
+def trained_b_update(workload: Workload, client: int, module: str) -> TrainedB:
+    rank, scale = workload.ranks[client][module], workload.scales[client][module]
+    return TrainedB(B=workload.small_B(rank), scale=scale)
 
 
-def sb_core_update(workload: Workload, client: int) -> SBCore:
+def sb_core_update(workload: Workload, client: int, module: str) -> SBCore:
     """R_0 = s I (`FedSB.init_state` of the initial adapter) moved on its leading r_i x r_i block."""
-    initial = next(iter(workload.initial.values()))
-    rank = workload.ranks[client]
+    initial = workload.initial[module]
+    rank = workload.ranks[client][module]
     R = initial.scale * torch.eye(initial.rank, device=workload.device)
     noise = torch.randn(rank, rank, generator=workload.generator, device=workload.device)
     R[:rank, :rank] += noise * initial.scale * SB_CORE_STEP
@@ -238,7 +305,7 @@ def sb_core_update(workload: Workload, client: int) -> SBCore:
 class UpdateKind:
     """How the benchmark builds one kind of client update, and whether a dense baseline applies."""
 
-    make_update: Callable[[Workload, int], ModuleUpdate]
+    make_update: Callable[[Workload, int, str], ModuleUpdate]
     dense_baseline: bool
 
 
@@ -257,7 +324,10 @@ def client_updates(workload: Workload, kind: UpdateKind) -> list[ClientUpdate]:
         ClientUpdate(
             client_id=str(client),
             num_examples=count,
-            modules={module: kind.make_update(workload, client) for module in workload.modules},
+            modules={
+                module: kind.make_update(workload, client, module)
+                for module in workload.ranks[client]
+            },
         )
         for client, count in enumerate(workload.counts)
     ]
@@ -288,13 +358,33 @@ def timed(fn: Callable[[], object], device: str, repeats: int = 1, warmup: bool 
     return statistics.median(seconds), result
 
 
-def naive_dense_sum(updates: Sequence[ClientUpdate], weights: list[float], modules: list[str]):
-    """The reference codes' way: per module, a Python loop over clients adding p_i s_i B_i A_i."""
+@dataclass(frozen=True)
+class ModuleTerms:
+    """One module's clients T_m (those that trained it) and their weights p_i / sum_{T_m} p_j."""
+
+    module: str
+    trainers: ClientUpdates
+    weights: Tensor
+
+
+def module_terms(updates: list[ClientUpdate], modules: Sequence[str]) -> list[ModuleTerms]:
+    """The terms of each module that some client trained."""
+    batch = ClientUpdates(updates)
+    terms = []
     for module in modules:
-        first = updates[0].modules[module]
+        trainers = batch.trainers(module)
+        if trainers:
+            terms.append(ModuleTerms(module, trainers, example_weights(trainers)))
+    return terms
+
+
+def naive_dense_sum(terms: Sequence[ModuleTerms]) -> None:
+    """The reference codes' way: per module, a Python loop over clients adding p_i s_i B_i A_i."""
+    for term in terms:
+        first = term.trainers[0].modules[term.module]
         total = first.B.new_zeros(first.shape)
-        for update, p in zip(updates, weights):
-            factors = update.modules[module]
+        for update, p in zip(term.trainers, term.weights.tolist()):
+            factors = update.modules[term.module]
             total += (p * factors.scale) * (factors.B @ factors.A)
 
 
@@ -311,13 +401,13 @@ class Baselines:
     gemm_bf16_seconds: float | None
 
 
-def measure_baselines(updates: list[ClientUpdate], config: BenchConfig) -> Baselines:
-    weights = example_weights(updates)
-    modules = list(updates[0].modules)
-    naive, _ = timed(
-        lambda: naive_dense_sum(updates, weights.tolist(), modules), config.device, config.repeats
-    )
-    stacks = [stack_adapters(updates, weights, module) for module in modules]
+def measure_baselines(
+    updates: list[ClientUpdate], modules: Sequence[str], config: BenchConfig
+) -> Baselines:
+    """The naive loop and the stacked GEMM, each module over the clients that trained it."""
+    terms = module_terms(updates, modules)
+    naive, _ = timed(lambda: naive_dense_sum(terms), config.device, config.repeats)
+    stacks = [stack_adapters(t.trainers, t.weights, t.module) for t in terms]
     gemm, _ = timed(lambda: dense_products(stacks), config.device, config.repeats)
     gemm_bf16 = None
     if config.device.startswith("cuda"):
@@ -340,6 +430,7 @@ def scaled(seconds: float | None, scale: float) -> float | None:
 
 def measure_rule(
     rule: AggregationRule,
+    plan: ClientPlan,
     workload: Workload,
     updates: list[ClientUpdate],
     baselines: Baselines | None,
@@ -351,7 +442,7 @@ def measure_rule(
         lambda: rule.aggregate(previous, updates), config.device, config.repeats, warmup=False
     )
     error_seconds, relative_error = timed(result.relative_deviation, config.device, warmup=False)
-    largest = max(range(len(updates)), key=workload.ranks.__getitem__)
+    largest = workload.largest_client()
     payload = rule.client_payload(result.state, workload.spec(largest, previous.version))
     scale = config.modules_total / config.modules_timed
     seconds *= scale
@@ -373,6 +464,8 @@ def measure_rule(
         "modules_timed": config.modules_timed,
         "modules_total": config.modules_total,
         "scaled": config.modules_timed < config.modules_total,
+        "module_sample": plan.sample,
+        "client_classes": list(dict.fromkeys(plan.classes)),
         "repeats": config.repeats,
     }
 
@@ -389,19 +482,40 @@ def selected_rules(config: BenchConfig) -> list[AggregationRule]:
     return [make_rule(name) for name in names]
 
 
+def rules_by_plan(
+    rules: list[AggregationRule], config: BenchConfig, clients: int
+) -> list[tuple[ClientPlan, list[AggregationRule]]]:
+    """The rules grouped by their client plan, in the order of first appearance."""
+    groups: list[tuple[ClientPlan, list[AggregationRule]]] = []
+    for rule in rules:
+        plan = client_plan(rule, config, clients)
+        group = next((group for known, group in groups if known == plan), None)
+        if group is None:
+            groups.append((plan, [rule]))
+        else:
+            group.append(rule)
+    return groups
+
+
 def iter_aggregate_benchmark(config: BenchConfig) -> Iterator[dict]:
     """Yield one result row per (client count, rule) as it is measured."""
     rules = selected_rules(config)
     for clients in config.clients:
-        workload = build_workload(config, clients)
-        for update_kind in dict.fromkeys(rule.update_kind for rule in rules):
-            kind = UPDATE_KINDS[update_kind]
-            updates = client_updates(workload, kind)
-            baselines = measure_baselines(updates, config) if kind.dense_baseline else None
-            for rule in rules:
-                if rule.update_kind is update_kind:
-                    yield measure_rule(rule, workload, updates, baselines, config)
-            del updates
+        for plan, planned in rules_by_plan(rules, config, clients):
+            workload = build_workload(config, clients, plan)
+            for update_kind in dict.fromkeys(rule.update_kind for rule in planned):
+                kind = UPDATE_KINDS[update_kind]
+                updates = client_updates(workload, kind)
+                baselines = (
+                    measure_baselines(updates, workload.modules, config)
+                    if kind.dense_baseline
+                    else None
+                )
+                for rule in planned:
+                    if rule.update_kind is update_kind:
+                        yield measure_rule(rule, plan, workload, updates, baselines, config)
+                del updates
+            del workload
 
 
 def run_aggregate_benchmark(config: BenchConfig) -> list[dict]:

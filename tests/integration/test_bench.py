@@ -1,11 +1,22 @@
 """`fedlora bench aggregate` through the CLI entry point: the JSON schema and the figures' sense."""
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 
 from cli.main import main
-from fedlora.bench.aggregate import implemented_methods
+from fedlora.bench.aggregate import (
+    QUICK,
+    UPDATE_KINDS,
+    build_workload,
+    client_plan,
+    client_updates,
+    implemented_methods,
+)
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.rules import make_rule
 
 KEYS = {
     "method": str,
@@ -18,11 +29,23 @@ KEYS = {
     "modules_timed": int,
     "modules_total": int,
     "scaled": bool,
+    "module_sample": str,
+    "client_classes": list,
     "exact": bool,
 }
 EXACT_RULES = {"fedex", "flora", "fedsb", "ffalora"}
 NO_DENSE_BASELINE = {"fedsa", "fedsb", "ffalora"}
 QUICK_MODULES, QUICK_HIDDEN, QUICK_RANK = 16, 256, 8
+QUICK_LAYERS = 4
+LEGEND_CLASSES = (2, 4, 8)
+"""ceil(r/4), ceil(r/2), r at the quick preset's r = 8."""
+
+
+def legend_layer_ranks(capacity: int, layers: int, top_rank: int) -> dict[int, int]:
+    """LEGEND's rank per adapted layer, written out: the top d = ceil(L c / r) layers, the k-th
+    from the top at ceil(c (d - k) / d)."""
+    depth = math.ceil(layers * capacity / top_rank)
+    return {layers - 1 - k: math.ceil(capacity * (depth - k) / depth) for k in range(depth)}
 
 
 def bench(tmp_path, *options) -> list[dict]:
@@ -79,6 +102,54 @@ def test_bytes_are_the_tensors_on_the_wire(quick):
         assert rows["ffalora", clients]["bytes_up_per_client"] == 2 * lora_floats
     for row in quick:
         assert row["bytes_up_per_client"] > 0 and row["bytes_down_per_client"] > 0
+
+
+def test_legend_is_measured_on_its_own_subset_workload(quick):
+    """Its largest client (class r) sends and receives A and B of every module at LEGEND's ranks:
+    4 projections x (8 + 6 + 4 + 2) over the layers, below FedAvg's 4 x 4 x 8."""
+    largest = legend_layer_ranks(QUICK_RANK, QUICK_LAYERS, QUICK_RANK)
+    assert largest == {3: 8, 2: 6, 1: 4, 0: 2}
+    legend_bytes = 4 * 4 * sum(largest.values()) * 2 * QUICK_HIDDEN
+    rows = {(row["method"], row["clients"]): row for row in quick}
+    for clients in (4, 10):
+        legend, fedavg = rows["legend", clients], rows["fedavg", clients]
+        assert legend["bytes_up_per_client"] == legend["bytes_down_per_client"] == legend_bytes
+        assert fedavg["bytes_up_per_client"] == 4 * QUICK_MODULES * QUICK_RANK * 2 * QUICK_HIDDEN
+        assert legend["client_classes"] == list(LEGEND_CLASSES)
+        assert legend["module_sample"] == fedavg["module_sample"] == "all"
+        assert fedavg["client_classes"] == [QUICK_RANK]
+        assert legend["relative_error"] != fedavg["relative_error"]
+        assert legend["naive_seconds"] > 0
+
+
+def test_every_legend_client_trains_exactly_the_layers_of_its_class():
+    config = replace(QUICK, clients=(7,))
+    plan = client_plan(make_rule("legend"), config, 7)
+    updates = client_updates(build_workload(config, 7, plan), UPDATE_KINDS[LoRAFactors])
+    for client, update in enumerate(updates):
+        capacity = LEGEND_CLASSES[client % 3]
+        expected = {
+            f"model.layers.{layer}.self_attn.{projection}": rank
+            for layer, rank in legend_layer_ranks(capacity, QUICK_LAYERS, QUICK_RANK).items()
+            for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
+        }
+        trained = {module: factors.rank for module, factors in update.modules.items()}
+        assert trained == expected
+        for module, factors in update.modules.items():
+            assert factors.A.shape == (expected[module], QUICK_HIDDEN)
+            assert factors.scale == pytest.approx(2 * QUICK_RANK / expected[module])
+
+
+def test_legend_samples_modules_over_the_depth_and_the_others_the_first_ones():
+    config = replace(QUICK, layers=8, sample_modules=2, client_ranks=(4,))
+    legend = client_plan(make_rule("legend"), config, 3)
+    fedavg = client_plan(make_rule("fedavg"), config, 3)
+    assert legend.sample == "spread" and fedavg.sample == "first"
+    assert legend.modules == ["model.layers.3.self_attn.o_proj", "model.layers.7.self_attn.o_proj"]
+    assert fedavg.modules == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    # class 4 of r 8 over 8 layers: depth 4, layers 7..4 at ranks 4, 3, 2, 1
+    assert legend.ranks == [{"model.layers.7.self_attn.o_proj": 4}] * 3
+    assert fedavg.ranks == [dict.fromkeys(fedavg.modules, 4)] * 3
 
 
 def test_a_module_sample_is_scaled_to_all_modules(tmp_path):
