@@ -202,11 +202,6 @@ def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--warmup", type=int, default=2, metavar="N", help="untimed steps (default 2)"
     )
-    parser.add_argument(
-        "--bf16-weights",
-        action="store_true",
-        help="base weights in bfloat16 on the device, fused AdamW (the in-process loops)",
-    )
     add_output_arguments(parser, "runs/bench-train", "the simulation's run directory")
     parser.set_defaults(handler=run_bench_train)
 
@@ -221,7 +216,6 @@ def run_bench_train(args: argparse.Namespace) -> int:
             args.group,
             args.steps,
             args.warmup,
-            args.bf16_weights,
             args.out,
             say,
         )
@@ -236,6 +230,12 @@ def run_bench_train(args: argparse.Namespace) -> int:
     for column in ("training", "tokens / s", "vs plain", "MFU"):
         table.add_column(column, justify="right")
     for name, rate, ratio, utilisation in (
+        (
+            "plain loop, float32 weights",
+            results["float32_tokens_per_s"],
+            1 / results["speedup"],
+            results["float32_mfu"],
+        ),
         ("plain loop", results["plain_tokens_per_s"], 1.0, results["mfu"]),
         (
             "grouped clients",

@@ -20,6 +20,7 @@ from fedlora.models.base_model import load_base_model, with_lora, with_sb_layers
 from fedlora.models.peft_io import ModelMismatchError, client_state_from_model
 from fedlora.rules.legend import layer_index
 from fedlora.training.local import device_for
+from fedlora.training.speed import prepare_for_training
 
 PEFT_PREFIX = "base_model.model."
 MAX_MODELS = 4
@@ -67,6 +68,7 @@ class Worker:
                 layers_to_transform=layers,
             )
             built = client_state_from_model(model)
+            prepare_for_training(model, config, self.device)
             if not isinstance(ranks, int) and set(built.adapter) != set(ranks):
                 raise ModelMismatchError(
                     f"LoRA on layers {layers} adapts modules {sorted(built.adapter)}, not the "

@@ -42,6 +42,8 @@ PARTITIONERS = ("iid", "dirichlet", "shard")
 GENERATION_METRICS = ("auto", "answer", "rouge-l")
 ROBUST_AGGREGATIONS = ("mean", "trimmed-mean", "median")
 BASE_CHANGES = ("run-dir", "messages")
+BASE_DTYPES = ("float32", "bfloat16")
+TORCH_COMPILE_MODES = ("none", "blocks", "model")
 NAMED_MODELS = {
     "minilm": "classification",
     "smollm2": "causal-lm",
@@ -186,6 +188,16 @@ class RunConfig:
     min_evaluate_nodes: int = key(2, "the fewest nodes an evaluation round waits for", AT_LEAST_1)
     device: str = key("auto", "auto, cpu, cuda or cuda:N")
     num_threads: int = key(1, "torch's CPU threads per client", AT_LEAST_1)
+    base_dtype: str = key(
+        "float32",
+        "the frozen base's weights of a LoRA client on CUDA: float32 (cast to bf16 at each matmul by autocast) or bfloat16 (stored so; the LoRA factors, the head and the base shift stay float32; the CPU keeps float32)",
+        choices=BASE_DTYPES,
+    )
+    torch_compile: str = key(
+        "none",
+        "torch.compile a LoRA client's model on CUDA: none, blocks (each repeated layer: seconds to compile) or model (the whole model: the fastest steps, about a minute to compile per worker)",
+        choices=TORCH_COMPILE_MODES,
+    )
     dp_sample: bool = key(False, "sample-level DP: DP-SGD with Opacus (docs/privacy.md)")
     dp_noise_multiplier: float = key(
         1.0, "DP-SGD's noise multiplier (unless dp-target-epsilon is set)", NOT_NEGATIVE
@@ -530,6 +542,7 @@ def check_run_values(config: RunConfig) -> None:
     check_training_steps(config)
     if config.client_generation and not config.generation_every:
         raise ConfigError("client-generation needs generation-every > 0")
+    check_fast_training(config)
 
 
 COLUMN_KEYS = {
@@ -559,6 +572,17 @@ def check_column_mapping(config: RunConfig) -> None:
         raise ConfigError(
             f"column(s) {repeated} named by more than one of "
             f"{[kebab(key) for key in COLUMN_KEYS]}: each key names its own column"
+        )
+
+
+def check_fast_training(config: RunConfig) -> None:
+    """bfloat16 bases and torch.compile train plainly: not under Opacus' DP-SGD, whose per-example
+    gradient hooks they are not tested with."""
+    if config.dp_sample and config.base_dtype != "float32":
+        raise ConfigError(f"base-dtype = {config.base_dtype!r} is not supported with dp-sample")
+    if config.dp_sample and config.torch_compile != "none":
+        raise ConfigError(
+            f"torch-compile = {config.torch_compile!r} is not supported with dp-sample"
         )
 
 

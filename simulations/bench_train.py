@@ -2,7 +2,10 @@
 plain LoRA loop at the batch the clients add up to, from one call on one device.
 
 - ``plain_tokens_per_s``: one peft LoRA model trained at ``group`` x ``batch-size`` rows a step
-  (`fedlora.bench.train.plain_throughput`); ``mfu`` is its model FLOP utilisation;
+  (`fedlora.bench.train.plain_throughput`) as the run's clients train (``base-dtype``,
+  ``torch-compile``); ``mfu`` is its model FLOP utilisation; ``float32_tokens_per_s`` and
+  ``float32_mfu`` the same loop with float32 weights and no compilation (the defaults), and
+  ``speedup`` plain / float32;
 - ``federation_tokens_per_s``: the recipe run in Flower's Ray simulation; over the rounds after
   the first, the clients' training tokens (clients x local steps x accumulation x batch-size x
   max-length) over the training exchange's wall time (``client_seconds`` +
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +53,6 @@ def train_benchmark(
     group: int | None = None,
     steps: int = 10,
     warmup: int = 2,
-    bf16_weights: bool = False,
     out_dir: str | Path = "runs/bench-train",
     say: Callable[[str], None] = lambda text: None,
 ) -> dict:
@@ -68,14 +71,14 @@ def train_benchmark(
     device = device_for(config)
     base = load_base_model(config)
     parameters = sum(parameter.numel() for parameter in base.model.parameters())
+    rows = group * config.batch_size
+    say("plain loop, float32 weights")
+    defaults = replace(config, base_dtype="float32", torch_compile="none")
+    float32 = plain_throughput(base, defaults, device, rows, partitions, steps, warmup)
     say("plain loop")
-    plain = plain_throughput(
-        base, config, device, group * config.batch_size, partitions, steps, warmup, bf16_weights
-    )
+    plain = plain_throughput(base, config, device, rows, partitions, steps, warmup)
     say("grouped clients")
-    grouped = grouped_throughput(
-        base, config, device, group, partitions, steps, warmup, bf16_weights
-    )
+    grouped = grouped_throughput(base, config, device, group, partitions, steps, warmup)
     del base
     gc.collect()
     if device.type == "cuda":
@@ -87,6 +90,9 @@ def train_benchmark(
         "plain_tokens_per_s": plain["tokens_per_s"],
         "ratio": federation["tokens_per_s"] / plain["tokens_per_s"],
         "mfu": plain["mfu"],
+        "float32_tokens_per_s": float32["tokens_per_s"],
+        "float32_mfu": float32["mfu"],
+        "speedup": plain["tokens_per_s"] / float32["tokens_per_s"],
         "first_round_seconds": federation["first_round_seconds"],
         "later_round_seconds": federation["later_round_seconds"],
         "round_tokens_per_s": federation["round_tokens_per_s"],
@@ -101,11 +107,11 @@ def train_benchmark(
             "group": group,
             "steps": steps,
             "warmup": warmup,
-            "bf16_weights": bf16_weights,
             "parameters": parameters,
             "torch": torch.__version__,
         },
         "plain": plain,
+        "float32": float32,
         "grouped": grouped,
         "federation": federation,
     }

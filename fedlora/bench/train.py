@@ -6,9 +6,9 @@ Both draw their batches from the run's client partitions before the clock starts
 width, padding included, as a GPU computes it). MFU counts 4 x parameters x tokens/s (forward 2,
 backward through the frozen base 2: no weight gradients) against the device's dense bf16 peak.
 
-``bf16_weights`` keeps the base's weights in bfloat16 on the device (no float32 copy cast at every
-matmul), the LoRA factors in float32, and takes the fused AdamW; otherwise the weights stay
-float32 under bf16 autocast as a client trains today.
+Both train as the run's clients do: the plain loop's model is prepared by
+`fedlora.training.speed` (``base-dtype``, ``torch-compile``), the group's base is stored in
+bfloat16 where ``base-dtype`` asks; on CUDA under bf16 autocast with the fused AdamW.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from fedlora.errors import ConfigError
 from fedlora.models.base_model import BaseModel, with_lora
 from fedlora.models.grouped_lora import fresh_group
 from fedlora.training.grouped import train_group
-from fedlora.training.local import client_seed, train_local
+from fedlora.training.local import client_seed, make_optimizer, train_local
+from fedlora.training.speed import prepare_for_training
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 """Dense bf16 peak of the GPUs the figures are quoted for, by a word of the device's name."""
@@ -43,16 +44,11 @@ def mfu(parameters: int, tokens_per_s: float, name: str) -> float | None:
     return None if peak is None else 4 * parameters * tokens_per_s / peak
 
 
-def base_on(base: BaseModel, device: torch.device, bf16_weights: bool) -> nn.Module:
-    """A copy of the frozen base on ``device``, in bfloat16 if asked."""
+def base_on(base: BaseModel, device: torch.device, config: RunConfig) -> nn.Module:
+    """A copy of the frozen base on ``device``, in bfloat16 on CUDA where ``base-dtype`` asks."""
     model = copy.deepcopy(base.model).to(device)
-    return model.to(torch.bfloat16) if bf16_weights else model
-
-
-def make_adamw(parameters, config: RunConfig, fused: bool) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused or None
-    )
+    bf16 = device.type == "cuda" and config.base_dtype == "bfloat16"
+    return model.to(torch.bfloat16) if bf16 else model
 
 
 def tokens_of(drawn: Sequence[dict]) -> int:
@@ -67,10 +63,10 @@ def plain_throughput(
     num_partitions: int,
     steps: int,
     warmup: int,
-    bf16_weights: bool = False,
 ) -> dict:
-    """Tokens/s of one peft LoRA model (the run's top rank) at ``batch_size`` rows a step, on
-    partition 0's training examples."""
+    """Tokens/s of one peft LoRA model (the run's top rank, prepared as a client's) at
+    ``batch_size`` rows a step, on partition 0's training examples; compilation happens in the
+    untimed warm-up steps (its seconds are ``warmup_seconds``)."""
     model = with_lora(
         base,
         config.max_rank,
@@ -81,12 +77,10 @@ def plain_throughput(
         device=device,
         seed=config.seed,
     )
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if bf16_weights:
-        model.to(torch.bfloat16)
-        for parameter in trainable:
-            parameter.data = parameter.data.float()
-    optimizer = make_adamw(trainable, config, fused=bf16_weights)
+    prepare_for_training(model, config, device)
+    optimizer = make_optimizer(
+        model, config.learning_rate, config.weight_decay, fused=device.type == "cuda"
+    )
     data = client_data(config, 0, num_partitions).train
     seed = client_seed(config.seed, 0, 1)
     drawn = list(
@@ -94,8 +88,9 @@ def plain_throughput(
             data, base.tokenizer, config.max_length, batch_size, seed, warmup + steps, config.task
         )
     )
+    warmup_seconds = 0.0
     if warmup:
-        train_local(
+        warmup_seconds = train_local(
             model,
             drawn[:warmup],
             warmup,
@@ -104,7 +99,7 @@ def plain_throughput(
             device,
             optimizer=optimizer,
             seed=seed,
-        )
+        ).seconds
     report = train_local(
         model,
         drawn[warmup:],
@@ -115,7 +110,8 @@ def plain_throughput(
         optimizer=optimizer,
         seed=seed,
     )
-    return rate(tokens_of(drawn[warmup:]), report.seconds, batch_size, base, device)
+    result = rate(tokens_of(drawn[warmup:]), report.seconds, batch_size, base, device)
+    return {**result, "warmup_seconds": warmup_seconds}
 
 
 def grouped_throughput(
@@ -126,7 +122,6 @@ def grouped_throughput(
     num_partitions: int,
     steps: int,
     warmup: int,
-    bf16_weights: bool = False,
 ) -> dict:
     """Tokens/s of partitions 0..group_size-1 (their ranks, data and seeds) trained as one group
     at ``batch-size`` rows each."""
@@ -135,7 +130,7 @@ def grouped_throughput(
     clients = range(group_size)
     ranks = [config.rank_for(client, num_partitions) for client in clients]
     group = fresh_group(
-        base_on(base, device, bf16_weights),
+        base_on(base, device, config),
         ranks,
         config.lora_alpha,
         config.rslora,
@@ -160,7 +155,7 @@ def grouped_throughput(
                 )
             )
         )
-    fused = bf16_weights
+    fused = device.type == "cuda"
     if warmup:
         train_group(
             group,

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from fedlora.lora.lowrank import LowRank
 from fedlora.lora.measurement import worst
-from fedlora.models.peft_io import base_weights, pretrained_weights, read_adapter
+from fedlora.models.peft_io import (
+    EXACT_DTYPES,
+    base_shifts,
+    base_weights,
+    pretrained_weights,
+    read_adapter,
+)
 from fedlora.models.sb_layer import read_cores, read_fixed_factors, sb_layers
 
 PROBE_RECORD = "probes"
@@ -75,15 +81,26 @@ def relative_deviation(measured: Mapping[str, Tensor], expected: Mapping[str, Te
 @torch.no_grad()
 def lora_weight_changes(model: nn.Module) -> dict[str, Tensor]:
     """W_eff - W_0 per LoRA module of a peft model: (base - pretrained) + s B A, in float64."""
+    changes = base_changes(model)
+    return {
+        module: (changes[module] + factors.scale * (factors.B.double() @ factors.A.double())).cpu()
+        for module, factors in read_adapter(model).items()
+    }
+
+
+def base_changes(model: nn.Module) -> dict[str, Tensor]:
+    """Base minus pretrained per LoRA module in float64; the exact shift for a base stored in
+    bfloat16 (`base_shifts`), whose weights round it."""
     pretrained = pretrained_weights(model)
     bases = base_weights(model)
+    if all(base.dtype in EXACT_DTYPES for base in bases.values()):
+        return {module: bases[module].double() - pretrained[module].double() for module in bases}
+    shifts = base_shifts(model)
     return {
-        module: (
-            bases[module].double()
-            - pretrained[module].double()
-            + factors.scale * (factors.B.double() @ factors.A.double())
-        ).cpu()
-        for module, factors in read_adapter(model).items()
+        module: shifts[module].double().to(base.device)
+        if module in shifts
+        else torch.zeros(base.shape, dtype=torch.float64, device=base.device)
+        for module, base in bases.items()
     }
 
 

@@ -11,7 +11,10 @@ The head is every parameter of peft's ``modules_to_save``, keyed as in ``get_pef
 
 Base weights: a client's base is the pretrained weight plus its ``base_shift``. `pretrained_weights`
 captures the pretrained base weights once per model, before this module first writes a base (call it
-before anything else changes them), and keeps that untouched copy on the model.
+before anything else changes them), and keeps that untouched copy on the model. A base stored in
+bfloat16 (``base-dtype``, `fedlora.training.speed`) rounds pretrained + base_shift; the shift itself
+stays exact: `apply_client_state` keeps the float32 shift it wrote on the model, and `base_shifts`
+reads that one back for such a base.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from fedlora.lora.client_state import ClientState
 
 DEFAULT_ADAPTER = "default"
 PRETRAINED_ATTRIBUTE = "fedlora_pretrained_weights"
+SHIFT_ATTRIBUTE = "fedlora_base_shift"
+EXACT_DTYPES = (torch.float32, torch.float64)
 SCALE_TOLERANCE = 1e-9
 
 
@@ -263,6 +268,7 @@ def apply_client_state(
     _copy_adapter(layers, state.adapter, adapter_name)
     _copy(head, state.head)
     _copy_base_weights(layers, bases)
+    model.__dict__[SHIFT_ATTRIBUTE] = dict(state.base_shift)
 
 
 def _shifted(
@@ -286,17 +292,29 @@ def client_state_from_model(
     pretrained: Mapping[str, Tensor] | None = None,
     adapter_name: str = DEFAULT_ADAPTER,
 ) -> ClientState:
-    """The model's adapter, head and base shift (base minus pretrained, only where it differs)."""
+    """The model's adapter, head and base shift (`base_shifts`)."""
+    return ClientState(
+        adapter=read_adapter(model, adapter_name),
+        head=read_head(model, adapter_name),
+        base_shift=base_shifts(model, pretrained, adapter_name),
+    )
+
+
+def base_shifts(
+    model: nn.Module,
+    pretrained: Mapping[str, Tensor] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> dict[str, Tensor]:
+    """Base minus pretrained, only where it differs; for a base stored in a half type, the exact
+    shift `apply_client_state` last wrote (none before it wrote one)."""
     pretrained = pretrained_weights(model, adapter_name) if pretrained is None else pretrained
     current = base_weights(model, adapter_name)
     _check_same_names("pretrained weights", set(pretrained), set(current))
+    if any(weight.dtype not in EXACT_DTYPES for weight in current.values()):
+        return dict(model.__dict__.get(SHIFT_ATTRIBUTE, {}))
     base_shift = {}
     for name, weight in current.items():
         shift = weight - pretrained[name].to(weight.device)
         if torch.any(shift != 0):
             base_shift[name] = shift
-    return ClientState(
-        adapter=read_adapter(model, adapter_name),
-        head=read_head(model, adapter_name),
-        base_shift=base_shift,
-    )
+    return base_shift

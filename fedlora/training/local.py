@@ -1,7 +1,7 @@
 """Local training and evaluation of a client's model, on the GPU when there is one.
 
-On CUDA the forward passes run under bf16 autocast (the weights stay float32); on the CPU in
-float32. Training draws its dropout masks from ``seed`` when one is given, so a client's round is
+On CUDA the forward passes run under bf16 autocast (the weights float32, or the frozen ones bfloat16:
+`fedlora.training.speed`) and AdamW is PyTorch's fused kernel; on the CPU in float32. Training draws its dropout masks from ``seed`` when one is given, so a client's round is
 reproducible. An optimizer step may accumulate the gradients of several batches, each batch's loss
 weighted by its share of the step's loss targets, so that the step equals one on all of them
 together; its learning rate follows the run's schedule (`fedlora.training.lr_schedule`). `train_private`
@@ -64,12 +64,14 @@ def set_torch_threads(config: RunConfig) -> None:
     torch.set_num_threads(config.num_threads)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters only."""
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, fused: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters only (PyTorch's fused kernel if ``fused``)."""
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if not trainable:
         raise ConfigError("the model has no trainable parameters")
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -213,7 +215,7 @@ def train_local(
     The reported loss of a step is the weighted sum of its batches' losses.
     """
     device = torch.device(device)
-    optimizer = optimizer or make_optimizer(model, lr, weight_decay)
+    optimizer = optimizer or make_optimizer(model, lr, weight_decay, fused=device.type == "cuda")
     batches = iter(batches)
     losses, num_examples = [], 0
     anchors = [
