@@ -278,9 +278,14 @@ class RunConfig:
     checkpoint_every: int = key(
         1, "the server checkpoints every k rounds and after the last", AT_LEAST_1
     )
+    evaluate_every: int = key(
+        1,
+        "the clients' and the server's evaluation every k rounds and after the last (the other rounds' rows hold nulls; docs/metrics.md)",
+        AT_LEAST_1,
+    )
     generation_every: int = key(
         0,
-        "generation evaluation every k rounds and after the last (0: off; instruction data)",
+        "generation evaluation every k rounds and after the last (0: off; a multiple of evaluate-every; instruction data)",
         AT_LEAST_0,
     )
     max_new_tokens: int = key(32, "tokens generated per prompt", AT_LEAST_1)
@@ -343,6 +348,10 @@ class RunConfig:
             rank for (rank, _), count in zip(profile, counts, strict=True) for _ in range(count)
         ]
         return ranks[partition_id]
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the clients and the server evaluate in ``server_round`` (``evaluate-every``)."""
+        return every_k_rounds(server_round, self.evaluate_every, self.num_server_rounds)
 
     @property
     def partition_seed(self) -> int:
@@ -470,6 +479,12 @@ def default_head(model: str, task: str) -> str:
     return ",".join(classification_head(model))
 
 
+def every_k_rounds(server_round: int, every: int, num_rounds: int) -> bool:
+    """Whether ``server_round`` is a multiple of ``every`` or the last of ``num_rounds`` (rounds
+    count from 1)."""
+    return server_round >= 1 and (server_round % every == 0 or server_round == num_rounds)
+
+
 def comma_names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -542,6 +557,11 @@ def check_run_values(config: RunConfig) -> None:
     check_training_steps(config)
     if config.client_generation and not config.generation_every:
         raise ConfigError("client-generation needs generation-every > 0")
+    if config.generation_every % config.evaluate_every:
+        raise ConfigError(
+            f"generation-every = {config.generation_every} must be a multiple of evaluate-every "
+            f"= {config.evaluate_every}: generation evaluation happens in evaluation rounds"
+        )
     check_fast_training(config)
 
 

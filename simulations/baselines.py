@@ -74,7 +74,8 @@ class Baselines:
         self.generation = None
         if is_instruction_data(self.held_out, self.config.task):
             generating = dataclasses.replace(
-                self.config, generation_every=max(1, self.config.generation_every)
+                self.config,
+                generation_every=self.config.generation_every or self.config.evaluate_every,
             )
             self.generation = GenerationEvaluation(generating, self.held_out, self.base.tokenizer)
 

@@ -3,7 +3,8 @@
 The server evaluates, on its held-out set, the model a client of each rank class runs
 (`fedlora.lora.global_model.rank_class_deltas`): once for the exact methods, whose clients all run W_t,
 and per rank for the others; the row's accuracy is the top rank's. Personalized methods (FedSA-LoRA)
-have no global model: their accuracy stays the clients' personal one. In the rounds that
+have no global model: their accuracy stays the clients' personal one. It evaluates in the rounds
+that ``evaluate-every`` names (`fedlora.config.RunConfig.evaluates`); in the rounds that
 ``generation-every`` names, the top rank's model also answers the held-out instructions
 (`fedlora.training.generation_eval`).
 """
@@ -49,10 +50,14 @@ class ServerEvaluation:
 
     def __call__(self, rule: AggregationRule, state: GlobalState, server_round: int) -> dict | None:
         """accuracy, loss and accuracy_by_rank; in a generation round also ``generation``, the
-        top rank's `GenerationReport`."""
+        top rank's `GenerationReport`; in a round that ``evaluate-every`` skips, the same keys
+        with null values."""
         if rule.personalized or len(self.data) == 0:
             return None
         ranks = [max(self.ranks)] if rule.exact else self.ranks
+        if not self.config.evaluates(server_round):
+            by_rank = dict.fromkeys(str(rank) for rank in ranks)
+            return {"accuracy": None, "loss": None, "accuracy_by_rank": by_rank, "generation": None}
         by_rank = {}
         generation: GenerationReport | None = None
         for rank in ranks:

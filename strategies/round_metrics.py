@@ -132,7 +132,7 @@ class RoundMetrics:
     accuracy: float | None
     accuracy_source: str
     loss: float | None
-    accuracy_by_rank: dict[str, float] | None
+    accuracy_by_rank: dict[str, float | None] | None
     client_accuracy: float | None
     client_loss: float | None
     train_loss: float | None

@@ -35,7 +35,12 @@ from flwr.app import ArrayRecord, Context, MetricRecord, UserConfigValue
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
+from fedlora.config import (
+    RunConfig,
+    ServerAppSettings,
+    every_k_rounds,
+    without_server_app_keys,
+)
 from fedlora.lora.measurement import worst
 from fedlora.method_config import parse_run_config
 from fedlora.models.base_model import check_model_limits
@@ -120,8 +125,7 @@ def run(
             for row in log.rows[written:]:
                 tracking.log_row(row)
                 log_server_metrics(row)
-            last = server_round == config.num_server_rounds
-            if server_round > 0 and (server_round % config.checkpoint_every == 0 or last):
+            if every_k_rounds(server_round, config.checkpoint_every, config.num_server_rounds):
                 write_checkpoint(run_dir, server_round, strategy, log.rows)
 
         try:
@@ -133,6 +137,7 @@ def run(
                 config.num_server_rounds,
                 config.round_timeout,
                 end_of_round,
+                config.evaluates,
             )
         finally:
             tracking.close()
@@ -226,7 +231,9 @@ class MetricsLog:
     (answer_accuracy or rouge_l) and eval_loss (the held-out responses' loss) in the rounds that
     generate, null in the others, and ``samples/round-N.jsonl`` (prompt, reference, generation);
     with ``client-generation``, client_answer_accuracy or client_rouge_l (the clients'
-    example-weighted score on their held-out splits)."""
+    example-weighted score on their held-out splits). In the rounds that ``evaluate-every`` skips
+    (no evaluate exchange, no server evaluation) accuracy, loss, client_accuracy, client_loss and
+    accuracy_by_rank's values are null, its keys kept."""
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, every_k_rounds
 from fedlora.data.columns import INPUT, INSTRUCTION, RESPONSE
 from fedlora.data.encoding import is_instruction_data
 from fedlora.data.instructions import example_ids, user_turn
@@ -19,8 +19,7 @@ from fedlora.models.generation import METRIC_COLUMNS, generation_metric, greedy_
 def generation_due(config: RunConfig, server_round: int) -> bool:
     """Rounds k, 2k, ... of ``generation-every`` = k, and the last round; never with k = 0."""
     every = config.generation_every
-    last = server_round == config.num_server_rounds
-    return every > 0 and server_round >= 1 and (server_round % every == 0 or last)
+    return every > 0 and every_k_rounds(server_round, every, config.num_server_rounds)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from fedlora.config import RunConfig, ServerAppSettings
+from fedlora.config import RunConfig, ServerAppSettings, every_k_rounds
 from fedlora.errors import ConfigError
 from fedlora.method_config import parse_run_config, robustness_of
 
@@ -79,6 +79,9 @@ def test_server_app_settings_are_checked_apart_from_the_run_config():
         ("device", "tpu"),
         ("rank-profile", "4:0.5,8:0.4"),
         ("rank-profile", "four:1"),
+        ("evaluate-every", 0),
+        ("evaluate-every", "2"),
+        ("evaluate-every", 1.0),
     ],
 )
 def test_bad_value_is_named(key, value):
@@ -167,3 +170,43 @@ def test_robust_keys_become_the_rules_options():
 def test_robust_keys_out_of_range_or_not_for_the_strategy_are_refused(values, key):
     with pytest.raises(ConfigError, match=key):
         parse_run_config(values)
+
+
+@pytest.mark.parametrize(
+    ("server_round", "every", "num_rounds", "expected"),
+    [
+        (0, 1, 5, False),
+        (1, 1, 5, True),
+        (1, 2, 5, False),
+        (2, 2, 5, True),
+        (3, 2, 5, False),
+        (4, 2, 5, True),
+        (5, 2, 5, True),
+        (3, 3, 6, True),
+        (5, 3, 6, False),
+        (6, 3, 6, True),
+        (4, 7, 5, False),
+        (5, 7, 5, True),
+    ],
+)
+def test_every_k_rounds_are_the_multiples_and_the_last_round(
+    server_round, every, num_rounds, expected
+):
+    assert every_k_rounds(server_round, every, num_rounds) is expected
+
+
+def test_evaluate_every_names_the_rounds_that_evaluate():
+    assert all(RunConfig().evaluates(server_round) for server_round in range(1, 6))
+    config = RunConfig.from_flower({"num-server-rounds": 5, "evaluate-every": 2})
+    assert [r for r in range(1, 6) if config.evaluates(r)] == [2, 4, 5]
+
+
+def test_generation_every_must_be_a_multiple_of_evaluate_every():
+    for generation_every in (0, 2, 4):
+        RunConfig.from_flower({"evaluate-every": 2, "generation-every": generation_every})
+    for generation_every in (1, 3):
+        with pytest.raises(
+            ConfigError,
+            match=f"generation-every = {generation_every} must be a multiple of evaluate-every = 2",
+        ):
+            RunConfig.from_flower({"evaluate-every": 2, "generation-every": generation_every})
