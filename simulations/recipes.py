@@ -2,7 +2,8 @@
 
 ``[run]`` holds Flower run-config keys (kebab-case, `fedlora.config.RunConfig`'s fields, and the
 ServerApp's ``base-changes``); keys left out keep RunConfig's defaults. ``[simulation]`` says how
-many virtual nodes run and what Ray gives each ClientApp. A recipe is resolved against
+many virtual nodes run, what Ray gives each ClientApp and which Ray runs them: one of the run's
+own, or an existing cluster (`check_cluster`). A recipe is resolved against
 ``key=value`` overrides of the run table (values are TOML scalars; a bare word is a string) and
 checked by `RunConfig`, so a bad key or value is refused, named, before anything starts.
 """
@@ -10,6 +11,8 @@ checked by `RunConfig`, so a bad key or value is refused, named, before anything
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +40,12 @@ OUTPUT_KEYS = {RUN_DIR_KEY: "--out", RESUME_KEY: "--resume"}
 BASE_CHANGES_KEY = "base-changes"
 QUOTES_AND_BRACKETS = "\"'[{"
 ENGINES = ("ray", "in-process")
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+"""Ray's environment variable naming a cluster to join, used when ``ray-address`` is empty."""
+OWN_RAY = "local"
+"""`ray.init`'s address for a Ray instance of the run's own, never a cluster found on the machine."""
+AUTO_ADDRESS = "auto"
+HOST_PORT = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,10 @@ class SimulationSettings:
         ``"ray"``: Flower's simulation engine, ClientApps in Ray workers (the resources above);
         ``"in-process"``: every node's ClientApp in this process, one after another
         (`simulations.in_process`; the resources above are not used).
+    ray_address : str (default: "")
+        An existing Ray cluster to run the ClientApps on: ``"auto"`` (the cluster ``ray start``
+        started on this machine) or its head's ``"host:port"``; empty: the ``RAY_ADDRESS``
+        environment variable if set, else a Ray instance of the run's own (`check_cluster`).
     """
 
     num_supernodes: int = 10
@@ -64,6 +77,7 @@ class SimulationSettings:
     num_gpus: float = 0.0
     gpus: int = 0
     engine: str = "ray"
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         for name, least in (("num_supernodes", 1), ("gpus", 0)):
@@ -79,6 +93,8 @@ class SimulationSettings:
                 raise ConfigError(f"{kebab(name)} must be a number {bound}, got {value!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        if not isinstance(self.ray_address, str):
+            raise ConfigError(f"ray-address must be a string, got {self.ray_address!r}")
 
     @classmethod
     def from_table(cls, table: Mapping[str, Scalar]) -> SimulationSettings:
@@ -88,10 +104,22 @@ class SimulationSettings:
                 raise unknown_key(key, fields, "[simulation] ")
         return cls(**{fields[key]: value for key, value in table.items()})
 
+    def cluster_address(self) -> str:
+        """The Ray cluster the run joins: ``ray-address``, else ``RAY_ADDRESS``; empty for a Ray
+        instance of the run's own, and for the in-process engine."""
+        if self.engine != "ray":
+            return ""
+        return self.ray_address or os.environ.get(RAY_ADDRESS_ENV, "")
+
     def backend_config(self) -> dict:
-        """Flower's Ray backend config: the client resources, the GPUs Ray may use, Ray's own
-        logs kept quiet."""
-        init_args = {"logging_level": "error", "log_to_driver": False}
+        """Flower's Ray backend config: the client resources, the Ray to run on and the GPUs it
+        may use, Ray's own logs kept quiet. Flower passes ``init_args`` to `ray.init` and calls
+        `ray.shutdown` after the run, which leaves a cluster it joined running."""
+        init_args = {
+            "address": self.cluster_address() or OWN_RAY,
+            "logging_level": "error",
+            "log_to_driver": False,
+        }
         if self.gpus:
             init_args["num_gpus"] = self.gpus
         return {
@@ -215,7 +243,47 @@ def resolve(
     resolved = {kebab(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
     if BASE_CHANGES_KEY in run:
         resolved[BASE_CHANGES_KEY] = run[BASE_CHANGES_KEY]
-    return dataclasses.replace(recipe, run=resolved)
+    resolved_recipe = dataclasses.replace(recipe, run=resolved)
+    check_cluster(resolved_recipe)
+    return resolved_recipe
+
+
+def check_cluster(recipe: Recipe) -> None:
+    """Refuse, naming the key, what cannot run on an existing Ray cluster: ``ray-address`` with
+    the in-process engine; an address that is not ``"auto"`` or ``host:port`` (a Ray Client
+    ``ray://`` address among them); ``gpus``, which limits a Ray instance of the run's own (each
+    node's ``ray start --num-gpus`` sets a cluster's); and ``base-changes`` left at its default:
+    the workers may not see the run directory, so the run says ``"messages"``, or ``"run-dir"``
+    where every node shares its filesystem."""
+    settings = recipe.simulation
+    if settings.ray_address and settings.engine != "ray":
+        raise ConfigError(
+            f"[simulation] ray-address is for engine = 'ray'; engine = {settings.engine!r} runs "
+            "every ClientApp in this process"
+        )
+    address = settings.cluster_address()
+    if not address:
+        return
+    where = "[simulation] ray-address" if settings.ray_address else RAY_ADDRESS_ENV
+    if "://" in address:
+        raise ConfigError(
+            f"{where} {address!r}: Ray Client addresses are not supported; run fedlora on a node "
+            "of the cluster with the head's host:port (as `ray start --head` prints it) or 'auto'"
+        )
+    port = HOST_PORT.fullmatch(address)
+    if address != AUTO_ADDRESS and (port is None or not 0 < int(port.group(1)) < 2**16):
+        raise ConfigError(f"{where} {address!r} is neither 'auto' nor host:port")
+    if settings.gpus:
+        raise ConfigError(
+            f"[simulation] gpus limits a Ray instance of the run's own; on the cluster of "
+            f"{where} each node's `ray start --num-gpus` sets its GPUs: leave gpus at 0"
+        )
+    if BASE_CHANGES_KEY not in recipe.run:
+        raise ConfigError(
+            f"{BASE_CHANGES_KEY}: on the Ray cluster of {where}, set base-changes = 'messages' "
+            "(workers that cannot read the run directory) or 'run-dir' (every node shares its "
+            "filesystem)"
+        )
 
 
 def run_config_of(run: Mapping[str, Scalar]) -> RunConfig:

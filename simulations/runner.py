@@ -1,5 +1,8 @@
 """Run a recipe in Flower's simulation engine on Ray, or in this process, and leave a run directory behind.
 
+Ray is an instance of the run's own, or an existing cluster the recipe names
+(`simulations.recipes.check_cluster`), which stays up after the run.
+
 `flwr.simulation.run_simulation` passes an empty run_config, so the ServerApp and the ClientApp
 are bound to the resolved run config (`strategies.server_app.server_app`,
 `clients.app.client_app`). Flower's log goes to ``RUN_DIR/flower.log``, not to the console;
@@ -33,7 +36,14 @@ from fedlora.errors import ConfigError, InvalidUpdateError, SimulationError
 from fedlora.run_records.atomic_files import write_text_atomic
 from fedlora.wire.messages import Scalar
 from simulations.in_process import run_in_process
-from simulations.recipes import RESUME_KEY, RUN_DIR_KEY, Recipe, load_recipe, resolve
+from simulations.recipes import (
+    RESUME_KEY,
+    RUN_DIR_KEY,
+    Recipe,
+    check_cluster,
+    load_recipe,
+    resolve,
+)
 from simulations.run_dir import (
     CONFIG_FILE,
     FLOWER_LOG,
@@ -107,8 +117,8 @@ def resume(run_dir: str | Path, on_round: RowCallback | None = None) -> Path:
     """Continue the run in ``run_dir`` from its newest checkpoint, with the recipe its
     ``config.toml`` holds; return the run directory. The rows and base changes newer than the
     checkpoint are discarded; the nodes go on from their own stores. Raises
-    `fedlora.errors.ConfigError` when the directory holds no run to resume, and
-    `SimulationError` as `simulate` does."""
+    `fedlora.errors.ConfigError` when the directory holds no run to resume or its recipe cannot
+    run on the Ray cluster it names, and `SimulationError` as `simulate` does."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / CONFIG_FILE).exists():
         raise ConfigError(f"{run_dir} holds no {CONFIG_FILE}: not a fedlora run directory")
@@ -117,6 +127,7 @@ def resume(run_dir: str | Path, on_round: RowCallback | None = None) -> Path:
     if not checkpoint_rounds(run_dir):
         raise ConfigError(f"{run_dir} holds no checkpoint to resume from")
     recipe = load_recipe(run_dir / CONFIG_FILE)
+    check_cluster(recipe)
     logger.info("resuming %s", run_dir)
     run_config = {**recipe.run, RUN_DIR_KEY: str(run_dir), RESUME_KEY: True}
     return run_in(run_dir, recipe, run_config, on_round)

@@ -265,6 +265,23 @@ def test_cli_refuses_bad_overrides_anywhere_with_status_2(capsys):
     assert "fedprox" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_cluster_run_that_keeps_the_default_base_changes(
+    tmp_path, monkeypatch, capsys
+):
+    """``RAY_ADDRESS`` names a cluster: a new run and a resumed one are refused before Ray starts
+    or a run directory is made, naming the key."""
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints" / "round-1").mkdir(parents=True)
+    (stopped / "config.toml").write_text(resolve(load_recipe(TINY)).to_toml())
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    out = tmp_path / "run"
+    assert main(["simulate", str(TINY), "--out", str(out)]) == 2
+    assert "base-changes: on the Ray cluster of RAY_ADDRESS" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["simulate", "--resume", str(stopped)]) == 2
+    assert "base-changes: on the Ray cluster of RAY_ADDRESS" in capsys.readouterr().err
+
+
 def test_cli_still_mounts_bench(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "aggregate", "--quick", "--device", "cpu", "--methods", "fedavg"]

@@ -12,8 +12,12 @@ from flwr.simulation import run_simulation
 from clients.app import client_app
 from strategies.server_app import run
 
-RAY_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
-"""One CPU per ClientApp, two in all: two Ray actors on a 2-core machine."""
+RAY_BACKEND = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"num_cpus": 2, "address": "local"},
+}
+"""One CPU per ClientApp, two in all: two Ray actors on a 2-core machine, in a Ray of the test's
+own (never a cluster found on the machine)."""
 
 
 class RecordingGrid:

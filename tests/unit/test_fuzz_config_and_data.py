@@ -17,7 +17,7 @@ from fedlora.config import RunConfig, kebab
 from fedlora.data.loading import load_dataset
 from fedlora.data.partitioning import clear_caches
 from fedlora.errors import ConfigError
-from simulations.recipes import load_recipe
+from simulations.recipes import check_cluster, load_recipe
 
 KEYS = [kebab(field.name) for field in dataclasses.fields(RunConfig)]
 SCALARS = st.one_of(
@@ -67,6 +67,12 @@ TOML_TEXT = st.one_of(
                 b"[run.nested]",
                 b"num-cpus = true",
                 b"seed = 3",
+                b"ray-address = 'auto'",
+                b"ray-address = 'ray://head:10001'",
+                b"ray-address = 'head:99999'",
+                b"ray-address = 7",
+                b"engine = 'in-process'",
+                b"base-changes = 'messages'",
             ]
         ),
         max_size=6,
@@ -80,7 +86,9 @@ def test_recipe_loading_refuses_only_with_config_errors(tmp_path_factory, conten
     path = tmp_path_factory.getbasetemp() / f"recipe-{next(_names)}.toml"
     path.write_bytes(content)
     try:
-        config = load_recipe(path).run_config
+        recipe = load_recipe(path)
+        config = recipe.run_config
+        check_cluster(recipe)
     except ConfigError:
         return
     assert config.num_server_rounds >= 1
