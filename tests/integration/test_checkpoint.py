@@ -20,17 +20,12 @@ from strategies.run_record import FINISHED, read_manifest, read_status
 from strategies.server_app import make_strategy, run
 from tests.support.local_grid import LocalGrid
 from tests.support.timing import TIMING
+from tests.support.tiny_runs import TINY_BERT_RUN
 
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 TINY_RUN = {
-    "model": "tiny-bert",
-    "partitioner": "iid",
-    "max-length": 16,
-    "batch-size": 4,
-    "local-steps": 1,
-    "rank-profile": "2:0.5,4:0.5",
-    "learning-rate": 0.01,
+    **TINY_BERT_RUN,
     "num-server-rounds": 2,
 }
 CLIENT_DP = {"dp-client": True, "dp-client-clip": 0.5, "dp-client-noise-multiplier": 0.3}

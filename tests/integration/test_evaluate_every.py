@@ -17,17 +17,12 @@ from strategies.checkpoint import write_checkpoint
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid
 from tests.support.timing import TIMING
+from tests.support.tiny_runs import TINY_BERT_RUN
 
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 TINY_RUN = {
-    "model": "tiny-bert",
-    "partitioner": "iid",
-    "max-length": 16,
-    "batch-size": 4,
-    "local-steps": 1,
-    "rank-profile": "2:0.5,4:0.5",
-    "learning-rate": 0.01,
+    **TINY_BERT_RUN,
     "strategy": "fedavg",
     "num-server-rounds": 3,
     "evaluate-every": 2,

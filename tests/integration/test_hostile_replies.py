@@ -60,6 +60,7 @@ from strategies.client_dp import ClientLevelDP
 from strategies.records import serialized_bytes
 from strategies.server_app import MetricsLog, run
 from tests.support.local_grid import FIRST_NODE_ID, LocalGrid
+from tests.support.tiny_runs import TINY_BERT_RUN
 
 ALPHA = 8.0
 TOP = 4
@@ -747,13 +748,7 @@ def test_flora_refuses_to_step_from_an_empty_client_state():
 # ---- the real ClientApp in this process -----------------------------------------------------------
 
 DEVICE_RUN = {
-    "model": "tiny-bert",
-    "partitioner": "iid",
-    "max-length": 16,
-    "batch-size": 4,
-    "local-steps": 1,
-    "rank-profile": "2:0.5,4:0.5",
-    "learning-rate": 0.01,
+    **TINY_BERT_RUN,
     "fraction-evaluate": 0.34,
     "min-evaluate-nodes": 1,
     "num-server-rounds": 2,

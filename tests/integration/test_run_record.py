@@ -23,15 +23,12 @@ from strategies.run_record import (
 )
 from strategies.server_app import FLWR_RUNS_DIR, run, run_directory
 from tests.support.local_grid import LocalGrid
+from tests.support.tiny_runs import TINY_BERT_RUN
 
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 TINY_RUN = {
-    "model": "tiny-bert",
-    "partitioner": "iid",
-    "max-length": 16,
-    "batch-size": 4,
-    "local-steps": 1,
+    **TINY_BERT_RUN,
     "lora-rank": 2,
     "rank-profile": "",
     "num-server-rounds": 1,
