@@ -21,6 +21,7 @@ from simulations.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round
 from simulations.recipes import Recipe, load_recipe, resolve
 from simulations.run_dir import MetricsRow, read_metrics
 from simulations.runner import SimulationError, simulate
+from simulations.shared_ray import shared_ray
 from strategies import STRATEGIES
 
 RESULTS_CSV = "results.csv"
@@ -43,7 +44,8 @@ RESULT_COLUMNS = (
     "error",
 )
 """results.csv, a row per run: accuracies over the rounds' rows, bytes and round seconds summed
-over rounds, the whole run's wall time (Ray's start included), the worst relative deviation
+over rounds, the whole run's wall time (the first run's includes Ray's start: the runs share
+one Ray instance, `simulations.shared_ray`), the worst relative deviation
 (empty: none), the last generation scores (empty: none), why the run failed (empty: it did not)."""
 GENERATION_COLUMNS = ("answer_accuracy", "rouge_l")
 SPREAD_COLUMNS = (
@@ -106,18 +108,26 @@ def compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[list[MetricsRow]]] = {name: [] for name in strategies}
     results = []
-    for (name, seed), run in planned.items():
-        report = None if on_round is None else (lambda row, name=name: on_round(name, row))
-        run_dir = out_dir / name if seeds == 1 else out_dir / name / f"seed-{seed}"
-        start = time.perf_counter()
-        error = None
-        try:
-            simulate(run, out_dir=run_dir, on_round=report, overwrite=overwrite)
-        except SimulationError as failure:
-            error = str(failure)
-        rows = read_metrics(run_dir)
-        runs[name].append(rows)
-        results.append({**summary(name, rows, time.perf_counter() - start, error), "seed": seed})
+    with shared_ray(recipe.simulation, len(planned)) as ray_address:
+        for (name, seed), run in planned.items():
+            report = None if on_round is None else (lambda row, name=name: on_round(name, row))
+            run_dir = out_dir / name if seeds == 1 else out_dir / name / f"seed-{seed}"
+            start = time.perf_counter()
+            error = None
+            try:
+                simulate(
+                    run,
+                    out_dir=run_dir,
+                    on_round=report,
+                    overwrite=overwrite,
+                    shared_ray=ray_address,
+                )
+            except SimulationError as failure:
+                error = str(failure)
+            rows = read_metrics(run_dir)
+            runs[name].append(rows)
+            elapsed = time.perf_counter() - start
+            results.append({**summary(name, rows, elapsed, error), "seed": seed})
     write_csv(out_dir / RESULTS_CSV, RESULT_COLUMNS, results)
     write_csv(out_dir / SUMMARY_CSV, summary_columns(), strategy_spreads(results))
     plot_accuracy_vs_round(runs, out_dir / ACCURACY_VS_ROUND, recipe.name)

@@ -22,6 +22,7 @@ from simulations.plots import finish, new_figure
 from simulations.recipes import Recipe, load_recipe, parse_overrides
 from simulations.run_dir import MetricsRow, read_metrics
 from simulations.runner import simulate
+from simulations.shared_ray import shared_ray
 
 SWEEP_CSV = "dp_results.csv"
 ACCURACY_VS_EPSILON = "accuracy_vs_epsilon.png"
@@ -94,27 +95,30 @@ def dp_sweep(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for strategy in strategies:
-        runs = []
-        for epsilon in epsilons:
-            report = (
-                None
-                if on_round is None
-                else (lambda row, s=strategy, e=epsilon: on_round(s, e, row))
-            )
-            start = time.perf_counter()
-            run_dir = simulate(
-                recipe,
-                {**overrides, **budget_overrides(epsilon)},
-                out_dir / strategy / budget_name(epsilon),
-                strategy,
-                rounds,
-                report,
-                overwrite,
-            )
-            rows = read_metrics(run_dir)
-            runs.append(budget_result(strategy, epsilon, rows, time.perf_counter() - start))
-        results.extend(with_accuracy_drop(runs))
+    with shared_ray(recipe.simulation, len(strategies) * len(epsilons)) as ray_address:
+        for strategy in strategies:
+            runs = []
+            for epsilon in epsilons:
+                report = (
+                    None
+                    if on_round is None
+                    else (lambda row, s=strategy, e=epsilon: on_round(s, e, row))
+                )
+                start = time.perf_counter()
+                run_dir = simulate(
+                    recipe,
+                    {**overrides, **budget_overrides(epsilon)},
+                    out_dir / strategy / budget_name(epsilon),
+                    strategy,
+                    rounds,
+                    report,
+                    overwrite,
+                    shared_ray=ray_address,
+                )
+                rows = read_metrics(run_dir)
+                elapsed = time.perf_counter() - start
+                runs.append(budget_result(strategy, epsilon, rows, elapsed))
+            results.extend(with_accuracy_drop(runs))
     write_sweep_csv(out_dir / SWEEP_CSV, results)
     plot_accuracy_vs_epsilon(results, out_dir / ACCURACY_VS_EPSILON, recipe.name)
     return results

@@ -111,16 +111,18 @@ class SimulationSettings:
             return ""
         return self.ray_address or os.environ.get(RAY_ADDRESS_ENV, "")
 
-    def backend_config(self) -> dict:
-        """Flower's Ray backend config: the client resources, the Ray to run on and the GPUs it
-        may use, Ray's own logs kept quiet. Flower passes ``init_args`` to `ray.init` and calls
-        `ray.shutdown` after the run, which leaves a cluster it joined running."""
+    def backend_config(self, shared_ray: str = "") -> dict:
+        """Flower's Ray backend config: the client resources, the Ray to run on (the cluster, else
+        ``shared_ray``, the address of an instance the command's runs share, else one of the run's
+        own) and the GPUs it may use, Ray's own logs kept quiet. Flower passes ``init_args`` to
+        `ray.init` and calls `ray.shutdown` after the run, which leaves a Ray it joined running."""
+        address = self.cluster_address() or shared_ray
         init_args = {
-            "address": self.cluster_address() or OWN_RAY,
+            "address": address or OWN_RAY,
             "logging_level": "error",
             "log_to_driver": False,
         }
-        if self.gpus:
+        if self.gpus and not address:
             init_args["num_gpus"] = self.gpus
         return {
             "client_resources": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},

@@ -90,9 +90,11 @@ def simulate(
     rounds: int | None = None,
     on_round: RowCallback | None = None,
     overwrite: bool = False,
+    shared_ray: str = "",
 ) -> Path:
     """Run ``recipe`` (a TOML path, a dict of tables or a `Recipe`) with the overrides applied;
-    return the run directory.
+    return the run directory. ``shared_ray``: the address of a Ray instance that the command's
+    runs share (`simulations.shared_ray`), used where the recipe names no cluster.
 
     ``out_dir`` must be empty or absent, or, with ``overwrite``, an earlier run's directory (it
     is emptied). It receives ``config.toml`` (the resolved recipe), the manifest and status of
@@ -110,7 +112,8 @@ def simulate(
     claim_run_dir(run_dir, overwrite)
     write_text_atomic(run_dir / CONFIG_FILE, resolved.to_toml())
     logger.info("simulating %s into %s", resolved.name, run_dir)
-    return run_in(run_dir, resolved, {**resolved.run, RUN_DIR_KEY: str(run_dir)}, on_round)
+    run_config = {**resolved.run, RUN_DIR_KEY: str(run_dir)}
+    return run_in(run_dir, resolved, run_config, on_round, shared_ray)
 
 
 def resume(run_dir: str | Path, on_round: RowCallback | None = None) -> Path:
@@ -138,6 +141,7 @@ def run_in(
     resolved: Recipe,
     run_config: Mapping[str, Scalar],
     on_round: RowCallback | None,
+    shared_ray: str = "",
 ) -> Path:
     """Run the engine into ``run_dir``; the metrics CSV after it, and the status (failed:
     no export; interrupted)."""
@@ -149,7 +153,7 @@ def run_in(
             following(run_dir / METRICS_JSONL, on_round),
         ):
             try:
-                run_engine(resolved, run_config, stop)
+                run_engine(resolved, run_config, stop, shared_ray)
             finally:
                 stop.set()
                 rows = read_metrics(run_dir)
@@ -195,7 +199,9 @@ def exit_after_grace() -> None:
     os._exit(130)
 
 
-def run_engine(recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading.Event) -> None:
+def run_engine(
+    recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading.Event, shared_ray: str = ""
+) -> None:
     """The recipe's engine (Flower's simulation engine on Ray, or this process) with the bound
     apps; `SimulationError` with `reported_cause` when the engine itself fails."""
     settings = recipe.simulation
@@ -207,7 +213,7 @@ def run_engine(recipe: Recipe, run_config: Mapping[str, Scalar], stop: threading
                 server_app=server_app(run_config, stop),
                 client_app=client_app(run_config),
                 num_supernodes=settings.num_supernodes,
-                backend_config=settings.backend_config(),
+                backend_config=settings.backend_config(shared_ray),
             )
     except Exception as error:
         FLOWER_LOGGER.error("the simulation failed", exc_info=error)

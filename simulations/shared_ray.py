@@ -1,0 +1,60 @@
+"""One Ray instance for the runs of one command (`fedlora compare`, `fedlora dp-sweep`): started
+once, in a child process, and joined by every run as a Ray cluster on this machine, so that each
+run after the first skips Ray's start. Flower's backend calls `ray.shutdown` after each run, which
+only disconnects a run from a Ray it joined; the instance stops when the command ends (the child
+stops it when its standard input closes, also when the command is killed).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fedlora.errors import SimulationError
+from simulations.recipes import SimulationSettings
+
+STOP_SECONDS = 60
+HEAD = """
+import sys, ray
+gpus = int(sys.argv[1])
+context = ray.init(
+    address="local", include_dashboard=False, logging_level="error", log_to_driver=False,
+    **({"num_gpus": gpus} if gpus else {}),
+)
+print(context.address_info["gcs_address"], flush=True)
+sys.stdin.read()
+"""
+"""The child: a Ray instance of its own (``gpus``: the GPUs it may use), its address printed, kept
+until standard input closes."""
+
+
+@contextmanager
+def shared_ray(settings: SimulationSettings, runs: int) -> Iterator[str]:
+    """The address of a Ray instance that ``runs`` runs of ``settings`` share; empty where they
+    start none of their own (the in-process engine, a cluster named by ``ray-address`` or
+    ``RAY_ADDRESS``) or there is one run only."""
+    if settings.engine != "ray" or settings.cluster_address() or runs < 2:
+        yield ""
+        return
+    head = subprocess.Popen(
+        [sys.executable, "-c", HEAD, str(settings.gpus)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = head.stdout.readline().strip()
+        if not address:
+            raise SimulationError(
+                f"the runs' shared Ray instance did not start (exit status {head.wait()})"
+            )
+        yield address
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
