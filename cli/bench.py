@@ -34,11 +34,17 @@ from fedlora.bench.aggregate import (
     selected_rules,
 )
 from fedlora.errors import ConfigError
+from fedlora.rules.flexlora import SVD_PATHS
+
+
+def names(text: str) -> tuple[str, ...]:
+    """Names separated by commas."""
+    return tuple(name.strip() for name in text.split(","))
 
 
 def method_names(text: str) -> tuple[str, ...]:
     """'all' (every implemented rule) or rule names separated by commas."""
-    return () if text == "all" else tuple(name.strip() for name in text.split(","))
+    return () if text == "all" else names(text)
 
 
 def default_device() -> str:
@@ -96,6 +102,15 @@ def add_aggregate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
         "--repeats", type=int, help="timed runs per figure, median (default: 1; 3 with --quick)"
     )
     aggregate.add_argument("--seed", type=int, help="seed of the random factors (default: 0)")
+    aggregate.add_argument(
+        "--flexlora-svd",
+        type=names,
+        metavar="PATHS",
+        help=(
+            f"FlexLoRA's SVD paths to time, one row each, separated by commas ({', '.join(SVD_PATHS)};"
+            " default: auto alone); an 'auto' row names the path it took"
+        ),
+    )
     aggregate.set_defaults(handler=run_bench_aggregate)
 
 
@@ -109,6 +124,7 @@ OPTION_FIELDS = {
     "methods": "methods",
     "repeats": "repeats",
     "seed": "seed",
+    "flexlora_svd": "flexlora_svd",
 }
 """Command-line option -> BenchConfig field; an option left out keeps the preset's value."""
 
@@ -134,9 +150,7 @@ def run_bench_aggregate(args: argparse.Namespace) -> int:
         task = progress.add_task(f"aggregation on {config.device}", total=planned)
         for row in iter_aggregate_benchmark(config):
             results.append(row)
-            progress.update(
-                task, advance=1, description=f"{row['method']}, {row['clients']} clients"
-            )
+            progress.update(task, advance=1, description=f"{row['name']}, {row['clients']} clients")
     output_console().print(results_table(config, results))
     if args.json:
         setup = {**dataclasses.asdict(config), "device_name": describe_device(config.device)}
@@ -173,7 +187,7 @@ def results_table(config: BenchConfig, results: list[dict]) -> Table:
         speedup = row["speedup_vs_naive"]
         error = row["relative_error"]
         table.add_row(
-            row["method"],
+            row["name"],
             str(row["clients"]),
             seconds_text(row["seconds"]),
             seconds_text(row["naive_seconds"]),

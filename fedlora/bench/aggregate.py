@@ -17,6 +17,10 @@ took part in the previous round receives (for Fed-SB: R without the one-time fix
 - ``gemm_seconds``: one stacked GEMM per module, [B_1 ... B_K] @ [p_1 s_1 A_1; ...; p_K s_K A_K],
   alone in float32 (``gemm_bf16_seconds``: in bfloat16, on CUDA only).
 
+FlexLoRA takes one row per SVD path asked for (``flexlora_svd``; none: its default alone), named
+by the path, and for "auto" by the path it took: ``flexlora (auto: randomized)``, ``flexlora
+(exact)``, ``flexlora (randomized)`` (``name`` in each row; ``method`` is the rule's).
+
 What the clients train comes from the rule's ``client_ranks`` for each client's capacity class. A rule
 that takes one rank per node trains every module at its class, the config's ``client_ranks`` cycled
 over the clients (none given: every client at the top rank r). A rule that configures a node's
@@ -62,6 +66,7 @@ from fedlora.lora.adapter import (
 from fedlora.lora.lowrank import LowRank
 from fedlora.lora.updates import ClientUpdate, ClientUpdates, example_weights
 from fedlora.rules import RULES, AggregationRule, ClientSpec, make_rule
+from fedlora.rules.flexlora import SVD_PATHS, FlexLoRA
 from fedlora.rules.flora import stack_adapters
 from fedlora.wire.messages import to_wire
 
@@ -93,7 +98,8 @@ class BenchConfig:
     """A ``layers`` x (q, k, v, o) adapter of ``hidden`` x ``hidden`` modules at top rank ``rank``.
 
     ``client_ranks`` are cycled over the clients (empty: every client at ``rank``); ``methods`` empty
-    means every implemented rule; ``sample_modules`` None means every module.
+    means every implemented rule; ``sample_modules`` None means every module; ``flexlora_svd``
+    empty means FlexLoRA's default SVD path alone.
     """
 
     layers: int = 32
@@ -106,6 +112,7 @@ class BenchConfig:
     sample_modules: int | None = None
     repeats: int = 1
     seed: int = 0
+    flexlora_svd: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         positive = ("layers", "hidden", "rank", "repeats")
@@ -118,6 +125,9 @@ class BenchConfig:
             raise ConfigError(f"client ranks {self.client_ranks} must lie in 1..{self.rank}")
         if self.sample_modules is not None and self.sample_modules < 1:
             raise ConfigError(f"sample_modules must be positive, got {self.sample_modules}")
+        unknown = [path for path in self.flexlora_svd if path not in SVD_PATHS]
+        if unknown:
+            raise ConfigError(f"FlexLoRA SVD paths {unknown}: choose from {list(SVD_PATHS)}")
         check_device(self.device)
 
     @property
@@ -448,6 +458,7 @@ def measure_rule(
     seconds *= scale
     naive = scaled(baselines and baselines.naive_seconds, scale)
     return {
+        "name": row_name(rule, plan, config),
         "method": rule.name,
         "clients": len(updates),
         "seconds": seconds,
@@ -470,16 +481,35 @@ def measure_rule(
     }
 
 
+def row_name(rule: AggregationRule, plan: ClientPlan, config: BenchConfig) -> str:
+    """The rule's name; FlexLoRA's with its SVD path, for "auto" the one it takes on this plan."""
+    if not isinstance(rule, FlexLoRA):
+        return rule.name
+    if rule.svd != "auto":
+        return f"{rule.name} ({rule.svd})"
+    module = plan.modules[0]
+    inner_rank = sum(ranks[module] for ranks in plan.ranks if module in ranks)
+    taken = "exact" if rule.exact_path(inner_rank, config.rank) else "randomized"
+    return f"{rule.name} (auto: {taken})"
+
+
 # ---- the benchmark --------------------------------------------------------------------------------
 
 
 def selected_rules(config: BenchConfig) -> list[AggregationRule]:
+    """The rules to time, FlexLoRA once per SVD path asked for."""
     available = implemented_methods()
     names = config.methods or tuple(available)
     unknown = [name for name in names if name not in available]
     if unknown:
         raise ConfigError(f"no rule {unknown} to benchmark; implemented rules: {available}")
-    return [make_rule(name) for name in names]
+    rules = []
+    for name in names:
+        if name == FlexLoRA.name and config.flexlora_svd:
+            rules.extend(make_rule(name, svd=path) for path in config.flexlora_svd)
+        else:
+            rules.append(make_rule(name))
+    return rules
 
 
 def rules_by_plan(

@@ -58,18 +58,36 @@ def stack(terms: Sequence[LowRank]) -> LowRank:
     return LowRank(torch.cat([t.U for t in terms], dim=1), torch.cat([t.V for t in terms], dim=0))
 
 
-def inner(x: LowRank, y: LowRank) -> Tensor:
-    """Frobenius inner product <U_x V_x, U_y V_y> = tr((U_x^T U_y)(V_y V_x^T)), from small Grams."""
-    return torch.sum((x.U.T @ y.U) * (x.V @ y.V.T))
-
-
 def frobenius_norm(x: LowRank) -> Tensor:
-    """||U V||_F by the cheaper route: the Gram matrices of the factors, k^2 (d_out + d_in) flops, or
-    the dense product, d_out d_in k flops (for k above d_out d_in / (d_out + d_in))."""
-    (d_out, d_in), k = x.shape, x.inner_rank
-    if d_out * d_in < k * (d_out + d_in):
-        return torch.linalg.matrix_norm(x.dense())
-    return inner(x, x).clamp_min(0).sqrt()
+    """||U V||_F (`frobenius_norms` of one matrix)."""
+    return frobenius_norms(x.U, x.V)
+
+
+GRAM_STRIP = 256
+"""Columns per strip of the Gram matrices in `frobenius_norms`."""
+
+
+def frobenius_norms(U: Tensor, V: Tensor, strip: int = GRAM_STRIP) -> Tensor:
+    """||U V||_F of batched factors (U: ... x d_out x k, V: ... x k x d_in), by the cheaper route.
+    From the Gram matrices, ||U V||_F^2 = <U^T U, V V^T>: both are symmetric, so only their blocks
+    on and above the diagonal are formed, in column strips of width w = min(strip, k), those off
+    the diagonal counted twice; about k (k + w) (d_out + d_in) flops. Where the dense product costs
+    less (2 d_out d_in k flops), it is formed and summed in row strips of w.
+    """
+    (d_out, k), d_in = U.shape[-2:], V.shape[-1]
+    squared = U.new_zeros(U.shape[:-2])
+    if 2 * d_out * d_in < (k + min(strip, k)) * (d_out + d_in):
+        for start in range(0, d_out, strip):
+            squared += (U[..., start : start + strip, :] @ V).square().sum(dim=(-2, -1))
+        return squared.sqrt()
+    for start in range(0, k, strip):
+        width = min(strip, k - start)
+        left = U[..., start : start + width].mT @ U[..., start:]
+        right = V[..., start : start + width, :] @ V[..., start:, :].mT
+        blocks = left * right
+        squared += blocks[..., :width].sum(dim=(-2, -1))
+        squared += 2 * blocks[..., width:].sum(dim=(-2, -1))
+    return squared.clamp_min(0).sqrt()
 
 
 def pad_rows(A: Tensor, rows: int) -> Tensor:
@@ -131,21 +149,35 @@ def randomized_truncated_svd(
 
 
 def orthonormal_columns(Y: Tensor) -> Tensor:
-    """An orthonormal basis of the columns of Y (batched: ... x m x n, m >= n), by shifted Cholesky
-    QR3 in float64 (Fukaya et al., 2020): one Cholesky QR of Y^T Y + s I with
-    s = 11 (m n + n (n + 1)) u ||Y||_F^2, then two plain ones. Only GEMMs, batched Cholesky and
-    triangular solves, unlike Householder QR, which the GPU runs one matrix at a time. Directions
-    that Y lacks (rank deficiency) come out as columns of norm near zero, which span nothing.
+    """An orthonormal basis of the columns of Y (batched: ... x m x n, m >= n) by shifted Cholesky
+    QR3 in float64 (Fukaya et al., 2020): three passes of Y <- Y L^-T, L L^T the Cholesky
+    factorisation of Y^T Y + s I. The first pass takes s = 11 (m n + n (n + 1)) u ||Y||_F^2, so
+    that it never breaks down, the next two s = 0 wherever the plain factorisation succeeds
+    (`cholesky_factor`). The inverse of the small n x n factor is applied by a GEMM: no triangular
+    solve on the tall matrix, no host synchronisation. Where Y lacks directions (rank deficiency),
+    the columns beyond its rank are round-off directions, orthonormal but spanning nothing of Y,
+    or zero where the plain factorisation failed (Y = 0).
     """
     Q = Y.double()
-    m, n = Q.shape[-2:]
-    unit_roundoff = torch.finfo(torch.float64).eps / 2
-    shift = 11 * (m * n + n * (n + 1)) * unit_roundoff * Q.square().sum(dim=(-2, -1))
-    identity = torch.eye(n, dtype=Q.dtype, device=Q.device)
+    identity = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
     for step in range(3):
-        gram = Q.mT @ Q
-        if step == 0:
-            gram = gram + (shift[..., None, None] + torch.finfo(torch.float64).tiny) * identity
-        factor = torch.linalg.cholesky(gram)
-        Q = torch.linalg.solve_triangular(factor, Q.mT, upper=False).mT
+        factor = cholesky_factor(Q.mT @ Q, Q.shape[-2], always_shift=step == 0)
+        Q = Q @ torch.linalg.solve_triangular(factor, identity, upper=False).mT
     return Q.to(Y.dtype)
+
+
+def cholesky_factor(gram: Tensor, rows: int, always_shift: bool) -> Tensor:
+    """Lower L with L L^T = gram + s I (batched), gram = Y^T Y of a ``rows`` x n matrix Y: s as in
+    `orthonormal_columns`, or s = 0 where ``always_shift`` is false and the plain factorisation
+    succeeds (chosen per matrix, on the device)."""
+    n = gram.shape[-1]
+    unit_roundoff = torch.finfo(gram.dtype).eps / 2
+    squared_norm = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    shift = 11 * (rows * n + n * (n + 1)) * unit_roundoff * squared_norm
+    shift = (shift + torch.finfo(gram.dtype).tiny)[..., None, None]
+    identity = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    shifted = torch.linalg.cholesky_ex(gram + shift * identity).L
+    if always_shift:
+        return shifted
+    plain, info = torch.linalg.cholesky_ex(gram)
+    return torch.where((info == 0)[..., None, None], plain, shifted)

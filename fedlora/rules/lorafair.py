@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError
-from fedlora.lora.lowrank import LowRank, frobenius_norm, stack
-from fedlora.lora.updates import ClientUpdate
-from fedlora.rules.base import ideal_update
+from fedlora.lora.lowrank import LowRank, frobenius_norms
+from fedlora.lora.updates import ClientUpdate, ClientUpdates
+from fedlora.rules.base import start_coverage
 from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.robust import Robustness
 
@@ -66,36 +67,80 @@ class LoRAFAIR(FedAvg):
 
     def _average_factors(self, state, updates, weights) -> dict:
         averaged = super()._average_factors(state, updates, weights)
-        targets = {
-            module: ideal_next_product(state.factors[module], updates, weights, module)
-            for module in averaged
-        }
-        return corrected_factors(averaged, targets, self.steps, self.lam, self.lr)
-
-
-def ideal_next_product(
-    previous: LowRank, updates: list[ClientUpdate], weights: Tensor, module: str
-) -> LowRank:
-    """T = W_{t-1} + dW*: the previous global product plus the ideal update, as stacked factors."""
-    return stack([previous, ideal_update(previous, updates, weights, module)])
+        return corrected_factors(
+            averaged, state.factors, updates, weights, self.steps, self.lam, self.lr
+        )
 
 
 def corrected_factors(
-    averaged: dict[str, LowRank], targets: dict[str, LowRank], steps: int, lam: float, lr: float
+    averaged: dict[str, LowRank],
+    previous: dict[str, LowRank],
+    updates: list[ClientUpdate],
+    weights: Tensor,
+    steps: int,
+    lam: float,
+    lr: float,
 ) -> dict[str, LowRank]:
-    """(U + dB, V) per module; modules whose U has the same shape are solved in one batch."""
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for module, factors in averaged.items():
-        U = factors.U
-        groups[(tuple(U.shape), U.dtype, U.device)].append(module)
+    """(U + dB, V) per module: dB in one batch per shape of U, what the target gives
+    (`target_terms`) in one batch per shape of U and V and clients' rank sum."""
+    batch = ClientUpdates.of(updates)
+
+    def solve_key(module: str) -> Hashable:
+        U = averaged[module].U
+        return (U.shape, U.dtype, U.device)
+
+    def target_key(module: str) -> Hashable:
+        return (solve_key(module), averaged[module].V.shape, sum(batch.ranks(module)))
+
+    terms: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    for modules in grouped(averaged, target_key):
+        V = torch.stack([averaged[m].V for m in modules])
+        target = ideal_next_products([previous[m] for m in modules], batch, weights, modules)
+        terms.update(zip(modules, zip(*target_terms(V, *target))))
     corrected = dict(averaged)
-    for modules in groups.values():
-        corrections = solve_batch(
-            [averaged[m] for m in modules], [targets[m] for m in modules], steps, lam, lr
-        )
-        for module, dB in zip(modules, corrections):
-            corrected[module] = LowRank(averaged[module].U + dB, averaged[module].V)
+    for modules in grouped(averaged, solve_key):
+        U = torch.stack([averaged[m].U for m in modules])
+        projected, gram, target_norm = (torch.stack(t) for t in zip(*(terms[m] for m in modules)))
+        corrections = solve_batch(U, projected, gram, target_norm, steps, lam, lr)
+        for module, factors, dB in zip(modules, U, corrections):
+            corrected[module] = LowRank(factors + dB, averaged[module].V)
     return corrected
+
+
+def grouped(modules: Iterable[str], key: Callable[[str], Hashable]) -> list[list[str]]:
+    """The modules grouped by ``key``, in the order of first appearance."""
+    groups: dict[Hashable, list[str]] = defaultdict(list)
+    for module in modules:
+        groups[key(module)].append(module)
+    return list(groups.values())
+
+
+def ideal_next_products(
+    previous: list[LowRank], updates: ClientUpdates, weights: Tensor, modules: list[str]
+) -> tuple[Tensor, Tensor]:
+    """T = W_{t-1} + dW* of each module, stacked over the modules as factors of inner rank
+    sum_i r_i + r: with (U_0, V_0) the previous folded global factors and c_k the weight of the
+    clients that started from their k-th column (`start_coverage`), T = sum_i p_i s_i B_i A_i +
+    U_0 diag(1 - c) V_0 = [sqrt(s_i) B_i ... U_0] [p_i sqrt(s_i) A_i; ...; diag(1 - c) V_0]."""
+    first = updates.concatenated(modules[0])
+    clients_rank, rank = first.U.shape[1], previous[0].inner_rank
+    U = first.U.new_empty(len(modules), first.U.shape[0], clients_rank + rank)
+    V = first.V.new_empty(len(modules), clients_rank + rank, first.V.shape[1])
+    for index, (module, start) in enumerate(zip(modules, previous)):
+        c = updates.concatenated(module)
+        p = weights.to(device=c.V.device, dtype=c.V.dtype)[c.client]
+        kept = 1 - start_coverage(updates, weights, module, rank).to(start.V)
+        torch.cat([c.U, start.U], dim=1, out=U[index])
+        torch.mul(c.V, p[:, None], out=V[index, :clients_rank])
+        torch.mul(start.V, kept[:, None], out=V[index, clients_rank:])
+    return U, V
+
+
+def target_terms(V: Tensor, target_U: Tensor, target_V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """P = T V^T, G = V V^T and ||T||_F (batched over modules), from the factors of T
+    (`frobenius_norms` for its norm): T itself is never formed."""
+    projected = target_U @ (target_V @ V.mT)
+    return projected, V @ V.mT, frobenius_norms(target_U, target_V)
 
 
 ADAM_BETAS = (0.9, 0.999)
@@ -103,22 +148,26 @@ ADAM_EPS = 1e-8
 
 
 def solve_batch(
-    factors: list[LowRank], targets: list[LowRank], steps: int, lam: float, lr: float
+    U: Tensor,
+    projected: Tensor,
+    gram: Tensor,
+    target_norm: Tensor,
+    steps: int,
+    lam: float,
+    lr: float,
 ) -> Tensor:
-    """The best dB per module from one Adam run over the stacked corrections, in a reduced space.
+    """The best dB per module (batched: U and P are M x d_out x r) from one Adam run over the
+    stacked corrections, in a reduced space.
 
     The objective's gradient, b (U + dB) G - a P + 2 lam dB with G = V V^T and P = T V^T, never leaves
     the column space of [U, P] (right-multiplying by G keeps columns), so from dB = 0 the solution
     is dB = Q C with Q an orthonormal basis of [U, P] (d_out x 2r, `orthonormal_coordinates`) and C
     (2r x r): every inner product keeps its value in C's coordinates, and Adam runs on (M, 2r, r)
-    coefficients instead of (M, d_out, r) entries. Adam (torch's defaults: betas 0.9, 0.999, eps 1e-8, bias-corrected) on
-    C / rms(Q^T U), with the gradient in closed form and no host synchronisation; modules stay
-    independent. A module whose U or target is zero has no defined cosine and keeps dB = 0.
+    coefficients instead of (M, d_out, r) entries. Adam (torch's defaults: betas 0.9, 0.999, eps 1e-8,
+    bias-corrected; in place, one temporary a step) on C / rms(Q^T U), with the gradient in closed
+    form and no host synchronisation; modules stay independent. A module whose U or target is zero
+    has no defined cosine and keeps dB = 0.
     """
-    U = torch.stack([f.U for f in factors])
-    projected = torch.stack([t.U @ (t.V @ f.V.T) for f, t in zip(factors, targets)])
-    gram = torch.stack([f.V @ f.V.T for f in factors])
-    target_norm = torch.stack([frobenius_norm(t) for t in targets])
     spanning = torch.cat([U, projected], dim=-1)
     gram_of_span = spanning.mT @ spanning
     to_coordinates = orthonormal_coordinates(gram_of_span)
@@ -133,7 +182,7 @@ def solve_batch(
     Z = torch.zeros_like(U_coordinates)
     first, second = torch.zeros_like(Z), torch.zeros_like(Z)
     best_value = torch.full_like(target_norm, math.inf)
-    best_Z = Z
+    best_Z = Z.clone()
     (beta1, beta2) = ADAM_BETAS
     for step in range(1, steps + 2):
         value, gradient = objective_and_gradient(
@@ -144,10 +193,10 @@ def solve_batch(
         best_value = torch.where(improved, value, best_value)
         if step > steps:
             break
-        first.mul_(beta1).add_(gradient, alpha=1 - beta1)
+        first.lerp_(gradient, 1 - beta1)
         second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        denominator = (second / (1 - beta2**step)).sqrt_().add_(ADAM_EPS)
-        Z = Z - (lr / (1 - beta1**step)) * first / denominator
+        denominator = second.div(1 - beta2**step).sqrt_().add_(ADAM_EPS)
+        Z.addcdiv_(first, denominator, value=-lr / (1 - beta1**step))
     dB = spanning @ (to_coordinates @ (scale * best_Z))
     return torch.where(solvable[:, None, None], dB, torch.zeros_like(U))
 
@@ -172,13 +221,20 @@ def objective_and_gradient(
     lam: float,
 ) -> tuple[Tensor, Tensor]:
     """The objective at dB = scale Z per module, and its gradient in Z:
-    d(1 - cos)/dX = -P / (n ||T||) + <X, P> X G / (n^3 ||T||) with X = U + dB, n = sqrt(<X G, X>)."""
-    dB = scale * Z
-    X = U + dB
+    d(1 - cos)/dX = -P / (n ||T||) + <X, P> X G / (n^3 ||T||) with X = U + dB, n = sqrt(<X G, X>).
+    Few kernels and allocations: it runs once per Adam step."""
+    X = torch.addcmul(U, scale, Z)
     XG = X @ gram
-    norm = torch.sum(XG * X, dim=(1, 2)).clamp_min(torch.finfo(X.dtype).tiny).sqrt()
-    inner = torch.sum(X * projected, dim=(1, 2))
-    value = 1 - inner / (norm * target_norm) + lam * torch.sum(dB * dB, dim=(1, 2))
-    a = (1 / (norm * target_norm))[:, None, None]
-    b = (inner / (norm.pow(3) * target_norm))[:, None, None]
-    return value, scale * (b * XG - a * projected) + 2 * lam * scale * dB
+    squared_norm = batched_dot(XG, X).clamp_min(torch.finfo(X.dtype).tiny)
+    a = (squared_norm.sqrt() * target_norm).reciprocal()
+    cosine = batched_dot(X, projected) * a
+    penalty = lam * scale.square()
+    value = torch.addcmul(1 - cosine, penalty.view(-1), batched_dot(Z, Z))
+    gradient = XG * (scale * (cosine / squared_norm)[:, None, None])
+    gradient.addcmul_(projected, scale * a[:, None, None], value=-1)
+    return value, gradient.addcmul_(Z, penalty, value=2)
+
+
+def batched_dot(x: Tensor, y: Tensor) -> Tensor:
+    """<x_m, y_m> (the sum of the entrywise product) per leading index m, as one batched GEMM."""
+    return (x.flatten(1)[:, None, :] @ y.flatten(1)[:, :, None]).view(-1)

@@ -19,6 +19,7 @@ from fedlora.lora.adapter import LoRAFactors
 from fedlora.rules import make_rule
 
 KEYS = {
+    "name": str,
     "method": str,
     "clients": int,
     "seconds": float,
@@ -68,6 +69,44 @@ def test_quick_reports_every_implemented_rule_at_both_client_counts(quick):
         assert row["seconds"] > 0
         assert row["modules_timed"] == row["modules_total"] == QUICK_MODULES
         assert not row["scaled"]
+
+
+def test_rows_are_named_by_their_rule_and_flexlora_by_its_svd_path(quick):
+    """At the quick preset FlexLoRA's stack (clients x r 8, at most 80) is below 4 (8 + 32):
+    its default, "auto", takes the exact SVD."""
+    for row in quick:
+        expected = "flexlora (auto: exact)" if row["method"] == "flexlora" else row["method"]
+        assert row["name"] == expected
+
+
+def test_flexlora_rows_for_each_svd_path(tmp_path):
+    """One row per path asked for; at 24 clients (stack 192 > 160) "auto" takes the randomized
+    path, at 4 the exact one, and its figures are that path's."""
+    rows = bench(
+        tmp_path,
+        "--quick",
+        "--methods",
+        "flexlora",
+        "--clients",
+        "4,24",
+        "--repeats",
+        "1",
+        "--flexlora-svd",
+        "auto,exact,randomized",
+    )
+    assert [(row["name"], row["clients"]) for row in rows] == [
+        ("flexlora (auto: exact)", 4),
+        ("flexlora (exact)", 4),
+        ("flexlora (randomized)", 4),
+        ("flexlora (auto: randomized)", 24),
+        ("flexlora (exact)", 24),
+        ("flexlora (randomized)", 24),
+    ]
+    assert {row["method"] for row in rows} == {"flexlora"}
+    errors = {(row["name"], row["clients"]): row["relative_error"] for row in rows}
+    assert errors["flexlora (auto: exact)", 4] == errors["flexlora (exact)", 4]
+    assert errors["flexlora (auto: randomized)", 24] == errors["flexlora (randomized)", 24]
+    assert errors["flexlora (exact)", 24] <= errors["flexlora (randomized)", 24]
 
 
 def test_exact_rules_match_the_ideal_update_and_fedavg_does_not(quick):
@@ -168,3 +207,5 @@ def test_bad_options_are_refused_with_exit_status_2(tmp_path, capsys):
     assert main(["bench", "aggregate", "--quick", "--methods", "nosuchrule"]) == 2
     assert main(["bench", "aggregate", "--quick", "--device", "gpu"]) == 2
     assert "unknown device" in capsys.readouterr().err
+    assert main(["bench", "aggregate", "--quick", "--flexlora-svd", "auto,qr"]) == 2
+    assert "FlexLoRA SVD paths ['qr']" in capsys.readouterr().err

@@ -197,3 +197,22 @@ def test_a_stack_wider_than_the_sketch_is_near_the_optimal_truncation():
     optimal = torch.linalg.matrix_norm(target - dense_truncation(target, 8))
     achieved = torch.linalg.matrix_norm(target - result.state.factors["q"].dense())
     assert optimal <= achieved <= optimal * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_zero_products_give_zero_factors(svd):
+    """Every B_i = 0: the sketch of the randomized path is zero, and its orthonormalisation falls
+    back to the shifted Cholesky factor instead of failing."""
+    initial, updates = federation(8, SHAPES, 2, [2, 1, 2], [1, 2, 3])
+    silent = [
+        ClientUpdate(
+            u.client_id,
+            u.num_examples,
+            {m: LoRAFactors(f.A, 0 * f.B, f.scale) for m, f in u.modules.items()},
+        )
+        for u in updates
+    ]
+    _, result = aggregate(initial, silent, svd=svd)
+    for module in SHAPES:
+        factors = result.state.factors[module]
+        assert torch.count_nonzero(factors.U) == 0 and torch.count_nonzero(factors.V) == 0

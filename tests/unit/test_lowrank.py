@@ -6,7 +6,7 @@ import torch
 from fedlora.lora.lowrank import (
     LowRank,
     frobenius_norm,
-    inner,
+    frobenius_norms,
     orthonormal_columns,
     pad_cols,
     pad_rows,
@@ -25,10 +25,30 @@ def random_lowrank(d_out, d_in, k, seed):
 
 
 @pytest.mark.parametrize("k", [1, 3, 40])  # 40: the dense route is cheaper for 9 x 7
-def test_norm_and_inner_match_dense(k):
-    x, y = random_lowrank(9, 7, k, 0), random_lowrank(9, 7, k + 2, 1)
+def test_norm_matches_dense(k):
+    x = random_lowrank(9, 7, k, 0)
     assert torch.isclose(frobenius_norm(x), torch.linalg.matrix_norm(x.dense()), rtol=1e-12)
-    assert torch.isclose(inner(x, y), torch.sum(x.dense() * y.dense()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("k, strip", [(1, 4), (9, 4), (12, 4), (37, 8), (60, 256)])
+def test_batched_norms_from_gram_strips_match_dense(k, strip):
+    """Strips that divide k, that do not, and k below one strip; 60 x 50 at k = 60 and strip 256
+    takes the dense route."""
+    g = torch.Generator().manual_seed(k)
+    U = torch.randn(3, 60, k, generator=g, dtype=F64)
+    V = torch.randn(3, k, 50, generator=g, dtype=F64)
+    norms = frobenius_norms(U, V, strip=strip)
+    assert norms.shape == (3,)
+    torch.testing.assert_close(norms, torch.linalg.matrix_norm(U @ V), rtol=1e-13, atol=0)
+
+
+def test_batched_norms_of_zero_and_cancelling_factors():
+    U = torch.randn(2, 30, 4, dtype=F64)
+    V = torch.randn(2, 4, 20, dtype=F64)
+    U[0] = 0
+    V[1, 2:] = -V[1, :2]
+    U[1, :, 2:] = U[1, :, :2]  # columns 2, 3 cancel columns 0, 1: U V = 0
+    assert torch.equal(frobenius_norms(U, V, strip=2), torch.zeros(2, dtype=F64))
 
 
 def test_stack_is_the_sum_and_padding_keeps_the_product():
@@ -52,6 +72,24 @@ def test_orthonormal_columns_of_an_ill_conditioned_batch(dtype, tolerance):
         torch.linalg.matrix_norm(Q @ (Q.mT @ Y) - Y).max() / torch.linalg.matrix_norm(Y).min()
         < tolerance
     )
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (F64, 1e-14)])
+def test_orthonormal_columns_of_rank_deficient_and_zero_matrices(dtype, tolerance):
+    """One batch: full rank, columns 15..29 repeating 0..14, all zero. The unshifted passes fail on
+    the zero matrix alone, which keeps the shifted factor: its columns come out zero; the others'
+    are orthonormal and span Y."""
+    g = torch.Generator().manual_seed(1)
+    Y = torch.randn(3, 200, 30, generator=g, dtype=dtype)
+    Y[1, :, 15:] = Y[1, :, :15]
+    Y[2] = 0
+    Q = orthonormal_columns(Y)
+    assert torch.equal(Q[2], torch.zeros_like(Q[2]))
+    eye = torch.eye(30, dtype=dtype)
+    for full in Q[0], Q[1]:
+        assert (full.mT @ full - eye).abs().max() < tolerance
+    residual = torch.linalg.matrix_norm(Q[:2] @ (Q[:2].mT @ Y[:2]) - Y[:2])
+    assert (residual / torch.linalg.matrix_norm(Y[:2])).max() < tolerance
 
 
 def test_randomized_svd_is_exact_when_the_sketch_spans_the_stack():
