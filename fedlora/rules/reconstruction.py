@@ -65,8 +65,9 @@ class ReconstructedUpdates(Mapping):
         rule, modules = self._rule, self._state.modules
         before = {m: rule.global_delta(self._previous, m).dense().double() for m in modules}
         updates: dict[str, list[Tensor]] = {m: [] for m in modules}
+        device = next(iter(before.values())).device
         for spec in self._specs:
-            local = pure_client(self._state.shapes, spec, self._dtype)
+            local = pure_client(self._state.shapes, spec, self._dtype, device)
             payload = rule.client_payload(self._state, replace(spec, version=0))
             stepped = rule.client_step(local, payload, BaseCache())
             for module in spec.ranks:
@@ -75,15 +76,19 @@ class ReconstructedUpdates(Mapping):
 
 
 def pure_client(
-    shapes: Mapping[str, tuple[int, int]], spec: ClientSpec, dtype: torch.dtype
+    shapes: Mapping[str, tuple[int, int]],
+    spec: ClientSpec,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> ClientState:
     """A client of these ranks and scales holding zero factors and the pretrained base, on the
-    modules of its ranks (a subset of the global ones, for a rule that allows module subsets)."""
+    modules of its ranks (a subset of the global ones, for a rule that allows module subsets),
+    on the server's device."""
     return ClientState(
         adapter={
             module: LoRAFactors(
-                A=torch.zeros(spec.ranks[module], d_in, dtype=dtype),
-                B=torch.zeros(d_out, spec.ranks[module], dtype=dtype),
+                A=torch.zeros(spec.ranks[module], d_in, dtype=dtype, device=device),
+                B=torch.zeros(d_out, spec.ranks[module], dtype=dtype, device=device),
                 scale=spec.scales[module],
             )
             for module, (d_out, d_in) in shapes.items()

@@ -5,6 +5,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from cli.main import main
 from fedlora.bench.aggregate import (
@@ -209,3 +210,15 @@ def test_bad_options_are_refused_with_exit_status_2(tmp_path, capsys):
     assert "unknown device" in capsys.readouterr().err
     assert main(["bench", "aggregate", "--quick", "--flexlora-svd", "auto,qr"]) == 2
     assert "FlexLoRA SVD paths ['qr']" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_rule_aggregates_and_measures_its_deviation_on_cuda(tmp_path):
+    """The server's state on the GPU: the reconstruction's pure clients are built there too."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "aggregate", "--quick", "--device", "cuda", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {row["method"] for row in rows} == set(implemented_methods())
+    for row in rows:
+        assert row["relative_error"] is None or math.isfinite(row["relative_error"]), row
