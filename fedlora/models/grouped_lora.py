@@ -16,6 +16,7 @@ prefix), so a client's peft model and its slot in a group exchange them directly
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -85,32 +86,26 @@ class GroupedLoRALinear(nn.Module):
 
     def batched_terms(self, x: Tensor) -> Tensor:
         """The same terms for equal row counts, by two batched products: x as (G, rows x
-        positions, d_in), s A as (G, top rank, d_in), B as (G, d_out, top rank), each factor
-        zero-padded to the top rank (one copy for all A, one for all B)."""
+        positions, d_in), s A as (G, top rank, d_in), B as (G, d_out, top rank)."""
         clients, top = len(self.lora_A), self.top_rank
-        A = torch.cat(
-            [part for A in self.lora_A for part in (A, self.zeros(top - A.shape[0], A.shape[1]))]
-        ).view(clients, top, -1)
-        B = (
-            torch.cat(
-                [
-                    part
-                    for B in self.lora_B
-                    for part in (B, self.zeros(B.shape[0], top - B.shape[1]))
-                ],
-                dim=1,
-            )
-            .view(-1, clients, top)
-            .permute(1, 0, 2)
-        )
+        A = self.joined_padded(self.lora_A, 0).view(clients, top, -1)
+        B = self.joined_padded(self.lora_B, 1).view(-1, clients, top).permute(1, 0, 2)
         stacked = x.to(A.dtype).reshape(clients, -1, x.shape[-1])
         hidden = torch.bmm(stacked, (A * self.stacked_scalings).transpose(1, 2))
         terms = torch.bmm(hidden, B.transpose(1, 2))
         return terms.reshape(*x.shape[:-1], -1)
 
-    def zeros(self, rows: int, columns: int) -> Tensor:
-        """A (rows, columns) block of zeros, a view of the layer's padding buffer."""
-        return self.padding[: rows * columns].view(rows, columns)
+    def joined_padded(self, factors: Sequence[Tensor], dim: int) -> Tensor:
+        """The factors joined along their rank dimension ``dim`` in one copy, each followed by
+        zeros (a view of the padding buffer) up to the top rank."""
+        parts = []
+        for factor in factors:
+            parts.append(factor)
+            shape = list(factor.shape)
+            shape[dim] = self.top_rank - shape[dim]
+            if shape[dim]:
+                parts.append(self.padding[: math.prod(shape)].view(shape))
+        return torch.cat(parts, dim)
 
 
 class GroupedHead(nn.Module):
