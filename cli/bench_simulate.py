@@ -202,12 +202,19 @@ def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--warmup", type=int, default=2, metavar="N", help="untimed steps (default 2)"
     )
+    parser.add_argument(
+        "--no-federation",
+        action="store_true",
+        help="the in-process loops only: no simulation on Ray",
+    )
     add_output_arguments(parser, "runs/bench-train", "the simulation's run directory")
     parser.set_defaults(handler=run_bench_train)
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
-    check_out_dir(args.out)
+    federation = not args.no_federation
+    if federation:
+        check_out_dir(args.out)
     results = with_spinner(
         lambda say: train_benchmark(
             args.recipe,
@@ -218,6 +225,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
             args.warmup,
             args.out,
             say,
+            federation,
         )
     )
     setup = results["setup"]
@@ -229,7 +237,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     )
     for column in ("training", "tokens / s", "vs plain", "MFU"):
         table.add_column(column, justify="right")
-    for name, rate, ratio, utilisation in (
+    rows = [
         (
             "plain loop, float32 weights",
             results["float32_tokens_per_s"],
@@ -243,19 +251,23 @@ def run_bench_train(args: argparse.Namespace) -> int:
             results["grouped_ratio"],
             results["grouped_mfu"],
         ),
-        (
-            "federation (training exchange)",
-            results["federation_tokens_per_s"],
-            results["ratio"],
-            results["federation_mfu"],
-        ),
-        (
-            "federation (whole rounds)",
-            results["round_tokens_per_s"],
-            results["round_tokens_per_s"] / results["plain_tokens_per_s"],
-            None,
-        ),
-    ):
+    ]
+    if federation:
+        rows += [
+            (
+                "federation (training exchange)",
+                results["federation_tokens_per_s"],
+                results["ratio"],
+                results["federation_mfu"],
+            ),
+            (
+                "federation (whole rounds)",
+                results["round_tokens_per_s"],
+                results["round_tokens_per_s"] / results["plain_tokens_per_s"],
+                None,
+            ),
+        ]
+    for name, rate, ratio, utilisation in rows:
         table.add_row(
             name,
             f"{rate:,.0f}",
@@ -263,10 +275,11 @@ def run_bench_train(args: argparse.Namespace) -> int:
             "" if utilisation is None else f"{utilisation:.1%}",
         )
     output_console().print(table)
-    output_console().print(
-        f"round 1 {results['first_round_seconds']:.1f} s, later rounds "
-        f"{results['later_round_seconds']:.1f} s"
-    )
+    if federation:
+        output_console().print(
+            f"round 1 {results['first_round_seconds']:.1f} s, later rounds "
+            f"{results['later_round_seconds']:.1f} s"
+        )
     write_json(args.json, results)
     return 0
 

@@ -16,6 +16,9 @@ plain LoRA loop at the batch the clients add up to, from one call on one device.
   (`fedlora.bench.train.grouped_throughput`), in this process;
 - ``ratio`` = federation / plain, ``grouped_ratio`` = grouped / plain.
 
+Without the federation (``federation=False``, ``--no-federation``) the figures are the
+in-process loops' alone.
+
 ``group`` defaults to the ClientApps that share a GPU in the recipe (1 / ``num-gpus``), else 4
 (at most the recipe's clients).
 """
@@ -55,8 +58,10 @@ def train_benchmark(
     warmup: int = 2,
     out_dir: str | Path = "runs/bench-train",
     say: Callable[[str], None] = lambda text: None,
+    federation: bool = True,
 ) -> dict:
-    """The figures of the module docstring, for the recipe with ``overrides``."""
+    """The figures of the module docstring, for the recipe with ``overrides``; with ``federation``
+    off, the in-process loops' alone (no simulation, nothing written to ``out_dir``)."""
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     config = recipe.run_config
     group = group or default_group(recipe)
@@ -65,9 +70,8 @@ def train_benchmark(
         raise ConfigError(f"--group {group}: choose 1 to the recipe's {partitions} clients")
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps {steps}, --warmup {warmup}: need 1 or more and 0 or more")
-    claim_run_dir(
-        Path(out_dir).resolve(), overwrite=True
-    )  # a taken --out is refused before any work
+    if federation:  # a taken --out is refused before any work
+        claim_run_dir(Path(out_dir).resolve(), overwrite=True)
     device = device_for(config)
     base = load_base_model(config)
     parameters = sum(parameter.numel() for parameter in base.model.parameters())
@@ -79,24 +83,13 @@ def train_benchmark(
     plain = plain_throughput(base, config, device, rows, partitions, steps, warmup)
     say("grouped clients")
     grouped = grouped_throughput(base, config, device, group, partitions, steps, warmup)
-    del base
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    federation = federation_throughput(recipe, Path(out_dir), say)
-    return {
+    results = {
         "device": device_name(device),
-        "federation_tokens_per_s": federation["tokens_per_s"],
         "plain_tokens_per_s": plain["tokens_per_s"],
-        "ratio": federation["tokens_per_s"] / plain["tokens_per_s"],
         "mfu": plain["mfu"],
         "float32_tokens_per_s": float32["tokens_per_s"],
         "float32_mfu": float32["mfu"],
         "speedup": plain["tokens_per_s"] / float32["tokens_per_s"],
-        "first_round_seconds": federation["first_round_seconds"],
-        "later_round_seconds": federation["later_round_seconds"],
-        "round_tokens_per_s": federation["round_tokens_per_s"],
-        "federation_mfu": mfu(parameters, federation["tokens_per_s"], device_name(device)),
         "grouped_tokens_per_s": grouped["tokens_per_s"],
         "grouped_ratio": grouped["tokens_per_s"] / plain["tokens_per_s"],
         "grouped_mfu": grouped["mfu"],
@@ -113,7 +106,23 @@ def train_benchmark(
         "plain": plain,
         "float32": float32,
         "grouped": grouped,
-        "federation": federation,
+    }
+    if not federation:
+        return results
+    del base
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    simulated = federation_throughput(recipe, Path(out_dir), say)
+    return {
+        **results,
+        "federation_tokens_per_s": simulated["tokens_per_s"],
+        "ratio": simulated["tokens_per_s"] / plain["tokens_per_s"],
+        "first_round_seconds": simulated["first_round_seconds"],
+        "later_round_seconds": simulated["later_round_seconds"],
+        "round_tokens_per_s": simulated["round_tokens_per_s"],
+        "federation_mfu": mfu(parameters, simulated["tokens_per_s"], device_name(device)),
+        "federation": simulated,
     }
 
 

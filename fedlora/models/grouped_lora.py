@@ -16,6 +16,7 @@ prefix), so a client's peft model and its slot in a group exchange them directly
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -29,15 +30,25 @@ from fedlora.models.peft_io import DEFAULT_ADAPTER, lora_layers, read_head
 PEFT_PREFIX = "base_model.model."
 
 
+def batched(rows: Sequence[int]) -> bool:
+    """Whether the grouped layers compute all clients' LoRA terms in batched products: when every
+    client owns the same number of rows (else by products per client)."""
+    return len(set(rows)) == 1
+
+
 class GroupedLoRALinear(nn.Module):
     """A frozen linear layer plus one LoRA term per client, each applied to that client's rows.
 
-    The factors are float32 over a float32 or lower-precision base (float64 over a float64 one)."""
+    The factors are float32 over a float32 or lower-precision base (float64 over a float64 one).
+    When the clients own equal row counts (`batched`), their factors are stacked, zero-padded to
+    the top rank, and applied by two batched products: a padded row of A meets a zero column of B,
+    so it adds exactly 0 and each client's gradient stays its own."""
 
     def __init__(self, base: nn.Linear, ranks: Sequence[int], scalings: Sequence[float]) -> None:
         super().__init__()
         self.base = base
         self.scalings = list(scalings)
+        self.top_rank = max(ranks)
         weight = base.weight
         factory = {
             "device": weight.device,
@@ -49,19 +60,52 @@ class GroupedLoRALinear(nn.Module):
         self.lora_B = nn.ParameterList(
             nn.Parameter(torch.zeros(base.out_features, rank, **factory)) for rank in ranks
         )
+        scalings_tensor = torch.tensor(self.scalings, **factory).view(-1, 1, 1)
+        self.register_buffer("stacked_scalings", scalings_tensor, persistent=False)
+        padding = torch.zeros(self.top_rank * max(base.in_features, base.out_features), **factory)
+        self.register_buffer("padding", padding, persistent=False)
         self.rows: list[int] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rows is None:
             raise RuntimeError("GroupedLoRALinear called outside GroupedLoRA.forward (rows unset)")
         result = self.base(x)
-        terms = [
-            (part.to(A.dtype) @ A.T @ B.T) * scaling
-            for part, A, B, scaling in zip(
-                x.split(self.rows), self.lora_A, self.lora_B, self.scalings, strict=True
-            )
-        ]
-        return result + torch.cat(terms).to(result.dtype)
+        term = self.batched_terms(x) if batched(self.rows) else self.client_terms(x)
+        return result + term.to(result.dtype)
+
+    def client_terms(self, x: Tensor) -> Tensor:
+        """s_g B_g A_g x_g on each client's rows, by products per client."""
+        return torch.cat(
+            [
+                (part.to(A.dtype) @ A.T @ B.T) * scaling
+                for part, A, B, scaling in zip(
+                    x.split(self.rows), self.lora_A, self.lora_B, self.scalings, strict=True
+                )
+            ]
+        )
+
+    def batched_terms(self, x: Tensor) -> Tensor:
+        """The same terms for equal row counts, by two batched products: x as (G, rows x
+        positions, d_in), s A as (G, top rank, d_in), B as (G, d_out, top rank)."""
+        clients, top = len(self.lora_A), self.top_rank
+        A = self.joined_padded(self.lora_A, 0).view(clients, top, -1)
+        B = self.joined_padded(self.lora_B, 1).view(-1, clients, top).permute(1, 0, 2)
+        stacked = x.to(A.dtype).reshape(clients, -1, x.shape[-1])
+        hidden = torch.bmm(stacked, (A * self.stacked_scalings).transpose(1, 2))
+        terms = torch.bmm(hidden, B.transpose(1, 2))
+        return terms.reshape(*x.shape[:-1], -1)
+
+    def joined_padded(self, factors: Sequence[Tensor], dim: int) -> Tensor:
+        """The factors joined along their rank dimension ``dim`` in one copy, each followed by
+        zeros (a view of the padding buffer) up to the top rank."""
+        parts = []
+        for factor in factors:
+            parts.append(factor)
+            shape = list(factor.shape)
+            shape[dim] = self.top_rank - shape[dim]
+            if shape[dim]:
+                parts.append(self.padding[: math.prod(shape)].view(shape))
+        return torch.cat(parts, dim)
 
 
 class GroupedHead(nn.Module):

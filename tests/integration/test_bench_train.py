@@ -3,9 +3,12 @@ is in ``tests/e2e/test_bench_on_ray.py``)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from cli.main import main
 from fedlora.bench.train import grouped_throughput, mfu, plain_throughput
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
@@ -48,3 +51,20 @@ def test_a_group_past_the_clients_is_refused(tmp_path):
         grouped_throughput(base, CONFIG, CPU, 5, 4, 1, 0)
     with pytest.raises(ConfigError, match="--group 4"):
         train_benchmark(RECIPES_DIR / "tiny.toml", group=4, out_dir=tmp_path / "run")
+
+
+def test_bench_train_without_the_federation_writes_the_in_process_figures(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--recipe", str(RECIPES_DIR / "tiny.toml"), "--no-federation"]
+    argv += ["--group", "2", "--steps", "1", "--warmup", "0", "--out", str(tmp_path / "run")]
+    argv += ["--json", str(out), "model=tiny-llama", "task=causal-lm", 'modules-to-save=""']
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["grouped_ratio"] == pytest.approx(
+        results["grouped_tokens_per_s"] / results["plain_tokens_per_s"]
+    )
+    assert results["grouped"]["ranks"] == [2, 4] and results["setup"]["group"] == 2
+    assert "federation" not in results and "ratio" not in results
+    assert not (tmp_path / "run").exists()
+    printed = capsys.readouterr().out
+    assert "grouped clients" in printed and "federation" not in printed

@@ -9,7 +9,13 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedlora.models.base_model import BaseModel, with_lora
-from fedlora.models.grouped_lora import GroupedLoRA, group_of_peft_models, peft_factors
+from fedlora.models.grouped_lora import (
+    GroupedLoRA,
+    GroupedLoRALinear,
+    batched,
+    group_of_peft_models,
+    peft_factors,
+)
 from fedlora.models.peft_io import read_head
 from fedlora.training.grouped import stack_batches, train_group
 from fedlora.training.local import train_local
@@ -18,6 +24,8 @@ from tests.support.models import VOCAB, tiny_bert, tiny_llama
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # (rank, batch size, sequence length, seed) of each client: mixed ranks, widths and data order
 CLIENTS = ((2, 3, 9, 11), (8, 2, 16, 12), (4, 4, 5, 13), (8, 1, 12, 14))
+# the same with equal batch sizes: the layers' batched products over zero-padded factors
+EQUAL_ROWS = ((2, 3, 9, 21), (8, 3, 16, 22), (4, 3, 5, 23), (8, 3, 12, 24))
 STEPS, LR, WEIGHT_DECAY = 3, 0.05, 0.01
 
 
@@ -45,19 +53,27 @@ def lora_client(base: BaseModel, rank: int, seed: int):
     return model
 
 
-def test_each_client_of_a_group_trains_as_it_would_alone(one_thread):
+@pytest.mark.parametrize(
+    ("setup", "batched_path"), [(CLIENTS, False), (EQUAL_ROWS, True)], ids=["per-client", "batched"]
+)
+def test_each_client_of_a_group_trains_as_it_would_alone(setup, batched_path, one_thread):
     base = BaseModel(model=tiny_llama(), tokenizer=None, num_labels=0)
-    clients = [lora_client(base, rank, seed) for rank, _, _, seed in CLIENTS]
-    data = [client_batches(size, length, seed) for _, size, length, seed in CLIENTS]
+    clients = [lora_client(base, rank, seed) for rank, _, _, seed in setup]
+    data = [client_batches(size, length, seed) for _, size, length, seed in setup]
     group = group_of_peft_models(copy.deepcopy(base.model), clients)
+    for step in range(STEPS):
+        rows, _ = stack_batches([batches[step] for batches in data])
+        assert batched(rows) is batched_path
 
     reports = train_group(group, data, STEPS, LR, WEIGHT_DECAY, "cpu", seed=0)
     for client, (model, batches) in enumerate(zip(clients, data, strict=True)):
-        alone = train_local(model, batches, STEPS, LR, WEIGHT_DECAY, "cpu", seed=CLIENTS[client][3])
-        assert reports[client].loss == pytest.approx(alone.loss, rel=1e-10)
+        alone = train_local(model, batches, STEPS, LR, WEIGHT_DECAY, "cpu", seed=setup[client][3])
+        # the loss is float32 (the causal-LM loss casts the logits) and the group's padded rows
+        # sum it in another order: equal to float32's rounding, the factors to 1e-10
+        assert reports[client].loss == pytest.approx(alone.loss, rel=1e-6)
         grouped = group.client_factors(client)
         for name, (A, B) in peft_factors(model).items():
-            start_A = lora_client(base, CLIENTS[client][0], CLIENTS[client][3])
+            start_A = lora_client(base, setup[client][0], setup[client][3])
             assert not torch.equal(A, peft_factors(start_A)[name][0])  # it did train
             torch.testing.assert_close(grouped[name][0], A, rtol=0, atol=1e-10)
             torch.testing.assert_close(grouped[name][1], B, rtol=0, atol=1e-10)
@@ -114,6 +130,27 @@ def test_clients_with_their_own_heads_train_as_alone(one_thread):
         for name, (A, B) in peft_factors(model).items():
             torch.testing.assert_close(group.client_factors(client)[name][1], B, rtol=0, atol=1e-10)
             torch.testing.assert_close(group.client_factors(client)[name][0], A, rtol=0, atol=1e-10)
+
+
+def test_the_batched_products_equal_the_per_client_ones_with_their_gradients():
+    """One layer, clients of ranks 1, 3, 2 on 2 rows each: the same terms and factor gradients."""
+    generator = torch.Generator().manual_seed(0)
+    layer = GroupedLoRALinear(torch.nn.Linear(5, 7).double(), [1, 3, 2], [2.0, 0.5, 1.0])
+    with torch.no_grad():
+        for factor in [*layer.lora_A, *layer.lora_B]:
+            factor.copy_(torch.randn(factor.shape, generator=generator, dtype=factor.dtype))
+    x = torch.randn(6, 4, 5, generator=generator, dtype=torch.float64)
+    layer.rows = [2, 2, 2]
+    results = []
+    for terms in (layer.batched_terms, layer.client_terms):
+        term = terms(x)
+        gradients = torch.autograd.grad(term.square().sum(), [*layer.lora_A, *layer.lora_B])
+        results.append((term, gradients))
+    (batched_term, batched_gradients), (client_term, client_gradients) = results
+    assert batched_term.shape == (6, 4, 7)
+    torch.testing.assert_close(batched_term, client_term, rtol=0, atol=1e-12)
+    for batched_gradient, client_gradient in zip(batched_gradients, client_gradients, strict=True):
+        torch.testing.assert_close(batched_gradient, client_gradient, rtol=0, atol=1e-12)
 
 
 def test_a_client_alone_in_the_group_is_a_plain_lora_forward(one_thread):
