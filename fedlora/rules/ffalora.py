@@ -53,10 +53,18 @@ from fedlora.wire.messages import (
 )
 
 
-def frozen_A(seed: int, module: str, rank: int, d_in: int, dtype: torch.dtype) -> Tensor:
+def frozen_A(
+    seed: int,
+    module: str,
+    rank: int,
+    d_in: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """The module's frozen A at ``rank``: peft's initialisation drawn from (seed, module path), as
-    `fedlora.models.base_model.with_lora` seeds every client (a lower rank's A is its leading rows)."""
-    return fresh_lora_A(rank, d_in, module_seed(seed, module), dtype=dtype)
+    `fedlora.models.base_model.with_lora` seeds every client (a lower rank's A is its leading rows);
+    drawn on the CPU, then moved to ``device``."""
+    return fresh_lora_A(rank, d_in, module_seed(seed, module), dtype=dtype).to(device)
 
 
 class FFALoRA(SeededRule):
@@ -77,7 +85,7 @@ class FFALoRA(SeededRule):
         is replaced by it, as every client's is)."""
         factors = {}
         for module, f in initial.items():
-            A = frozen_A(self.seed, module, f.rank, f.shape[1], f.A.dtype)
+            A = frozen_A(self.seed, module, f.rank, f.shape[1], f.A.dtype, f.B.device)
             factors[module] = LowRank(f.scale * f.B, A)
         return GlobalState(
             version=0,
@@ -185,7 +193,7 @@ class FFALoRA(SeededRule):
                 )
             tail = payload.adapter.get(module + B_TAIL_SUFFIX)
             top = rank + (0 if tail is None else tail.shape[1])
-            A = frozen_A(seed, module, top, d_in, dtype)
+            A = frozen_A(seed, module, top, d_in, dtype, B.device)
             adapter[module] = LoRAFactors(A=A[:rank], B=B, scale=float(config[scale_key(module)]))
             if tail is not None:
                 base_shift[module] = tail.to(dtype) @ A[rank:]
