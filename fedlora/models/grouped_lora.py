@@ -70,6 +70,8 @@ class GroupedLoRALinear(nn.Module):
         if self.rows is None:
             raise RuntimeError("GroupedLoRALinear called outside GroupedLoRA.forward (rows unset)")
         result = self.base(x)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts the products itself
+            x = x.to(self.lora_A[0].dtype)
         term = self.batched_terms(x) if batched(self.rows) else self.client_terms(x)
         return result + term.to(result.dtype)
 
@@ -77,7 +79,7 @@ class GroupedLoRALinear(nn.Module):
         """s_g B_g A_g x_g on each client's rows, by products per client."""
         return torch.cat(
             [
-                (part.to(A.dtype) @ A.T @ B.T) * scaling
+                (part @ A.T @ B.T) * scaling
                 for part, A, B, scaling in zip(
                     x.split(self.rows), self.lora_A, self.lora_B, self.scalings, strict=True
                 )
@@ -90,7 +92,7 @@ class GroupedLoRALinear(nn.Module):
         clients, top = len(self.lora_A), self.top_rank
         A = self.joined_padded(self.lora_A, 0).view(clients, top, -1)
         B = self.joined_padded(self.lora_B, 1).view(-1, clients, top).permute(1, 0, 2)
-        stacked = x.to(A.dtype).reshape(clients, -1, x.shape[-1])
+        stacked = x.reshape(clients, -1, x.shape[-1])
         hidden = torch.bmm(stacked, (A * self.stacked_scalings).transpose(1, 2))
         terms = torch.bmm(hidden, B.transpose(1, 2))
         return terms.reshape(*x.shape[:-1], -1)
