@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import Context, UserConfigValue
 
@@ -18,7 +19,7 @@ from clients.fedsb import SBModelStep
 from clients.node import saved_version
 from clients.steps import LoRAModelStep
 from clients.worker import Worker, worker_for
-from fedlora.config import RunConfig, without_server_app_keys
+from fedlora.config import RunConfig, ServerAppSettings, without_server_app_keys
 from fedlora.data.partitioning import ClientData
 from fedlora.errors import ConfigError
 from fedlora.lora.adapter import SBCore
@@ -54,6 +55,8 @@ class Client:
     num_partitions: int
     node_rank: int | None
     local_data: bool
+    run_dir: Path | None = None
+    """The run directory, where the run's shared splits may be (`fedlora.data.shared_splits`)."""
 
     @classmethod
     def for_message(cls, context: Context, run_config: BoundRunConfig) -> Client:
@@ -67,6 +70,7 @@ class Client:
         set_torch_threads(config)
         worker = worker_for(config)
         node_rank = context.node_config.get(NODE_RANK_KEY)
+        run_dir = ServerAppSettings.from_flower(values).run_dir
         return cls(
             config=config,
             worker=worker,
@@ -75,6 +79,7 @@ class Client:
             num_partitions=int(context.node_config[NUM_PARTITIONS_KEY]),
             node_rank=None if node_rank is None else int(node_rank),
             local_data=DATA_PATH_KEY in context.node_config,
+            run_dir=Path(run_dir) if run_dir else None,
         )
 
     def initial_rank(self) -> int:
@@ -87,10 +92,11 @@ class Client:
         return {PARTITION_ID_KEY: self.partition_id, VERSION_KEY: saved_version(context)}
 
     def data(self) -> ClientData:
-        """The node's train and test splits: its local data, else its partition."""
+        """The node's train and test splits: its local data, else its partition (from the run's
+        shared splits where they are)."""
         if self.local_data:
             return self.worker.data(0, 1)
-        return self.worker.data(self.partition_id, self.num_partitions)
+        return self.worker.data(self.partition_id, self.num_partitions, self.run_dir)
 
 
 def node_run_config(config: RunConfig, node_config: Mapping[str, UserConfigValue]) -> RunConfig:

@@ -1,6 +1,8 @@
 """What one worker process keeps across messages, per run configuration: the base model (loaded
-once, never per message), a few trainable copies by rank pattern, the clients' data, and the
-drifted base (W_v - W_0) that every client of the worker shares, one per base store."""
+once, never per message), a few trainable copies by rank pattern, the clients' data (their rows
+read from the run's shared splits where the run directory has them, `fedlora.data.shared_splits`,
+else partitioned here), and the drifted base (W_v - W_0) that every client of the worker shares,
+one per base store."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from peft import PeftModel
 from torch import nn
 
 from fedlora.config import RunConfig
-from fedlora.data.partitioning import ClientData, client_data
+from fedlora.data.partitioning import ClientData, client_data, client_data_from_rows
+from fedlora.data.shared_splits import Splits, read_splits
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.versioning import BaseCache
 from fedlora.models.base_model import load_base_model, with_lora, with_sb_layers
@@ -44,6 +48,7 @@ class Worker:
         self.base = load_base_model(config)
         self._models: OrderedDict[tuple, LoRAModel | nn.Module] = OrderedDict()
         self._data: dict[tuple[int, int], ClientData] = {}
+        self._splits: dict[tuple[Path, int], Splits] = {}
         self._caches: dict[str, BaseCache] = {}
 
     def lora_model(self, ranks: Mapping[str, int] | int) -> LoRAModel:
@@ -95,11 +100,29 @@ class Worker:
             ),
         )
 
-    def data(self, partition_id: int, num_partitions: int) -> ClientData:
+    def data(
+        self, partition_id: int, num_partitions: int, run_dir: Path | None = None
+    ) -> ClientData:
+        """The client's train and test splits: its rows from the shared splits of ``run_dir``
+        when it has them, else partitioned here (the same splits)."""
         key = (partition_id, num_partitions)
         if key not in self._data:
-            self._data[key] = client_data(self.config, partition_id, num_partitions)
+            rows = (
+                self.shared_splits(run_dir, num_partitions).get(partition_id) if run_dir else None
+            )
+            self._data[key] = (
+                client_data(self.config, partition_id, num_partitions)
+                if rows is None
+                else client_data_from_rows(self.config, *rows)
+            )
         return self._data[key]
+
+    def shared_splits(self, run_dir: Path, num_partitions: int) -> Splits:
+        """The run directory's splits for this config, read once (empty without a usable file)."""
+        key = (run_dir, num_partitions)
+        if key not in self._splits:
+            self._splits[key] = read_splits(run_dir, self.config, num_partitions) or {}
+        return self._splits[key]
 
     def store_cache(self, store: str) -> BaseCache:
         """The drifted base this worker shares between its clients, for one base store."""

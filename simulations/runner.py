@@ -3,6 +3,9 @@
 Ray is an instance of the run's own, or an existing cluster the recipe names
 (`simulations.recipes.check_cluster`), which stays up after the run.
 
+On Ray the clients' splits are computed here once and written to the run directory, where the
+workers read their rows (`fedlora.data.shared_splits`; a worker that cannot, partitions itself).
+
 `flwr.simulation.run_simulation` passes an empty run_config, so the ServerApp and the ClientApp
 are bound to the resolved run config (`strategies.server_app.server_app`,
 `clients.app.client_app`). Flower's log goes to ``RUN_DIR/flower.log``, not to the console;
@@ -32,6 +35,7 @@ from flwr.common.logger import FLOWER_LOGGER, console_handler
 from flwr.simulation import run_simulation
 
 from clients.app import client_app
+from fedlora.data.shared_splits import write_splits
 from fedlora.errors import ConfigError, InvalidUpdateError, SimulationError
 from fedlora.run_records.atomic_files import write_text_atomic
 from fedlora.wire.messages import Scalar
@@ -43,6 +47,7 @@ from simulations.recipes import (
     check_cluster,
     load_recipe,
     resolve,
+    run_config_of,
 )
 from simulations.run_dir import (
     CONFIG_FILE,
@@ -209,6 +214,7 @@ def run_engine(
         if settings.engine == "in-process":  # one thread: Ctrl-C reaches the ServerApp itself
             run_in_process(server_app(run_config), client_app(run_config), settings.num_supernodes)
         else:
+            share_splits(run_config, settings.num_supernodes)
             run_simulation(
                 server_app=server_app(run_config, stop),
                 client_app=client_app(run_config),
@@ -219,6 +225,15 @@ def run_engine(
         FLOWER_LOGGER.error("the simulation failed", exc_info=error)
         log_file = Path(str(run_config[RUN_DIR_KEY])) / FLOWER_LOG
         raise SimulationError(f"{reported_cause(error)} (see {log_file})") from error
+
+
+def share_splits(run_config: Mapping[str, Scalar], num_partitions: int) -> None:
+    """The clients' splits written once for the workers (`fedlora.data.shared_splits`); data that
+    cannot be split is left for the clients to report, as they do without the file."""
+    try:
+        write_splits(Path(str(run_config[RUN_DIR_KEY])), run_config_of(run_config), num_partitions)
+    except ConfigError as error:
+        logger.info("no shared splits: %s", error)
 
 
 def reported_cause(error: BaseException) -> str:

@@ -7,14 +7,18 @@ stops it when its standard input closes, also when the command is killed).
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedlora.errors import SimulationError
 from simulations.recipes import SimulationSettings
 
+START_SECONDS = 180.0
+"""How long the child may take to start Ray and print its address (minutes on a busy machine)."""
 STOP_SECONDS = 60
 HEAD = """
 import sys, ray
@@ -31,10 +35,13 @@ until standard input closes."""
 
 
 @contextmanager
-def shared_ray(settings: SimulationSettings, runs: int) -> Iterator[str]:
+def shared_ray(
+    settings: SimulationSettings, runs: int, start_seconds: float = START_SECONDS
+) -> Iterator[str]:
     """The address of a Ray instance that ``runs`` runs of ``settings`` share; empty where they
     start none of their own (the in-process engine, a cluster named by ``ray-address`` or
-    ``RAY_ADDRESS``) or there is one run only."""
+    ``RAY_ADDRESS``) or there is one run only. A child that prints no address within
+    ``start_seconds`` is killed and `SimulationError` raised, as for one that exits without."""
     if settings.engine != "ray" or settings.cluster_address() or runs < 2:
         yield ""
         return
@@ -45,7 +52,13 @@ def shared_ray(settings: SimulationSettings, runs: int) -> Iterator[str]:
         text=True,
     )
     try:
-        address = head.stdout.readline().strip()
+        address = first_line(head, start_seconds)
+        if address is None:
+            head.kill()
+            raise SimulationError(
+                f"the runs' shared Ray instance printed no address within {start_seconds:g} s "
+                "(Ray did not start); its process was stopped"
+            )
         if not address:
             raise SimulationError(
                 f"the runs' shared Ray instance did not start (exit status {head.wait()})"
@@ -58,3 +71,14 @@ def shared_ray(settings: SimulationSettings, runs: int) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait()
+
+
+def first_line(process: subprocess.Popen, seconds: float) -> str | None:
+    """The process's first line of standard output, stripped ("" when it closed its output
+    first); None when none came within ``seconds``."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(process.stdout.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=seconds).strip()
+    except queue.Empty:
+        return None

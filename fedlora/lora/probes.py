@@ -90,12 +90,12 @@ def lora_weight_changes(model: nn.Module) -> dict[str, Tensor]:
 
 def base_changes(model: nn.Module) -> dict[str, Tensor]:
     """Base minus pretrained per LoRA module in float64; the exact shift for a base stored in
-    bfloat16 (`base_shifts`), whose weights round it."""
+    bfloat16 (`base_shifts`, given the weights read here), whose weights round it."""
     pretrained = pretrained_weights(model)
     bases = base_weights(model)
     if all(base.dtype in EXACT_DTYPES for base in bases.values()):
         return {module: bases[module].double() - pretrained[module].double() for module in bases}
-    shifts = base_shifts(model)
+    shifts = base_shifts(model, pretrained, current=bases)
     return {
         module: shifts[module].double().to(base.device)
         if module in shifts

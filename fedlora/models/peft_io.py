@@ -304,11 +304,13 @@ def base_shifts(
     model: nn.Module,
     pretrained: Mapping[str, Tensor] | None = None,
     adapter_name: str = DEFAULT_ADAPTER,
+    current: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Base minus pretrained, only where it differs; for a base stored in a half type, the exact
-    shift `apply_client_state` last wrote (none before it wrote one)."""
+    shift `apply_client_state` last wrote (none before it wrote one). ``current``: the base
+    weights as the caller already read them (`base_weights`), not read again."""
     pretrained = pretrained_weights(model, adapter_name) if pretrained is None else pretrained
-    current = base_weights(model, adapter_name)
+    current = base_weights(model, adapter_name) if current is None else current
     _check_same_names("pretrained weights", set(pretrained), set(current))
     if any(weight.dtype not in EXACT_DTYPES for weight in current.values()):
         return dict(model.__dict__.get(SHIFT_ATTRIBUTE, {}))

@@ -7,17 +7,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from opacus.accountants import create_accountant
-
 from fedlora.config import DP_ACCOUNTANTS
 from fedlora.errors import ConfigError
-from fedlora.privacy.opacus_logging import drop_opacus_root_handler
+from fedlora.privacy.opacus_logging import opacus_module
 from fedlora.wire.messages import Scalar
-
-drop_opacus_root_handler()
 
 History = list[tuple[float, float, int]]
 """Opacus' accountant history: (noise multiplier, sample rate, steps) entries."""
+
+
+def new_accountant(mechanism: str):
+    """A fresh Opacus accountant of that kind (``rdp`` or ``prv``)."""
+    return opacus_module("opacus.accountants").create_accountant(mechanism)
 
 
 def extended(history: History, noise: float, rate: float, steps: int) -> History:
@@ -32,7 +33,7 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
         return 0.0
     if any(noise == 0 for noise, _, _ in history):
         return math.inf
-    fresh = create_accountant(accountant)
+    fresh = new_accountant(accountant)
     fresh.history = list(history)
     return float(fresh.get_epsilon(delta=delta))
 
@@ -79,7 +80,7 @@ class FederationAccountant:
         if mechanism not in DP_ACCOUNTANTS:
             raise ConfigError(f"accountant {mechanism!r}: choose one of {list(DP_ACCOUNTANTS)}")
         self.mechanism = mechanism
-        self.accountant = create_accountant(mechanism)
+        self.accountant = new_accountant(mechanism)
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)

@@ -34,11 +34,8 @@ from torch import Tensor
 from fedlora.errors import ConfigError
 from fedlora.lora.lowrank import LowRank
 from fedlora.lora.updates import ClientUpdate, ClientUpdates, validate_updates
-from fedlora.privacy.opacus_logging import drop_opacus_root_handler
 from fedlora.rules import RULES
 from fedlora.rules.base import AggregationRule, GlobalState, RoundResult, difference
-
-drop_opacus_root_handler()
 
 CLIP_KEY = "dp-client-clip"
 """Config key of a train message: the bound the client clips its update to (absent: no clipping)."""

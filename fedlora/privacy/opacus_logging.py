@@ -1,13 +1,28 @@
-"""Opacus configures the root logger when imported (``logging.basicConfig`` in
+"""Opacus, imported on first use and without the root handler it configures.
+
+Only runs with DP use Opacus, and importing it (with SciPy's statistics) costs about 0.9 s, paid by
+every process that imports the apps: each Ray worker, each SuperNode message. `opacus_module`
+imports one of its modules when a DP function first needs it.
+
+Opacus configures the root logger when imported (``logging.basicConfig`` in
 ``opacus.utils.module_utils``): every record that reaches the root, Flower's included, is then
 printed a second time in Opacus' format. `drop_opacus_root_handler` takes that handler off again,
 and leaves any other handler of the root alone."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+from types import ModuleType
 
 OPACUS_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+
+
+def opacus_module(name: str) -> ModuleType:
+    """Opacus' module ``name`` (``"opacus.accountants"``, ...), its root handler dropped."""
+    module = importlib.import_module(name)
+    drop_opacus_root_handler()
+    return module
 
 
 def drop_opacus_root_handler() -> None:

@@ -33,10 +33,6 @@ from dataclasses import dataclass
 import datasets
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample import GradSampleModule
-from opacus.validators.errors import UnsupportedModuleError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -45,10 +41,8 @@ from fedlora.data.encoding import encode
 from fedlora.data.instructions import IGNORED_LABEL
 from fedlora.errors import ConfigError
 from fedlora.privacy.accounting import History, epsilon_of, extended
-from fedlora.privacy.opacus_logging import drop_opacus_root_handler
+from fedlora.privacy.opacus_logging import opacus_module
 from fedlora.rules import RULES
-
-drop_opacus_root_handler()
 
 EPSILON_KEY = "epsilon"
 """Reply metric: the client's epsilon after the round (at its delta)."""
@@ -139,7 +133,7 @@ def noise_for_target(
     """The noise multiplier whose epsilon after ``steps`` steps at rate ``rate`` is at most
     ``target_epsilon`` (and within `NOISE_TOLERANCE` of it): Opacus' ``get_noise_multiplier``."""
     try:
-        return get_noise_multiplier(
+        return opacus_module("opacus.accountants.utils").get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=rate,
@@ -160,11 +154,12 @@ def noise_for_target(
 def check_supported(model: nn.Module) -> None:
     """Refuse a model whose trainable modules Opacus computes no exact per-example gradients
     for (peft DoRA's magnitude, VeRA's vectors, ...), instead of training it without privacy."""
+    samplers = opacus_module("opacus.grad_sample").GradSampleModule.GRAD_SAMPLERS
     unsupported = sorted(
         f"{name} ({type(module).__name__})"
         for name, module in model.named_modules()
         if any(p.requires_grad for p in module.parameters(recurse=False))
-        and type(module) not in GradSampleModule.GRAD_SAMPLERS
+        and type(module) not in samplers
     )
     if unsupported:
         raise ConfigError(
@@ -273,9 +268,10 @@ def private_training(
     The model is hooked in place, not wrapped; the hooks and Opacus' per-example state are
     removed when the block ends."""
     check_supported(model)
+    unsupported = opacus_module("opacus.validators.errors").UnsupportedModuleError
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=plan.accountant)
+        engine = opacus_module("opacus").PrivacyEngine(accountant=plan.accountant)
     if history:
         engine.accountant.load_state_dict({"history": history, "mechanism": plan.accountant})
     training = model.training
@@ -292,7 +288,7 @@ def private_training(
             grad_sample_mode=plan.grad_sample_mode,
             wrap_model=False,
         )
-    except (UnsupportedModuleError, NotImplementedError) as error:
+    except (unsupported, NotImplementedError) as error:
         raise ConfigError(f"dp-sample: Opacus cannot make this model private: {error}") from error
     finally:
         model.train(training)

@@ -2,7 +2,9 @@
 it, both on this machine, each in a user and mount namespace of its own where a tmpfs covers the
 run directory, so that their workers find it empty, as workers on other machines would. FedEx-LoRA
 with ``base-changes = "messages"`` runs its ClientApps on both nodes, ends with the rows of a run
-on a Ray of its own, and the cluster outlives the run. Only the processes the test started are
+on a Ray of its own, and the cluster outlives the run. The cluster's workers partition the data
+themselves (they import flwr-datasets); those of the run on its own Ray read the run's shared
+splits and never do (`fedlora.data.shared_splits`). Only the processes the test started are
 stopped (tagged in their environment: `tests.support.processes`)."""
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -113,9 +116,10 @@ def cluster(tmp_path) -> Iterator[Cluster]:
 
 
 def observing_client_app(seen: Path):
-    """`runner.client_app`'s stand-in: the project's ClientApp, which first notes, for each
-    message, the Ray node it runs on and what it finds in the run directory (one JSON line in
-    ``seen/<pid>.jsonl``, a folder outside the run directory)."""
+    """`runner.client_app`'s stand-in: the project's ClientApp, which notes, for each message,
+    the Ray node it runs on, what it finds in the run directory and whether its process has
+    imported flwr-datasets (one JSON line in ``seen/<pid>.jsonl``, a folder outside the run
+    directory)."""
     seen.mkdir()
 
     def make(run_config) -> ClientApp:
@@ -123,10 +127,15 @@ def observing_client_app(seen: Path):
         app = ClientApp()
 
         def observed(message, context):
-            note = {"node": ray.get_runtime_context().get_node_id(), "run_dir": os.listdir(run_dir)}
+            reply = real(message, context)
+            note = {
+                "node": ray.get_runtime_context().get_node_id(),
+                "run_dir": os.listdir(run_dir),
+                "partitioned": "flwr_datasets" in sys.modules,
+            }
             with (seen / f"{os.getpid()}.jsonl").open("a") as file:
                 file.write(json.dumps(note) + "\n")
-            return real(message, context)
+            return reply
 
         for handler in (app.query, app.train, app.evaluate):
             handler()(observed)
@@ -165,8 +174,9 @@ def test_a_run_on_a_two_node_cluster_that_cannot_see_the_run_directory(
     on_nodes = notes(tmp_path / "seen-cluster")
     assert {note["node"] for note in on_nodes} == nodes  # both nodes ran ClientApps
     assert all(note["run_dir"] == [] for note in on_nodes)
+    assert any(note["partitioned"] for note in on_nodes)  # no shared splits to read there
     written = set(os.listdir(cluster.run_dir))
-    assert {"config.toml", "metrics.jsonl", "status", "export"} <= written
+    assert {"config.toml", "metrics.jsonl", "status", "export", "splits"} <= written
     assert not {"base", "nodes"} & written  # the base changes and node state never hit a disk
     assert [row["round"] for row in rows] == [1, 2]
     assert all(row["relative_deviation"] < 1e-5 for row in rows)  # exact through the messages
@@ -176,5 +186,6 @@ def test_a_run_on_a_two_node_cluster_that_cannot_see_the_run_directory(
     on_own_ray = notes(tmp_path / "seen-local")
     assert on_own_ray and not {note["node"] for note in on_own_ray} & nodes
     assert all("config.toml" in note["run_dir"] for note in on_own_ray)
+    assert not any(note["partitioned"] for note in on_own_ray)  # they read the shared splits
     for row, local in zip(rows, local_rows, strict=True):
         assert {key: row[key] for key in SAME_ROWS} == {key: local[key] for key in SAME_ROWS}

@@ -1,16 +1,20 @@
 """`simulations.shared_ray`: the Ray instance that the runs of one command share outlives each
 run's disconnect and stops with the command (the runs on it: ``test_cli_on_ray``'s compare and
-``test_dp_sweep_on_ray``)."""
+``test_dp_sweep_on_ray``); a child that prints no address in time, or exits without, is an error
+that names it, the child stopped."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from fedlora.errors import SimulationError
+from simulations import shared_ray as shared_ray_module
 from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe
 from simulations.shared_ray import shared_ray
@@ -61,3 +65,37 @@ def test_no_instance_is_started_where_the_runs_use_none_of_their_own(change, mon
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     with shared_ray(SETTINGS, runs=3) as address:
         assert address == ""
+
+
+@pytest.mark.parametrize(
+    ("child", "error", "returncode"),
+    [
+        (
+            "import time; time.sleep(600)",
+            r"printed no address within 1 s .* was stopped",
+            -signal.SIGKILL,
+        ),
+        ("import sys; sys.exit(3)", r"did not start \(exit status 3\)", 3),
+    ],
+    ids=["silent", "exits"],
+)
+def test_a_child_without_an_address_is_an_error_and_is_stopped(
+    child, error, returncode, monkeypatch
+):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(shared_ray_module, "HEAD", child)
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(shared_ray_module.subprocess, "Popen", Recorded)
+    with (
+        pytest.raises(SimulationError, match=error),
+        shared_ray(SETTINGS, runs=2, start_seconds=1),
+    ):
+        pytest.fail("no address, no runs")
+    (head,) = started
+    assert head.returncode == returncode

@@ -1,11 +1,14 @@
-"""Each line of Flower's log is printed once in a process that imports Opacus (as the ServerApp
-and ClientApp processes of ``flwr run`` do): Opacus' root handler would print it again."""
+"""Each line of Flower's log is printed once in a process that has imported Opacus (as a DP run's
+ServerApp and ClientApp processes do, through `opacus_module`): Opacus' root handler would print
+it again."""
 
 import subprocess
 import sys
 
 LOG_ONE_LINE = (
-    "import logging, fedlora.privacy, fedlora.privacy.client_level\n"
+    "import logging\n"
+    "from fedlora.privacy.opacus_logging import opacus_module\n"
+    "opacus_module('opacus.accountants')\n"
     "from flwr.supercore import log\n"
     "log(logging.INFO, 'round 1 server metrics')\n"
 )

@@ -12,8 +12,10 @@ from torch import nn
 
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.lora import probes
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.probes import lora_weight_changes
+from fedlora.models import peft_io
 from fedlora.models.base_model import load_base_model, with_lora
 from fedlora.models.generation import greedy_replies
 from fedlora.models.peft_io import (
@@ -92,6 +94,23 @@ def test_a_bfloat16_base_keeps_the_shift_exact():
             factors.B.double() @ factors.A.double()
         )
         assert torch.allclose(changes[module], expected, rtol=0, atol=1e-12)
+
+
+def test_the_probes_read_a_bfloat16_base_once(monkeypatch):
+    model = lora_copy(CONFIG)
+    pretrained_weights(model)
+    store_frozen_in_bfloat16(model)
+    apply_client_state(model, shifted_state(model))
+    reads = []
+
+    def counted(*args, **kwargs):
+        reads.append(args)
+        return base_weights(*args, **kwargs)
+
+    monkeypatch.setattr(peft_io, "base_weights", counted)
+    monkeypatch.setattr(probes, "base_weights", counted)
+    lora_weight_changes(model)
+    assert len(reads) == 1
 
 
 def test_blocks_are_the_decoder_layers_and_a_model_without_them_is_refused():
