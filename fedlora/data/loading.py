@@ -152,7 +152,8 @@ def read_local(spec: str) -> datasets.Dataset:
         raise ConfigError(
             f"dataset {spec!r}: {path} is not UTF-8 text ({error.reason} at byte {error.start})"
         ) from None
-    except (OSError, ValueError, TypeError, OverflowError) as error:  # JSON, CSV, parquet, Arrow
+    except (OSError, ValueError, TypeError, OverflowError, KeyError) as error:  # JSON, CSV, Arrow
+        # (Arrow raises KeyError on a column named by the empty string)
         raise ConfigError(f"dataset {spec!r}: {path} cannot be read as {kind}: {error}") from None
 
 

@@ -261,3 +261,10 @@ def test_clients_never_read_the_eval_file(reviews, tmp_path):
     assert sum(len(share.train) + len(share.test) for share in shares) == 30
     with pytest.raises(ConfigError, match="on-the-server-only.csv does not exist"):
         partitioning.server_eval_set(config)
+
+
+def test_a_json_column_named_by_the_empty_string_is_refused_by_name(tmp_path):
+    data = tmp_path / "odd.json"
+    data.write_text('[{"": null, "\\u0000": null}]')
+    with pytest.raises(ConfigError, match=r"odd.json cannot be read as json"):
+        loading.read_local(f"json:{data}")
