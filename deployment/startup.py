@@ -21,7 +21,8 @@ IMPORTS = ("import torch", "import transformers, peft", "import flwr", "import t
 LOADING = ("base model", "LoRA injection", "state restore", "data")
 PHASES = ("interpreter", *IMPORTS, *LOADING, "exit")
 """``interpreter``: process start to this module's first line; the imports in the order the
-ClientApp's own imports pull them in; the loading; ``exit``: from ready to the process's end."""
+ClientApp's own imports pull them in (the apps' with flwr-datasets, which a node imports when it
+partitions its data); the loading; ``exit``: from ready to the process's end."""
 
 
 def measure_startup(run_config: Mapping[str, str | int | float], rank: int, repeats: int) -> dict:
@@ -68,6 +69,8 @@ def child(run_config: Mapping[str, str | int | float], rank: int) -> dict[str, f
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
     lap("import flwr")
+    import flwr_datasets.partitioner  # noqa: F401  (a node partitions its data for each message)
+
     import clients.app  # noqa: F401  (what flwr-clientapp imports)
     from clients.node import BASE_RECORD, BASE_VERSION_RECORD, own_base
     from clients.worker import Worker

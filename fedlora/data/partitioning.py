@@ -5,8 +5,8 @@ flwr-datasets partitioner (IID, Dirichlet over labels, or label-sorted shards) s
 each of whom then holds out its own test split, seeded by (seed, partition id); ``data-seed``, when
 set, seeds all of these instead of ``seed``, so that runs of several seeds share their data. Every
 example of the federated set belongs to exactly one client. Partitionings are cached per process.
-flwr-datasets (about 0.8 s to import, with its plotting) is imported only to partition: a worker
-given its rows (`client_data_from_rows`, `fedlora.data.shared_splits`) never loads it.
+flwr-datasets (0.5-1.4 s to import, with its plotting libraries) is imported only to partition: a
+worker given its rows (`client_data_from_rows`, `fedlora.data.shared_splits`) never loads it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The clients' splits written once per run and read by the workers: the same splits as a worker's
-own partitioning, never another key's file, a damaged or unreadable file refused (the worker then
-partitions itself)."""
+"""The clients' splits written once per run and read by the workers: the same splits (and token
+ids) as a worker's own partitioning, never the file of another setting, data or library version,
+a damaged or unreadable file refused (the worker then partitions itself)."""
 
 import logging
 import zipfile
@@ -112,6 +112,13 @@ def test_changed_data_never_reads_the_file(tmp_path, csv_spec):
     frame.to_csv(path, index=False)
     partitioning.clear_caches()
     assert read_splits(tmp_path / "run", config, CLIENTS) is None
+
+
+def test_other_library_versions_never_read_the_file(tmp_path, monkeypatch):
+    config = RunConfig(**TINY)
+    write_splits(tmp_path, config, CLIENTS)
+    monkeypatch.setattr(shared_splits, "version", lambda name: "0.0")
+    assert read_splits(tmp_path, config, CLIENTS) is None
 
 
 def test_writing_removes_the_files_of_other_keys(tmp_path):
