@@ -39,12 +39,19 @@ def module_seed(seed: int, module: str) -> int:
     return zlib.crc32(f"{seed}:{module}".encode())
 
 
-def fresh_lora_A(rank: int, d_in: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A fresh A as peft initialises it (Kaiming-uniform with a = sqrt(5)), from a seed."""
+def fresh_lora_A(
+    rank: int,
+    d_in: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """A fresh A as peft initialises it (Kaiming-uniform with a = sqrt(5)), from a seed; drawn on
+    the CPU (the same numbers on every device), then moved to ``device``."""
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / d_in**0.5
     return (
         (torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1)
         .mul(bound)
-        .to(dtype)
+        .to(device=device, dtype=dtype)
     )

@@ -62,9 +62,8 @@ def frozen_A(
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """The module's frozen A at ``rank``: peft's initialisation drawn from (seed, module path), as
-    `fedlora.models.base_model.with_lora` seeds every client (a lower rank's A is its leading rows);
-    drawn on the CPU, then moved to ``device``."""
-    return fresh_lora_A(rank, d_in, module_seed(seed, module), dtype=dtype).to(device)
+    `fedlora.models.base_model.with_lora` seeds every client (a lower rank's A is its leading rows)."""
+    return fresh_lora_A(rank, d_in, module_seed(seed, module), dtype=dtype, device=device)
 
 
 class FFALoRA(SeededRule):

@@ -168,7 +168,7 @@ class FLoRA(AggregationRule):
         for module, old in local.adapter.items():
             rank, (d_out, d_in) = int(config[rank_key(module)]), old.shape
             seed = int(config[FRESH_ADAPTER_SEED_KEY]) + zlib.crc32(module.encode())
-            A = fresh_lora_A(rank, d_in, seed, dtype=old.A.dtype).to(old.A.device)
+            A = fresh_lora_A(rank, d_in, seed, dtype=old.A.dtype, device=old.A.device)
             adapter[module] = LoRAFactors(
                 A=A, B=A.new_zeros(d_out, rank), scale=float(config[scale_key(module)])
             )
