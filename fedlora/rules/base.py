@@ -13,7 +13,7 @@ can be measured every round.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
@@ -274,7 +274,7 @@ class AggregationRule(ABC):
         batch = ClientUpdates(updates)
         validate_updates(batch, self.update_kind, self.allows_module_subsets)
         self._check_against_state(state, batch)
-        batch = ClientUpdates(self.completed_updates(state, batch))
+        batch = ClientUpdates.of(self.completed_updates(state, batch))
         weights = example_weights(batch)
         if self.robustness.bounds_norms:
             batch = ClientUpdates(self.bounded_updates(state, batch))
@@ -465,7 +465,7 @@ def ideal_update(
     )
 
 
-def _padded_per_client(values: Tensor, c: ConcatenatedFactors, rank: int) -> Tensor:
+def padded_per_client(values: Tensor, c: ConcatenatedFactors, rank: int) -> Tensor:
     """(sum r_i x d) rows regrouped as (K x rank x d), zero-padded."""
     out = values.new_zeros(c.num_clients, rank, values.shape[1])
     out[c.client, c.position] = values
@@ -480,7 +480,7 @@ def client_change_norms_per_client(
     c = concatenate_folded(updates, module)
     batch = ClientUpdates.of(updates)
     rank = max(batch.ranks(module))
-    Bt, A = _padded_per_client(c.U.T, c, rank), _padded_per_client(c.V, c, rank)
+    Bt, A = padded_per_client(c.U.T, c, rank), padded_per_client(c.V, c, rank)
     squared = torch.sum((Bt @ Bt.mT) * (A @ A.mT), dim=(1, 2))
     if previous is not None:
         start_ranks = torch.tensor(batch.start_ranks(module)).to(c.U.device, non_blocking=True)
@@ -502,29 +502,35 @@ def client_change_norms(
     return float(weights.to(norms) @ norms)
 
 
-class ReferenceNorms(Mapping):
-    """max(||dW*||, sum_i p_i ||dW_i||) per module, computed on first use (it is a measurement).
+class NormsOnUse(Mapping):
+    """A norm per module, computed when first read (a measurement, not part of the aggregation)."""
+
+    def __init__(self, modules: Iterable[str], compute: Callable[[str], float]):
+        self._modules, self._compute = list(modules), compute
+        self._cache: dict[str, float] = {}
+
+    def __getitem__(self, module: str) -> float:
+        if module not in self._cache:
+            self._cache[module] = self._compute(module)
+        return self._cache[module]
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+class ReferenceNorms(NormsOnUse):
+    """max(||dW*||, sum_i p_i ||dW_i||) per module, computed on first use.
 
     By the triangle inequality ||dW*|| <= sum_i p_i ||dW_i||, so the sum is the maximum.
     """
 
     def __init__(self, starts: dict[str, LowRank | None], updates, weights: Tensor):
-        self._starts, self._updates, self._weights = starts, updates, weights
-        self._cache: dict[str, float] = {}
-
-    def __getitem__(self, module: str) -> float:
-        if module not in self._cache:
-            previous = self._starts[module]
-            self._cache[module] = client_change_norms(
-                previous, self._updates, self._weights, module
-            )
-        return self._cache[module]
-
-    def __iter__(self):
-        return iter(self._starts)
-
-    def __len__(self) -> int:
-        return len(self._starts)
+        super().__init__(
+            starts, lambda module: client_change_norms(starts[module], updates, weights, module)
+        )
 
 
 def ideal_and_reference(
@@ -538,31 +544,20 @@ def ideal_and_reference(
     return ideal, ReferenceNorms(starts, updates, weights)
 
 
-class TrainerReferenceNorms(Mapping):
+class TrainerReferenceNorms(NormsOnUse):
     """max(||dW*_m||, sum_{i in T_m} p_i/P_m ||dW_i||) per module m over T_m, the clients that
     trained it (0 where nobody did), computed on first use."""
 
     def __init__(self, starts: dict[str, LowRank | None], updates: Sequence[ClientUpdate]):
-        self._starts, self._batch = starts, ClientUpdates.of(updates)
-        self._cache: dict[str, float] = {}
+        batch = ClientUpdates.of(updates)
 
-    def __getitem__(self, module: str) -> float:
-        if module not in self._cache:
-            trainers = self._batch.trainers(module)
-            self._cache[module] = (
-                client_change_norms(
-                    self._starts[module], trainers, example_weights(trainers), module
-                )
-                if trainers
-                else 0.0
-            )
-        return self._cache[module]
+        def norms(module: str) -> float:
+            trainers = batch.trainers(module)
+            if not trainers:
+                return 0.0
+            return client_change_norms(starts[module], trainers, example_weights(trainers), module)
 
-    def __iter__(self):
-        return iter(self._starts)
-
-    def __len__(self) -> int:
-        return len(self._starts)
+        super().__init__(starts, norms)
 
 
 def ideal_over_trainers(

@@ -19,6 +19,7 @@ tail costs d_out (r - r_i) floats down and nothing up.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -28,13 +29,14 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lora.adapter import Adapter, LoRAFactors, TrainedB
 from fedlora.lora.client_state import ClientState, fresh_lora_A, module_seed
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.updates import ClientUpdate, average_head
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
     RoundResult,
     SeededRule,
     client_change_norms_per_client,
+    concatenate_folded,
     ideal_and_reference,
     start_coverage,
 )
@@ -123,14 +125,19 @@ class FFALoRA(SeededRule):
     def _aggregate(
         self, state: GlobalState, updates: list[ClientUpdate], weights: Tensor
     ) -> RoundResult:
+        """sum_i p_i pad(s_i B_i) - c G (c_k: the weight of the clients that started from column
+        k, `start_coverage`), from the concatenated sqrt(s_i) B_i with one index_add per module."""
+        batch = ClientUpdates.of(updates)
         coefficients, changes = {}, {}
         for module in state.modules:
             G = state.factors[module].U
-            coverage = start_coverage(updates, weights, module, G.shape[1]).to(G)
-            change = -coverage * G
-            for update, p in zip(updates, weights.tolist()):
-                f = update.modules[module]
-                change[:, : f.rank] += (p * f.scale) * f.B.to(G)
+            coverage = start_coverage(batch, weights, module, G.shape[1]).to(G)
+            c = concatenate_folded(batch, module)
+            roots = torch.tensor(
+                [math.sqrt(u.modules[module].scale) for u in batch], dtype=torch.float64
+            )
+            factor = (weights * roots).to(device=G.device, dtype=G.dtype)[c.client]
+            change = (-coverage * G).index_add_(1, c.position, c.U.to(G) * factor)
             coefficients[module], changes[module] = G, change
         stepped, moments = self.server_optimizer.step(coefficients, changes, state.optimizer)
         factors, global_update = {}, {}

@@ -57,7 +57,7 @@ def test_client_receives_and_runs_only_its_scaled_sub_block():
     payload = rule.client_payload(state, spec(7, 2))
     assert payload.adapter["q.lora_A.weight"].shape == (2, D_IN)
     assert payload.adapter["q.lora_B.weight"].shape == (D_OUT, 2)
-    index = sketch_indices(3, 0, "7", "q", TOP, 2)
+    index = sketch_indices(3, 0, ["7"], "q", TOP, [2])
     B, A = (
         state.factors["q"].U / math.sqrt(ALPHA / TOP),
         state.factors["q"].V / math.sqrt(ALPHA / TOP),
@@ -87,7 +87,7 @@ def test_server_update_matches_brute_force_and_unsketched_components_stay():
     B, A = state.factors["q"].U / math.sqrt(s), state.factors["q"].V / math.sqrt(s)
     expected_B, expected_A, touched = B.clone(), A.clone(), set()
     for i, (r, n) in enumerate(zip(ranks, counts)):
-        index = sketch_indices(1, 0, str(i), "q", TOP, r).tolist()
+        index = sketch_indices(1, 0, [str(i)], "q", TOP, [r]).tolist()
         touched.update(index)
         f = updates[i].modules["q"]
         for column, j in enumerate(index):
@@ -101,9 +101,47 @@ def test_server_update_matches_brute_force_and_unsketched_components_stay():
 
 
 def test_sketches_are_reproducible_and_differ_by_client_round_and_module():
-    draw = lambda *key: sketch_indices(0, *key, 16, 4).tolist()
+    draw = lambda version, client, module: sketch_indices(
+        0, version, [client], module, 16, [4]
+    ).tolist()
     assert draw(3, "a", "q") == draw(3, "a", "q")
     assert len({tuple(draw(v, c, m)) for v in range(3) for c in "ab" for m in ("q", "v")}) > 6
+
+
+def test_a_batch_of_sketches_is_each_client_drawn_alone():
+    clients, sizes = ["a", "b", "c", "d"], [1, 16, 5, 5]
+    batch = sketch_indices(2, 7, clients, "q", 16, sizes)
+    alone = [sketch_indices(2, 7, [c], "q", 16, [m]) for c, m in zip(clients, sizes)]
+    assert torch.equal(batch, torch.cat(alone))
+    assert alone[1].tolist() == list(range(16))
+    for index, size in zip(alone, sizes):
+        assert len(set(index.tolist())) == size and index.tolist() == sorted(index.tolist())
+    with pytest.raises(InvalidUpdateError, match="sketch of 0 components"):
+        sketch_indices(2, 7, ["a"], "q", 16, [0])
+
+
+def test_reference_norm_and_ideal_update_are_the_clients_changes_by_brute_force():
+    """sum_i p_i ||dW_i|| and dW* = sum_i p_i dW_i, dW_i the change of client i's sketched model."""
+    rule = make_rule("fslora", seed=4)
+    state = global_state(rule)
+    g = torch.Generator().manual_seed(6)
+    ranks, counts = [3, 1, 4], [5, 20, 15]
+    updates, changes = [], []
+    for i, r in enumerate(ranks):
+        f = received(rule, state, i, r)
+        trained = LoRAFactors(
+            f.A + torch.randn(f.A.shape, generator=g, dtype=DTYPE),
+            f.B + torch.randn(f.B.shape, generator=g, dtype=DTYPE),
+            f.scale,
+        )
+        updates.append(ClientUpdate(str(i), counts[i], {"q": trained}))
+        changes.append(trained.delta() - f.delta())
+    result = rule.aggregate(state, updates)
+    p = [n / sum(counts) for n in counts]
+    expected_norm = sum(w * float(torch.linalg.matrix_norm(c)) for w, c in zip(p, changes))
+    assert math.isclose(result.reference_norm["q"], expected_norm, rel_tol=1e-12)
+    ideal = sum(w * c for w, c in zip(p, changes))
+    torch.testing.assert_close(result.ideal_update["q"].dense(), ideal, rtol=0, atol=1e-12)
 
 
 def relative(x, y):
@@ -117,8 +155,8 @@ class FixedSketch(FSLoRA):
         super().__init__()
         self.index = index
 
-    def sketch(self, state, client, module, size):
-        return torch.tensor(self.index)
+    def sketches(self, state, clients, module, sizes):
+        return torch.tensor(self.index * len(clients))
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 3])
@@ -159,7 +197,7 @@ def test_seeded_sketches_are_uniform_and_the_sketched_model_unbiased_monte_carlo
     counts = torch.zeros(TOP)
     mean_model = torch.zeros(D_OUT, D_IN, dtype=DTYPE)
     for seed in range(draws):
-        counts[sketch_indices(seed, 0, "0", "q", TOP, capacity)] += 1
+        counts[sketch_indices(seed, 0, ["0"], "q", TOP, [capacity])] += 1
         mean_model += received(make_rule("fslora", seed=seed), state, 0, capacity).delta() / draws
     p = capacity / TOP
     assert torch.all((counts / draws - p).abs() < 5 * math.sqrt(p * (1 - p) / draws))

@@ -399,3 +399,21 @@ def test_bad_input_is_refused(how):
     initial, updates = federation(1, {"q": (4, 3)}, 2, [2, 1], [1, 1])
     with pytest.raises(InvalidUpdateError):
         aggregate("lorafair", initial, broken(updates, how))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_adam_loop_replayed_as_a_cuda_graph_is_the_eager_loop(monkeypatch):
+    """On CUDA the Adam steps after the warm-up are one captured graph replayed: the same
+    corrections as launching every step from Python (GRAPH_WARMUP above the steps)."""
+    g = torch.Generator().manual_seed(3)
+    M, d, r = 5, 48, 4
+    U = (torch.randn(M, d, r, generator=g) * 1e-2).cuda()
+    projected = torch.randn(M, d, r, generator=g).cuda()
+    half = torch.randn(M, r, 7, generator=g).cuda()
+    gram, target_norm = half @ half.mT, (torch.rand(M, generator=g) + 1).cuda()
+    replayed = lorafair.solve_batch(U, projected, gram, target_norm, 50, 0.01, 0.01)
+    monkeypatch.setattr(lorafair, "GRAPH_WARMUP", 1000)
+    eager = lorafair.solve_batch(U, projected, gram, target_norm, 50, 0.01, 0.01)
+    assert replayed.abs().max() > 0
+    torch.testing.assert_close(replayed, eager, rtol=1e-6, atol=1e-9)
