@@ -219,10 +219,16 @@ def example_weights(updates: Sequence[ClientUpdate], dtype: torch.dtype = torch.
     return counts / counts.sum()
 
 
+def moved_like(tensor: Tensor, like: Tensor) -> Tensor:
+    """``tensor`` in ``like``'s dtype on its device; a copy from the host is queued without
+    waiting for the device (a blocking copy would wait for all the work queued before it)."""
+    return tensor.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+
 def weighted_sum(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
     """sum_i w_i T_i in one stacked reduction."""
     stacked = torch.stack(list(tensors))
-    w = weights.to(device=stacked.device, dtype=stacked.dtype)
+    w = moved_like(weights, stacked)
     return torch.tensordot(w, stacked, dims=1)
 
 

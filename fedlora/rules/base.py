@@ -33,6 +33,7 @@ from fedlora.lora.updates import (
     check_module_subsets,
     check_same_modules,
     example_weights,
+    moved_like,
     validate_updates,
 )
 from fedlora.lora.versioning import ChangeLog
@@ -419,7 +420,7 @@ def padded_average(
 ) -> LowRank:
     """sum_i w_i pad(sqrt(s_i) B_i), sum_i w_i pad(sqrt(s_i) A_i): zero-padded folded factors."""
     c = concatenate_folded(updates, module)
-    w = weights.to(device=c.U.device, dtype=c.U.dtype)[c.client]
+    w = moved_like(weights, c.U)[c.client]
     U = c.U.new_zeros(c.U.shape[0], rank).index_add_(1, c.position, c.U * w)
     V = c.V.new_zeros(rank, c.V.shape[1]).index_add_(0, c.position, c.V * w[:, None])
     return LowRank(U, V)
@@ -455,10 +456,10 @@ def ideal_update(
     sum_i r_i + r.
     """
     c = concatenate_folded(updates, module)
-    p = weights.to(device=c.V.device, dtype=c.V.dtype)[c.client]
+    p = moved_like(weights, c.V)[c.client]
     if previous is None:
         return LowRank(c.U, c.V * p[:, None])
-    coverage = start_coverage(updates, weights, module, previous.inner_rank).to(previous.V)
+    coverage = moved_like(start_coverage(updates, weights, module, previous.inner_rank), previous.V)
     return LowRank(
         torch.cat([c.U, previous.U], dim=1),
         torch.cat([c.V * p[:, None], -coverage[:, None] * previous.V], dim=0),

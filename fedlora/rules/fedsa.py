@@ -124,8 +124,8 @@ def padded_row_average(shared: list[SharedA], weights: Tensor, rank: int) -> Ten
     position = [j for a in shared for j in range(a.rank)]
     rows = (
         torch.cat([a.A for a in shared])
-        * torch.tensor(row_weights, dtype=dtype).to(device)[:, None]
+        * torch.tensor(row_weights, dtype=dtype).to(device, non_blocking=True)[:, None]
     )
     return rows.new_zeros(rank, rows.shape[1]).index_add_(
-        0, torch.tensor(position).to(device), rows
+        0, torch.tensor(position).to(device, non_blocking=True), rows
     )

@@ -20,8 +20,14 @@ from fedlora.errors import ConfigError, InvalidUpdateError
 from fedlora.lora.adapter import Adapter, LoRAFactors, SBCore
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.updates import ClientUpdate, average_head
-from fedlora.rules.base import AggregationRule, ClientSpec, GlobalState, RoundResult
+from fedlora.lora.updates import ClientUpdate, average_head, moved_like
+from fedlora.rules.base import (
+    AggregationRule,
+    ClientSpec,
+    GlobalState,
+    NormsOnUse,
+    RoundResult,
+)
 from fedlora.rules.robust import bounded_core, robust_combine, with_modules
 from fedlora.wire.messages import (
     SB_A_SUFFIX,
@@ -81,10 +87,10 @@ class FedSB(AggregationRule):
     ) -> RoundResult:
         """R_t = sum_i p_i R_i (as R_{t-1} + sum_i p_i (R_i - R_{t-1})), the round's change
         B (R_t - R_{t-1}) A, dW* one term per client, and sum_i p_i ||dW_i|| per module."""
-        cores, global_update, ideal, reference, optimizer = {}, {}, {}, {}, {}
+        cores, global_update, ideal, changes, optimizer = {}, {}, {}, {}, {}
         for module in state.modules:
             fixed, previous = state.sb_factors[module], state.cores[module]
-            p = weights.to(previous)
+            p = moved_like(weights, previous)
             core_changes = (
                 torch.stack([u.modules[module].R.to(previous) for u in updates]) - previous
             )
@@ -96,7 +102,7 @@ class FedSB(AggregationRule):
             cores[module] = stepped[module]
             global_update[module] = LowRank(fixed.U, (cores[module] - previous) @ fixed.V)
             ideal[module] = ideal_core_update(fixed, core_changes, p)
-            reference[module] = float(p @ core_change_norms(fixed, core_changes))
+            changes[module] = (fixed, core_changes, p)
         new_state = replace(
             state,
             version=state.version + 1,
@@ -104,7 +110,12 @@ class FedSB(AggregationRule):
             head=average_head(updates, weights) or state.head,
             optimizer=optimizer,
         )
-        return RoundResult(new_state, global_update, ideal, reference)
+
+        def reference(module: str) -> float:
+            fixed, core_changes, p = changes[module]
+            return float(p @ core_change_norms(fixed, core_changes))
+
+        return RoundResult(new_state, global_update, ideal, NormsOnUse(state.modules, reference))
 
     def _combine(self, core_changes: Tensor, p: Tensor) -> Tensor:
         """sum_i p_i dR_i, or the configured coordinate-wise median / trimmed mean of the dR_i."""

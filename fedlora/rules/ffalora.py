@@ -29,7 +29,7 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lora.adapter import Adapter, LoRAFactors, TrainedB
 from fedlora.lora.client_state import ClientState, fresh_lora_A, module_seed
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head, moved_like
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
@@ -131,12 +131,12 @@ class FFALoRA(SeededRule):
         coefficients, changes = {}, {}
         for module in state.modules:
             G = state.factors[module].U
-            coverage = start_coverage(batch, weights, module, G.shape[1]).to(G)
+            coverage = moved_like(start_coverage(batch, weights, module, G.shape[1]), G)
             c = concatenate_folded(batch, module)
             roots = torch.tensor(
                 [math.sqrt(u.modules[module].scale) for u in batch], dtype=torch.float64
             )
-            factor = (weights * roots).to(device=G.device, dtype=G.dtype)[c.client]
+            factor = moved_like(weights * roots, G)[c.client]
             change = (-coverage * G).index_add_(1, c.position, c.U.to(G) * factor)
             coefficients[module], changes[module] = G, change
         stepped, moments = self.server_optimizer.step(coefficients, changes, state.optimizer)

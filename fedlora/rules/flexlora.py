@@ -38,7 +38,7 @@ from fedlora.lora.lowrank import (
     pad_rows,
     randomized_truncated_svd,
 )
-from fedlora.lora.updates import ClientUpdate
+from fedlora.lora.updates import ClientUpdate, moved_like
 from fedlora.rules.base import concatenate_folded
 from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.robust import Robustness
@@ -127,7 +127,7 @@ class FlexLoRA(FedAvg):
 def averaged_product(updates: list[ClientUpdate], weights: Tensor, module: str) -> LowRank:
     """sum_i p_i s_i B_i A_i as stacked folded factors [sqrt(s_i) B_i], [p_i sqrt(s_i) A_i]."""
     c = concatenate_folded(updates, module)
-    p = weights.to(device=c.V.device, dtype=c.V.dtype)[c.client]
+    p = moved_like(weights, c.V)[c.client]
     return LowRank(c.U, c.V * p[:, None])
 
 

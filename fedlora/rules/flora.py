@@ -26,7 +26,13 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lora.adapter import Adapter, LoRAFactors
 from fedlora.lora.client_state import ClientState, fresh_lora_A
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.updates import ClientUpdate, ClientUpdates, average_head, example_weights
+from fedlora.lora.updates import (
+    ClientUpdate,
+    ClientUpdates,
+    average_head,
+    example_weights,
+    moved_like,
+)
 from fedlora.lora.versioning import BaseCache, ChangeLog, accumulated_changes
 from fedlora.rules.base import (
     AggregationRule,
@@ -64,7 +70,7 @@ def stack_adapters(updates: list[ClientUpdate], weights: Tensor, module: str) ->
     A = torch.cat([f.A for f in factors], dim=0)
     client = batch.client_index(module, A.device)
     scales = torch.tensor([f.scale for f in factors], dtype=A.dtype).to(A.device, non_blocking=True)
-    return LowRank(B, A * (weights.to(A) * scales)[client][:, None])
+    return LowRank(B, A * (moved_like(weights, A) * scales)[client][:, None])
 
 
 class FLoRA(AggregationRule):

@@ -32,7 +32,13 @@ from fedlora.errors import InvalidUpdateError
 from fedlora.lora.adapter import LoRAFactors
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.lowrank import LowRank, frobenius_norms
-from fedlora.lora.updates import ClientUpdate, ClientUpdates, ConcatenatedFactors, average_head
+from fedlora.lora.updates import (
+    ClientUpdate,
+    ClientUpdates,
+    ConcatenatedFactors,
+    average_head,
+    moved_like,
+)
 from fedlora.rules.base import (
     ClientSpec,
     GlobalState,
@@ -157,7 +163,7 @@ class FSLoRA(SeededRule):
             index = self.sketches(state, clients, module, sizes).to(device, non_blocking=True)
             roots = torch.tensor([math.sqrt(folded.inner_rank / m) for m in sizes], dtype=dtype)
             root = roots.to(device, non_blocking=True)[trained.client]
-            p = weights.to(device=device, dtype=dtype)[trained.client]
+            p = moved_like(weights, folded.U)[trained.client]
             start_U, start_V = folded.U[:, index] * root, folded.V[index] * root[:, None]
             U, V = trained.U.to(dtype), trained.V.to(dtype)
             step = p / root

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fedlora.errors import ConfigError
 from fedlora.lora.lowrank import LowRank, frobenius_norms
-from fedlora.lora.updates import ClientUpdate, ClientUpdates
+from fedlora.lora.updates import ClientUpdate, ClientUpdates, moved_like
 from fedlora.rules.base import start_coverage
 from fedlora.rules.fedavg import FedAvg
 from fedlora.rules.robust import Robustness
@@ -128,8 +128,8 @@ def ideal_next_products(
     V = first.V.new_empty(len(modules), clients_rank + rank, first.V.shape[1])
     for index, (module, start) in enumerate(zip(modules, previous)):
         c = updates.concatenated(module)
-        p = weights.to(device=c.V.device, dtype=c.V.dtype)[c.client]
-        kept = 1 - start_coverage(updates, weights, module, rank).to(start.V)
+        p = moved_like(weights, c.V)[c.client]
+        kept = 1 - moved_like(start_coverage(updates, weights, module, rank), start.V)
         torch.cat([c.U, start.U], dim=1, out=U[index])
         torch.mul(c.V, p[:, None], out=V[index, :clients_rank])
         torch.mul(start.V, kept[:, None], out=V[index, clients_rank:])
