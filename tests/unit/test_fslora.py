@@ -42,6 +42,22 @@ def received(rule, state, client, rank):
     return rule.client_step(local, rule.client_payload(state, spec(client, rank))).adapter["q"]
 
 
+def trained_clients(rule, state, ranks, counts, seed):
+    """Each client's received sub-block moved by Gaussian noise: (its update, its start)."""
+    g = torch.Generator().manual_seed(seed)
+    updates, starts = [], []
+    for i, r in enumerate(ranks):
+        f = received(rule, state, i, r)
+        trained = LoRAFactors(
+            f.A + torch.randn(f.A.shape, generator=g, dtype=DTYPE),
+            f.B + torch.randn(f.B.shape, generator=g, dtype=DTYPE),
+            f.scale,
+        )
+        updates.append(ClientUpdate(str(i), counts[i], {"q": trained}))
+        starts.append(f)
+    return updates, starts
+
+
 def gradient_step(factors, G, lr=0.1):
     """One SGD step on the linear loss <G, s B A>: its gradient does not depend on the point."""
     A, B = factors.A.clone().requires_grad_(), factors.B.clone().requires_grad_()
@@ -71,17 +87,8 @@ def test_client_receives_and_runs_only_its_scaled_sub_block():
 def test_server_update_matches_brute_force_and_unsketched_components_stay():
     rule = make_rule("fslora", seed=1)
     state = global_state(rule)
-    g = torch.Generator().manual_seed(5)
     ranks, counts = [1, 2, 1], [10, 30, 60]
-    updates = []
-    for i, r in enumerate(ranks):
-        f = received(rule, state, i, r)
-        trained = LoRAFactors(
-            f.A + torch.randn(f.A.shape, generator=g, dtype=DTYPE),
-            f.B + torch.randn(f.B.shape, generator=g, dtype=DTYPE),
-            f.scale,
-        )
-        updates.append(ClientUpdate(str(i), counts[i], {"q": trained}))
+    updates, _ = trained_clients(rule, state, ranks, counts, seed=5)
     new = rule.aggregate(state, updates).state.factors["q"]
     s = ALPHA / TOP
     B, A = state.factors["q"].U / math.sqrt(s), state.factors["q"].V / math.sqrt(s)
@@ -124,18 +131,9 @@ def test_reference_norm_and_ideal_update_are_the_clients_changes_by_brute_force(
     """sum_i p_i ||dW_i|| and dW* = sum_i p_i dW_i, dW_i the change of client i's sketched model."""
     rule = make_rule("fslora", seed=4)
     state = global_state(rule)
-    g = torch.Generator().manual_seed(6)
     ranks, counts = [3, 1, 4], [5, 20, 15]
-    updates, changes = [], []
-    for i, r in enumerate(ranks):
-        f = received(rule, state, i, r)
-        trained = LoRAFactors(
-            f.A + torch.randn(f.A.shape, generator=g, dtype=DTYPE),
-            f.B + torch.randn(f.B.shape, generator=g, dtype=DTYPE),
-            f.scale,
-        )
-        updates.append(ClientUpdate(str(i), counts[i], {"q": trained}))
-        changes.append(trained.delta() - f.delta())
+    updates, starts = trained_clients(rule, state, ranks, counts, seed=6)
+    changes = [u.modules["q"].delta() - f.delta() for u, f in zip(updates, starts)]
     result = rule.aggregate(state, updates)
     p = [n / sum(counts) for n in counts]
     expected_norm = sum(w * float(torch.linalg.matrix_norm(c)) for w, c in zip(p, changes))
