@@ -45,7 +45,7 @@ class ConcatenatedFactors:
     """Every client's folded factors of one module side by side, one rank column per entry.
 
     U is (d_out x sum r_i), V is (sum r_i x d_in); ``client[j]`` owns column j, which is column
-    ``position[j]`` of that client's own factors.
+    ``position[j]`` of that client's own factors, and ``roots[j]`` is sqrt(s_i) of that client.
     """
 
     U: Tensor
@@ -53,6 +53,7 @@ class ConcatenatedFactors:
     client: Tensor
     position: Tensor
     num_clients: int
+    roots: Tensor
 
 
 class ClientUpdates(list):
@@ -107,7 +108,9 @@ class ClientUpdates(list):
         client, position = self._index_tensors(self.ranks(module), U.device)
         roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)
         roots = roots.to(U.device, non_blocking=True)[client]
-        return ConcatenatedFactors(U * roots, V * roots[:, None], client, position, len(factors))
+        return ConcatenatedFactors(
+            U * roots, V * roots[:, None], client, position, len(factors), roots
+        )
 
     def client_index(self, module: str, device: torch.device) -> Tensor:
         """For every rank column of the module's concatenation, the client it belongs to."""

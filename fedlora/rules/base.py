@@ -499,8 +499,12 @@ def client_change_norms(
     previous: LowRank | None, updates: Sequence[ClientUpdate], weights: Tensor, module: str
 ) -> float:
     """sum_i p_i ||dW_i||_F."""
-    norms = client_change_norms_per_client(previous, updates, module)
-    return float(weights.to(norms) @ norms)
+    return weighted_sum(weights, client_change_norms_per_client(previous, updates, module))
+
+
+def weighted_sum(weights: Tensor, values: Tensor) -> float:
+    """sum_i p_i v_i, on the values' device and dtype."""
+    return float(weights.to(values) @ values)
 
 
 class NormsOnUse(Mapping):

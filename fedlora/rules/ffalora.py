@@ -19,7 +19,6 @@ tail costs d_out (r - r_i) floats down and nothing up.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -133,10 +132,7 @@ class FFALoRA(SeededRule):
             G = state.factors[module].U
             coverage = moved_like(start_coverage(batch, weights, module, G.shape[1]), G)
             c = concatenate_folded(batch, module)
-            roots = torch.tensor(
-                [math.sqrt(u.modules[module].scale) for u in batch], dtype=torch.float64
-            )
-            factor = moved_like(weights * roots, G)[c.client]
+            factor = moved_like(weights, G)[c.client] * c.roots.to(G)
             change = (-coverage * G).index_add_(1, c.position, c.U.to(G) * factor)
             coefficients[module], changes[module] = G, change
         stepped, moments = self.server_optimizer.step(coefficients, changes, state.optimizer)

@@ -48,6 +48,7 @@ from fedlora.rules.base import (
     difference,
     load_adapter,
     padded_per_client,
+    weighted_sum,
 )
 from fedlora.wire.messages import VERSION_KEY, Payload, adapter_config, adapter_to_tensors, to_wire
 
@@ -177,7 +178,7 @@ class FSLoRA(SeededRule):
             ideal[module] = LowRank(
                 torch.cat([U, start_U], dim=1), torch.cat([V * p[:, None], -start_V * p[:, None]])
             )
-            sketched[module] = (trained, start_U, start_V, max(sizes))
+            sketched[module] = (trained, U, V, start_U, start_V, max(sizes))
         stepped, moments = self.server_optimizer.step(params, deltas, state.optimizer)
         factors = {m: LowRank(stepped[f"{m}.U"], stepped[f"{m}.V"]) for m in state.modules}
         new_state = replace(
@@ -190,29 +191,29 @@ class FSLoRA(SeededRule):
         update = {m: difference(factors[m], state.factors[m]) for m in state.modules}
 
         def reference(module: str) -> float:
-            norms = sketch_change_norms(*sketched[module])
-            return float(weights.to(norms) @ norms)
+            return weighted_sum(weights, sketch_change_norms(*sketched[module]))
 
         return RoundResult(new_state, update, ideal, NormsOnUse(state.modules, reference))
 
 
 def sketch_change_norms(
-    trained: ConcatenatedFactors, start_U: Tensor, start_V: Tensor, rank: int
+    trained: ConcatenatedFactors, U: Tensor, V: Tensor, start_U: Tensor, start_V: Tensor, rank: int
 ) -> Tensor:
     """||U_i' V_i' - S_U_i S_V_i||_F per client, from the batched Grams of its 2 m_i columns
-    (zero-padded to 2 max m): ||X Y||^2 = <X^T X, Y Y^T>."""
-    U = torch.cat(
+    (zero-padded to 2 max m): ||X Y||^2 = <X^T X, Y Y^T>. ``U``, ``V``: the trained sub-blocks of
+    ``trained`` in the state's dtype."""
+    left = torch.cat(
         [
-            padded_per_client(trained.U.T.to(start_U), trained, rank),
+            padded_per_client(U.T, trained, rank),
             padded_per_client(-start_U.T, trained, rank),
         ],
         dim=1,
     )
-    V = torch.cat(
+    right = torch.cat(
         [
-            padded_per_client(trained.V.to(start_V), trained, rank),
+            padded_per_client(V, trained, rank),
             padded_per_client(start_V, trained, rank),
         ],
         dim=1,
     )
-    return frobenius_norms(U.mT, V)
+    return frobenius_norms(left.mT, right)

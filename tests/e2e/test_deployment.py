@@ -91,10 +91,16 @@ SIMULATED = {**RUN, "rank-profile": "2:0.34,4:0.33,8:0.33", "batch-size": NODE_B
 RUN_TIMEOUT = 420
 CLI_TIMEOUT = 300
 """``fedlora`` imports torch and transformers: minutes when the machine is busy."""
+LIST_EVERY = 2.0
+"""Seconds between two listings of the SuperLink's nodes: each is a ``flwr`` process of about a
+second of CPU, and a node goes offline only after Flower's heartbeats (tens of seconds)."""
 ROUND_TIMEOUT = 240.0
 """Enough for a node's cold start (a fresh process imports torch) on a busy 2-core machine; a
 node that dies is reported unavailable by Flower long before (two missed heartbeats)."""
 
+
+SHARES_THE_FEDERATION = pytest.mark.xdist_group("federation")
+"""The tests on the module's federation run on one pytest-xdist worker, which starts it once."""
 
 PUBLIC_HOST = "127.0.0.2"
 """The public address (another loopback address): the Fleet gateway, where nodes and strangers
@@ -117,7 +123,7 @@ class Federation:
     def start_superlink(self, name: str = "superlink") -> None:
         """The SuperLink on its database (a restart finds its registrations and runs there)."""
         self.processes.start(name, superlink_command(self.files.superlink, self.port))
-        wait_for(lambda: self.nodes() is not None, "the SuperLink to answer")
+        wait_for(lambda: self.nodes() is not None, "the SuperLink to answer", every=LIST_EVERY)
 
     def start_gateway(self) -> None:
         listen = self.public_address
@@ -175,7 +181,7 @@ class Federation:
         return sum(node["status"] == "online" for node in self.nodes() or [])
 
     def wait_online(self, count: int) -> None:
-        wait_for(lambda: self.online() >= count, f"{count} nodes online")
+        wait_for(lambda: self.online() >= count, f"{count} nodes online", every=LIST_EVERY)
 
     def run(self, run_config: dict, run_dir: Path, timeout: float = RUN_TIMEOUT):
         """``flwr run`` of the project with these overrides; the rows of its metrics.jsonl."""
@@ -382,6 +388,7 @@ def test_a_node_with_its_own_data_uses_all_of_it(tmp_path):
 
 
 @pytest.mark.slow
+@SHARES_THE_FEDERATION
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("strategy", ["fedex", "fedsa"])
 def test_deployed_run_matches_simulation(federation, strategy, tmp_path):
@@ -418,6 +425,7 @@ def test_deployed_run_matches_simulation(federation, strategy, tmp_path):
 
 
 @pytest.mark.slow
+@SHARES_THE_FEDERATION
 def test_a_stranger_with_the_ca_reaches_only_the_fleet_api(federation, tmp_path):
     """From a Flower home of its own, holding only ca.pem, a stranger at the public address can
     register no node key, list no nodes or runs and submit no run; its own node key is refused
@@ -453,6 +461,7 @@ def test_a_stranger_with_the_ca_reaches_only_the_fleet_api(federation, tmp_path)
 
 
 @pytest.mark.slow
+@SHARES_THE_FEDERATION
 def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
     """Node 2 is killed while it trains round 1 of FLoRA; the round finishes with the other two.
     Once the SuperLink lists it offline it is started again (same key, same state-dir: a
@@ -476,7 +485,12 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
         )
         assert run.poll() is None, federation.processes.log("run")[-3000:]
         federation.processes.kill("node-2")
-        wait_for(lambda: federation.online() == len(RANKS) - 1, "node 2 offline", RUN_TIMEOUT)
+        wait_for(
+            lambda: federation.online() == len(RANKS) - 1,
+            "node 2 offline",
+            RUN_TIMEOUT,
+            every=LIST_EVERY,
+        )
         federation.start_node(2, RANKS[2], name="node-2-restarted")
         run.wait(timeout=RUN_TIMEOUT)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -492,6 +506,7 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
 
 
 @pytest.mark.slow
+@SHARES_THE_FEDERATION
 def test_a_killed_serverapp_then_a_restarted_superlink_and_the_experiment_resumes_each_time(
     federation, tmp_path
 ):
