@@ -3,6 +3,7 @@ batches of local training (an instruction dataset's grouped by length, `fedlora.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import datasets
@@ -14,6 +15,22 @@ from fedlora.data.bucketing import length_grouped_batches
 from fedlora.data.columns import INSTRUCTION, LABEL, TEXT
 from fedlora.data.instructions import IGNORED_LABEL, collate, examples_ids
 from fedlora.errors import ConfigError
+
+TokenIds = list[tuple[list[int], int]]
+
+_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Instruction examples already tokenized: dataset -> tokenizer -> max_length -> ids."""
+
+
+def instruction_ids(data: datasets.Dataset, tokenizer, max_length: int) -> TokenIds:
+    """`examples_ids` of every row of ``data``, computed once per dataset object, tokenizer and
+    ``max_length``: a client's rows (immutable Arrow tables, held by its worker) are tokenized in
+    its first round, not in every round."""
+    per_tokenizer = _ENCODED.setdefault(data, weakref.WeakKeyDictionary())
+    per_length = per_tokenizer.setdefault(tokenizer, {})
+    if max_length not in per_length:
+        per_length[max_length] = examples_ids(data[:], tokenizer, max_length)
+    return per_length[max_length]
 
 
 def infer_task(data: datasets.Dataset) -> str:
@@ -59,7 +76,8 @@ def batches(
     task: str | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """``steps`` training batches drawn without replacement, reshuffled (seeded) each epoch;
-    instruction examples are tokenized once and grouped by length (`fedlora.data.bucketing`).
+    instruction examples are tokenized once (`instruction_ids`) and grouped by length
+    (`fedlora.data.bucketing`).
 
     ``task`` defaults to causal LM for instruction data, else to classification when the data has
     a ``label`` column, else to causal LM.
@@ -69,7 +87,7 @@ def batches(
     task = task or infer_task(data)
     rng = np.random.default_rng(seed)
     if is_instruction_data(data, task):
-        examples = examples_ids(data[:], tokenizer, max_length)
+        examples = instruction_ids(data, tokenizer, max_length)
         order = length_grouped_batches([len(ids) for ids, _ in examples], batch_size, rng)
         for _, chosen in zip(range(steps), order, strict=False):
             yield collate([examples[i] for i in chosen], tokenizer.pad_token_id)
@@ -88,7 +106,7 @@ def ordered_batches(
     """Every example once, for evaluation: in order, instruction examples by length."""
     task = task or infer_task(data)
     if is_instruction_data(data, task):
-        examples = examples_ids(data[:], tokenizer, max_length)
+        examples = instruction_ids(data, tokenizer, max_length)
         order = np.argsort([-len(ids) for ids, _ in examples], kind="stable")
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]

@@ -97,3 +97,32 @@ def test_instruction_batches_pad_to_their_longest_and_mask_prompts():
     assert sum(len(b["input_ids"]) for b in ordered) == 48
     widths = [b["input_ids"].shape[1] for b in ordered]
     assert widths == sorted(widths, reverse=True)
+
+
+class CountingTokenizer(HashingTokenizer):
+    """The hashing tokenizer, counting the texts it tokenizes."""
+
+    calls = 0
+
+    def token_ids(self, text: str) -> list[int]:
+        self.calls += 1
+        return super().token_ids(text)
+
+
+def test_a_dataset_is_tokenized_once_per_tokenizer_and_length():
+    examples = loading.datasets.Dataset.from_dict(
+        {"instruction": [f"Say {i} twice." for i in range(12)], "response": ["ok"] * 12}
+    )
+    tokenizer = CountingTokenizer(vocab_size=512)
+    first = [b["input_ids"] for b in encoding.batches(examples, tokenizer, 64, 4, seed=1, steps=3)]
+    calls = tokenizer.calls
+    again = [b["input_ids"] for b in encoding.batches(examples, tokenizer, 64, 4, seed=1, steps=3)]
+    list(encoding.ordered_batches(examples, tokenizer, 64, 4))
+
+    assert calls > 0 and tokenizer.calls == calls
+    assert all(a.equal(b) for a, b in zip(first, again, strict=True))
+    list(encoding.ordered_batches(examples, tokenizer, 32, 4))  # another length: tokenized anew
+    assert tokenizer.calls == 2 * calls
+    other = CountingTokenizer(vocab_size=256)
+    list(encoding.ordered_batches(examples, other, 64, 4))  # another vocabulary: likewise
+    assert other.calls == calls
