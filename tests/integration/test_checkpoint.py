@@ -75,12 +75,15 @@ def test_every_strategy_s_state_survives_the_checkpoint_files(strategy, tmp_path
     assert [row["round"] for row in checkpoint.rows] == [1]
 
 
-def crash_before_checkpoint(crash_round: int):
+def crash_before_checkpoint(crash_round: int, states: list | None = None):
     """`write_checkpoint`, except that it stops the server (as a kill would) before writing
-    round ``crash_round``'s: its row is written, the nodes hold their state of that round."""
+    round ``crash_round``'s: its row is written, the nodes hold their state of that round. The
+    strategy's tensors at that point (those the checkpoint would have held) go to ``states``."""
 
     def write(run_dir, server_round, strategy, rows):
         if server_round == crash_round:
+            if states is not None:
+                states.append(strategy.state_dict()[0])
             raise KeyboardInterrupt
         return write_checkpoint(run_dir, server_round, strategy, rows)
 
@@ -103,29 +106,31 @@ def without(columns, rows: list[dict]) -> list[dict]:
 )
 def test_a_resumed_run_ends_as_the_uninterrupted_one(strategy, keys, tmp_path, monkeypatch):
     """Round 3 of 3 stops before its checkpoint (its row is written, the nodes hold their
-    round-3 state); the resumed run (new nodes: only the files remain) drops the row, asks the
-    nodes for their state as of round 2, repeats round 3 and ends with the uninterrupted run's rows (timings aside)
-    and bitwise the same global state: the nodes' stores give back FedSA-LoRA's personal B, the
-    own drifted base of a node that gets base changes in messages, and the sample-level DP
-    accountants (the same epsilon), all as of round 2."""
+    round-3 state). Up to that point the run is the uninterrupted one: its three rows and the
+    global state the checkpoint would have held are what the resumed run must end with. The
+    resumed run (new nodes: only the files remain) drops the row, asks the nodes for their state
+    as of round 2, repeats round 3 and ends with those rows (timings aside) and bitwise that
+    global state: the nodes' stores give back FedSA-LoRA's personal B, the own drifted base of a
+    node that gets base changes in messages, and the sample-level DP accountants (the same
+    epsilon), all as of round 2."""
     config = {**TINY_RUN, "strategy": strategy, "num-server-rounds": 3, "seed": 4, **keys}
     if "dp-client" in keys:
         config["dp-client-noise-seed"] = 9
-    whole = run_in_process(tmp_path / "whole", config)
+    uninterrupted = []
     with monkeypatch.context() as patch:
-        patch.setattr(server_app, "write_checkpoint", crash_before_checkpoint(3))
+        patch.setattr(server_app, "write_checkpoint", crash_before_checkpoint(3, uninterrupted))
         with pytest.raises(KeyboardInterrupt):
-            run_in_process(tmp_path / "resumed", config)
-    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
-    assert read_status(tmp_path / "resumed") == "interrupted"
-    assert checkpoint_rounds(tmp_path / "resumed") == [1, 2]
-    resumed = run_in_process(tmp_path / "resumed", config, resume=True)
-    assert read_status(tmp_path / "resumed") == FINISHED
-    assert len(read_manifest(tmp_path / "resumed")["runs"]) == 2
-    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
-    expected = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").open()]
+            run_in_process(tmp_path, config)
+    expected = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [row["round"] for row in expected] == [1, 2, 3]
+    assert read_status(tmp_path) == "interrupted"
+    assert checkpoint_rounds(tmp_path) == [1, 2]
+    resumed = run_in_process(tmp_path, config, resume=True)
+    assert read_status(tmp_path) == FINISHED
+    assert len(read_manifest(tmp_path)["runs"]) == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert without(TIMING, rows) == without(TIMING, expected)
-    assert same_tensors(resumed.state_dict()[0], whole.state_dict()[0])
+    assert same_tensors(resumed.state_dict()[0], uninterrupted[0])
 
 
 def test_a_node_whose_accountant_is_lost_refuses_to_train(tmp_path, monkeypatch):
