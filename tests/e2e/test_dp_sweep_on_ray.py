@@ -19,9 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_dp_sweep_of_the_cpu_recipe(tmp_path, capsys):
-    """Fed-SB on MiniLM at epsilon 3 and without DP, one round of two steps: the private run
-    spends its whole budget (its federated start and that round) to Opacus' tolerance, the other
-    none; the CSV and the plot are written."""
+    """Fed-SB on MiniLM at epsilon 3 and without DP, one round of two steps of 16 articles: the
+    private run spends its whole budget (its federated start and that round) to Opacus'
+    tolerance, the other none; the CSV and the plot are written."""
     out = tmp_path / "sweep"
     status = main(
         [
@@ -37,6 +37,7 @@ def test_tiny_dp_sweep_of_the_cpu_recipe(tmp_path, capsys):
             str(out),
             "local-steps=2",
             "max-length=32",
+            "batch-size=16",
         ]
     )
     assert status == 0
