@@ -47,7 +47,9 @@ def encode(rows: dict[str, list], tokenizer, max_length: int, task: str) -> dict
     """A batch of rows as model inputs with ``labels``: the class, or the next tokens (causal LM;
     padding positions get -100, and an instruction's prompt positions too)."""
     if task == "causal-lm" and INSTRUCTION in rows:
-        return collate(examples_ids(rows, tokenizer, max_length), tokenizer.pad_token_id)
+        return causal_inputs(
+            collate(examples_ids(rows, tokenizer, max_length), tokenizer.pad_token_id)
+        )
     inputs = dict(
         tokenizer(
             list(rows[TEXT]),
@@ -63,7 +65,22 @@ def encode(rows: dict[str, list], tokenizer, max_length: int, task: str) -> dict
         labels = inputs["input_ids"].clone()
         labels[inputs["attention_mask"] == 0] = IGNORED_LABEL
         inputs["labels"] = labels
+        return causal_inputs(inputs)
     return inputs
+
+
+def causal_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A causal LM's batch without its attention mask where the mask only pads rows on the right.
+
+    A causal LM's position attends to itself and earlier positions only, so no real position sees
+    the padding after it, and padding carries no label: the mask changes nothing that is trained
+    or measured. Without it PyTorch's SDPA takes its causal (flash) kernel, under torch.compile
+    too, instead of the masked kernel over a materialised width x width mask. A batch padded on
+    the left keeps its mask."""
+    mask = batch["attention_mask"]
+    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return {key: tensor for key, tensor in batch.items() if key != "attention_mask"}
+    return batch
 
 
 def batches(
@@ -90,7 +107,7 @@ def batches(
         examples = instruction_ids(data, tokenizer, max_length)
         order = length_grouped_batches([len(ids) for ids, _ in examples], batch_size, rng)
         for _, chosen in zip(range(steps), order, strict=False):
-            yield collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+            yield causal_inputs(collate([examples[i] for i in chosen], tokenizer.pad_token_id))
         return
     stream = np.empty(0, dtype=np.int64)
     for _ in range(steps):
@@ -110,7 +127,7 @@ def ordered_batches(
         order = np.argsort([-len(ids) for ids, _ in examples], kind="stable")
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
-            yield collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+            yield causal_inputs(collate([examples[i] for i in chosen], tokenizer.pad_token_id))
         return
     for start in range(0, len(data), batch_size):
         yield encode(data[start : start + batch_size], tokenizer, max_length, task)

@@ -51,12 +51,13 @@ def test_private_batches_label_the_responses_only(instructions_spec):
     base = load_base_model(config)
     train = partitioning.client_data(config, 0, 2).train
     batch = next(iter(example_loader(train, base.tokenizer, config, seed=0)))
-    for ids, labels, mask in zip(
-        batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
-    ):
-        targets = labels[labels != IGNORED_LABEL]
+    assert "attention_mask" not in batch  # padded on the right (`encoding.causal_inputs`)
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        (labelled,) = torch.nonzero(labels != IGNORED_LABEL, as_tuple=True)
         # the response's word and EOS: the last two real tokens, nothing of the prompt
-        assert targets.tolist() == ids[mask.bool()][-2:].tolist()
+        assert labelled.tolist() == [labelled[0], labelled[0] + 1]
+        assert labels[labelled].tolist() == ids[labelled].tolist()
+        assert (ids[labelled[-1] + 1 :] == base.tokenizer.pad_token_id).all()
 
 
 def test_noise_free_unclipped_dp_sgd_equals_plain_training_on_the_response_loss(

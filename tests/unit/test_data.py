@@ -6,10 +6,12 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedlora.config import RunConfig
 from fedlora.data import encoding, hashing_tokenizer, instructions, loading, partitioning
 from fedlora.errors import ConfigError
+from tests.support import models
 
 ROWS, CLASSES, CLIENTS = 400, 4, 6
 
@@ -141,9 +143,49 @@ def test_causal_lm_labels_are_the_tokens_with_padding_ignored():
     tokenizer = hashing_tokenizer.HashingTokenizer(vocab_size=64)
     rows = {"text": ["one two three", "one"]}
     batch = encoding.encode(rows, tokenizer, max_length=8, task="causal-lm")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids = batch["input_ids"]
     assert ids[0].tolist()[0] == 1 and ids[0].tolist()[4] == 2  # BOS, 3 words, EOS
-    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert ids[1].tolist()[3:] == [tokenizer.pad_token_id] * 2
+    assert "attention_mask" not in batch  # padded on the right: see the next tests
     expected = ids.clone()
     expected[1, 3:] = instructions.IGNORED_LABEL
     assert (batch["labels"] == expected).all()
+
+
+def test_only_a_mask_padding_on_the_right_is_dropped():
+    ids = torch.arange(8).reshape(2, 4)
+    right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    left = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])}
+    gap = {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])}
+    assert encoding.causal_inputs(right).keys() == {"input_ids"}
+    assert encoding.causal_inputs(left) is left and encoding.causal_inputs(gap) is gap
+
+
+@pytest.mark.parametrize("build", [models.tiny_llama, models.tiny_gpt2], ids=["llama", "gpt2"])
+def test_a_causal_lm_trains_and_measures_the_same_without_a_right_padding_mask(build):
+    """What the dropped mask would have changed: nothing in the loss or any gradient (float64)."""
+    model = build().double()
+    tokenizer = hashing_tokenizer.HashingTokenizer(vocab_size=models.VOCAB)
+    rows = {"text": ["one two three four five", "one two", "six"]}
+    masked = tokenizer(
+        rows["text"], truncation=True, max_length=16, padding=True, return_tensors="pt"
+    )
+    batch = encoding.encode(rows, tokenizer, max_length=16, task="causal-lm")
+    assert (
+        "attention_mask" not in batch
+        and masked["attention_mask"].sum() < masked["input_ids"].numel()
+    )
+
+    def loss_and_gradients(inputs):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), [parameter.grad.clone() for parameter in model.parameters()]
+
+    loss, gradients = loss_and_gradients(batch)
+    masked_loss, masked_gradients = loss_and_gradients(
+        {**batch, "attention_mask": masked["attention_mask"]}
+    )
+    assert torch.allclose(loss, masked_loss, rtol=1e-12, atol=0)
+    for gradient, masked_gradient in zip(gradients, masked_gradients, strict=True):
+        assert torch.allclose(gradient, masked_gradient, rtol=1e-10, atol=1e-14)

@@ -90,7 +90,8 @@ def test_instruction_batches_pad_to_their_longest_and_mask_prompts():
     )
     for batch in encoding.batches(examples, tokenizer, 128, 8, seed=0, steps=6):
         width = batch["input_ids"].shape[1]
-        assert width == int(batch["attention_mask"].sum(1).max()) < 128
+        assert "attention_mask" not in batch  # padded on the right (`encoding.causal_inputs`)
+        assert width == int((batch["input_ids"] != tokenizer.pad_token_id).sum(1).max()) < 128
         prompt = batch["labels"] == IGNORED_LABEL
         assert (prompt[:, :4]).all() and (batch["input_ids"][~prompt] != 0).all()
     ordered = list(encoding.ordered_batches(examples, tokenizer, 128, 8))
