@@ -1,9 +1,10 @@
 """The plain LoRA loop of ``fedlora bench train`` (`fedlora.bench.train.plain_throughput`) under
-several ``base-dtype`` / ``torch-compile`` settings in one process, without the federation: the
-first setting is the baseline of the ratios. One JSON line per setting, as each finishes.
+several ``base-dtype`` / ``torch-compile`` (/ ``pack-sequences``) settings in one process, without
+the federation: the first setting is the baseline of the ratios. One JSON line per setting, as
+each finishes. A variant is ``DTYPE:COMPILE``, or ``DTYPE:COMPILE:pack`` for packed rows.
 
     python benchmarks/plain_loop.py --recipe multi-gpu --rows 16 batch-size=16 max-length=512 \\
-        --variants float32:none,bfloat16:none,bfloat16:blocks,bfloat16:model
+        --variants float32:none,bfloat16:none,bfloat16:blocks,bfloat16:model,bfloat16:model:pack
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def main() -> None:
     base = load_base_model(config)
     baseline = None
     for variant in args.variants.split(","):
-        dtype, compile_mode = variant.split(":")
-        setting = replace(config, base_dtype=dtype, torch_compile=compile_mode)
+        dtype, compile_mode, *packed = variant.split(":")
+        pack = packed == ["pack"]
+        setting = replace(config, base_dtype=dtype, torch_compile=compile_mode, pack_sequences=pack)
         result = plain_throughput(
             base,
             setting,
@@ -50,6 +52,7 @@ def main() -> None:
             "device": device_name(device),
             "base_dtype": dtype,
             "torch_compile": compile_mode,
+            "pack_sequences": pack,
             "width": config.max_length,
             **result,
             "vs_first": result["tokens_per_s"] / baseline,

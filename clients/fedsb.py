@@ -69,6 +69,7 @@ def answer_sb_init(client: Client, message: Message, context: Context) -> Messag
         client.seed(0),
         config.local_steps,
         config.task,
+        pack=config.pack_sequences,
     )
     model = worker.base.model
     if worker.device.type != "cpu":

@@ -164,6 +164,10 @@ class RunConfig:
     gradient_checkpointing: bool = key(
         False, "recompute activations in the backward pass (less memory)"
     )
+    pack_sequences: bool = key(
+        False,
+        "causal LM on text: train on the client's texts joined (each ending with EOS) and cut into rows of max-length tokens, every position labelled: no padding, one batch shape (not with instruction data or dp-sample)",
+    )
     lr_schedule: str = key(
         "constant",
         "after warm-up the rate stays (constant) or falls linearly (linear)",
@@ -563,6 +567,18 @@ def check_run_values(config: RunConfig) -> None:
             f"= {config.evaluate_every}: generation evaluation happens in evaluation rounds"
         )
     check_fast_training(config)
+    check_packing(config)
+
+
+def check_packing(config: RunConfig) -> None:
+    """Packed rows are causal-LM text, and mix examples: sample-level DP protects examples."""
+    if config.pack_sequences and config.task != "causal-lm":
+        raise ConfigError(f"pack-sequences packs causal-LM text, not task {config.task!r}")
+    if config.pack_sequences and config.dp_sample:
+        raise ConfigError(
+            "pack-sequences is not supported with dp-sample: a packed row mixes examples, and "
+            "DP-SGD clips and counts each example on its own"
+        )
 
 
 COLUMN_KEYS = {

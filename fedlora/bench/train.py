@@ -85,7 +85,14 @@ def plain_throughput(
     seed = client_seed(config.seed, 0, 1)
     drawn = list(
         batches(
-            data, base.tokenizer, config.max_length, batch_size, seed, warmup + steps, config.task
+            data,
+            base.tokenizer,
+            config.max_length,
+            batch_size,
+            seed,
+            warmup + steps,
+            config.task,
+            pack=config.pack_sequences,
         )
     )
     warmup_seconds = 0.0
@@ -152,6 +159,7 @@ def grouped_throughput(
                     seed,
                     warmup + steps,
                     config.task,
+                    pack=config.pack_sequences,
                 )
             )
         )

@@ -146,6 +146,7 @@ def train_round(
         seed,
         config.local_steps * accumulation,
         config.task,
+        pack=config.pack_sequences,
     )
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)

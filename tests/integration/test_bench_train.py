@@ -3,6 +3,7 @@ is in ``tests/e2e/test_bench_on_ray.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -38,6 +39,14 @@ def test_plain_and_grouped_loops_count_the_positions_they_train(one_thread):
         assert 2 * 4 * 2 < result["tokens"] <= 2 * 4 * 16  # 2 steps of 4 rows, up to 16 wide
         assert result["tokens_per_s"] == pytest.approx(result["tokens"] / result["seconds"])
     assert grouped["ranks"] == [2, 2]  # partitions 0 and 1 of 4: the profile's first half
+
+
+def test_with_packing_both_loops_train_full_rows(one_thread):
+    packed = dataclasses.replace(CONFIG, pack_sequences=True)
+    base = load_base_model(packed)
+    plain = plain_throughput(base, packed, CPU, 4, 4, steps=2, warmup=1)
+    grouped = grouped_throughput(base, packed, CPU, 2, 4, steps=2, warmup=1)
+    assert plain["tokens"] == grouped["tokens"] == 2 * 4 * 16  # 2 steps of 4 rows of 16 tokens
 
 
 def test_mfu_counts_four_flops_per_parameter_and_token_on_known_gpus():
