@@ -24,6 +24,7 @@ from fedlora.models.base_model import load_base_model, with_lora, with_sb_layers
 from fedlora.models.peft_io import ModelMismatchError, client_state_from_model
 from fedlora.rules.legend import layer_index
 from fedlora.training.local import device_for
+from fedlora.training.rendezvous import current_slot
 from fedlora.training.speed import prepare_for_training
 
 PEFT_PREFIX = "base_model.model."
@@ -50,6 +51,7 @@ class Worker:
         self._data: dict[tuple[int, int], ClientData] = {}
         self._splits: dict[tuple[Path, int], Splits] = {}
         self._caches: dict[str, BaseCache] = {}
+        self._slots = 1
 
     def lora_model(self, ranks: Mapping[str, int] | int) -> LoRAModel:
         """A LoRA copy with these ranks (one for all modules, or per peft module path; modules
@@ -129,11 +131,18 @@ class Worker:
         return self._caches.setdefault(store, BaseCache())
 
     def _cached(self, key: tuple, build: Callable[[], LoRAModel | nn.Module]):
+        """The copy of ``key`` for this thread's group slot (`fedlora.training.rendezvous`: the
+        clients of a group hold their models at once), built on first use; the oldest go first
+        past ``MAX_MODELS`` per slot."""
+        slot = current_slot()
+        index = 0 if slot is None else slot.index
+        self._slots = max(self._slots, index + 1)
+        key = (*key, index)
         if key in self._models:
             self._models.move_to_end(key)
         else:
             self._models[key] = build()
-            while len(self._models) > MAX_MODELS:
+            while len(self._models) > MAX_MODELS * self._slots:
                 self._models.popitem(last=False)
         return self._models[key]
 

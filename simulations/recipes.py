@@ -70,6 +70,10 @@ class SimulationSettings:
         An existing Ray cluster to run the ClientApps on: ``"auto"`` (the cluster ``ray start``
         started on this machine) or its head's ``"host:port"``; empty: the ``RAY_ADDRESS``
         environment variable if set, else a Ray instance of the run's own (`check_cluster`).
+    group_size : int (default: 1)
+        In-process engine: a round's training clients train ``group_size`` at a time in one
+        forward/backward per step over the shared frozen base (docs/grouped-training.md); 1:
+        one at a time.
     """
 
     num_supernodes: int = 10
@@ -78,9 +82,10 @@ class SimulationSettings:
     gpus: int = 0
     engine: str = "ray"
     ray_address: str = ""
+    group_size: int = 1
 
     def __post_init__(self) -> None:
-        for name, least in (("num_supernodes", 1), ("gpus", 0)):
+        for name, least in (("num_supernodes", 1), ("gpus", 0), ("group_size", 1)):
             value = getattr(self, name)
             if type(value) is not int or value < least:
                 raise ConfigError(f"{kebab(name)} must be an integer >= {least}, got {value!r}")
@@ -95,6 +100,11 @@ class SimulationSettings:
             raise ConfigError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if not isinstance(self.ray_address, str):
             raise ConfigError(f"ray-address must be a string, got {self.ray_address!r}")
+        if self.group_size > 1 and self.engine != "in-process":
+            raise ConfigError(
+                f"group-size = {self.group_size} needs engine = 'in-process': Flower's engine on "
+                "Ray hands each node's message to a worker of its own"
+            )
 
     @classmethod
     def from_table(cls, table: Mapping[str, Scalar]) -> SimulationSettings:

@@ -212,7 +212,12 @@ def run_engine(
     settings = recipe.simulation
     try:
         if settings.engine == "in-process":  # one thread: Ctrl-C reaches the ServerApp itself
-            run_in_process(server_app(run_config), client_app(run_config), settings.num_supernodes)
+            run_in_process(
+                server_app(run_config),
+                client_app(run_config),
+                settings.num_supernodes,
+                settings.group_size,
+            )
         else:
             share_splits(run_config, settings.num_supernodes)
             run_simulation(

@@ -9,6 +9,7 @@ alone: the sum's gradient with respect to client g's factors is its own loss's.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -18,8 +19,17 @@ from torch import Tensor
 
 from fedlora.data.encoding import IGNORED_LABEL
 from fedlora.errors import ConfigError
-from fedlora.models.grouped_lora import GroupedLoRA
+from fedlora.lora.adapter import LoRAFactors
+from fedlora.models.grouped_lora import GroupedLoRA, group_of_peft_models
+from fedlora.models.peft_io import (
+    DEFAULT_ADAPTER,
+    lora_layers,
+    read_adapter,
+    write_adapter,
+    write_head,
+)
 from fedlora.training.local import TrainReport, autocast, seeded_rng, to_device
+from fedlora.training.rendezvous import TrainingJob
 
 
 def stack_batches(group: Sequence[Mapping[str, Tensor]]) -> tuple[list[int], dict[str, Tensor]]:
@@ -127,3 +137,58 @@ def train_group(
         )
         for client, count in zip(losses, examples, strict=True)
     ]
+
+
+def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
+    """The jobs' models trained as one group (`train_group`), each model's factors and head then
+    set to its trained ones; one report per job. The models must be peft LoRA copies of one frozen
+    base (equal base weights: clients of one round hold the same global version) on one device,
+    each with one rank and scale over its layers; a group that does not fit is a ValueError, and
+    nothing is trained."""
+    models = [job.model for job in jobs]
+    if not same_frozen_base(models):
+        raise ValueError("the clients' frozen bases differ: they cannot train as one group")
+    config = jobs[0].config
+    device = next(models[0].parameters()).device
+    group = group_of_peft_models(copy.deepcopy(models[0]).unload(), models)
+    for client, model in enumerate(models):  # FFA-LoRA's clients keep A frozen
+        for name, layer in lora_layers(model).items():
+            slot = group.layers[name]
+            slot.lora_A[client].requires_grad_(layer.lora_A[DEFAULT_ADAPTER].weight.requires_grad)
+            slot.lora_B[client].requires_grad_(layer.lora_B[DEFAULT_ADAPTER].weight.requires_grad)
+    reports = train_group(
+        group,
+        [job.batches for job in jobs],
+        jobs[0].steps,
+        config.learning_rate,
+        config.weight_decay,
+        device,
+        seed=jobs[0].seed,
+        learning_rates=[job.learning_rates for job in jobs],
+        fused=device.type == "cuda",
+    )
+    for client, model in enumerate(models):
+        scales = {name: factors.scale for name, factors in read_adapter(model).items()}
+        trained = group.client_factors(client)
+        write_adapter(
+            model, {name: LoRAFactors(A, B, scales[name]) for name, (A, B) in trained.items()}
+        )
+        write_head(
+            model,
+            {key: value.detach() for key, value in group.client_head_parameters(client).items()},
+        )
+    return reports
+
+
+def same_frozen_base(models: Sequence[torch.nn.Module]) -> bool:
+    """Whether the peft models adapt the same modules over equal base weights."""
+    layers = [lora_layers(model) for model in models]
+    first = layers[0]
+    return all(
+        other.keys() == first.keys()
+        and all(
+            torch.equal(other[name].get_base_layer().weight, first[name].get_base_layer().weight)
+            for name in first
+        )
+        for other in layers[1:]
+    )

@@ -29,6 +29,7 @@ from fedlora.errors import ConfigError
 from fedlora.privacy.accounting import History
 from fedlora.privacy.sample_level import PrivacyPlan, example_loader, private_training
 from fedlora.training.lr_schedule import round_learning_rates
+from fedlora.training.rendezvous import TrainingJob, current_slot, groupable
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def train_round(
     """A client's round of plain local training: ``local-steps`` AdamW steps, each on
     ``gradient-accumulation-steps`` seeded batches of ``batch-size`` of its examples, at the
     schedule's learning rates for round ``server_round``, with FedProx's proximal term
-    (``fedprox-mu``)."""
+    (``fedprox-mu``). In an engine's group slot (`fedlora.training.rendezvous`) the round is
+    handed to the group, which trains it with the others."""
     accumulation = config.gradient_accumulation_steps
     training = batches(
         examples,
@@ -150,17 +152,29 @@ def train_round(
     )
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    return train_local(
-        model,
-        training,
-        config.local_steps,
-        config.learning_rate,
-        config.weight_decay,
-        device,
-        seed=seed,
-        accumulation_steps=accumulation,
-        learning_rates=learning_rates(config, server_round),
-        proximal_mu=config.fedprox_mu,
+    rates = learning_rates(config, server_round)
+    slot = current_slot() if groupable(config) else None
+    if slot is not None:
+        training = list(training)
+
+    def alone() -> TrainReport:
+        return train_local(
+            model,
+            training,
+            config.local_steps,
+            config.learning_rate,
+            config.weight_decay,
+            device,
+            seed=seed,
+            accumulation_steps=accumulation,
+            learning_rates=rates,
+            proximal_mu=config.fedprox_mu,
+        )
+
+    if slot is None:
+        return alone()
+    return slot.hand_over(
+        TrainingJob(model, training, config.local_steps, rates, seed, config, alone)
     )
 
 

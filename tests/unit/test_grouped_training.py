@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from fedlora.config import RunConfig
 from fedlora.models.base_model import BaseModel, with_lora
 from fedlora.models.grouped_lora import (
     GroupedLoRA,
@@ -16,9 +17,10 @@ from fedlora.models.grouped_lora import (
     group_of_peft_models,
     peft_factors,
 )
-from fedlora.models.peft_io import read_head
-from fedlora.training.grouped import stack_batches, train_group
+from fedlora.models.peft_io import lora_layers, read_head
+from fedlora.training.grouped import stack_batches, train_group, train_jobs_together
 from fedlora.training.local import train_local
+from fedlora.training.rendezvous import TrainingJob
 from tests.support.models import VOCAB, tiny_bert, tiny_llama
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -77,6 +79,45 @@ def test_each_client_of_a_group_trains_as_it_would_alone(setup, batched_path, on
             assert not torch.equal(A, peft_factors(start_A)[name][0])  # it did train
             torch.testing.assert_close(grouped[name][0], A, rtol=0, atol=1e-10)
             torch.testing.assert_close(grouped[name][1], B, rtol=0, atol=1e-10)
+
+
+def test_jobs_trained_together_are_written_back_as_trained_alone(one_thread):
+    """`train_jobs_together`, as the in-process engine's groups call it: each peft model ends with
+    the factors it reaches alone; a client whose A is frozen (FFA-LoRA's) keeps it exactly; models
+    whose frozen bases differ are refused before anything trains."""
+    base = BaseModel(model=tiny_llama(), tokenizer=None, num_labels=0)
+    setup = EQUAL_ROWS[:3]
+    clients = [lora_client(base, rank, seed) for rank, _, _, seed in setup]
+    for layer in lora_layers(clients[1]).values():
+        layer.lora_A["default"].weight.requires_grad_(False)
+    twins = [copy.deepcopy(model) for model in clients]
+    data = [client_batches(size, length, seed) for _, size, length, seed in setup]
+    config = RunConfig(learning_rate=LR, weight_decay=WEIGHT_DECAY)
+    jobs = [
+        TrainingJob(model, batches, STEPS, [LR] * STEPS, seed, config, alone=None)
+        for model, batches, (*_, seed) in zip(clients, data, setup, strict=True)
+    ]
+    frozen = {name: A.clone() for name, (A, _) in peft_factors(clients[1]).items()}
+
+    reports = train_jobs_together(jobs)
+    for client, (model, twin) in enumerate(zip(clients, twins, strict=True)):
+        alone = train_local(
+            twin, data[client], STEPS, LR, WEIGHT_DECAY, "cpu", seed=setup[client][3]
+        )
+        assert reports[client].loss == pytest.approx(alone.loss, rel=1e-6)
+        expected = peft_factors(twin)
+        for name, (A, B) in peft_factors(model).items():
+            torch.testing.assert_close(A, expected[name][0], rtol=0, atol=1e-10)
+            torch.testing.assert_close(B, expected[name][1], rtol=0, atol=1e-10)
+    assert all(torch.equal(A, frozen[name]) for name, (A, _) in peft_factors(clients[1]).items())
+
+    with torch.no_grad():
+        next(iter(lora_layers(clients[2]).values())).get_base_layer().weight.add_(1.0)
+    before = [{n: (A.clone(), B) for n, (A, B) in peft_factors(m).items()} for m in clients]
+    with pytest.raises(ValueError, match="frozen bases differ"):
+        train_jobs_together(jobs)
+    for model, factors in zip(clients, before, strict=True):
+        assert all(torch.equal(A, factors[n][0]) for n, (A, _) in peft_factors(model).items())
 
 
 def test_clients_with_their_own_heads_train_as_alone(one_thread):
