@@ -74,30 +74,32 @@ class InProcessGrid:
     def deliver_group(self, messages: Sequence[Message]) -> list[Message]:
         """Each message's ClientApp in a thread of its own, one running at a time: a thread runs
         until its client parks its training or it has its reply; the parked jobs train together,
-        then each parked thread finishes in turn."""
+        then each parked thread finishes in turn. A parked thread is never left waiting: if the
+        engine stops first (Ctrl-C), it resumes with that error."""
         replies: list[Message | None] = [None] * len(messages)
-        slots, threads = [], []
-        for index, message in enumerate(messages):
-            slot = GroupSlot(index)
-
-            def answer(slot: GroupSlot = slot, index: int = index, message: Message = message):
-                CURRENT_SLOT.set(slot)
-                try:
-                    replies[index] = self.deliver(message)
-                finally:
-                    slot.parked_or_done.set()
-
-            thread = threading.Thread(target=answer, name=f"fedlora-group-slot-{index}")
-            thread.start()
-            slot.parked_or_done.wait()
-            slots.append(slot)
-            threads.append(thread)
-        parked = [slot for slot in slots if slot.job is not None]
-        outcomes = train_parked(parked)
-        for slot, thread in zip(slots, threads, strict=True):
-            if slot.job is not None:
-                slot.resume(*outcomes[slot.index])
-            thread.join()
+        slots: list[GroupSlot] = []
+        threads: list[threading.Thread] = []
+        outcomes: dict[int, tuple[TrainReport | None, BaseException | None]] = {}
+        try:
+            for index, message in enumerate(messages):
+                slot = GroupSlot(index)
+                thread = threading.Thread(
+                    target=self.answer_in_slot,
+                    args=(slot, message, replies),
+                    name=f"fedlora-group-slot-{index}",
+                    daemon=True,
+                )
+                slots.append(slot)
+                threads.append(thread)
+                thread.start()
+                slot.parked_or_done.wait()
+            outcomes = train_parked([slot for slot in slots if slot.job is not None])
+        finally:
+            stopped = (None, InterruptedError("the engine stopped before the group trained"))
+            for slot, thread in zip(slots, threads, strict=True):
+                if slot.job is not None:
+                    slot.resume(*outcomes.get(slot.index, stopped))
+                thread.join()
         return replies
 
     def deliver(self, message: Message) -> Message:
@@ -109,6 +111,15 @@ class InProcessGrid:
                 logging.ERROR, "ClientApp of node %s raised %r", node_id, error, exc_info=True
             )
             return Message(Error(code=0, reason=repr(error)), reply_to=message)
+
+    def answer_in_slot(self, slot: GroupSlot, message: Message, replies: list) -> None:
+        """The thread of one message of a group: its reply, the client's training parked with
+        ``slot`` on the way (`fedlora.training.rendezvous`)."""
+        CURRENT_SLOT.set(slot)
+        try:
+            replies[slot.index] = self.deliver(message)
+        finally:
+            slot.parked_or_done.set()
 
 
 def train_parked(

@@ -2,7 +2,8 @@
 four at a time in one forward/backward over the shared frozen base, and the run ends as the same
 run training one client at a time (float32: to rounding), for a method that drifts the base
 (FedEx-LoRA), one whose clients keep A frozen (FFA-LoRA) and one whose clients keep their own B
-(FedSA-LoRA). Mixed ranks 2 and 4 on the tiny Llama; its dropout is 0, so the steps are the same."""
+(FedSA-LoRA); LEGEND's clients (ranks per layer) cannot form a group and train one at a time.
+Mixed ranks 2 and 4 on the tiny Llama; its dropout is 0, so the steps are the same."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pytest
 from safetensors.torch import load_file
 
 from clients.app import client_app
+from fedlora.config import RunConfig
+from fedlora.training.local import TrainReport
+from fedlora.training.rendezvous import GroupSlot, TrainingJob
 from simulations import in_process
 from simulations.in_process import InProcessGrid
 from strategies.server_app import run
@@ -39,7 +43,7 @@ def run_grouped(run_dir, strategy: str, group_size: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
 
-@pytest.mark.parametrize("strategy", ["fedex", "ffalora", "fedsa"])
+@pytest.mark.parametrize("strategy", ["fedex", "ffalora", "fedsa", "legend"])
 def test_clients_trained_in_groups_end_as_trained_one_at_a_time(tmp_path, strategy, monkeypatch):
     groups = []
 
@@ -52,7 +56,7 @@ def test_clients_trained_in_groups_end_as_trained_one_at_a_time(tmp_path, strate
     grouped = run_grouped(tmp_path / "grouped", strategy, group_size=NODES)
     alone = run_grouped(tmp_path / "alone", strategy, group_size=1)
 
-    assert groups == [NODES, NODES]  # every round's clients trained as one group
+    assert groups == [NODES, NODES]  # every round's clients handed over as one group
     for row, expected in zip(grouped, alone, strict=True):
         for key in ("train_loss", "loss", "client_loss", "client_accuracy"):
             if expected[key] is None:
@@ -71,3 +75,24 @@ def exported(run_dir) -> dict:
     """The tensors of the run's export (the merged model, or FFA-LoRA's adapter)."""
     (path,) = (run_dir / "export").glob("*.safetensors")
     return load_file(path)
+
+
+def test_a_group_that_cannot_train_together_trains_one_at_a_time(monkeypatch):
+    """A refused group trains its clients alone; a client whose training fails gets its error
+    (its thread raises it: its node's error reply) and the others their reports."""
+
+    def refuse(jobs):
+        raise ValueError("the clients' frozen bases differ")
+
+    def breaks():
+        raise RuntimeError("client 1 broke")
+
+    monkeypatch.setattr(in_process, "train_jobs_together", refuse)
+    report = TrainReport(loss=1.0, num_examples=2, seconds=0.1)
+    slots = [GroupSlot(index) for index in range(3)]
+    for slot, alone in zip(slots, [lambda: report, breaks, lambda: report], strict=True):
+        slot.job = TrainingJob(None, [], 1, [0.1], 0, RunConfig(), alone)
+
+    outcomes = in_process.train_parked(slots)
+    assert outcomes[0] == outcomes[2] == (report, None)
+    assert outcomes[1][0] is None and str(outcomes[1][1]) == "client 1 broke"

@@ -99,3 +99,17 @@ def test_a_cluster_named_by_ray_address_env_is_checked_alike(
     monkeypatch.setenv("RAY_ADDRESS", address)
     with pytest.raises(ConfigError, match=named):
         resolve(tiny(simulation, run))
+
+
+@pytest.mark.parametrize(
+    ("simulation", "named"),
+    [
+        ({"group-size": 4}, "group-size = 4 needs engine = 'in-process'"),
+        ({"group-size": 0, "engine": "in-process"}, "group-size must be an integer >= 1"),
+        ({"group-size": 2.0, "engine": "in-process"}, "group-size must be an integer >= 1"),
+    ],
+)
+def test_group_size_is_for_the_in_process_engine(simulation, named):
+    with pytest.raises(ConfigError, match=named):
+        resolve(tiny(simulation))
+    assert resolve(tiny({"engine": "in-process", "group-size": 4})).simulation.group_size == 4
