@@ -9,10 +9,10 @@ With ``group_size`` G > 1 a round's training clients train G at a time in one fo
 per step (`fedlora.training.rendezvous`, docs/grouped-training.md): each message of a group runs
 in a thread of its own, one thread at a time; a client that reaches its local training parks it
 and the next thread starts; the group's parked jobs then train together
-(`fedlora.training.grouped.train_jobs_together`), and each thread finishes its reply in turn.
-Every node still gets its own message and answers with its own reply; a group that cannot train
-together (different frozen bases or rank patterns) trains one client at a time, and so does a
-client whose training fails in the group.
+(`fedlora.training.grouped.train_jobs_together`), one group per frozen base, and each thread
+finishes its reply in turn. Every node still gets its own message and answers with its own reply;
+a group that cannot train together (rank patterns that differ by layer) trains one client at a
+time, and so does a client whose training fails in the group.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.training.grouped import train_jobs_together
+from fedlora.training.grouped import same_base_groups, train_jobs_together
 from fedlora.training.local import TrainReport
 from fedlora.training.rendezvous import CURRENT_SLOT, GroupSlot
 
@@ -125,22 +125,34 @@ class InProcessGrid:
 def train_parked(
     slots: Sequence[GroupSlot],
 ) -> dict[int, tuple[TrainReport | None, BaseException | None]]:
-    """The parked jobs trained together, or one at a time where they cannot be (a warning says
-    why); (report, error) per slot index."""
+    """The parked jobs trained together, one group per frozen base (`same_base_groups`), or one at
+    a time where a group cannot train together (a warning says why); (report, error) per slot
+    index."""
     outcomes: dict[int, tuple[TrainReport | None, BaseException | None]] = {}
-    if len(slots) > 1:
-        try:
-            reports = train_jobs_together([slot.job for slot in slots])
-            return {slot.index: (report, None) for slot, report in zip(slots, reports, strict=True)}
-        except Exception as error:  # noqa: BLE001 - each client then trains alone
-            FLOWER_LOGGER.log(
-                logging.WARNING, "A group of %d clients trains one at a time: %s", len(slots), error
-            )
-    for slot in slots:
-        try:
-            outcomes[slot.index] = (slot.job.alone(), None)
-        except Exception as error:  # noqa: BLE001 - the client's thread raises it
-            outcomes[slot.index] = (None, error)
+    for members in same_base_groups([slot.job.model for slot in slots]):
+        group = [slots[member] for member in members]
+        if len(group) > 1:
+            try:
+                reports = train_jobs_together([slot.job for slot in group])
+                outcomes.update(
+                    {
+                        slot.index: (report, None)
+                        for slot, report in zip(group, reports, strict=True)
+                    }
+                )
+                continue
+            except Exception as error:  # noqa: BLE001 - each client then trains alone
+                FLOWER_LOGGER.log(
+                    logging.WARNING,
+                    "A group of %d clients trains one at a time: %s",
+                    len(group),
+                    error,
+                )
+        for slot in group:
+            try:
+                outcomes[slot.index] = (slot.job.alone(), None)
+            except Exception as error:  # noqa: BLE001 - the client's thread raises it
+                outcomes[slot.index] = (None, error)
     return outcomes
 
 

@@ -180,6 +180,21 @@ def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
     return reports
 
 
+def same_base_groups(models: Sequence[torch.nn.Module]) -> list[list[int]]:
+    """The models' indices split by equal frozen bases (`same_frozen_base`), each group in order of
+    its first model: FedEx-LoRA's residual, for one, depends on the rank a client loads, so
+    clients of one round share their base by rank class."""
+    groups: list[list[int]] = []
+    for index, model in enumerate(models):
+        for group in groups:
+            if same_frozen_base([models[group[0]], model]):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return groups
+
+
 def same_frozen_base(models: Sequence[torch.nn.Module]) -> bool:
     """Whether the peft models adapt the same modules over equal base weights."""
     layers = [lora_layers(model) for model in models]

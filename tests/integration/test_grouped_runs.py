@@ -23,6 +23,8 @@ from strategies.server_app import run
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 NODES = 4
+GROUPS = {"fedex": [4, 2, 2], "ffalora": [4, 2, 2], "fedsa": [4, 4], "legend": []}
+"""The groups that trained together, round by round."""
 RUN = {
     "model": "tiny-llama",
     "task": "causal-lm",
@@ -48,15 +50,18 @@ def test_clients_trained_in_groups_end_as_trained_one_at_a_time(tmp_path, strate
     groups = []
 
     def recorded(jobs):
+        reports = train_together(jobs)
         groups.append(len(jobs))
-        return train_together(jobs)
+        return reports
 
     train_together = in_process.train_jobs_together
     monkeypatch.setattr(in_process, "train_jobs_together", recorded)
     grouped = run_grouped(tmp_path / "grouped", strategy, group_size=NODES)
     alone = run_grouped(tmp_path / "alone", strategy, group_size=1)
 
-    assert groups == [NODES, NODES]  # every round's clients handed over as one group
+    # round 1 one group of 4; in round 2 FedEx-LoRA's and FFA-LoRA's bases differ by rank class
+    # (two groups of 2); LEGEND's clients (ranks per layer) train one at a time
+    assert groups == GROUPS[strategy]
     for row, expected in zip(grouped, alone, strict=True):
         for key in ("train_loss", "loss", "client_loss", "client_accuracy"):
             if expected[key] is None:
@@ -80,6 +85,7 @@ def exported(run_dir) -> dict:
 def test_a_group_that_cannot_train_together_trains_one_at_a_time(monkeypatch):
     """A refused group trains its clients alone; a client whose training fails gets its error
     (its thread raises it: its node's error reply) and the others their reports."""
+    monkeypatch.setattr(in_process, "same_base_groups", lambda models: [[0, 1, 2]])
 
     def refuse(jobs):
         raise ValueError("the clients' frozen bases differ")
