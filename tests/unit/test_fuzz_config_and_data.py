@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedlora.config import RunConfig, kebab
@@ -135,6 +135,8 @@ CSV_FILES = st.one_of(
 @pytest.mark.parametrize("task", ["classification", "causal-lm"])
 @FILES
 @given(st.one_of(JSON_FILES.map(lambda b: ("json", b)), CSV_FILES.map(lambda b: ("csv", b))))
+@example(("json", b'[{"text": {"\\u0000": null, "": []}}]'))  # Arrow cannot cast it
+@example(("json", b'[{"text": {"": null, "\\u0000": null}}]'))  # records with clashing keys
 def test_data_files_refuse_only_with_config_errors(task, kind_and_content):
     kind, content = kind_and_content
     model = "tiny-bert" if task == "classification" else "tiny-llama"
