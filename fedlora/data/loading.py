@@ -291,12 +291,16 @@ def require_columns(
         )
 
 
+TEXT_TYPES = ("string", "large_string")
+"""Arrow's types of a text column."""
+
+
 def require_strings(data: datasets.Dataset, spec: str, columns: Sequence[str]) -> None:
     """Every value of these columns is a string (a column of another type, e.g. of records, is
     refused before its rows are read)."""
     for column in columns:
         feature = data.features[column]
-        is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+        is_text = isinstance(feature, datasets.Value) and feature.dtype in TEXT_TYPES
         if not is_text or not all(isinstance(value, str) for value in data[column]):
             raise ConfigError(f"dataset {spec!r}: column {column!r} must hold text in every row")
 
