@@ -23,6 +23,7 @@ from fedlora.lora.adapter import LoRAFactors
 from fedlora.models.grouped_lora import GroupedLoRA, group_of_peft_models
 from fedlora.models.peft_io import (
     DEFAULT_ADAPTER,
+    ModelMismatchError,
     lora_layers,
     read_adapter,
     write_adapter,
@@ -196,8 +197,12 @@ def same_base_groups(models: Sequence[torch.nn.Module]) -> list[list[int]]:
 
 
 def same_frozen_base(models: Sequence[torch.nn.Module]) -> bool:
-    """Whether the peft models adapt the same modules over equal base weights."""
-    layers = [lora_layers(model) for model in models]
+    """Whether the peft models adapt the same modules over equal base weights (never for a model
+    without peft LoRA layers, such as Fed-SB's)."""
+    try:
+        layers = [lora_layers(model) for model in models]
+    except ModelMismatchError:
+        return False
     first = layers[0]
     return all(
         other.keys() == first.keys()

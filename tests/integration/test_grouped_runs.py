@@ -2,7 +2,8 @@
 four at a time in one forward/backward over the shared frozen base, and the run ends as the same
 run training one client at a time (float32: to rounding), for a method that drifts the base
 (FedEx-LoRA), one whose clients keep A frozen (FFA-LoRA) and one whose clients keep their own B
-(FedSA-LoRA); LEGEND's clients (ranks per layer) cannot form a group and train one at a time.
+(FedSA-LoRA); LEGEND's clients (ranks per layer) and Fed-SB's (no LoRA layers) cannot form a
+group and train one at a time.
 Mixed ranks 2 and 4 on the tiny Llama; its dropout is 0, so the steps are the same."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from strategies.server_app import run
 pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 NODES = 4
-GROUPS = {"fedex": [4, 2, 2], "ffalora": [4, 2, 2], "fedsa": [4, 4], "legend": []}
+GROUPS = {"fedex": [4, 2, 2], "ffalora": [4, 2, 2], "fedsa": [4, 4], "legend": [], "fedsb": []}
 """The groups that trained together, round by round."""
 RUN = {
     "model": "tiny-llama",
@@ -45,7 +46,7 @@ def run_grouped(run_dir, strategy: str, group_size: int) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
 
-@pytest.mark.parametrize("strategy", ["fedex", "ffalora", "fedsa", "legend"])
+@pytest.mark.parametrize("strategy", ["fedex", "ffalora", "fedsa", "legend", "fedsb"])
 def test_clients_trained_in_groups_end_as_trained_one_at_a_time(tmp_path, strategy, monkeypatch):
     groups = []
 
@@ -60,7 +61,8 @@ def test_clients_trained_in_groups_end_as_trained_one_at_a_time(tmp_path, strate
     alone = run_grouped(tmp_path / "alone", strategy, group_size=1)
 
     # round 1 one group of 4; in round 2 FedEx-LoRA's and FFA-LoRA's bases differ by rank class
-    # (two groups of 2); LEGEND's clients (ranks per layer) train one at a time
+    # (two groups of 2); LEGEND's clients (ranks per layer) and Fed-SB's (its own layers) train
+    # one at a time
     assert groups == GROUPS[strategy]
     for row, expected in zip(grouped, alone, strict=True):
         for key in ("train_loss", "loss", "client_loss", "client_accuracy"):
