@@ -25,7 +25,6 @@ from fedlora.models.peft_io import (
     DEFAULT_ADAPTER,
     ModelMismatchError,
     lora_layers,
-    read_adapter,
     write_adapter,
     write_head,
 )
@@ -152,8 +151,9 @@ def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
     config = jobs[0].config
     device = next(models[0].parameters()).device
     group = group_of_peft_models(copy.deepcopy(models[0]).unload(), models)
-    for client, model in enumerate(models):  # FFA-LoRA's clients keep A frozen
-        for name, layer in lora_layers(model).items():
+    layers = [lora_layers(model) for model in models]
+    for client, client_layers in enumerate(layers):  # FFA-LoRA's clients keep A frozen
+        for name, layer in client_layers.items():
             slot = group.layers[name]
             slot.lora_A[client].requires_grad_(layer.lora_A[DEFAULT_ADAPTER].weight.requires_grad)
             slot.lora_B[client].requires_grad_(layer.lora_B[DEFAULT_ADAPTER].weight.requires_grad)
@@ -168,12 +168,12 @@ def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
         learning_rates=[job.learning_rates for job in jobs],
         fused=device.type == "cuda",
     )
-    for client, model in enumerate(models):
-        scales = {name: factors.scale for name, factors in read_adapter(model).items()}
-        trained = group.client_factors(client)
-        write_adapter(
-            model, {name: LoRAFactors(A, B, scales[name]) for name, (A, B) in trained.items()}
-        )
+    for client, (model, client_layers) in enumerate(zip(models, layers, strict=True)):
+        trained = {
+            name: LoRAFactors(A, B, float(client_layers[name].scaling[DEFAULT_ADAPTER]))
+            for name, (A, B) in group.client_factors(client).items()
+        }
+        write_adapter(model, trained)
         write_head(
             model,
             {key: value.detach() for key, value in group.client_head_parameters(client).items()},

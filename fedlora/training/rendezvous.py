@@ -1,6 +1,6 @@
 """Where an engine trains several clients together: a client about to train hands its job to the
 group slot it runs in and waits; the engine trains the parked jobs of a group in one
-forward/backward per step (`fedlora.training.grouped.train_models_together`) and hands each its
+forward/backward per step (`fedlora.training.grouped.train_jobs_together`) and hands each its
 report back.
 
 A slot is the engine's thread for one client (`current_slot`); code outside a slot, or a run
