@@ -29,7 +29,7 @@ from clients.node_store import NodeStore
 from clients.private_training import budget_spent_reply, train_privately
 from clients.records import message_config, payload_from_record, reply_record
 from clients.steps import QueryAnswer, clip_for_client_dp
-from fedlora.lora.probes import PROBE_RECORD, PROBE_SEED_KEY, probe_responses
+from fedlora.lora.probes import PROBE_RECORD, PROBE_SEED_KEY
 from fedlora.lora.versioning import BaseCache
 from fedlora.privacy.sample_level import SPENT_BEFORE_KEY
 from fedlora.training.generation_eval import GenerationEvaluation, generation_due
@@ -220,7 +220,7 @@ def base_cache(client: Client, payload: Payload, context: Context) -> BaseCache 
         return None
     store = payload.config.get(BASE_STORE_KEY)
     if not store:
-        return own_base(context)
+        return own_base(context, client.worker.device)
     cache = client.worker.store_cache(str(store))
     catch_up_from_store(cache, str(store), int(payload.config[FROM_VERSION_KEY]))
     return cache
@@ -230,5 +230,4 @@ def measured_probes(client: Client, model: nn.Module, payload: Payload) -> dict:
     """(W_eff - W_0) X per module, when the server asks for probes."""
     if PROBE_SEED_KEY not in payload.config:
         return {}
-    changes = client.model_step.weight_changes(model)
-    return probe_responses(changes, int(payload.config[PROBE_SEED_KEY]))
+    return client.model_step.probe_responses(model, int(payload.config[PROBE_SEED_KEY]))

@@ -22,7 +22,7 @@ from fedlora.lora.adapter import LoRAFactors, SBCore
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.fedsb_init import estimate_gradient, estimate_private_gradient, sketch_gradients
 from fedlora.lora.lowrank import LowRank
-from fedlora.lora.probes import Delta, sb_weight_changes
+from fedlora.lora.probes import probe_responses, sb_weight_changes
 from fedlora.lora.versioning import BaseCache
 from fedlora.models.base_model import sb_head_parameters
 from fedlora.models.peft_io import ModelMismatchError
@@ -145,7 +145,8 @@ class SBModelStep:
     def receive(self, payload: Payload, context: Context, cache: BaseCache | None) -> nn.Module:
         """Load the fixed factors (sent once, then kept on the node), R_t and the head."""
         model = self.worker.sb_model(ranks_in(payload.config))
-        kept = kept_tensors(context)
+        device = self.worker.device
+        kept = kept_tensors(context, device)
         local = ClientState(
             adapter={
                 module: LoRAFactors(
@@ -154,7 +155,7 @@ class SBModelStep:
                 for module in modules_with_suffix(kept, SB_A_SUFFIX)
             }
         )
-        stepped = self.rule.client_step(local, payload)
+        stepped = self.rule.client_step(local, payload.to(device))
         load_fixed_factors(model, {m: LowRank(f.B, f.A) for m, f in stepped.adapter.items()})
         load_cores(model, stepped.cores)
         write_sb_head(model, stepped.head)
@@ -168,8 +169,8 @@ class SBModelStep:
             )
         return model
 
-    def weight_changes(self, model: nn.Module) -> dict[str, Delta]:
-        return sb_weight_changes(model)
+    def probe_responses(self, model: nn.Module, seed: int) -> dict[str, Tensor]:
+        return probe_responses(sb_weight_changes(model), seed)
 
     def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
         """Each layer's full R (R_global + its trained block) and capacity, and the head."""

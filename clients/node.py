@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor
 
@@ -37,10 +38,12 @@ def save_ranks_and_version(context: Context, ranks: Mapping[str, int], version: 
     context.state[RANKS_AND_VERSION_RECORD] = ConfigRecord({**ranks_config, VERSION_KEY: version})
 
 
-def kept_tensors(context: Context) -> dict[str, Tensor]:
+def kept_tensors(context: Context, device: torch.device) -> dict[str, Tensor]:
+    """The tensors the node keeps, on ``device``."""
     if KEPT_RECORD not in context.state.array_records:
         return {}
-    return dict(context.state.array_records[KEPT_RECORD].to_torch_state_dict())
+    kept = context.state.array_records[KEPT_RECORD].to_torch_state_dict()
+    return {key: tensor.to(device) for key, tensor in kept.items()}
 
 
 def keep_tensors(context: Context, tensors: Mapping[str, Tensor]) -> None:
@@ -50,13 +53,15 @@ def keep_tensors(context: Context, tensors: Mapping[str, Tensor]) -> None:
     )
 
 
-def own_base(context: Context) -> BaseCache:
-    """The node's own drifted base (when changes travel in messages); version 0 at first."""
+def own_base(context: Context, device: torch.device) -> BaseCache:
+    """The node's own drifted base (when changes travel in messages) on ``device``; version 0 at
+    first."""
     if BASE_RECORD not in context.state.array_records:
-        return BaseCache()
-    shift = dict(context.state.array_records[BASE_RECORD].to_torch_state_dict())
+        return BaseCache(device=device)
+    record = context.state.array_records[BASE_RECORD].to_torch_state_dict()
+    shift = {module: tensor.to(device) for module, tensor in record.items()}
     version = int(context.state.config_records[BASE_VERSION_RECORD][VERSION_KEY])
-    return BaseCache(version=version, shift=shift)
+    return BaseCache(version=version, shift=shift, device=device)
 
 
 def save_own_base(context: Context, cache: BaseCache) -> None:

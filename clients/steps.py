@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from clients.node import keep_tensors, kept_tensors
 from clients.worker import Worker
 from fedlora.lora.client_state import ClientState
-from fedlora.lora.probes import Delta, lora_weight_changes
+from fedlora.lora.probes import lora_probe_responses
 from fedlora.lora.versioning import BaseCache
 from fedlora.models.peft_io import (
     DEFAULT_ADAPTER,
@@ -74,14 +74,16 @@ class LoRAModelStep:
     def receive(self, payload: Payload, context: Context, cache: BaseCache | None) -> nn.Module:
         """Apply the client step to what the node holds and write it into a model of its ranks."""
         built = self.worker.lora_model(ranks_in(payload.config))
-        local = with_kept(built.pristine, kept_tensors(context))
-        apply_client_state(built.model, self.rule.client_step(local, payload, cache))
+        device = self.worker.device
+        local = with_kept(built.pristine, kept_tensors(context, device))
+        received = payload.to(device)
+        apply_client_state(built.model, self.rule.client_step(local, received, cache))
         for layer in lora_layers(built.model).values():
             layer.lora_A[DEFAULT_ADAPTER].weight.requires_grad_(self.rule.trains_A)
         return built.model
 
-    def weight_changes(self, model: nn.Module) -> dict[str, Delta]:
-        return lora_weight_changes(model)
+    def probe_responses(self, model: nn.Module, seed: int) -> dict[str, Tensor]:
+        return lora_probe_responses(model, seed)
 
     def reply(self, model: nn.Module, payload: Payload, context: Context) -> tuple[Arrays, dict]:
         """The trained update as the rule's ``client_reply`` makes it (HetLoRA: pruned; FedSA-LoRA:

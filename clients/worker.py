@@ -127,8 +127,9 @@ class Worker:
         return self._splits[key]
 
     def store_cache(self, store: str) -> BaseCache:
-        """The drifted base this worker shares between its clients, for one base store."""
-        return self._caches.setdefault(store, BaseCache())
+        """The drifted base this worker shares between its clients, for one base store, on its
+        device."""
+        return self._caches.setdefault(store, BaseCache(device=self.device))
 
     def _cached(self, key: tuple, build: Callable[[], LoRAModel | nn.Module]):
         """The copy of ``key`` for this thread's group slot (`fedlora.training.rendezvous`: the

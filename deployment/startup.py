@@ -98,7 +98,7 @@ def child(run_config: Mapping[str, str | int | float], rank: int) -> dict[str, f
     context = Context(run_id=0, node_id=0, node_config={}, state=state, run_config={})
     mark = time.perf_counter()
     client_state = client_state_from_model(model)
-    client_state.base_shift = dict(own_base(context).shift)
+    client_state.base_shift = dict(own_base(context, worker.device).shift)
     apply_client_state(model, client_state, pretrained)
     lap("state restore")
     worker.data(0, 3)

@@ -31,7 +31,7 @@ from clients.worker import Worker
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.lora.adapter import LoRAFactors, lora_scale
-from fedlora.lora.probes import lora_weight_changes, probe_responses
+from fedlora.lora.probes import lora_probe_responses
 from fedlora.lora.updates import ClientUpdate
 from fedlora.lora.versioning import BaseCache
 from fedlora.models.peft_io import apply_client_state, read_adapter, read_head
@@ -90,7 +90,7 @@ class PlainLoop:
         built = self.worker.lora_model(ranks)
         payload = self.rule.client_payload(self.state, spec)
         apply_client_state(built.model, self.rule.client_step(built.pristine, payload, self.cache))
-        probe_responses(lora_weight_changes(built.model), config.seed)
+        lora_probe_responses(built.model, config.seed)
         return built.model
 
     def train(self, partition_id: int, server_round: int) -> ClientUpdate:

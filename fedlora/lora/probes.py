@@ -54,12 +54,14 @@ def probe_response(delta: Delta, X: Tensor) -> Tensor:
 
 
 def probe_responses(deltas: Mapping[str, Delta], seed: int) -> dict[str, Tensor]:
-    """(W - W_0) X per module, for weight changes given densely or as factors."""
+    """(W - W_0) X per module, for weight changes given densely or as factors, computed on their
+    device; the responses on the CPU."""
     responses = {}
     for module, delta in deltas.items():
-        d_in = delta.shape[1]
-        responses[module] = probe_response(delta, probe_vectors(seed, module, d_in))
-    return responses
+        device = delta.U.device if isinstance(delta, LowRank) else delta.device
+        X = probe_vectors(seed, module, delta.shape[1]).to(device)
+        responses[module] = probe_response(delta, X)
+    return {module: response.cpu() for module, response in responses.items()}
 
 
 def relative_deviation(measured: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> float:
@@ -79,13 +81,17 @@ def relative_deviation(measured: Mapping[str, Tensor], expected: Mapping[str, Te
 
 
 @torch.no_grad()
-def lora_weight_changes(model: nn.Module) -> dict[str, Tensor]:
-    """W_eff - W_0 per LoRA module of a peft model: (base - pretrained) + s B A, in float64."""
+def lora_probe_responses(model: nn.Module, seed: int) -> dict[str, Tensor]:
+    """(W_eff - W_0) X per LoRA module of a peft model, (base - pretrained) X + s B (A X) in
+    float64 on the model's device (no dense product of the factors); the responses on the CPU."""
     changes = base_changes(model)
-    return {
-        module: (changes[module] + factors.scale * (factors.B.double() @ factors.A.double())).cpu()
-        for module, factors in read_adapter(model).items()
-    }
+    responses = {}
+    for module, factors in read_adapter(model).items():
+        change = changes[module]
+        X = probe_vectors(seed, module, change.shape[1]).to(change.device)
+        lora = factors.B.double() @ (factors.A.double() @ X)
+        responses[module] = change @ X + factors.scale * lora
+    return {module: response.cpu() for module, response in responses.items()}
 
 
 def base_changes(model: nn.Module) -> dict[str, Tensor]:

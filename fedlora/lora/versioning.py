@@ -92,10 +92,12 @@ def dense_factors(matrix: Tensor) -> LowRank:
 
 @dataclass
 class BaseCache:
-    """W_v - W_0 per module at one version v: the drifted base that all clients of a worker share."""
+    """W_v - W_0 per module at one version v: the drifted base that all clients of a worker share,
+    kept on ``device`` (None: where its changes come from)."""
 
     version: int = 0
     shift: dict[str, Tensor] = field(default_factory=dict)
+    device: torch.device | None = None
 
     def catch_up(self, change: dict[str, Tensor], from_version: int, to_version: int) -> None:
         """Add the change of rounds from_version+1..to_version; a cache already at to_version (another
@@ -110,6 +112,7 @@ class BaseCache:
                 f"base change starts at version {from_version} but this cache holds version {self.version}"
             )
         for module, delta in change.items():
+            delta = delta if self.device is None else delta.to(self.device)
             current = self.shift.get(module)
             self.shift[module] = (
                 delta.clone() if current is None else current + delta.to(current.dtype)

@@ -103,5 +103,5 @@ class FedExLoRA(FedAvg):
         base_shift = {}
         for module, factors in loaded.adapter.items():
             delta = factors.delta()
-            base_shift[module] = cache.shift_of(module, delta).to(delta.dtype) - delta
+            base_shift[module] = cache.shift_of(module, delta).to(delta) - delta
         return replace(loaded, base_shift=base_shift)

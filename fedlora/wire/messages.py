@@ -112,6 +112,16 @@ class Payload:
     base_change: dict[str, Tensor] = field(default_factory=dict)
     config: dict[str, Scalar] = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> Payload:
+        """The payload with its tensors on ``device`` (the client's math then runs there)."""
+
+        def moved(record: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {key: tensor.to(device) for key, tensor in record.items()}
+
+        return Payload(
+            moved(self.adapter), moved(self.head), moved(self.base_change), dict(self.config)
+        )
+
     def tensor_bytes(self) -> int:
         """Bytes of tensor data, as serialized (element count times element size)."""
         records = (self.adapter, self.head, self.base_change)

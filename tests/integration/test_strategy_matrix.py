@@ -6,6 +6,7 @@ cases also run on Ray in ``tests/e2e/test_simulation_e2e.py``)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from clients.app import client_app
 from strategies.server_app import run
@@ -18,6 +19,18 @@ pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 @pytest.mark.parametrize(("strategy", "model"), CASES, ids=[case_id(case) for case in CASES])
 def test_strategy_runs_three_rounds(strategy, model, tmp_path):
     config = run_config(strategy, model)
+    grid = LocalGrid(client_app(config), num_nodes=NUM_NODES)
+    run(grid, {**config, "run-dir": str(tmp_path)})
+    check_run(strategy, model, tmp_path, grid)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("strategy", "model"), CASES, ids=[case_id(case) for case in CASES])
+def test_strategy_runs_three_rounds_with_the_clients_on_the_gpu(strategy, model, tmp_path):
+    """The clients' steps, probes, training and evaluation on CUDA (their payloads, kept tensors
+    and drifted bases moved there): the same checks, the exact rules within 1e-5."""
+    config = {**run_config(strategy, model), "device": "cuda"}
     grid = LocalGrid(client_app(config), num_nodes=NUM_NODES)
     run(grid, {**config, "run-dir": str(tmp_path)})
     check_run(strategy, model, tmp_path, grid)

@@ -14,6 +14,7 @@ from fedlora.lora.lowrank import LowRank
 from fedlora.lora.versioning import BaseCache, ChangeLog
 from fedlora.rules import make_rule
 from fedlora.rules.base import GlobalState
+from fedlora.wire.messages import Payload
 from tests.support.rounds import Federation
 
 SHAPES = {"layer.q": (9, 6), "layer.v": (6, 9)}
@@ -97,3 +98,21 @@ def test_a_client_that_missed_many_rounds_catches_up_through_the_snapshot(name):
         torch.testing.assert_close(
             behind.shift[module], federation.caches[0].shift[module], rtol=0, atol=1e-10
         )
+
+
+def test_a_cache_keeps_its_shift_on_its_device_and_the_payload_follows():
+    """A client's drifted base lives on its device (the meta device stands in for a GPU here),
+    whatever device the changes arrive on, and a payload moves there whole."""
+    generator = torch.Generator().manual_seed(4)
+    change = {m: delta.dense() for m, delta in random_change(generator).items()}
+    cache = BaseCache(device=torch.device("meta"))
+    cache.catch_up(change, 0, 1)
+    cache.catch_up(change, 1, 2)
+    assert cache.version == 2
+    assert all(shift.device.type == "meta" for shift in cache.shift.values())
+    payload = Payload(adapter=dict(change), base_change=dict(change), config={"version": 2})
+    moved = payload.to(torch.device("meta"))
+    assert all(
+        t.device.type == "meta" for t in (*moved.adapter.values(), *moved.base_change.values())
+    )
+    assert moved.config == payload.config and moved.config is not payload.config

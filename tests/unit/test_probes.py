@@ -9,7 +9,7 @@ from fedlora.lora.client_state import ClientState
 from fedlora.lora.lowrank import LowRank
 from fedlora.lora.probes import (
     PROBE_COUNT,
-    lora_weight_changes,
+    lora_probe_responses,
     probe_responses,
     probe_vectors,
     relative_deviation,
@@ -52,9 +52,9 @@ def test_relative_deviation_is_the_worst_module_and_zero_below_the_floor():
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_lora_weight_changes_match_peft_merge(family):
-    """base shift + s B A per module equals peft's merged weight minus the pretrained one (GPT-2's
-    Conv1D turned to Linear orientation)."""
+def test_lora_probe_responses_match_peft_merge(family):
+    """(base shift + s B A) X per module equals peft's merged weight minus the pretrained one,
+    times X (GPT-2's Conv1D turned to Linear orientation)."""
     pretrained = FAMILIES[family].build()
     model = with_lora(pretrained, FAMILIES[family], rank=4, pattern_rank=2)
     generator = torch.Generator().manual_seed(1)
@@ -66,12 +66,15 @@ def test_lora_weight_changes_match_peft_merge(family):
     }
     apply_client_state(model, ClientState(adapter=local.adapter, head=local.head, base_shift=shift))
     merged, original = merged_state(model), pretrained.state_dict()
-    for module, change in lora_weight_changes(model).items():
+    responses = lora_probe_responses(model, seed=3)
+    assert set(responses) == set(shift)
+    for module, response in responses.items():
         key = module.removeprefix(PEFT_PREFIX) + ".weight"
         expected = merged[key] - original[key]
         if FAMILIES[family].lora_options.get("fan_in_fan_out"):
             expected = expected.T
-        assert torch.allclose(change, expected, atol=1e-12)
+        X = probe_vectors(3, module, expected.shape[1])
+        assert torch.allclose(response, expected.double() @ X, atol=1e-10)
 
 
 def test_sb_weight_changes_are_b_r_a_of_each_layer():
