@@ -4,7 +4,6 @@ gradient estimate on its own data, sketched or dense, by DP-SGD under sample-lev
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
@@ -24,7 +23,7 @@ from fedlora.lora.fedsb_init import estimate_gradient, estimate_private_gradient
 from fedlora.lora.lowrank import LowRank
 from fedlora.lora.probes import probe_responses, sb_weight_changes
 from fedlora.lora.versioning import BaseCache
-from fedlora.models.base_model import sb_head_parameters
+from fedlora.models.base_model import copy_to, sb_head_parameters
 from fedlora.models.peft_io import ModelMismatchError
 from fedlora.models.sb_layer import load_cores, load_fixed_factors, read_cores, sb_layers
 from fedlora.privacy.sample_level import client_plan, example_loader
@@ -73,7 +72,7 @@ def answer_sb_init(client: Client, message: Message, context: Context) -> Messag
     )
     model = worker.base.model
     if worker.device.type != "cpu":
-        model = copy.deepcopy(model).to(worker.device)
+        model = copy_to(model, worker.device)
 
     def loss(model: nn.Module, batch) -> Tensor:
         return model(**to_device(batch, worker.device)).loss

@@ -61,7 +61,7 @@ class ServerEvaluation:
         by_rank = {}
         generation: GenerationReport | None = None
         for rank in ranks:
-            model = self.model_for(rule, state, rank).to(self.device)
+            model = self.model_for(rule, state, rank, self.device)
             report = evaluate(model, self.data, self.base.tokenizer, self.config, self.device)
             by_rank[rank] = report
             if rank == max(ranks) and self.generation.due(server_round):
@@ -74,9 +74,10 @@ class ServerEvaluation:
             "generation": generation,
         }
 
-    def model_for(self, rule: AggregationRule, state: GlobalState, rank: int):
+    def model_for(self, rule: AggregationRule, state: GlobalState, rank: int, device: str = "cpu"):
+        """The plain model a client of ``rank`` runs with, on ``device``."""
         deltas = rank_class_deltas(rule, state, rank, self.config.lora_alpha, self.config.rslora)
-        return plain_model_with(self.base.model, deltas, state.head)
+        return plain_model_with(self.base.model, deltas, state.head, device)
 
     def export(self, rule: AggregationRule, state: GlobalState, directory: Path) -> None:
         """The final global model at the top rank: peft's adapter (``save_pretrained``) where the

@@ -13,7 +13,6 @@ bfloat16 where ``base-dtype`` asks; on CUDA under bf16 autocast with the fused A
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +22,7 @@ from fedlora.config import RunConfig
 from fedlora.data.encoding import batches
 from fedlora.data.partitioning import client_data
 from fedlora.errors import ConfigError
-from fedlora.models.base_model import BaseModel, with_lora
+from fedlora.models.base_model import BaseModel, copy_to, with_lora
 from fedlora.models.grouped_lora import fresh_group
 from fedlora.training.grouped import train_group
 from fedlora.training.local import client_seed, make_optimizer, train_local
@@ -46,7 +45,7 @@ def mfu(parameters: int, tokens_per_s: float, name: str) -> float | None:
 
 def base_on(base: BaseModel, device: torch.device, config: RunConfig) -> nn.Module:
     """A copy of the frozen base on ``device``, in bfloat16 on CUDA where ``base-dtype`` asks."""
-    model = copy.deepcopy(base.model).to(device)
+    model = copy_to(base.model, device)
     bf16 = device.type == "cuda" and config.base_dtype == "bfloat16"
     return model.to(torch.bfloat16) if bf16 else model
 

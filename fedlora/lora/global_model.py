@@ -9,14 +9,13 @@ every rank). Personalized methods (FedSA-LoRA) have no global model.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from fedlora.lora.adapter import LoRAFactors, lora_scale
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.versioning import BaseCache
+from fedlora.models.base_model import copy_to
 from fedlora.rules import AggregationRule, ClientSpec, GlobalState
 
 PEFT_PREFIX = "base_model.model."
@@ -65,14 +64,18 @@ def rank_class_deltas(
 
 
 def plain_model_with(
-    pretrained: nn.Module, deltas: dict[str, Tensor], head: dict[str, Tensor]
+    pretrained: nn.Module,
+    deltas: dict[str, Tensor],
+    head: dict[str, Tensor],
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """A copy of the pretrained model with W_0 + delta in every adapted module and the trained head.
+    """A copy of the pretrained model on ``device`` with W_0 + delta in every adapted module and
+    the trained head.
 
     Names may carry peft's ``base_model.model.`` prefix. GPT-2 ``Conv1D`` weights (d_in x d_out) get
     the delta turned to their orientation.
     """
-    model = copy.deepcopy(pretrained)
+    model = copy_to(pretrained, device)
     with torch.no_grad():
         for name, delta in deltas.items():
             layer = model.get_submodule(name.removeprefix(PEFT_PREFIX))
@@ -80,7 +83,7 @@ def plain_model_with(
             oriented = (
                 delta if weight.shape == delta.shape and isinstance(layer, nn.Linear) else delta.T
             )
-            weight.add_(oriented.to(weight.dtype))
+            weight.add_(oriented.to(weight))
         parameters = dict(model.named_parameters())
         for name, value in head.items():
             parameters[name.removeprefix(PEFT_PREFIX)].copy_(value)

@@ -298,12 +298,24 @@ def with_lora(
             isinstance(module, Conv1D) for module in target_layers(base.model, target_modules)
         ),
     )
-    model = copy.deepcopy(base.model).to(device)
+    model = copy_to(base.model, device)
     with warnings.catch_warnings():  # peft reads transformers' deprecated alias: not ours to fix
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
         peft_model = get_peft_model(model, config)
     seed_lora_A(peft_model, seed)
     return peft_model.eval()
+
+
+def copy_to(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """A deep copy of ``model`` with its parameters and buffers copied straight to ``device``
+    (no whole copy on the host first); tied weights stay tied."""
+    memo: dict[int, object] = {}
+    for parameter in model.parameters():
+        copied = parameter.detach().to(device, copy=True)
+        memo[id(parameter)] = nn.Parameter(copied, requires_grad=parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = buffer.detach().to(device, copy=True)
+    return copy.deepcopy(model, memo)
 
 
 @torch.no_grad()
@@ -332,7 +344,7 @@ def with_sb_layers(
     runs as the base) until the server's are loaded (`fedlora.models.sb_layer.load_fixed_factors`,
     `load_cores`). In eval mode.
     """
-    model = copy.deepcopy(base.model).to(device)
+    model = copy_to(base.model, device)
     model.requires_grad_(False)
     for module in matching_modules(model, modules_to_save):
         module.requires_grad_(True)

@@ -8,6 +8,7 @@ from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.errors import ConfigError
 from fedlora.lora.lowrank import LowRank
 from fedlora.models.base_model import (
+    copy_to,
     load_base_model,
     sb_head_parameters,
     with_lora,
@@ -122,6 +123,27 @@ def test_tiny_llama_reads_the_hashing_tokenizer():
     with torch.no_grad():
         logits = base.model(**inputs).logits
     assert logits.shape == (1, 4, base.tokenizer.vocab_size)
+
+
+def test_a_copy_to_a_device_shares_no_storage_and_keeps_tied_weights():
+    """Every parameter and buffer equal to the original's in storage of its own, frozen ones
+    still frozen, two layers that share a weight still sharing one, the original untouched."""
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    base[1].weight = base[0].weight
+    base[0].bias.requires_grad_(False)
+    base.register_buffer("positions", torch.arange(4.0))
+    before = {name: t.clone() for name, t in base.state_dict().items()}
+    copied = copy_to(base, "cpu")
+    assert copied[1].weight is copied[0].weight
+    originals = base.state_dict(keep_vars=True)
+    for name, tensor in copied.state_dict(keep_vars=True).items():
+        assert torch.equal(tensor, originals[name]), name
+        assert tensor.data_ptr() != originals[name].data_ptr(), name
+        assert tensor.requires_grad == originals[name].requires_grad, name
+    with torch.no_grad():
+        for tensor in copied.state_dict().values():
+            tensor.add_(1.0)
+    assert all(torch.equal(t, before[name]) for name, t in base.state_dict().items())
 
 
 def test_missing_model_folder_is_named(tmp_path):
