@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,10 +42,12 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class ConcatenatedFactors:
-    """Every client's folded factors of one module side by side, one rank column per entry.
+    """Every client's folded factors of one module side by side, one rank column per entry; or of
+    a group of modules with the same client ranks and shape, stacked over a leading module axis.
 
-    U is (d_out x sum r_i), V is (sum r_i x d_in); ``client[j]`` owns column j, which is column
-    ``position[j]`` of that client's own factors, and ``roots[j]`` is sqrt(s_i) of that client.
+    U is (d_out x sum r_i), V is (sum r_i x d_in) (M x d_out x sum r_i and M x sum r_i x d_in for M
+    modules); ``client[j]`` owns column j, which is column ``position[j]`` of that client's own
+    factors, and ``roots[j]`` (``roots[m, j]``) is sqrt(s_i) of that client.
     """
 
     U: Tensor
@@ -55,19 +57,35 @@ class ConcatenatedFactors:
     num_clients: int
     roots: Tensor
 
+    def of_module(self, index: int) -> ConcatenatedFactors:
+        """The ``index``-th module of a stacked group (views)."""
+        return ConcatenatedFactors(
+            self.U[index],
+            self.V[index],
+            self.client,
+            self.position,
+            self.num_clients,
+            self.roots[index],
+        )
+
 
 class ClientUpdates(list):
     """A round's updates with what the rules read per module built once: the ranks, the start
     ranks, and the concatenated folded factors with their index tensors (made on the factors'
-    device without host synchronisation, once per rank pattern)."""
+    device without host synchronisation, once per rank pattern). The batch's modules (``modules``;
+    by default those every update trains) of the same client ranks and shape are concatenated
+    together, in one stack (`stacked`)."""
 
-    def __init__(self, updates: Sequence[ClientUpdate]):
+    def __init__(self, updates: Sequence[ClientUpdate], modules: Sequence[str] | None = None):
         super().__init__(updates)
+        self._modules = modules
         self._concatenated: dict[str, ConcatenatedFactors] = {}
+        self._stacked: dict[tuple[str, ...], ConcatenatedFactors] = {}
+        self._groups: list[tuple[str, ...]] | None = None
         self._ranks: dict[str, tuple[int, ...]] = {}
         self._start_ranks: dict[str, tuple[int, ...]] = {}
         self._indices: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self._trainers: dict[str, ClientUpdates] = {}
+        self._trainers: dict[str, ClientUpdates] | None = None
 
     @classmethod
     def of(cls, updates: Sequence[ClientUpdate]) -> ClientUpdates:
@@ -85,32 +103,80 @@ class ClientUpdates(list):
 
     def trainers(self, module: str) -> ClientUpdates:
         """T_m: the updates that trained ``module`` (all of them where every client trains every
-        module), as a batch of their own: their weights, renormalised, are p_i / sum_{T_m} p_j."""
-        if all(module in update.modules for update in self):
-            return self
-        if module not in self._trainers:
-            self._trainers[module] = ClientUpdates([u for u in self if module in u.modules])
-        return self._trainers[module]
+        module), as a batch of their own, one for all the modules of the same T_m: their weights,
+        renormalised, are p_i / sum_{T_m} p_j. Empty for a module nobody trained."""
+        if self._trainers is None:
+            self._trainers = self._trainer_batches()
+        return self._trainers.get(module) or ClientUpdates([])
+
+    def _trainer_batches(self) -> dict[str, ClientUpdates]:
+        """Every trained module's T_m: this batch for the modules every update trains."""
+        sets: dict[tuple[bool, ...], list[str]] = {}
+        for module in self.modules():
+            sets.setdefault(tuple(module in update.modules for update in self), []).append(module)
+        batches = {}
+        for trained, modules in sets.items():
+            members = [update for update, took in zip(self, trained) if took]
+            batch = self if all(trained) else ClientUpdates(members, modules)
+            batches.update(dict.fromkeys(modules, batch))
+        return batches
+
+    def by_trainers(self, modules: Iterable[str]) -> list[tuple[ClientUpdates, list[str]]]:
+        """``modules`` grouped by T_m (`trainers`), in the order of first appearance."""
+        groups: dict[int, tuple[ClientUpdates, list[str]]] = {}
+        for module in modules:
+            trainers = self.trainers(module)
+            groups.setdefault(id(trainers), (trainers, []))[1].append(module)
+        return list(groups.values())
 
     def modules(self) -> list[str]:
         """Every module some update trained."""
         return sorted({module for update in self for module in update.modules})
 
+    def groups(self) -> list[tuple[str, ...]]:
+        """The batch's modules grouped by the clients' ranks and the shape, dtype and device of the
+        first client's factors: the modules concatenated together."""
+        if self._groups is None:
+            modules = self._modules
+            if modules is None:
+                modules = [m for m in self.modules() if all(m in u.modules for u in self)]
+            keys: dict[tuple, list[str]] = {}
+            for module in modules:
+                A = self[0].modules[module].A
+                key = (self.ranks(module), self[0].modules[module].shape, A.dtype, A.device)
+                keys.setdefault(key, []).append(module)
+            self._groups = [tuple(group) for group in keys.values()]
+        return self._groups
+
     def concatenated(self, module: str) -> ConcatenatedFactors:
+        """The module's concatenated folded factors (views into its group's `stacked`)."""
         if module not in self._concatenated:
-            self._concatenated[module] = self._concatenate(module)
+            group = next((group for group in self.groups() if module in group), None)
+            if group is None:
+                raise KeyError(f"module {module!r} is not trained by every update")
+            stacked = self.stacked(group)
+            for index, member in enumerate(group):
+                self._concatenated[member] = stacked.of_module(index)
         return self._concatenated[module]
 
-    def _concatenate(self, module: str) -> ConcatenatedFactors:
-        factors = [update.modules[module] for update in self]
+    def stacked(self, group: tuple[str, ...]) -> ConcatenatedFactors:
+        """The concatenated folded factors of a group of `groups`, stacked: one concatenation
+        and one scaling per factor for the whole group."""
+        if group not in self._stacked:
+            self._stacked[group] = self._concatenate(group)
+        return self._stacked[group]
+
+    def _concatenate(self, group: tuple[str, ...]) -> ConcatenatedFactors:
+        factors = [update.modules[module] for module in group for update in self]
         U = torch.cat([f.B for f in factors], dim=1)
         V = torch.cat([f.A for f in factors], dim=0)
-        client, position = self._index_tensors(self.ranks(module), U.device)
+        client, position = self._index_tensors(self.ranks(group[0]), U.device)
         roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)
-        roots = roots.to(U.device, non_blocking=True)[client]
-        return ConcatenatedFactors(
-            U * roots, V * roots[:, None], client, position, len(factors), roots
-        )
+        roots = roots.view(len(group), len(self)).to(U.device, non_blocking=True)[:, client]
+        d_out, d_in, width = U.shape[0], V.shape[1], client.shape[0]
+        U = U.view(d_out, len(group), width).mul_(roots).permute(1, 0, 2)
+        V = V.view(len(group), width, d_in).mul_(roots[:, :, None])
+        return ConcatenatedFactors(U, V, client, position, len(self), roots)
 
     def client_index(self, module: str, device: torch.device) -> Tensor:
         """For every rank column of the module's concatenation, the client it belongs to."""
@@ -170,18 +236,19 @@ def validate_updates(
 
 
 def _check_finite(updates: Sequence[ClientUpdate]) -> None:
-    """One flag per module (every client's tensors of it together: the concatenated factors the
-    rules use anyway, for LoRA factors) and per head parameter, then one host synchronisation; on
-    failure, name the client and the tensor."""
+    """One flag per factor of each group of LoRA modules concatenated together (the concatenated
+    factors the rules use anyway), per module of other updates and per head parameter, then one
+    host synchronisation; on failure, name the client and the tensor."""
     batch = ClientUpdates.of(updates)
     flags = []
-    for module in batch.modules():
-        trainers = batch.trainers(module)
-        factors = trainers[0].modules[module]
-        if isinstance(factors, LoRAFactors):
-            c = trainers.concatenated(module)
-            flags += [torch.isfinite(c.U).all(), torch.isfinite(c.V).all()]
-        else:
+    for trainers, modules in batch.by_trainers(batch.modules()):
+        if isinstance(trainers[0].modules[modules[0]], LoRAFactors):
+            for group in trainers.groups():
+                c = trainers.stacked(group)
+                flags += [torch.isfinite(c.U).all(), torch.isfinite(c.V).all()]
+            continue
+        for module in modules:
+            factors = trainers[0].modules[module]
             for attr in ("A", "B", "R"):
                 if hasattr(factors, attr):
                     rows = torch.cat([getattr(u.modules[module], attr).flatten() for u in trainers])

@@ -415,15 +415,35 @@ def concatenate_folded(updates: Sequence[ClientUpdate], module: str) -> Concaten
     return ClientUpdates.of(updates).concatenated(module)
 
 
-def padded_average(
-    updates: Sequence[ClientUpdate], weights: Tensor, module: str, rank: int
-) -> LowRank:
-    """sum_i w_i pad(sqrt(s_i) B_i), sum_i w_i pad(sqrt(s_i) A_i): zero-padded folded factors."""
-    c = concatenate_folded(updates, module)
-    w = moved_like(weights, c.U)[c.client]
-    U = c.U.new_zeros(c.U.shape[0], rank).index_add_(1, c.position, c.U * w)
-    V = c.V.new_zeros(rank, c.V.shape[1]).index_add_(0, c.position, c.V * w[:, None])
-    return LowRank(U, V)
+def padded_averages(
+    updates: Sequence[ClientUpdate],
+    weights: Tensor | Mapping[str, Tensor],
+    ranks: Mapping[str, int],
+) -> dict[str, LowRank]:
+    """sum_i w_i pad(sqrt(s_i) B_i), sum_i w_i pad(sqrt(s_i) A_i), zero-padded to ``ranks[module]``,
+    for every module the updates concatenate (`ClientUpdates.groups`; ``ranks`` names them all, in
+    the order of the result), with ``weights`` one per client or, per module, one per client: one
+    product per factor for each group (`padded_sums`)."""
+    batch = ClientUpdates.of(updates)
+    averages = {}
+    for group in batch.groups():
+        c = batch.stacked(group)
+        w = weights if isinstance(weights, Tensor) else torch.stack([weights[m] for m in group])
+        U, V = padded_sums(c, moved_like(w, c.U)[..., c.client], max(ranks[m] for m in group))
+        for index, module in enumerate(group):
+            rank = ranks[module]
+            averages[module] = LowRank(U[index, :, :rank], V[index, :rank])
+    return {module: averages[module] for module in ranks}
+
+
+def padded_sums(c: ConcatenatedFactors, w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """sum_i w_i pad(sqrt(s_i) B_i) and sum_i w_i pad(sqrt(s_i) A_i) of a stacked group's modules
+    (M x d_out x rank, M x rank x d_in), from the weight ``w`` of each rank column (one row for
+    every module, or one per module): products with the matrix that puts column j, weighted, at
+    its position."""
+    spread = torch.nn.functional.one_hot(c.position, rank).to(w.dtype)
+    placed = w[..., None] * spread
+    return c.U @ placed, placed.mT @ c.V
 
 
 def robust_padded_factors(

@@ -23,7 +23,7 @@ from fedlora.rules.base import (
     ideal_and_reference,
     ideal_over_trainers,
     load_adapter,
-    padded_average,
+    padded_averages,
     robust_padded_factors,
 )
 from fedlora.wire.messages import Payload
@@ -60,30 +60,30 @@ class FedAvg(AggregationRule):
         return factors, moments
 
     def _average_factors(self, state, updates, weights) -> dict:
-        """Each module's combination of the clients' factors. Where the rule allows module
-        subsets, over the clients that trained it (weights p_i / P_m); a module nobody trained
-        keeps its global factors."""
-        if not self.allows_module_subsets:
-            return {
-                module: self._combine(updates, weights, module, state.top_rank(module))
-                for module in state.modules
-            }
+        """Each module's combination of the clients' factors, over T_m, the clients that trained it
+        (every client, but where the rule allows module subsets), with the weights p_i / P_m; a
+        module nobody trained keeps its global factors."""
         batch = ClientUpdates.of(updates)
         factors = {}
-        for module in state.modules:
-            trainers = batch.trainers(module)
-            factors[module] = (
-                self._combine(trainers, example_weights(trainers), module, state.top_rank(module))
-                if trainers
-                else state.factors[module]
-            )
-        return factors
+        for trainers, modules in batch.by_trainers(state.modules):
+            if not trainers:
+                factors.update({module: state.factors[module] for module in modules})
+                continue
+            ranks = {module: state.top_rank(module) for module in modules}
+            p = weights if trainers is batch else example_weights(trainers)
+            factors.update(self._combine(trainers, p, ranks))
+        return {module: factors[module] for module in state.modules}
 
-    def _combine(self, updates, weights: Tensor, module: str, rank: int) -> LowRank:
-        """The weighted mean of the padded folded factors, or the configured robust combination."""
+    def _combine(self, updates, weights, ranks: dict[str, int]) -> dict[str, LowRank]:
+        """The weighted mean of the padded folded factors of every module of ``ranks`` at its rank
+        (`padded_averages`; ``weights`` per client, or per module and client), or the configured
+        robust combination."""
         if self.robustness.combination == "mean":
-            return padded_average(updates, weights, module, rank)
-        return robust_padded_factors(updates, module, rank, self.robustness)
+            return padded_averages(updates, weights, ranks)
+        return {
+            module: robust_padded_factors(updates, module, rank, self.robustness)
+            for module, rank in ranks.items()
+        }
 
     def _ideal(self, state, updates, weights) -> tuple[dict, dict]:
         """The ideal update sum_i p_i B_i A_i per module, and the reference norms (over T_m with

@@ -45,15 +45,9 @@ class HetLoRA(FedAvg):
         }
 
     def _average_factors(self, state, updates, weights) -> dict:
-        return {
-            module: self._combine(
-                updates,
-                sparsity_weights(updates, weights, module),
-                module,
-                state.top_rank(module),
-            )
-            for module in state.modules
-        }
+        ranks = {module: state.top_rank(module) for module in state.modules}
+        sparsity = {module: sparsity_weights(updates, weights, module) for module in state.modules}
+        return self._combine(updates, sparsity, ranks)
 
 
 def sparsity_weights(updates: Sequence[ClientUpdate], weights: Tensor, module: str) -> Tensor:
