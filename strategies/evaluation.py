@@ -76,7 +76,10 @@ class ServerEvaluation:
 
     def model_for(self, rule: AggregationRule, state: GlobalState, rank: int, device: str = "cpu"):
         """The plain model a client of ``rank`` runs with, on ``device``."""
-        deltas = rank_class_deltas(rule, state, rank, self.config.lora_alpha, self.config.rslora)
+        config = self.config
+        deltas = rank_class_deltas(
+            rule, state, rank, config.lora_alpha, config.rslora, device=device
+        )
         return plain_model_with(self.base.model, deltas, state.head, device)
 
     def export(self, rule: AggregationRule, state: GlobalState, directory: Path) -> None:

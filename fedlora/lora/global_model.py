@@ -28,9 +28,11 @@ def rank_class_deltas(
     alpha: float,
     rslora: bool,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Tensor]:
     """W - W_0 per module for a client of ``rank`` after its client step on this state (0 for a
-    module the rule leaves out at that capacity: LEGEND's layers below the client's depth)."""
+    module the rule leaves out at that capacity: LEGEND's layers below the client's depth),
+    computed on ``device`` as a client there computes it."""
     top = max((f.inner_rank for f in state.factors.values()), default=rank)
     ranks = rule.client_ranks(rank, state.modules, top)
     if isinstance(ranks, int):
@@ -43,8 +45,8 @@ def rank_class_deltas(
     local = ClientState(
         adapter={
             module: LoRAFactors(
-                torch.zeros(r, state.shapes[module][1], dtype=dtype),
-                torch.zeros(state.shapes[module][0], r, dtype=dtype),
+                torch.zeros(r, state.shapes[module][1], dtype=dtype, device=device),
+                torch.zeros(state.shapes[module][0], r, dtype=dtype, device=device),
                 spec.scales[module],
             )
             for module, r in spec.ranks.items()
@@ -52,13 +54,13 @@ def rank_class_deltas(
     )
     cache = None
     if state.changes is not None:
-        shift = {m: rule.global_delta(state, m).dense().to(dtype) for m in state.modules}
-        cache = BaseCache(version=state.version, shift=shift)
-    local = rule.client_step(local, rule.client_payload(state, spec), cache)
+        shift = {m: rule.global_delta(state, m).to(device).dense().to(dtype) for m in state.modules}
+        cache = BaseCache(version=state.version, shift=shift, device=torch.device(device))
+    local = rule.client_step(local, rule.client_payload(state, spec).to(device), cache)
     return {
         module: local.effective_delta(module)
         if module in local.adapter
-        else torch.zeros(state.shapes[module], dtype=dtype)
+        else torch.zeros(state.shapes[module], dtype=dtype, device=device)
         for module in state.modules
     }
 

@@ -47,8 +47,8 @@ class LowRank:
         d_out, d_in = self.shape
         return d_out * d_in < self.numel()
 
-    def to(self, dtype: torch.dtype) -> LowRank:
-        return LowRank(self.U.to(dtype), self.V.to(dtype))
+    def to(self, dtype_or_device: torch.dtype | torch.device | str) -> LowRank:
+        return LowRank(self.U.to(dtype_or_device), self.V.to(dtype_or_device))
 
 
 def stack(terms: Sequence[LowRank]) -> LowRank:
