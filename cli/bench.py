@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.bench_simulate import (
+    add_demo_benchmark,
     add_gpus_benchmark,
     add_scale_benchmark,
     add_simulate_benchmark,
@@ -55,6 +56,7 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
     benchmarks = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
     add_aggregate_benchmark(benchmarks)
     add_simulate_benchmark(benchmarks)
+    add_demo_benchmark(benchmarks)
     add_gpus_benchmark(benchmarks)
     add_train_benchmark(benchmarks)
     add_scale_benchmark(benchmarks)

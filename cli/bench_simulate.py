@@ -25,6 +25,7 @@ from cli.options import (
     output_console,
 )
 from simulations.bench import simulate_benchmark
+from simulations.bench_demo import demo_benchmark
 from simulations.bench_scale import SCALE_RECIPE, scale_benchmark
 from simulations.bench_train import train_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
@@ -122,6 +123,58 @@ def results_table(results: dict) -> Table:
             accuracy,
         )
     return table
+
+
+def add_demo_benchmark(benchmarks: argparse._SubParsersAction) -> None:
+    parser = benchmarks.add_parser(
+        "demo",
+        help="the demo's wall time against a plain FedAvg loop",
+        description=(
+            "Run a recipe (default: the demo's, all its rounds) as `fedlora simulate` runs it and "
+            "a plain FedAvg loop over the same model, data, clients and rounds in this process "
+            "(torch's threads on every core, no Flower); each timed whole, and their ratio."
+        ),
+    )
+    add_recipe_option(parser, default=DEMO_RECIPE)
+    add_rounds(parser, default=None)
+    add_json(parser)
+    add_overrides(parser)
+    parser.set_defaults(handler=run_bench_demo)
+
+
+def run_bench_demo(args: argparse.Namespace) -> int:
+    results = with_spinner(
+        lambda say: demo_benchmark(
+            args.recipe,
+            args.overrides,
+            args.rounds,
+            lambda run, server_round: say(f"{run}: round {server_round} done"),
+        )
+    )
+    setup = results["setup"]
+    table = Table(
+        title=(
+            f"{setup['recipe']}: {setup['model']}, {setup['clients']} clients, "
+            f"{setup['rounds']} rounds, {setup['cores']} cores"
+        )
+    )
+    for column in ("run", "wall", "ratio", "client accuracy"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{setup['strategy']} in fedlora ({setup['engine']})",
+        f"{results['simulation_seconds']:.1f} s",
+        f"{results['ratio']:.2f}x",
+        f"{results['simulation_client_accuracy']:.4f}",
+    )
+    table.add_row(
+        f"plain {setup['baseline']} loop",
+        f"{results['plain_seconds']:.1f} s",
+        "1.00x",
+        f"{results['plain_client_accuracy']:.4f}",
+    )
+    output_console().print(table)
+    write_json(args.json, results)
+    return 0
 
 
 def add_gpus_benchmark(benchmarks: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ import torch
 from fedlora.errors import ConfigError
 from fedlora.rules import RULES
 from simulations.bench import plain_loop_rounds, runs_in_plain_loop
+from simulations.bench_demo import demo_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
 from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe, resolve
@@ -46,3 +47,27 @@ def test_simulation_gpus_limits_what_ray_hands_out():
     assert limited.simulation.backend_config()["init_args"]["num_gpus"] == 2
     with pytest.raises(ConfigError, match="gpus"):
         load_recipe({"simulation": {"gpus": -1}})
+
+
+def test_bench_demo_times_the_recipe_and_a_plain_fedavg_loop(tmp_path):
+    """The tiny recipe on the in-process engine: both runs' seconds, the ratio of the two, their
+    rounds and the clients' accuracy; the baseline is FedAvg on every core whatever the recipe's
+    method."""
+    recipe = tmp_path / "tiny-in-process.toml"
+    recipe.write_text(TINY.read_text() + '\nengine = "in-process"\n')
+    results = demo_benchmark(recipe, ["strategy=fedex"], rounds=2)
+    setup = results["setup"]
+    assert (setup["strategy"], setup["baseline"], setup["engine"]) == (
+        "fedex",
+        "fedavg",
+        "in-process",
+    )
+    assert setup["baseline_torch_threads"] == setup["cores"]
+    assert results["ratio"] == pytest.approx(
+        results["simulation_seconds"] / results["plain_seconds"]
+    )
+    assert len(results["simulation_round_seconds"]) == len(results["plain_round_seconds"]) == 2
+    assert sum(results["plain_round_seconds"]) <= results["plain_seconds"]
+    assert sum(results["simulation_round_seconds"]) <= results["simulation_seconds"]
+    for key in ("simulation_client_accuracy", "plain_client_accuracy"):
+        assert 0 <= results[key] <= 1

@@ -1,0 +1,77 @@
+"""``fedlora bench demo``: the demo's wall time as a user runs it against a plain FedAvg loop.
+
+Two runs of the recipe (default: the demo's) in one process, each timed whole, start-up included:
+
+1. the recipe as ``fedlora simulate`` runs it: its method, Flower's simulation engine with its own
+   ``[simulation]`` settings (the demo: two ClientApps at once on Ray), the server's evaluation,
+   checkpoints and the export;
+2. a plain FedAvg loop over the same model, data, clients and rounds, in this process with torch's
+   threads on every core and no Flower (`simulations.bench.PlainLoop`: each client trains its local
+   steps on the same seeded batches, FedAvg averages, each client evaluates).
+
+``ratio`` = simulation seconds / plain seconds: what running the federation through fedlora costs
+against the loop a researcher would write by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from simulations.bench import RoundCallback, plain_loop_rounds
+from simulations.recipes import load_recipe, resolve
+from simulations.run_dir import read_metrics
+from simulations.runner import simulate
+
+BASELINE = "fedavg"
+
+
+def demo_benchmark(
+    recipe_path: str | Path,
+    overrides=(),
+    rounds: int | None = None,
+    on_round: RoundCallback | None = None,
+) -> dict:
+    """Both runs' wall seconds, their ratio and the clients' accuracy of the last round."""
+    recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
+    cores = os.cpu_count() or 1
+    plain_recipe = resolve(recipe, {"num-threads": cores}, strategy=BASELINE)
+    start = time.perf_counter()
+    plain = plain_loop_rounds(plain_recipe, on_round)
+    plain_seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as out_dir:
+        start = time.perf_counter()
+        run_dir = simulate(
+            recipe,
+            out_dir=out_dir,
+            on_round=(lambda row: on_round("simulation", row["round"])) if on_round else None,
+        )
+        simulation_seconds = time.perf_counter() - start
+        simulated = read_metrics(run_dir)
+    config, settings = recipe.run_config, recipe.simulation
+    return {
+        "setup": {
+            "recipe": recipe.name,
+            "strategy": config.strategy,
+            "baseline": BASELINE,
+            "model": config.model,
+            "clients": settings.num_supernodes,
+            "rounds": config.num_server_rounds,
+            "engine": settings.engine,
+            "cpus_per_client_app": settings.num_cpus,
+            "baseline_torch_threads": cores,
+            "cores": cores,
+            "torch": torch.__version__,
+        },
+        "simulation_seconds": simulation_seconds,
+        "plain_seconds": plain_seconds,
+        "ratio": simulation_seconds / plain_seconds,
+        "simulation_round_seconds": [row["seconds"] for row in simulated],
+        "plain_round_seconds": [row["client_seconds"] + row["aggregate_seconds"] for row in plain],
+        "simulation_client_accuracy": simulated[-1]["client_accuracy"],
+        "plain_client_accuracy": plain[-1]["client_accuracy"],
+    }
