@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -28,7 +28,8 @@ class ClientUpdate:
     start_ranks: Mapping[str, int] = field(default_factory=dict)
 
     def start_rank(self, module: str) -> int:
-        return self.start_ranks.get(module, self.modules[module].rank)
+        rank = self.start_ranks.get(module)
+        return self.modules[module].rank if rank is None else rank
 
     def tensors(self) -> dict[str, Tensor]:
         named: dict[str, Tensor] = {}
@@ -70,11 +71,12 @@ class ConcatenatedFactors:
 
 
 class ClientUpdates(list):
-    """A round's updates with what the rules read per module built once: the ranks, the start
-    ranks, and the concatenated folded factors with their index tensors (made on the factors'
-    device without host synchronisation, once per rank pattern). The batch's modules (``modules``;
-    by default those every update trains) of the same client ranks and shape are concatenated
-    together, in one stack (`stacked`)."""
+    """A round's updates with what the rules read per module built once: the ranks (those of every
+    module the batch concatenates read in one pass over the updates), the start ranks (the ranks,
+    where no update restates its start ranks), and the concatenated folded factors with their index
+    tensors (made on the factors' device without host synchronisation, once per rank pattern). The
+    batch's modules (``modules``; by default those every update trains) of the same client ranks
+    and shape are concatenated together, in one stack (`stacked`)."""
 
     def __init__(self, updates: Sequence[ClientUpdate], modules: Sequence[str] | None = None):
         super().__init__(updates)
@@ -82,21 +84,32 @@ class ClientUpdates(list):
         self._concatenated: dict[str, ConcatenatedFactors] = {}
         self._stacked: dict[tuple[str, ...], ConcatenatedFactors] = {}
         self._groups: list[tuple[str, ...]] | None = None
-        self._ranks: dict[str, tuple[int, ...]] = {}
+        self._ranks: dict[str, tuple[int, ...]] | None = None
         self._start_ranks: dict[str, tuple[int, ...]] = {}
         self._indices: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._trainers: dict[str, ClientUpdates] | None = None
+        self._restates_start_ranks: bool | None = None
 
     @classmethod
     def of(cls, updates: Sequence[ClientUpdate]) -> ClientUpdates:
         return updates if isinstance(updates, ClientUpdates) else cls(updates)
 
     def ranks(self, module: str) -> tuple[int, ...]:
+        """The clients' ranks of ``module``, in the batch's order."""
+        if self._ranks is None:
+            modules = self.concatenated_modules()
+            rows = [[update.modules[m].rank for m in modules] for update in self]
+            self._ranks = dict(zip(modules, zip(*rows)))
         if module not in self._ranks:
             self._ranks[module] = tuple(update.modules[module].rank for update in self)
         return self._ranks[module]
 
     def start_ranks(self, module: str) -> tuple[int, ...]:
+        """The ranks the clients received of ``module`` (`ClientUpdate.start_rank`)."""
+        if self._restates_start_ranks is None:
+            self._restates_start_ranks = any(update.start_ranks for update in self)
+        if not self._restates_start_ranks:
+            return self.ranks(module)
         if module not in self._start_ranks:
             self._start_ranks[module] = tuple(update.start_rank(module) for update in self)
         return self._start_ranks[module]
@@ -133,15 +146,18 @@ class ClientUpdates(list):
         """Every module some update trained."""
         return sorted({module for update in self for module in update.modules})
 
+    def concatenated_modules(self) -> list[str]:
+        """The batch's modules: ``modules`` as given, by default those every update trains."""
+        if self._modules is None:
+            self._modules = [m for m in self.modules() if all(m in u.modules for u in self)]
+        return self._modules
+
     def groups(self) -> list[tuple[str, ...]]:
         """The batch's modules grouped by the clients' ranks and the shape, dtype and device of the
         first client's factors: the modules concatenated together."""
         if self._groups is None:
-            modules = self._modules
-            if modules is None:
-                modules = [m for m in self.modules() if all(m in u.modules for u in self)]
             keys: dict[tuple, list[str]] = {}
-            for module in modules:
+            for module in self.concatenated_modules():
                 A = self[0].modules[module].A
                 key = (self.ranks(module), self[0].modules[module].shape, A.dtype, A.device)
                 keys.setdefault(key, []).append(module)
@@ -171,7 +187,8 @@ class ClientUpdates(list):
         U = torch.cat([f.B for f in factors], dim=1)
         V = torch.cat([f.A for f in factors], dim=0)
         client, position = self._index_tensors(self.ranks(group[0]), U.device)
-        roots = torch.tensor([math.sqrt(f.scale) for f in factors], dtype=U.dtype)
+        scales = torch.tensor([f.scale for f in factors], dtype=torch.float64)
+        roots = scales.sqrt().to(U.dtype)
         roots = roots.view(len(group), len(self)).to(U.device, non_blocking=True)[:, client]
         d_out, d_in, width = U.shape[0], V.shape[1], client.shape[0]
         U = U.view(d_out, len(group), width).mul_(roots).permute(1, 0, 2)
@@ -183,13 +200,16 @@ class ClientUpdates(list):
         return self._index_tensors(self.ranks(module), device)[0]
 
     def _index_tensors(self, ranks: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Column j's client i (repeated r_i times) and position (j minus the first column of i)."""
         key = (ranks, device)
         if key not in self._indices:
-            client = [i for i, rank in enumerate(ranks) for _ in range(rank)]
-            position = [j for rank in ranks for j in range(rank)]
+            counts = torch.tensor(ranks, dtype=torch.long)
+            client = torch.repeat_interleave(torch.arange(len(ranks)), counts)
+            first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+            position = torch.arange(client.shape[0]) - first
             self._indices[key] = (
-                torch.tensor(client).to(device, non_blocking=True),
-                torch.tensor(position).to(device, non_blocking=True),
+                client.to(device, non_blocking=True),
+                position.to(device, non_blocking=True),
             )
         return self._indices[key]
 
@@ -199,9 +219,69 @@ def validate_updates(
 ) -> None:
     """Reject what cannot be aggregated, naming the client and the problem. With
     ``module_subsets`` (a rule that `allows_module_subsets`) clients may train different module
-    sets, each non-empty; otherwise every client must train the same modules."""
+    sets, each non-empty; otherwise every client must train the same modules. Valid updates are
+    recognised without a step per client and module in Python (`_plainly_valid`); otherwise the
+    first problem is found update by update (`_refuse_invalid`)."""
     if not updates:
         raise InvalidUpdateError("no client updates to aggregate")
+    batch = ClientUpdates.of(updates)
+    if not _plainly_valid(batch, kind, module_subsets):
+        _refuse_invalid(batch, kind, module_subsets)
+    _check_finite(batch)
+
+
+def _plainly_valid(updates: ClientUpdates, kind: type, module_subsets: bool) -> bool:
+    """Whether `_refuse_invalid` passes the updates: per update, its example count, its module and
+    head sets against the first update's, the kind of its module updates and its head shapes;
+    then the outer shapes, of LoRA factors by concatenating each group of modules
+    (`ClientUpdates.stacked`, which fails where two clients' shapes of a module differ), of other
+    updates by comparing each update's with the first given for each module."""
+    reference = updates[0]
+    module_set, head_set = reference.modules.keys(), reference.head.keys()
+    head_shapes = {name: tensor.shape for name, tensor in reference.head.items()}
+    for update in updates:
+        if not (isinstance(update.num_examples, int) and update.num_examples > 0):
+            return False
+        if module_subsets:
+            if not update.modules:
+                return False
+        elif update.modules.keys() != module_set:
+            return False
+        if update.head.keys() != head_set:
+            return False
+        if not all(map(isinstance, update.modules.values(), repeat(kind))):
+            return False
+        if any(tensor.shape != head_shapes[name] for name, tensor in update.head.items()):
+            return False
+    if kind is LoRAFactors:
+        return _concatenates(updates)
+    return _same_outer_shapes(updates)
+
+
+def _concatenates(updates: ClientUpdates) -> bool:
+    """Whether every group of modules of every T_m concatenates (`ClientUpdates.stacked`)."""
+    try:
+        for trainers, _ in updates.by_trainers(updates.modules()):
+            for group in trainers.groups():
+                trainers.stacked(group)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _same_outer_shapes(updates: Sequence[ClientUpdate]) -> bool:
+    """Whether each update's outer shapes (`_outer_shape`) are the first given for each module."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for update in updates:
+        own = dict(zip(update.modules, map(_outer_shape, update.modules.values())))
+        shapes = {**own, **shapes}
+        if not own.items() <= shapes.items():
+            return False
+    return True
+
+
+def _refuse_invalid(updates: Sequence[ClientUpdate], kind: type, module_subsets: bool) -> None:
+    """Raise on the first problem, update by update, naming the client and what is wrong."""
     reference = updates[0]
     module_set, head_set = set(reference.modules), set(reference.head)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -232,7 +312,6 @@ def validate_updates(
             _check_same_shape(shapes, module, _outer_shape(factors), who)
         for name, tensor in update.head.items():
             _check_same_shape(shapes, "head:" + name, tuple(tensor.shape), who)
-    _check_finite(updates)
 
 
 def _check_finite(updates: Sequence[ClientUpdate]) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fedlora.errors import ConfigError, InvalidUpdateError
-from fedlora.lora.adapter import Adapter, LoRAFactors
+from fedlora.lora.adapter import Adapter, LoRAFactors, ModuleUpdate
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.lowrank import LowRank, stack
 from fedlora.lora.measurement import worst
@@ -349,30 +349,53 @@ class AggregationRule(ABC):
 
     def _check_against_state(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> None:
         """Updates must adapt the state's modules (a subset of them, where the rule allows
-        module subsets), with its shapes, at no more than its rank."""
+        module subsets), with its shapes, at no more than its rank. Of updates that passed
+        `validate_updates` (one outer shape per module), each module's first update is checked
+        against the global shape and the largest start rank against the global rank; where one
+        fails, the update and module are found one by one."""
         if self.allows_module_subsets:
             check_module_subsets(state.shapes, updates)
         else:
             check_same_modules(state.shapes, updates)
         global_factors = state.factors or state.sb_factors
-        for update in updates:
-            for module, factors in update.modules.items():
-                d_out, d_in = state.shapes[module]
-                fits = factors.A.shape[1] == d_in if hasattr(factors, "A") else True
-                fits = fits and (factors.B.shape[0] == d_out if hasattr(factors, "B") else True)
-                if not fits:
-                    raise InvalidUpdateError(
-                        f"client {update.client_id!r}: module {module!r} does not have the global "
-                        f"shape {(d_out, d_in)} (d_out, d_in)"
-                    )
-                if module not in global_factors:
-                    continue
-                top = global_factors[module].inner_rank
-                if update.start_rank(module) > top:
-                    raise InvalidUpdateError(
-                        f"client {update.client_id!r}: module {module!r} has rank "
-                        f"{update.start_rank(module)} above the global rank {top}"
-                    )
+        batch = ClientUpdates.of(updates)
+        for module in batch.modules():
+            trainers = batch.trainers(module)
+            fits = fits_shape(trainers[0].modules[module], state.shapes[module])
+            top = global_factors[module].inner_rank if module in global_factors else None
+            if not fits or (top is not None and max(trainers.start_ranks(module)) > top):
+                refuse_against_state(state.shapes, global_factors, updates)
+
+
+def fits_shape(factors: ModuleUpdate, shape: tuple[int, int]) -> bool:
+    """Whether a module update's A (where it sends one) has d_in columns and its B d_out rows."""
+    d_out, d_in = shape
+    fits = factors.A.shape[1] == d_in if hasattr(factors, "A") else True
+    return fits and (factors.B.shape[0] == d_out if hasattr(factors, "B") else True)
+
+
+def refuse_against_state(
+    shapes: Mapping[str, tuple[int, int]],
+    global_factors: Mapping[str, LowRank],
+    updates: Sequence[ClientUpdate],
+) -> None:
+    """Raise on the first update and module, update by update, whose shape is not the global one
+    or whose start rank is above the global rank."""
+    for update in updates:
+        for module, factors in update.modules.items():
+            if not fits_shape(factors, shapes[module]):
+                raise InvalidUpdateError(
+                    f"client {update.client_id!r}: module {module!r} does not have the global "
+                    f"shape {tuple(shapes[module])} (d_out, d_in)"
+                )
+            if module not in global_factors:
+                continue
+            top = global_factors[module].inner_rank
+            if update.start_rank(module) > top:
+                raise InvalidUpdateError(
+                    f"client {update.client_id!r}: module {module!r} has rank "
+                    f"{update.start_rank(module)} above the global rank {top}"
+                )
 
 
 class SeededRule(AggregationRule):
@@ -460,8 +483,22 @@ def start_coverage(
     updates: Sequence[ClientUpdate], weights: Tensor, module: str, rank: int
 ) -> Tensor:
     """c_k = sum of p_i over the clients whose start rank r_i0 exceeds k."""
-    start_ranks = torch.tensor(ClientUpdates.of(updates).start_ranks(module))
-    started = torch.arange(rank)[None, :] < start_ranks[:, None]
+    return coverage_of_ranks(ClientUpdates.of(updates).start_ranks(module), weights, rank)
+
+
+def start_coverages(
+    updates: Sequence[ClientUpdate], weights: Tensor, modules: Sequence[str], rank: int
+) -> Tensor:
+    """`start_coverage` of each of ``modules`` (M x rank), computed once per distinct start ranks."""
+    batch = ClientUpdates.of(updates)
+    start_ranks = [batch.start_ranks(module) for module in modules]
+    computed = {r: coverage_of_ranks(r, weights, rank) for r in dict.fromkeys(start_ranks)}
+    return torch.stack([computed[r] for r in start_ranks])
+
+
+def coverage_of_ranks(start_ranks: Sequence[int], weights: Tensor, rank: int) -> Tensor:
+    """c_k = sum of p_i over the i with start_ranks[i] > k, k < rank."""
+    started = torch.arange(rank)[None, :] < torch.tensor(start_ranks)[:, None]
     return weights @ started.to(weights.dtype)
 
 
@@ -484,6 +521,34 @@ def ideal_update(
         torch.cat([c.U, previous.U], dim=1),
         torch.cat([c.V * p[:, None], -coverage[:, None] * previous.V], dim=0),
     )
+
+
+def ideal_updates(
+    starts: Mapping[str, LowRank | None], updates: Sequence[ClientUpdate], weights: Tensor
+) -> dict[str, LowRank]:
+    """`ideal_update` of every module the updates concatenate (``starts`` holds each one's previous
+    factors), the modules of a group (`ClientUpdates.groups`) whose previous factors have one inner
+    rank at once: one product with p per group, the previous factors stacked, c once per distinct
+    start ranks, one concatenation per factor; each module's factors are views of the group's."""
+    batch = ClientUpdates.of(updates)
+    ideal = {}
+    for group in batch.groups():
+        previous = [starts[module] for module in group]
+        if len({None if p is None else p.inner_rank for p in previous}) > 1:
+            ideal.update({m: ideal_update(starts[m], batch, weights, m) for m in group})
+            continue
+        c = batch.stacked(group)
+        U, V = c.U, c.V * moved_like(weights, c.V)[c.client][:, None]
+        if previous[0] is not None:
+            start_U, start_V = (
+                torch.stack([p.U for p in previous]),
+                torch.stack([p.V for p in previous]),
+            )
+            covered = start_coverages(batch, weights, group, start_V.shape[1])
+            U = torch.cat([U, start_U], dim=2)
+            V = torch.cat([V, -moved_like(covered, start_V)[:, :, None] * start_V], dim=1)
+        ideal.update({module: LowRank(U[i], V[i]) for i, module in enumerate(group)})
+    return ideal
 
 
 def padded_per_client(values: Tensor, c: ConcatenatedFactors, rank: int) -> Tensor:
@@ -561,12 +626,10 @@ class ReferenceNorms(NormsOnUse):
 def ideal_and_reference(
     starts: dict[str, LowRank | None], updates: Sequence[ClientUpdate], weights: Tensor
 ) -> tuple[dict[str, LowRank], ReferenceNorms]:
-    """The ideal update per module, and its reference norms (computed when first read)."""
-    ideal = {
-        module: ideal_update(previous, updates, weights, module)
-        for module, previous in starts.items()
-    }
-    return ideal, ReferenceNorms(starts, updates, weights)
+    """The ideal update per module (`ideal_updates`), and its reference norms (computed when first
+    read)."""
+    ideal = ideal_updates(starts, updates, weights)
+    return {module: ideal[module] for module in starts}, ReferenceNorms(starts, updates, weights)
 
 
 class TrainerReferenceNorms(NormsOnUse):
@@ -591,17 +654,19 @@ def ideal_over_trainers(
     shapes: Mapping[str, tuple[int, int]],
 ) -> tuple[dict[str, LowRank], TrainerReferenceNorms]:
     """Per module m, dW*_m = sum_{i in T_m} p_i dW_{i,m} / sum_{i in T_m} p_i over the clients
-    that trained it (a zero update where nobody did), and its reference norms."""
+    that trained it (a zero update where nobody did), and its reference norms; the modules of one
+    T_m together (`ideal_updates`)."""
     batch = ClientUpdates.of(updates)
     ideal = {}
-    for module, previous in starts.items():
-        trainers = batch.trainers(module)
+    for trainers, modules in batch.by_trainers(starts):
         if trainers:
-            ideal[module] = ideal_update(previous, trainers, example_weights(trainers), module)
-        else:
+            ideal.update(ideal_updates(starts, trainers, example_weights(trainers)))
+            continue
+        for module in modules:
+            previous = starts[module]
             like = previous.U if previous is not None else any_update_tensor(batch)
             ideal[module] = zero_update(shapes[module], like)
-    return ideal, TrainerReferenceNorms(starts, batch)
+    return {module: ideal[module] for module in starts}, TrainerReferenceNorms(starts, batch)
 
 
 def any_update_tensor(updates: Sequence[ClientUpdate]) -> Tensor:

@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the problem, and the global state is left as it was."""
 
+import re
+
 import pytest
 import torch
 
@@ -66,6 +68,30 @@ def test_inf_in_head_is_refused():
     )
     with pytest.raises(InvalidUpdateError, match="client 'b'.*non-finite.*classifier.weight"):
         rule.aggregate(state, [good, bad])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "legend", "hetlora"])
+@pytest.mark.parametrize(
+    "late, message",
+    [
+        (factors(2, d_out=5), "client 'c': 'q' has shape (5, 4), other clients have (6, 4)"),
+        (factors(2, d_in=3), "client 'c': 'q' has shape (6, 3), other clients have (6, 4)"),
+        (factors(8), "client 'c': module 'q' has rank 8 above the global rank 4"),
+    ],
+)
+def test_the_first_bad_client_among_good_ones_is_named(name, late, message):
+    """Many valid updates are recognised at once (a shape that differs fails the concatenation of
+    its group); a bad one is then found and named with its module, as one by one."""
+    rule = make_rule(name)
+    state = rule.init_state(initial())
+    updates = [
+        update("a"),
+        update("b", q=factors(4, seed=1)),
+        update("c", q=late),
+        update("d", q=late),
+    ]
+    with pytest.raises(InvalidUpdateError, match=re.escape(message)):
+        rule.aggregate(state, updates)
 
 
 def test_declared_rank_must_match_the_tensors():
