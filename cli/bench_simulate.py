@@ -36,35 +36,53 @@ DEFAULT_ROUNDS = 3
 MULTI_GPU_RECIPE = RECIPES_DIR / "multi-gpu.toml"
 
 
-def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
-    parser = benchmarks.add_parser(
-        "simulate",
-        help="a recipe's round time: client compute vs Flower/Ray overhead",
-        description=(
-            "Run a recipe (default: the demo's) one client at a time in Flower's Ray simulation and "
-            "in a plain in-process loop doing the same training; per round, the loop's client "
-            "compute, the simulation's overhead beyond it, and both runs' client accuracy."
-        ),
-    )
+def add_recipe_benchmark(
+    benchmarks: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    description: str,
+    rounds: int | None,
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
+    """A benchmark of one recipe (default: the demo's): its rounds, JSON file and overrides."""
+    parser = benchmarks.add_parser(name, help=help_text, description=description)
     add_recipe_option(parser, default=DEMO_RECIPE)
-    add_rounds(parser, default=DEFAULT_ROUNDS)
+    add_rounds(parser, default=rounds)
     add_json(parser)
     add_overrides(parser)
-    parser.set_defaults(handler=run_bench_simulate)
+    parser.set_defaults(handler=handler)
+
+
+def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
+    add_recipe_benchmark(
+        benchmarks,
+        "simulate",
+        "a recipe's round time: client compute vs Flower/Ray overhead",
+        "Run a recipe (default: the demo's) one client at a time in Flower's Ray simulation and "
+        "in a plain in-process loop doing the same training; per round, the loop's client "
+        "compute, the simulation's overhead beyond it, and both runs' client accuracy.",
+        DEFAULT_ROUNDS,
+        run_bench_simulate,
+    )
 
 
 def run_bench_simulate(args: argparse.Namespace) -> int:
-    results = with_spinner(
-        lambda say: simulate_benchmark(
+    results = recipe_benchmark(args, simulate_benchmark)
+    output_console().print(results_table(results))
+    write_json(args.json, results)
+    return 0
+
+
+def recipe_benchmark(args: argparse.Namespace, benchmark: Callable[..., dict]) -> dict:
+    """``benchmark(recipe, overrides, rounds, on_round)`` under a spinner naming each round done."""
+    return with_spinner(
+        lambda say: benchmark(
             args.recipe,
             args.overrides,
             args.rounds,
             lambda run, server_round: say(f"{run}: round {server_round} done"),
         )
     )
-    output_console().print(results_table(results))
-    write_json(args.json, results)
-    return 0
 
 
 def with_spinner(benchmark: Callable[[Callable[[str], None]], dict]) -> dict:
@@ -126,31 +144,20 @@ def results_table(results: dict) -> Table:
 
 
 def add_demo_benchmark(benchmarks: argparse._SubParsersAction) -> None:
-    parser = benchmarks.add_parser(
+    add_recipe_benchmark(
+        benchmarks,
         "demo",
-        help="the demo's wall time against a plain FedAvg loop",
-        description=(
-            "Run a recipe (default: the demo's, all its rounds) as `fedlora simulate` runs it and "
-            "a plain FedAvg loop over the same model, data, clients and rounds in this process "
-            "(torch's threads on every core, no Flower); each timed whole, and their ratio."
-        ),
+        "the demo's wall time against a plain FedAvg loop",
+        "Run a recipe (default: the demo's, all its rounds) as `fedlora simulate` runs it and "
+        "a plain FedAvg loop over the same model, data, clients and rounds in this process "
+        "(torch's threads on every core, no Flower); each timed whole, and their ratio.",
+        None,
+        run_bench_demo,
     )
-    add_recipe_option(parser, default=DEMO_RECIPE)
-    add_rounds(parser, default=None)
-    add_json(parser)
-    add_overrides(parser)
-    parser.set_defaults(handler=run_bench_demo)
 
 
 def run_bench_demo(args: argparse.Namespace) -> int:
-    results = with_spinner(
-        lambda say: demo_benchmark(
-            args.recipe,
-            args.overrides,
-            args.rounds,
-            lambda run, server_round: say(f"{run}: round {server_round} done"),
-        )
-    )
+    results = recipe_benchmark(args, demo_benchmark)
     setup = results["setup"]
     table = Table(
         title=(
