@@ -15,6 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+
 from fedlora.config import RunConfig, parse_rank_profile
 from fedlora.data.loading import class_names
 from fedlora.data.partitioning import server_eval_set
@@ -74,7 +76,13 @@ class ServerEvaluation:
             "generation": generation,
         }
 
-    def model_for(self, rule: AggregationRule, state: GlobalState, rank: int, device: str = "cpu"):
+    def model_for(
+        self,
+        rule: AggregationRule,
+        state: GlobalState,
+        rank: int,
+        device: torch.device | str = "cpu",
+    ):
         """The plain model a client of ``rank`` runs with, on ``device``."""
         config = self.config
         deltas = rank_class_deltas(
