@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from torch import Tensor
 
+from clients.records import array_record, record_tensors
 from fedlora.lora.versioning import BaseCache
 from fedlora.privacy.accounting import History, history_from_values, history_to_values
 from fedlora.wire.messages import VERSION_KEY, rank_key, ranks_in
+from fedlora.wire.npy import moved_together
 
 RANKS_AND_VERSION_RECORD = "fedlora.node"
 KEPT_RECORD = "fedlora.kept"
@@ -42,15 +44,12 @@ def kept_tensors(context: Context, device: torch.device) -> dict[str, Tensor]:
     """The tensors the node keeps, on ``device``."""
     if KEPT_RECORD not in context.state.array_records:
         return {}
-    kept = context.state.array_records[KEPT_RECORD].to_torch_state_dict()
-    return {key: tensor.to(device) for key, tensor in kept.items()}
+    return moved_together(record_tensors(context.state.array_records[KEPT_RECORD]), device)
 
 
 def keep_tensors(context: Context, tensors: Mapping[str, Tensor]) -> None:
     """Replace the tensors kept on the node."""
-    context.state[KEPT_RECORD] = ArrayRecord(
-        {key: t.detach().contiguous() for key, t in tensors.items()}
-    )
+    context.state[KEPT_RECORD] = array_record(tensors)
 
 
 def own_base(context: Context, device: torch.device) -> BaseCache:
@@ -58,14 +57,13 @@ def own_base(context: Context, device: torch.device) -> BaseCache:
     first."""
     if BASE_RECORD not in context.state.array_records:
         return BaseCache(device=device)
-    record = context.state.array_records[BASE_RECORD].to_torch_state_dict()
-    shift = {module: tensor.to(device) for module, tensor in record.items()}
+    shift = moved_together(record_tensors(context.state.array_records[BASE_RECORD]), device)
     version = int(context.state.config_records[BASE_VERSION_RECORD][VERSION_KEY])
     return BaseCache(version=version, shift=shift, device=device)
 
 
 def save_own_base(context: Context, cache: BaseCache) -> None:
-    context.state[BASE_RECORD] = ArrayRecord(dict(cache.shift))
+    context.state[BASE_RECORD] = array_record(cache.shift)
     context.state[BASE_VERSION_RECORD] = ConfigRecord({VERSION_KEY: cache.version})
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from fedlora.wire.messages import (
@@ -16,13 +16,14 @@ from fedlora.wire.messages import (
     Payload,
     Scalar,
 )
+from fedlora.wire.npy import npy_fields, npy_tensor
 
 
 def tensors(content: RecordDict, name: str) -> dict[str, Tensor]:
     """An ArrayRecord of the message as torch tensors (empty when it has none)."""
     if name not in content.array_records:
         return {}
-    return dict(content.array_records[name].to_torch_state_dict())
+    return record_tensors(content.array_records[name])
 
 
 def message_config(content: RecordDict) -> dict[str, Scalar]:
@@ -48,10 +49,18 @@ def reply_record(
 ) -> RecordDict:
     """A reply: one ArrayRecord per non-empty tensor record, the config and the metrics."""
     records: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {
-        name: ArrayRecord({key: t.detach().contiguous() for key, t in named.items()})
-        for name, named in arrays.items()
-        if named
+        name: array_record(named) for name, named in arrays.items() if named
     }
     records[CONFIG_RECORD] = ConfigRecord(dict(config))
     records[METRICS_RECORD] = MetricRecord(dict(metrics))
     return RecordDict(records)
+
+
+def array_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    """``ArrayRecord(tensors)``, made many at a time (`fedlora.wire.npy`)."""
+    return ArrayRecord({key: Array(*fields) for key, fields in npy_fields(tensors).items()})
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, Tensor]:
+    """``record.to_torch_state_dict()``, read many at a time (`fedlora.wire.npy`)."""
+    return {key: npy_tensor(key, array.stype, array.data) for key, array in record.items()}

@@ -66,7 +66,13 @@ from fedlora.wire.messages import (
 )
 from strategies.client_dp import ClientLevelDP
 from strategies.initial_arrays import lora_initial_arrays
-from strategies.records import NodeReport, payload_record, serialized_bytes
+from strategies.records import (
+    NodeReport,
+    array_record,
+    payload_record,
+    record_tensors,
+    serialized_bytes,
+)
 from strategies.records import probe_responses as reply_probes
 from strategies.reply_checks import RejectedReply, ReplyChecks
 from strategies.round_metrics import EvaluateMetrics, SampleDP, TrainMetrics
@@ -400,7 +406,7 @@ class LoRAStrategy(Strategy):
 
     def initial_state(self, arrays: ArrayRecord, grid: Grid) -> GlobalState:
         """The rule's round-0 state from the initial adapter and head in ``arrays``."""
-        named = dict(arrays.to_torch_state_dict())
+        named = record_tensors(arrays)
         factors = {k: t for k, t in named.items() if k.endswith((A_SUFFIX, B_SUFFIX))}
         head = {k: t for k, t in named.items() if k not in factors}
         config = {}
@@ -473,7 +479,7 @@ class LoRAStrategy(Strategy):
         delta = {
             module: self.rule.global_delta(self.state, module) for module in self.state.modules
         }
-        return ArrayRecord({**change_to_tensors(delta), **self.state.head})
+        return array_record({**change_to_tensors(delta), **self.state.head})
 
     def _store_round_change(self) -> int | None:
         """Write the round's base change to the store (drifting-base rules); its size in bytes."""

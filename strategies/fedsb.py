@@ -45,7 +45,7 @@ from fedlora.wire.messages import (
 )
 from strategies.base import LoRAStrategy
 from strategies.initial_arrays import sb_initial_arrays
-from strategies.records import serialized_bytes
+from strategies.records import record_tensors, serialized_bytes
 from strategies.reply_checks import RejectedReply
 
 INIT_MODES = ("sketch", "sign")
@@ -99,7 +99,7 @@ class FedSB(LoRAStrategy):
     def initial_state(self, arrays: ArrayRecord, grid: Grid) -> GlobalState:
         """From ``{module}.sb_A.weight``/``sb_B.weight`` (and ``sb_R.weight``) and the head in
         ``arrays``; zero factors (placeholders) start the federated LoRA-SB initialisation."""
-        named = dict(arrays.to_torch_state_dict())
+        named = record_tensors(arrays)
         modules = modules_with_suffix(named, SB_A_SUFFIX)
         suffixes = (SB_A_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX)
         head = {key: t for key, t in named.items() if not key.endswith(suffixes)}

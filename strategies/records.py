@@ -10,10 +10,11 @@ Bytes are counted as serialized: the bytes of the arrays' serialized data.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
 from fedlora.lora.probes import PROBE_RECORD
@@ -29,12 +30,13 @@ from fedlora.wire.messages import (
     start_rank_key,
     update_format,
 )
+from fedlora.wire.npy import npy_fields, npy_tensor
 
 
 def payload_record(payload: Payload) -> RecordDict:
     """The payload as Flower records: one ArrayRecord per non-empty tensor record, and the config."""
     records: dict[str, ArrayRecord | ConfigRecord] = {
-        name: ArrayRecord(dict(tensors))
+        name: array_record(tensors)
         for name, tensors in (
             (ADAPTER_RECORD, payload.adapter),
             (HEAD_RECORD, payload.head),
@@ -60,7 +62,7 @@ def tensors(content: RecordDict, name: str) -> dict[str, Tensor]:
     """An ArrayRecord of the reply as torch tensors (empty when the reply has none)."""
     if name not in content.array_records:
         return {}
-    return dict(content.array_records[name].to_torch_state_dict())
+    return record_tensors(content.array_records[name])
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,13 @@ def update_from_tensors(
 def probe_responses(content: RecordDict) -> dict[str, Tensor]:
     """The reply's probe responses per module, in float64 (empty when it sent none)."""
     return {module: t.to(torch.float64) for module, t in tensors(content, PROBE_RECORD).items()}
+
+
+def array_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    """``ArrayRecord(tensors)``, made many at a time (`fedlora.wire.npy`)."""
+    return ArrayRecord({key: Array(*fields) for key, fields in npy_fields(tensors).items()})
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, Tensor]:
+    """``record.to_torch_state_dict()``, read many at a time (`fedlora.wire.npy`)."""
+    return {key: npy_tensor(key, array.stype, array.data) for key, array in record.items()}

@@ -57,7 +57,7 @@ from fedlora.wire.messages import (
     scale_key,
     start_rank_key,
 )
-from strategies.records import NodeReport, update_from_tensors
+from strategies.records import NodeReport, record_tensors, update_from_tensors
 
 WIRE_DTYPES = ("float32", "float16")
 """The dtypes an update's tensors may travel in (besides the server's own)."""
@@ -257,7 +257,7 @@ class ReplyChecks:
             if len(array.data) > limit:
                 raise RejectedReply(f"{where}: {len(array.data)} bytes, at most {limit} expected")
         try:
-            tensors = dict(arrays.to_torch_state_dict())
+            tensors = record_tensors(arrays)
         except Exception as error:  # noqa: BLE001 - any unreadable array is the reply's fault
             raise RejectedReply(f"record {name!r} cannot be read: {error}") from None
         for key, tensor in tensors.items():

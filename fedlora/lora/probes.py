@@ -28,6 +28,7 @@ from fedlora.models.peft_io import (
     read_adapter,
 )
 from fedlora.models.sb_layer import read_cores, read_fixed_factors, sb_layers
+from fedlora.wire.npy import moved_together
 
 PROBE_RECORD = "probes"
 """The reply's record of probe responses, one (d_out x `PROBE_COUNT`) array per module."""
@@ -61,7 +62,7 @@ def probe_responses(deltas: Mapping[str, Delta], seed: int) -> dict[str, Tensor]
         device = delta.U.device if isinstance(delta, LowRank) else delta.device
         X = probe_vectors(seed, module, delta.shape[1]).to(device)
         responses[module] = probe_response(delta, X)
-    return {module: response.cpu() for module, response in responses.items()}
+    return moved_together(responses, "cpu")
 
 
 def relative_deviation(measured: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> float:
@@ -91,7 +92,7 @@ def lora_probe_responses(model: nn.Module, seed: int) -> dict[str, Tensor]:
         X = probe_vectors(seed, module, change.shape[1]).to(change.device)
         lora = factors.B.double() @ (factors.A.double() @ X)
         responses[module] = change @ X + factors.scale * lora
-    return {module: response.cpu() for module, response in responses.items()}
+    return moved_together(responses, "cpu")
 
 
 def base_changes(model: nn.Module) -> dict[str, Tensor]:

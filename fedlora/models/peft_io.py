@@ -20,6 +20,7 @@ reads that one back for such a base.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -36,6 +37,25 @@ PRETRAINED_ATTRIBUTE = "fedlora_pretrained_weights"
 SHIFT_ATTRIBUTE = "fedlora_base_shift"
 EXACT_DTYPES = (torch.float32, torch.float64)
 SCALE_TOLERANCE = 1e-9
+_FOUND: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], dict]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per peft model, its LoRA layers and head parameters by (kind, adapter name), found once: a walk
+of a large model's modules costs milliseconds and a client's step reads them many times a round.
+A peft model's adapters are injected when it is made (`fedlora.models.base_model.with_lora`) and
+never added or swapped, so what was found stays true; a copy of the model is a new key. Any other
+module is walked on every call."""
+
+
+def _found_once(model: nn.Module, kind: str, adapter_name: str, find) -> dict:
+    """``find(model, adapter_name)``, remembered for a peft model; a fresh dict each call."""
+    if not hasattr(model, "peft_config"):
+        return find(model, adapter_name)
+    found = _FOUND.setdefault(model, {})
+    key = (kind, adapter_name)
+    if key not in found:
+        found[key] = find(model, adapter_name)
+    return dict(found[key])
 
 
 class ModelMismatchError(ValueError):
@@ -46,22 +66,28 @@ class ModelMismatchError(ValueError):
 
 
 def lora_layers(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, LoraLinear]:
-    """The layers holding ``adapter_name`` by module path; refuses all but plain LoRA on Linear."""
+    """The layers holding ``adapter_name`` by module path; refuses all but plain LoRA on Linear
+    (checked on every call: a layer's state, merged or not, can change)."""
     config = getattr(model, "peft_config", {}).get(adapter_name)
     if getattr(config, "bias", "none") != "none":
         raise ModelMismatchError(
             f"adapter {adapter_name!r} trains base biases (bias={config.bias!r}); only 'none' is "
             "supported (put trained full parameters in modules_to_save)"
         )
-    layers: dict[str, LoraLinear] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
-            continue
-        _check_supported(name, module, adapter_name)
-        layers[name] = module
+    layers = _found_once(model, "lora", adapter_name, _find_lora_layers)
     if not layers:
         raise ModelMismatchError(f"the model has no LoRA layers for adapter {adapter_name!r}")
+    for name, layer in layers.items():
+        _check_supported(name, layer, adapter_name)
     return layers
+
+
+def _find_lora_layers(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+    }
 
 
 def _check_supported(name: str, layer: LoraLayer, adapter_name: str) -> None:
@@ -154,6 +180,10 @@ def _check_same_names(what: str, given: set[str], expected: set[str]) -> None:
 
 def _head_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """The trained copies of peft's modules_to_save, keyed as in get_peft_model_state_dict."""
+    return _found_once(model, "head", adapter_name, _find_head_parameters)
+
+
+def _find_head_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     parameters: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:

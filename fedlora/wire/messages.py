@@ -24,6 +24,7 @@ from torch import Tensor
 from fedlora.errors import InvalidUpdateError
 from fedlora.lora.adapter import Adapter, LoRAFactors, ModuleUpdate, SBCore, SharedA, TrainedB
 from fedlora.lora.lowrank import LowRank
+from fedlora.wire.npy import moved_together
 
 ADAPTER_RECORD = "adapter"
 HEAD_RECORD = "head"
@@ -113,13 +114,13 @@ class Payload:
     config: dict[str, Scalar] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Payload:
-        """The payload with its tensors on ``device`` (the client's math then runs there)."""
-
-        def moved(record: dict[str, Tensor]) -> dict[str, Tensor]:
-            return {key: tensor.to(device) for key, tensor in record.items()}
-
+        """The payload with its tensors on ``device`` (the client's math then runs there), each
+        record's tensors moved together (`fedlora.wire.npy.moved_together`)."""
         return Payload(
-            moved(self.adapter), moved(self.head), moved(self.base_change), dict(self.config)
+            moved_together(self.adapter, device),
+            moved_together(self.head, device),
+            moved_together(self.base_change, device),
+            dict(self.config),
         )
 
     def tensor_bytes(self) -> int:

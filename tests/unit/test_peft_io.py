@@ -299,3 +299,25 @@ def test_trained_base_biases_are_refused():
     model = with_lora(pretrained, replace(FAMILIES["bert"], lora_options={"bias": "all"}), 2)
     with pytest.raises(ModelMismatchError, match="bias='all'"):
         read_adapter(model)
+
+
+def test_layers_and_head_are_found_once_per_model_and_copies_find_their_own():
+    _, model = trained("bert")
+    walks, walk = [], model.named_modules
+    model.named_modules = lambda *args, **kwargs: walks.append(1) or walk(*args, **kwargs)
+    layers, head = lora_layers(model), read_head(model)
+    layers.clear()  # the caller's dict, not the remembered one
+    again = lora_layers(model)
+    read_head(model)
+    assert len(walks) == 2  # once for the layers, once for the head
+    del model.named_modules
+    assert again and all(again[name] is module for name, module in lora_layers(model).items())
+    copied = copy.deepcopy(model)
+    copied_layers = lora_layers(copied)
+    assert copied_layers.keys() == again.keys()
+    assert all(copied_layers[name] is not again[name] for name in again)
+    write_head(copied, {key: torch.zeros_like(t) for key, t in head.items()})
+    assert all(torch.equal(read_head(model)[key], t) for key, t in head.items())
+    model.merge_adapter()  # a layer's state is checked on every call
+    with pytest.raises(ModelMismatchError, match="merged"):
+        lora_layers(model)
