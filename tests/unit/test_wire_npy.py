@@ -37,7 +37,9 @@ def test_the_fields_are_the_bytes_flower_writes_and_read_back_exactly():
         ), key
     back = read(ArrayRecord(ours))
     expected = flowers.to_torch_state_dict()
-    assert all(torch.equal(back[k], expected[k]) and back[k].dtype == expected[k].dtype for k in back)
+    assert all(
+        torch.equal(back[k], expected[k]) and back[k].dtype == expected[k].dtype for k in back
+    )
 
 
 def test_a_strided_tensor_is_written_in_c_order_with_its_values():
@@ -60,7 +62,7 @@ def test_a_tensor_read_is_a_writable_copy():
 
 
 def test_hostile_bytes_are_refused_naming_the_array():
-    dtype, shape, stype, data = npy_fields({"A": TENSORS["A"]})["A"]
+    _, _, stype, data = npy_fields({"A": TENSORS["A"]})["A"]
     with pytest.raises(ValueError, match="array 'A': 496 bytes of data, its header says 512"):
         npy_tensor("A", stype, data[:-16])
     with pytest.raises(ValueError, match="array 'A'"):
