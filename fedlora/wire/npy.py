@@ -31,6 +31,10 @@ NUMPY_STYPE = "numpy.ndarray"
 MAGIC = b"\x93NUMPY"
 LENGTH_FORMATS = {1: "<H", 2: "<I", 3: "<I"}
 """The header length's struct format by major format version."""
+MAX_HEADER_BYTES = 10_000
+"""The longest header read through the cache: NumPy's own limit for ``np.load``
+(``max_header_size``). A longer one, or one that claims more bytes than the array holds, is left to
+``np.load`` (which refuses it), so that no sender can fill the cache with large keys."""
 
 
 def moved_together(tensors: Mapping[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
@@ -109,7 +113,8 @@ def npy_tensor(key: str, stype: str, data: bytes) -> Tensor:
 
 
 def header_end(data: bytes) -> int:
-    """Where an ``.npy`` header ends (0 when ``data`` does not start like one)."""
+    """Where an ``.npy`` header ends (0 when ``data`` does not start like one, or its header is
+    longer than `MAX_HEADER_BYTES` or than ``data``)."""
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 2:
         return 0
     length_format = LENGTH_FORMATS.get(data[len(MAGIC)])
@@ -117,7 +122,8 @@ def header_end(data: bytes) -> int:
     if length_format is None or len(data) < start + struct.calcsize(length_format):
         return 0
     (length,) = struct.unpack_from(length_format, data, start)
-    return start + struct.calcsize(length_format) + length
+    end = start + struct.calcsize(length_format) + length
+    return end if end <= min(len(data), MAX_HEADER_BYTES) else 0
 
 
 @functools.lru_cache(maxsize=4096)

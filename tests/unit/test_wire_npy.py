@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedlora.wire.npy import moved_together, npy_fields, npy_tensor
+from fedlora.wire.npy import header_end, moved_together, npy_fields, npy_layout, npy_tensor
 
 TENSORS = {
     "A": torch.randn(4, 32),
@@ -80,3 +80,15 @@ def test_moved_together_keeps_order_shapes_and_values():
     assert all(moved[k].shape == t.shape and moved[k].dtype == t.dtype for k, t in TENSORS.items())
     back = moved_together({"A": TENSORS["A"], "B": TENSORS["B"].T}, "cpu")
     assert torch.equal(back["A"], TENSORS["A"]) and torch.equal(back["B"], TENSORS["B"].T)
+
+
+def test_an_oversized_header_claim_is_not_cached_and_is_refused():
+    _, _, stype, data = npy_fields({"A": TENSORS["A"]})["A"]
+    claims_more = data[:8] + (len(data) + 1).to_bytes(2, "little") + data[10:]
+    huge = b"\x93NUMPY\x02\x00" + (2**20).to_bytes(4, "little") + b" " * 2**20
+    before = npy_layout.cache_info().currsize
+    assert header_end(claims_more) == 0 and header_end(huge) == 0
+    for bad in (claims_more, huge):
+        with pytest.raises(ValueError):
+            npy_tensor("A", stype, bad)
+    assert npy_layout.cache_info().currsize == before
