@@ -1,9 +1,11 @@
 """The Ray workers' warm-up: the setup hook that `simulations.ray_start` names is `clients.warm_up`'s,
 and in a fresh process it imports what the ClientApp's first message would (torch, transformers,
-peft, Flower and the ClientApp itself)."""
+peft, Flower and the ClientApp itself); a module it cannot import is logged, not raised (a hook
+that raises ends Ray's worker)."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -30,3 +32,11 @@ def test_the_warm_up_imports_what_the_first_message_would():
     )
     imported = set(done.stdout.strip().split(","))
     assert {"torch", "transformers", "peft", "flwr", "clients.app", "clients.worker"} <= imported
+
+
+def test_a_module_it_cannot_import_is_logged_not_raised(caplog):
+    with caplog.at_level(logging.ERROR, logger="clients.warm_up"):
+        warm_up("clients.no_such_module")
+
+    assert "could not import clients.no_such_module" in caplog.text
+    assert "ModuleNotFoundError" in caplog.text
