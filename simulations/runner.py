@@ -40,7 +40,6 @@ from fedlora.errors import ConfigError, InvalidUpdateError, SimulationError
 from fedlora.run_records.atomic_files import write_text_atomic
 from fedlora.wire.messages import Scalar
 from simulations.in_process import run_in_process
-from simulations.ray_start import ray_for_run
 from simulations.recipes import (
     RESUME_KEY,
     RUN_DIR_KEY,
@@ -221,14 +220,12 @@ def run_engine(
             )
         else:
             share_splits(run_config, settings.num_supernodes)
-            backend_config = settings.backend_config(shared_ray)
-            with ray_for_run(backend_config["init_args"]):
-                run_simulation(
-                    server_app=server_app(run_config, stop),
-                    client_app=client_app(run_config),
-                    num_supernodes=settings.num_supernodes,
-                    backend_config=backend_config,
-                )
+            run_simulation(
+                server_app=server_app(run_config, stop),
+                client_app=client_app(run_config),
+                num_supernodes=settings.num_supernodes,
+                backend_config=settings.backend_config(shared_ray),
+            )
     except Exception as error:
         FLOWER_LOGGER.error("the simulation failed", exc_info=error)
         log_file = Path(str(run_config[RUN_DIR_KEY])) / FLOWER_LOG
