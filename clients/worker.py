@@ -21,7 +21,7 @@ from fedlora.data.shared_splits import Splits, read_splits
 from fedlora.lora.client_state import ClientState
 from fedlora.lora.versioning import BaseCache
 from fedlora.models.base_model import load_base_model, with_lora, with_sb_layers
-from fedlora.models.peft_io import ModelMismatchError, client_state_from_model
+from fedlora.models.peft_io import ModelMismatchError, read_adapter, read_head
 from fedlora.rules.legend import layer_index
 from fedlora.training.local import device_for
 from fedlora.training.rendezvous import current_slot
@@ -56,7 +56,12 @@ class Worker:
     def lora_model(self, ranks: Mapping[str, int] | int) -> LoRAModel:
         """A LoRA copy with these ranks (one for all modules, or per peft module path; modules
         left out of the dict are not adapted, through peft's ``layers_to_transform``: the
-        numbered layers of the modules named, which must then be exactly those)."""
+        numbered layers of the modules named, which must then be exactly those). One rank on
+        every module that the copy of that rank adapts is that copy: it is built once."""
+        if not isinstance(ranks, int) and len(set(ranks.values())) == 1:
+            uniform = self.lora_model(next(iter(ranks.values())))
+            if set(uniform.pristine.adapter) == set(ranks):
+                return uniform
         top, pattern = rank_pattern(ranks)
         layers = transformed_layers(ranks)
         config = self.config
@@ -74,7 +79,7 @@ class Worker:
                 seed=config.seed,
                 layers_to_transform=layers,
             )
-            built = client_state_from_model(model)
+            built = ClientState(adapter=read_adapter(model), head=read_head(model))  # no shift yet
             prepare_for_training(model, config, self.device)
             if not isinstance(ranks, int) and set(built.adapter) != set(ranks):
                 raise ModelMismatchError(

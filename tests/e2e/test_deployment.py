@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.app import Context, RecordDict
 from flwr.cli.flower_config import read_superlink_connection
 from flwr.cli.supernode.register import try_load_public_key
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from safetensors.torch import load_file
 
@@ -94,6 +95,10 @@ CLI_TIMEOUT = 300
 LIST_EVERY = 2.0
 """Seconds between two listings of the SuperLink's nodes: each is a ``flwr`` process of about a
 second of CPU, and a node goes offline only after Flower's heartbeats (tens of seconds)."""
+NOT_SOONER_AFTER_A_KILL = HEARTBEAT_DEFAULT_INTERVAL * (HEARTBEAT_PATIENCE - 1)
+"""Seconds after a kill before the SuperLink can list a node offline or fail a run whose
+ServerApp died: the last heartbeat came at most one interval before the kill, and one holds for
+``HEARTBEAT_PATIENCE`` intervals (Flower's). The polls (``flwr`` processes) start then."""
 ROUND_TIMEOUT = 240.0
 """Enough for a node's cold start (a fresh process imports torch) on a busy 2-core machine; a
 node that dies is reported unavailable by Flower long before (two missed heartbeats)."""
@@ -495,6 +500,7 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
             "node 2 offline",
             RUN_TIMEOUT,
             every=LIST_EVERY,
+            first_after=NOT_SOONER_AFTER_A_KILL,
         )
         federation.start_node(2, RANKS[2], name="node-2-restarted")
         run.wait(timeout=RUN_TIMEOUT)
@@ -554,6 +560,7 @@ def test_a_killed_serverapp_then_a_restarted_superlink_and_the_experiment_resume
             "the SuperLink to end the orphaned run",
             RUN_TIMEOUT,
             every=5,
+            first_after=NOT_SOONER_AFTER_A_KILL,
         )
     finally:
         federation.processes.kill("orphaned")

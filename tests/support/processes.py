@@ -103,9 +103,13 @@ def tagged_pids(prefix: bytes) -> list[int]:
     return pids
 
 
-def wait_for(condition, what: str, timeout: float = START_TIMEOUT, every: float = 0.5) -> None:
-    """Poll ``condition`` every ``every`` seconds until it holds; TimeoutError after ``timeout``."""
+def wait_for(
+    condition, what: str, timeout: float = START_TIMEOUT, every: float = 0.5, first_after: float = 0
+) -> None:
+    """Poll ``condition`` every ``every`` seconds, the first time after ``first_after`` seconds
+    (where it cannot hold sooner), until it holds; TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
+    time.sleep(first_after)
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout} s for {what}")
