@@ -11,6 +11,7 @@ with: serialization, payload, client step and the write into the model.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ PROBE_RECORD = "probes"
 PROBE_SEED_KEY = "probe-seed"
 """Config key of the seed the server asks clients to probe with (absent: no probes)."""
 PROBE_COUNT = 4
+PROBE_VECTORS_KEPT = 512
+"""Probe matrices kept on their devices (`probe_vectors_on`): a round's modules, for one seed."""
 ABSOLUTE_FLOOR = 1e-12
 """Below this norm of both the expected response and the difference, the deviation is 0."""
 
@@ -45,6 +48,13 @@ def probe_vectors(seed: int, module: str, d_in: int) -> Tensor:
     """X (d_in x PROBE_COUNT), standard Gaussian in float64 from (seed, module name)."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module}".encode()))
     return torch.randn(d_in, PROBE_COUNT, generator=generator, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=PROBE_VECTORS_KEPT)
+def probe_vectors_on(seed: int, module: str, d_in: int, device: torch.device) -> Tensor:
+    """`probe_vectors` on ``device``, made once per (seed, module, size, device): a round's
+    clients and its server probe with the same vectors. Shared: never modify it."""
+    return probe_vectors(seed, module, d_in).to(device)
 
 
 def probe_response(delta: Delta, X: Tensor) -> Tensor:
@@ -60,7 +70,7 @@ def probe_responses(deltas: Mapping[str, Delta], seed: int) -> dict[str, Tensor]
     responses = {}
     for module, delta in deltas.items():
         device = delta.U.device if isinstance(delta, LowRank) else delta.device
-        X = probe_vectors(seed, module, delta.shape[1]).to(device)
+        X = probe_vectors_on(seed, module, delta.shape[1], torch.device(device))
         responses[module] = probe_response(delta, X)
     return moved_together(responses, "cpu")
 
@@ -89,7 +99,7 @@ def lora_probe_responses(model: nn.Module, seed: int) -> dict[str, Tensor]:
     responses = {}
     for module, factors in read_adapter(model).items():
         change = changes[module]
-        X = probe_vectors(seed, module, change.shape[1]).to(change.device)
+        X = probe_vectors_on(seed, module, change.shape[1], change.device)
         lora = factors.B.double() @ (factors.A.double() @ X)
         responses[module] = change @ X + factors.scale * lora
     return moved_together(responses, "cpu")

@@ -39,7 +39,7 @@ def discard_changes_after(store: Path, version: int) -> None:
 
 def catch_up_from_store(cache: BaseCache, store: str, version: int) -> None:
     """Add the changes of rounds cache.version+1..version to a worker's drifted base, one file
-    per round. A cache ahead of ``version`` held rounds that a resumed run discarded and writes
+    per round, read onto the cache's device. A cache ahead of ``version`` held rounds that a resumed run discarded and writes
     again: it is rebuilt from the store's files."""
     if cache.version > version:
         cache.version, cache.shift = 0, {}
@@ -50,4 +50,6 @@ def catch_up_from_store(cache: BaseCache, store: str, version: int) -> None:
                 f"{path} is missing: the base store must be readable by every client (set the "
                 "ServerApp's base-changes = 'messages' when it is not)"
             )
-        cache.catch_up(change_from_tensors(load_file(str(path))), round_version - 1, round_version)
+        device = "cpu" if cache.device is None else str(cache.device)
+        tensors = load_file(str(path), device=device)  # factors multiplied where the cache is
+        cache.catch_up(change_from_tensors(tensors), round_version - 1, round_version)

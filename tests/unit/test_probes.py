@@ -12,6 +12,7 @@ from fedlora.lora.probes import (
     lora_probe_responses,
     probe_responses,
     probe_vectors,
+    probe_vectors_on,
     relative_deviation,
     sb_weight_changes,
 )
@@ -26,6 +27,14 @@ def test_probe_vectors_are_seeded_by_run_and_module():
     assert torch.equal(X, probe_vectors(3, "a.query", 5))
     assert not torch.equal(X, probe_vectors(3, "a.value", 5))
     assert not torch.equal(X, probe_vectors(4, "a.query", 5))
+
+
+def test_probe_vectors_on_a_device_are_made_once_per_seed_module_and_device():
+    cpu = torch.device("cpu")
+    X = probe_vectors_on(3, "a.query", 5, cpu)
+    assert torch.equal(X, probe_vectors(3, "a.query", 5))
+    assert probe_vectors_on(3, "a.query", 5, cpu) is X
+    assert probe_vectors_on(4, "a.query", 5, cpu) is not X
 
 
 def test_factored_and_dense_changes_give_the_same_responses():
