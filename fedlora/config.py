@@ -156,6 +156,11 @@ class RunConfig:
     max_length: int = key(96, "tokens per example", AT_LEAST_1)
     local_steps: int = key(3, "optimizer steps a client takes per round", AT_LEAST_1)
     batch_size: int = key(16, "examples per batch", AT_LEAST_1)
+    eval_batch_size: int = key(
+        0,
+        "examples per evaluation batch, 0 for batch-size (on a GPU larger ones launch fewer kernels)",
+        AT_LEAST_0,
+    )
     learning_rate: float = key(5e-3, "AdamW's learning rate", POSITIVE)
     weight_decay: float = key(0.0, "AdamW's weight decay", NOT_NEGATIVE)
     gradient_accumulation_steps: int = key(
@@ -361,6 +366,11 @@ class RunConfig:
     def partition_seed(self) -> int:
         """The seed of the data's splits: ``data-seed``, else ``seed``."""
         return self.seed if self.data_seed < 0 else self.data_seed
+
+    @property
+    def evaluation_batch_size(self) -> int:
+        """Examples per evaluation batch: ``eval-batch-size``, else ``batch-size``."""
+        return self.eval_batch_size or self.batch_size
 
     @property
     def max_rank(self) -> int:

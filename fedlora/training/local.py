@@ -325,7 +325,8 @@ def evaluate(
     device: torch.device | str,
     batch_size: int | None = None,
 ) -> EvalReport:
-    """Loss and accuracy over every example of ``data`` (in batches of ``batch-size``).
+    """Loss and accuracy over every example of ``data`` (in batches of ``batch_size``, by default
+    the config's `RunConfig.evaluation_batch_size`).
 
     Classification: mean cross-entropy and accuracy over examples. Causal LM: mean next-token
     cross-entropy and next-token accuracy over the labelled target tokens (not padding; for
@@ -339,7 +340,7 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     counted = torch.zeros((), dtype=torch.int64, device=device)
     for batch in ordered_batches(
-        data, tokenizer, config.max_length, batch_size or config.batch_size, config.task
+        data, tokenizer, config.max_length, batch_size or config.evaluation_batch_size, config.task
     ):
         batch = to_device(batch, device)
         labels = batch.pop("labels")

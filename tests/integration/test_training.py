@@ -158,3 +158,20 @@ def test_device_for_follows_the_config():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             device_for(RunConfig(device="cuda"))
+
+
+def test_evaluation_batches_come_from_eval_batch_size(words_spec):
+    config = RunConfig(model="tiny-bert", dataset=words_spec, batch_size=4)
+    held_out = partitioning.client_data(config, 0, 2).test
+    base, model = tiny_bert_lora(config)
+    larger = RunConfig(model="tiny-bert", dataset=words_spec, batch_size=4, eval_batch_size=9)
+
+    default = evaluate(model, held_out, base.tokenizer, config, CPU)
+    by_key = evaluate(model, held_out, base.tokenizer, larger, CPU)
+
+    assert config.evaluation_batch_size == 4 and larger.evaluation_batch_size == 9
+    assert by_key == evaluate(model, held_out, base.tokenizer, config, CPU, batch_size=9)
+    assert by_key.accuracy == default.accuracy and by_key.num_examples == default.num_examples
+    assert by_key.loss == pytest.approx(default.loss, rel=1e-6)
+    with pytest.raises(ConfigError, match="eval-batch-size"):
+        RunConfig.from_flower({"eval-batch-size": -1})
