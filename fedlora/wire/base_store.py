@@ -39,8 +39,8 @@ def discard_changes_after(store: Path, version: int) -> None:
 
 def catch_up_from_store(cache: BaseCache, store: str, version: int) -> None:
     """Add the changes of rounds cache.version+1..version to a worker's drifted base, one file
-    per round, read onto the cache's device. A cache ahead of ``version`` held rounds that a resumed run discarded and writes
-    again: it is rebuilt from the store's files."""
+    per round, read onto the cache's device. A cache ahead of ``version`` held rounds that a
+    resumed run discarded and writes again: it is rebuilt from the store's files."""
     if cache.version > version:
         cache.version, cache.shift = 0, {}
     for round_version in range(cache.version + 1, version + 1):
