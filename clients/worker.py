@@ -57,10 +57,10 @@ class Worker:
         """A LoRA copy with these ranks (one for all modules, or per peft module path; modules
         left out of the dict are not adapted, through peft's ``layers_to_transform``: the
         numbered layers of the modules named, which must then be exactly those). One rank on
-        every module that the copy of that rank adapts is that copy: it is built once."""
+        every module that a copy of that rank, already built, adapts is that copy."""
         if not isinstance(ranks, int) and len(set(ranks.values())) == 1:
-            uniform = self.lora_model(next(iter(ranks.values())))
-            if set(uniform.pristine.adapter) == set(ranks):
+            uniform = self._held(lora_key(next(iter(ranks.values())), {}, None))
+            if uniform is not None and set(uniform.pristine.adapter) == set(ranks):
                 return uniform
         top, pattern = rank_pattern(ranks)
         layers = transformed_layers(ranks)
@@ -88,8 +88,7 @@ class Worker:
                 )
             return LoRAModel(model, built)
 
-        key = ("lora", top, tuple(sorted(pattern.items())), tuple(layers or ()))
-        return self._cached(key, build)
+        return self._cached(lora_key(top, pattern, layers), build)
 
     def sb_model(self, capacities: Mapping[str, int] | int) -> nn.Module:
         """A Fed-SB copy at the run's top rank training these capacities (zero factors until the
@@ -136,14 +135,15 @@ class Worker:
         device."""
         return self._caches.setdefault(store, BaseCache(device=self.device))
 
+    def _held(self, key: tuple) -> LoRAModel | nn.Module | None:
+        """The copy of ``key`` for this thread's group slot if it is built, else None."""
+        return self._models.get(self._slot_key(key))
+
     def _cached(self, key: tuple, build: Callable[[], LoRAModel | nn.Module]):
         """The copy of ``key`` for this thread's group slot (`fedlora.training.rendezvous`: the
         clients of a group hold their models at once), built on first use; the oldest go first
         past ``MAX_MODELS`` per slot."""
-        slot = current_slot()
-        index = 0 if slot is None else slot.index
-        self._slots = max(self._slots, index + 1)
-        key = (*key, index)
+        key = self._slot_key(key)
         if key in self._models:
             self._models.move_to_end(key)
         else:
@@ -151,6 +151,18 @@ class Worker:
             while len(self._models) > MAX_MODELS * self._slots:
                 self._models.popitem(last=False)
         return self._models[key]
+
+    def _slot_key(self, key: tuple) -> tuple:
+        """``key`` for this thread's group slot (0 outside a group)."""
+        slot = current_slot()
+        index = 0 if slot is None else slot.index
+        self._slots = max(self._slots, index + 1)
+        return (*key, index)
+
+
+def lora_key(top: int, pattern: Mapping[str, int], layers: list[int] | None) -> tuple:
+    """A LoRA copy's key among a worker's copies: its top rank, rank pattern and layers."""
+    return ("lora", top, tuple(sorted(pattern.items())), tuple(layers or ()))
 
 
 def rank_pattern(ranks: Mapping[str, int] | int) -> tuple[int, dict[str, int]]:
