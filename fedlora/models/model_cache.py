@@ -1,0 +1,74 @@
+"""fedlora's model cache (``$FEDLORA_CACHE``, default ``~/.cache/fedlora``): folders written once,
+atomically, then loaded by every later process.
+
+It holds SmolLM2 dequantized from its GGUF file (`fedlora.models.smollm2`) and the large models
+built from configs (`built_once`): ``llama-400m``'s random initialisation takes seconds of CPU in
+every process that builds it (the ServerApp and each worker), where loading the same float32
+weights from a safetensors file takes a fraction of a second. A built model's folder is named by
+the model, the seed and the torch and transformers versions, whose initialisers draw the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+CACHE_ENV = "FEDLORA_CACHE"
+DEFAULT_CACHE = "~/.cache/fedlora"
+CONFIG_FILE = "config.json"
+
+
+def cache_root() -> Path:
+    """fedlora's cache folder: ``$FEDLORA_CACHE`` if set, else ``~/.cache/fedlora``."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
+    """Make ``folder`` by ``write(temporary)`` and a rename; if another process made it first,
+    theirs is kept and this one's is discarded."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(temporary)
+        temporary.chmod(0o755)
+        try:
+            temporary.rename(folder)
+        except OSError:
+            if not (folder / CONFIG_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def built_model_folder(name: str, seed: int) -> Path:
+    versions = f"torch{torch.__version__}-transformers{transformers.__version__}"
+    return cache_root() / "models" / f"{name}-seed{seed}-{versions}".replace("+", "_")
+
+
+def built_once(name: str, seed: int, build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
+    """Causal LM ``name`` as ``build()`` makes it (seeded by the caller with ``seed``): built and
+    saved into the cache by the first process, loaded from there by every later one. Where the
+    cache cannot be written, the built model is used and a warning names the folder."""
+    folder = built_model_folder(name, seed)
+    if (folder / CONFIG_FILE).exists():
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True
+        )
+    model = build()
+    try:
+        write_atomically(folder, model.save_pretrained)
+    except OSError as error:
+        warnings.warn(
+            f"fedlora's cache {folder} could not be written ({error}): {name} is built again "
+            "in every process",
+            stacklevel=2,
+        )
+    return model
