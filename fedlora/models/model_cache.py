@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from fedlora.errors import ConfigError
 
 CACHE_ENV = "FEDLORA_CACHE"
 DEFAULT_CACHE = "~/.cache/fedlora"
@@ -56,12 +59,19 @@ def built_model_folder(name: str, seed: int) -> Path:
 def built_once(name: str, seed: int, build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
     """Causal LM ``name`` as ``build()`` makes it (seeded by the caller with ``seed``): built and
     saved into the cache by the first process, loaded from there by every later one. Where the
-    cache cannot be written, the built model is used and a warning names the folder."""
+    cache cannot be written, the built model is used and a warning names the folder; a damaged
+    folder is named in a `ConfigError`."""
     folder = built_model_folder(name, seed)
     if (folder / CONFIG_FILE).exists():
-        return AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, local_files_only=True
-        )
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, local_files_only=True
+            )
+        except (OSError, SafetensorError) as error:
+            raise ConfigError(
+                f"fedlora's cache {folder} is damaged ({error}): delete the folder and {name} "
+                "is built again"
+            ) from error
     model = build()
     try:
         write_atomically(folder, model.save_pretrained)

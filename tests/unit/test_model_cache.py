@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlora.errors import ConfigError
 from fedlora.models import model_cache
 from fedlora.models.base_model import seeded, tiny_llama
 
@@ -77,3 +78,16 @@ def test_a_cache_that_cannot_be_written_is_named_and_the_built_model_used(monkey
     with pytest.warns(UserWarning, match=f"fedlora's cache {blocked}"):
         model = model_cache.built_once("tiny-llama", 0, counted(builds))
     assert len(builds) == 1 and model.config.model_type == "llama"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_cache_folder_is_named(monkeypatch, tmp_path, damage):
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    model_cache.built_once("tiny-llama", 0, tiny_llama)
+    weights = model_cache.built_model_folder("tiny-llama", 0) / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    with pytest.raises(ConfigError, match="is damaged .*delete the folder"):
+        model_cache.built_once("tiny-llama", 0, tiny_llama)
