@@ -1,56 +1,15 @@
 """Flower Message-API strategies, one per federated LoRA method; `STRATEGIES` gives each method's
-strategy by its name in `fedlora.rules.RULES` (`strategy_class`)."""
+strategy by its name in `fedlora.rules.RULES` (`strategy_class`).
 
-from collections.abc import Iterator, Mapping
+The package's names (`strategies.registry`) load on first use, so that importing the package
+alone imports neither torch nor peft: Flower imports it in every ``flwr run`` to check the app's
+``strategies.server_app:app`` reference."""
 
-from fedlora.rules import RULES
-from strategies.base import LoRAStrategy, strategy_class
-from strategies.fedsb import FedSB
-from strategies.methods import (
-    LEGEND,
-    FedExLoRA,
-    FedSALoRA,
-    FFALoRA,
-    FlexLoRA,
-    FLoRA,
-    FSLoRA,
-    HetLoRA,
-    LoRAFAIR,
-    LoRAFedAvg,
-)
+import importlib
 
 
-class StrategiesByName(Mapping):
-    """Each registered method's strategy by name, read from the registry when asked (a method
-    registered later is in it)."""
-
-    def __getitem__(self, name: str) -> type[LoRAStrategy]:
-        if name not in RULES:
-            raise KeyError(name)
-        return strategy_class(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(RULES)
-
-    def __len__(self) -> int:
-        return len(RULES)
-
-
-STRATEGIES = StrategiesByName()
-
-__all__ = [
-    "LEGEND",
-    "STRATEGIES",
-    "FFALoRA",
-    "FLoRA",
-    "FSLoRA",
-    "FedExLoRA",
-    "FedSALoRA",
-    "FedSB",
-    "FlexLoRA",
-    "HetLoRA",
-    "LoRAFAIR",
-    "LoRAFedAvg",
-    "LoRAStrategy",
-    "strategy_class",
-]
+def __getattr__(name: str):
+    registry = importlib.import_module("strategies.registry")
+    if name not in registry.__all__:
+        raise AttributeError(f"module 'strategies' has no attribute {name!r}")
+    return getattr(registry, name)

@@ -4,6 +4,8 @@ with ``ast``; a package imports its own modules and those of the layers below, n
 its own layer; the core imports no Flower."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,21 @@ def test_an_import_against_the_direction_is_found(tmp_path):
         "fedlora/hidden.py:2 imports flwr.app",
         "fedlora/upward.py:2 imports cli.main",
     ]
+
+
+def test_checking_the_apps_references_imports_no_heavy_library():
+    """``flwr run`` and ``flwr build`` check each component of ``[tool.flwr.app.components]`` with
+    ``importlib.util.find_spec``, which imports its packages: they stay light (a second or so per
+    ``flwr run``, not the 5 s of torch, transformers and peft)."""
+    script = (
+        "import importlib.util, sys, tomllib\n"
+        "components = tomllib.load(open('pyproject.toml', 'rb'))['tool']['flwr']['app']"
+        "['components']\n"
+        "for reference in components.values():\n"
+        "    assert importlib.util.find_spec(reference.split(':')[0]) is not None\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == ""
