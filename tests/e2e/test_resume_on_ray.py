@@ -3,10 +3,12 @@ interrupted; a simulation killed with SIGKILL (every process of it, Ray's too) d
 either, resumed with ``fedlora simulate --resume``, ends as the same run uninterrupted: the same
 metrics rows (timings aside), bitwise the same final checkpoint and node stores, and for
 FedEx-LoRA the same exported model (CPU, one thread per client, seeds per round and partition:
-nothing is left to chance)."""
+nothing is left to chance). The uninterrupted run is the in-process engine's, in the test's own
+process: the engines give the same run bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -17,7 +19,9 @@ from safetensors.torch import load_file
 
 from clients.node_store import NODES_DIR
 from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import Recipe, load_recipe
 from simulations.run_dir import read_metrics
+from simulations.runner import simulate
 from strategies.checkpoint import TENSORS_FILE, checkpoint_dir, checkpoint_rounds
 from strategies.run_record import FINISHED, read_manifest, read_status
 from tests.support.processes import Processes, wait_for
@@ -31,6 +35,13 @@ RUN_SECONDS = 240
 KILL_WINDOW = "local-steps=20"
 """Rounds long enough (for both runs alike) that the kill lands before the next round ends."""
 POLL_SECONDS = 0.02
+
+
+def in_process(recipe_path) -> Recipe:
+    recipe = load_recipe(recipe_path)
+    return dataclasses.replace(
+        recipe, simulation=dataclasses.replace(recipe.simulation, engine="in-process")
+    )
 
 
 def simulate_command(*args: str) -> list[str]:
@@ -68,11 +79,11 @@ def has_node_snapshot(run_dir, server_round: int) -> bool:
 )
 def test_a_stopped_simulation_resumes_to_the_uninterrupted_run(strategy, stopped_by, tmp_path):
     processes = Processes(tmp_path, tmp_path / "flwr-home")
-    args = [str(TINY), "--rounds", str(ROUNDS), "--strategy", strategy, "seed=3", KILL_WINDOW]
+    overrides = ["seed=3", KILL_WINDOW]
+    args = [str(TINY), "--rounds", str(ROUNDS), "--strategy", strategy, *overrides]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     try:
-        done = processes.run(simulate_command(*args, "--out", str(whole)), RUN_SECONDS)
-        assert done.returncode == 0, done.stderr
+        simulate(in_process(TINY), overrides, out_dir=whole, strategy=strategy, rounds=ROUNDS)
         process = processes.start("killed", simulate_command(*args, "--out", str(killed)))
         if stopped_by.startswith("SIGKILL"):
             wait_for(
