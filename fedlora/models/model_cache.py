@@ -75,7 +75,7 @@ def built_once(name: str, seed: int, build: Callable[[], PreTrainedModel]) -> Pr
     model = build()
     try:
         write_atomically(folder, model.save_pretrained)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # e.g. no space left on the device
         warnings.warn(
             f"fedlora's cache {folder} could not be written ({error}): {name} is built again "
             "in every process",

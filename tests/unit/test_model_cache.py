@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from fedlora.errors import ConfigError
 from fedlora.models import model_cache
@@ -78,6 +79,23 @@ def test_a_cache_that_cannot_be_written_is_named_and_the_built_model_used(monkey
     with pytest.warns(UserWarning, match=f"fedlora's cache {blocked}"):
         model = model_cache.built_once("tiny-llama", 0, counted(builds))
     assert len(builds) == 1 and model.config.model_type == "llama"
+
+
+def test_a_failed_save_is_named_and_the_built_model_used(monkeypatch, tmp_path):
+    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+
+    def full_disk(folder, **options):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device")
+
+    def build():
+        model = tiny_llama()
+        model.save_pretrained = full_disk
+        return model
+
+    with pytest.warns(UserWarning, match="No space left on device"):
+        model = model_cache.built_once("tiny-llama", 0, build)
+    assert model.config.model_type == "llama"
+    assert list((tmp_path / "models").iterdir()) == []  # no partial folder left
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
