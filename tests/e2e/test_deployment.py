@@ -19,7 +19,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -92,6 +91,8 @@ SIMULATED = {**RUN, "rank-profile": "2:0.34,4:0.33,8:0.33", "batch-size": NODE_B
 RUN_TIMEOUT = 420
 CLI_TIMEOUT = 300
 """``fedlora`` imports torch and transformers: minutes when the machine is busy."""
+WATCH_EVERY = 0.2
+"""Seconds between two looks at a node's processes (reads of /proc: cheap)."""
 LIST_EVERY = 2.0
 """Seconds between two listings of the SuperLink's nodes: each is a ``flwr`` process of about a
 second of CPU, and a node goes offline only after Flower's heartbeats (tens of seconds)."""
@@ -488,10 +489,12 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
     }
     try:
         run = federation.processes.start("run", run_command(CONNECTION, overrides, str(PROJECT)))
+        node_2 = ClientAppWatch(federation, "node-2")
         wait_for(
-            lambda: run.poll() is not None or client_app_running(federation, "node-2"),
+            lambda: run.poll() is not None or node_2.training(),
             "node 2 to train",
             RUN_TIMEOUT,
+            every=WATCH_EVERY,
         )
         assert run.poll() is None, federation.processes.log("run")[-3000:]
         federation.processes.kill("node-2")
@@ -623,13 +626,24 @@ def kill_pid(pid: int) -> None:
         pass
 
 
-def client_app_running(federation: Federation, node: str) -> bool:
-    """Whether a ClientApp process of ``node`` is running a train message (the nodes answered
-    their rank queries before the round's nodes were sampled)."""
-    if not re.search(r"configure_train: Sampled [1-9]", federation.processes.log("run")):
-        return False
-    prefix = f"{federation.processes.tag}:{node}".encode()
-    return any(b"flwr-clientapp" in command_line(pid) for pid in tagged_pids(prefix))
+class ClientAppWatch:
+    """The ClientApp processes of one node, one per message (Flower's SuperExec starts one for
+    each), watched from the run's start: the node's first message is its rank query, its second
+    round 1's train message."""
+
+    def __init__(self, federation: Federation, node: str) -> None:
+        self.prefix = f"{federation.processes.tag}:{node}".encode()
+        self.first: int | None = None
+
+    def training(self) -> bool:
+        """Whether a ClientApp process other than the node's first is running: it has just
+        started (a poll is far shorter than its imports of torch), so it cannot have replied."""
+        running = [
+            pid for pid in tagged_pids(self.prefix) if b"flwr-clientapp" in command_line(pid)
+        ]
+        if self.first is None and running:
+            self.first = min(running)
+        return any(pid != self.first for pid in running)
 
 
 def command_line(pid: int) -> bytes:
