@@ -245,7 +245,7 @@ def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
         description=(
             "On one device: the plain peft LoRA loop at the batch a group of clients adds up to, "
             "the group trained together in one forward/backward, and the recipe (default: "
-            "multi-gpu.toml) in Flower's Ray simulation; tokens/s, their ratios, MFU and round times."
+            "multi-gpu.toml) in its engine (Flower's on Ray, or in process); tokens/s, their ratios, MFU and round times."
         ),
     )
     add_recipe_option(parser, default=MULTI_GPU_RECIPE)
@@ -265,7 +265,7 @@ def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-federation",
         action="store_true",
-        help="the in-process loops only: no simulation on Ray",
+        help="the in-process loops only: no simulation",
     )
     add_output_arguments(parser, "runs/bench-train", "the simulation's run directory")
     parser.set_defaults(handler=run_bench_train)
@@ -314,6 +314,12 @@ def run_bench_train(args: argparse.Namespace) -> int:
     ]
     if federation:
         rows += [
+            (
+                "federation (clients' training)",
+                results["training_tokens_per_s"],
+                results["training_ratio"],
+                None,
+            ),
             (
                 "federation (training exchange)",
                 results["federation_tokens_per_s"],

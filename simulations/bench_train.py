@@ -6,12 +6,15 @@ plain LoRA loop at the batch the clients add up to, from one call on one device.
   ``torch-compile``); ``mfu`` is its model FLOP utilisation; ``float32_tokens_per_s`` and
   ``float32_mfu`` the same loop with float32 weights and no compilation (the defaults), and
   ``speedup`` plain / float32;
-- ``federation_tokens_per_s``: the recipe run in Flower's Ray simulation; over the rounds after
-  the first, the clients' training tokens (clients x local steps x accumulation x batch-size x
-  max-length) over the training exchange's wall time (``client_seconds`` +
-  ``communication_seconds``: the slowest client's handling of its message and the rest of the
-  exchange); ``round_tokens_per_s`` over whole rounds; ``first_round_seconds`` and
-  ``later_round_seconds`` (their mean) beside them;
+- ``federation_tokens_per_s``: the recipe run in its engine (Flower's on Ray, or in process);
+  over the rounds after the first, the clients' training tokens (clients x local steps x
+  accumulation x batch-size x max-length) over the training exchange's wall time
+  (``client_seconds`` + ``communication_seconds``: the slowest client's handling of its message
+  and the rest of the exchange); ``round_tokens_per_s`` over whole rounds; ``first_round_seconds``
+  and ``later_round_seconds`` (their mean) beside them;
+- ``training_tokens_per_s``: the same tokens over the clients' training seconds: the seconds of
+  the exchanges in which some client was training (``train_busy_seconds``: a group's steps, or
+  clients training side by side on one GPU, count once); ``training_ratio`` = it / plain;
 - ``grouped_tokens_per_s``: ``group`` clients trained together in one forward/backward per step
   (`fedlora.bench.train.grouped_throughput`), in this process;
 - ``ratio`` = federation / plain, ``grouped_ratio`` = grouped / plain.
@@ -118,6 +121,8 @@ def train_benchmark(
         **results,
         "federation_tokens_per_s": simulated["tokens_per_s"],
         "ratio": simulated["tokens_per_s"] / plain["tokens_per_s"],
+        "training_tokens_per_s": simulated["training_tokens_per_s"],
+        "training_ratio": simulated["training_tokens_per_s"] / plain["tokens_per_s"],
         "first_round_seconds": simulated["first_round_seconds"],
         "later_round_seconds": simulated["later_round_seconds"],
         "round_tokens_per_s": simulated["round_tokens_per_s"],
@@ -149,10 +154,13 @@ def federation_throughput(recipe: Recipe, run_dir: Path, say: Callable[[str], No
     )
     tokens = sum(row["clients"] * per_client for row in later)
     exchange = sum(row["client_seconds"] + row["communication_seconds"] for row in later)
+    training = sum(row["train_busy_seconds"] for row in later)
     return {
         "tokens": tokens,
         "exchange_seconds": exchange,
         "tokens_per_s": tokens / exchange,
+        "training_seconds": training,
+        "training_tokens_per_s": tokens / training,
         "round_tokens_per_s": tokens / sum(row["seconds"] for row in later),
         "first_round_seconds": rows[0]["seconds"],
         "later_round_seconds": sum(row["seconds"] for row in later) / len(later),
@@ -164,6 +172,7 @@ def federation_throughput(recipe: Recipe, run_dir: Path, say: Callable[[str], No
                     "clients",
                     "seconds",
                     "train_seconds",
+                    "train_busy_seconds",
                     "client_seconds",
                     "communication_seconds",
                 )

@@ -59,6 +59,7 @@ from fedlora.wire.messages import (
     NUM_EXAMPLES_KEY,
     ROUND_KEY,
     SECONDS_KEY,
+    TRAIN_STARTED_KEY,
     adapter_from_tensors,
     change_to_tensors,
     rank_key,
@@ -75,7 +76,7 @@ from strategies.records import (
 )
 from strategies.records import probe_responses as reply_probes
 from strategies.reply_checks import RejectedReply, ReplyChecks
-from strategies.round_metrics import EvaluateMetrics, SampleDP, TrainMetrics
+from strategies.round_metrics import EvaluateMetrics, SampleDP, TrainMetrics, covered_seconds
 
 BINDINGS: dict[type[AggregationRule], type[LoRAStrategy]] = {}
 """Each rule's strategy, filled in as the bindings are defined."""
@@ -278,7 +279,7 @@ class LoRAStrategy(Strategy):
         (``{module}.U``/``{module}.V``, or ``{module}.dense`` where smaller) and the head; None
         for personalized methods (FedSA-LoRA).
         """
-        now = time.perf_counter()
+        now, received_at = time.perf_counter(), time.time()
         self._round = server_round
         exchange_seconds = now - self._sent_at.get(MessageType.TRAIN, now)
         updates, parsed, stopped = [], [], []
@@ -349,7 +350,7 @@ class LoRAStrategy(Strategy):
             sample_dp=sample_dp,
             relative_deviation=deviation,
         )
-        self._time(metrics, parsed, exchange_seconds)
+        self._time(metrics, parsed, (received_at - exchange_seconds, received_at))
         self.train_metrics[server_round] = metrics
         return self._global_arrays(), metrics.to_record()
 
@@ -573,16 +574,26 @@ class LoRAStrategy(Strategy):
         }
 
     @staticmethod
-    def _time(metrics: TrainMetrics, replies: list[Message], exchange_seconds: float) -> None:
+    def _time(metrics: TrainMetrics, replies: list[Message], exchange: tuple[float, float]) -> None:
         """Seconds of the train exchange: the slowest client's local training
-        (``train_seconds``) and whole handling of its message (``client_seconds``), and what the
+        (``train_seconds``) and whole handling of its message (``client_seconds``), what the
         exchange took beyond that handling (``communication_seconds``: transport, serialization,
-        the start of the client's process or the wait for a free simulation worker)."""
+        the start of the client's process or the wait for a free simulation worker), and the
+        seconds in which some client was training (``train_busy_seconds``: the union of the
+        reported training intervals, each clipped to the exchange: its start and end on the
+        server's wall clock)."""
         reported = [m.content[METRICS_RECORD] for m in replies]
         handling = max(float(m.get(HANDLER_SECONDS_KEY, m[SECONDS_KEY])) for m in reported)
         metrics.train_seconds = max(float(m[SECONDS_KEY]) for m in reported)
         metrics.client_seconds = handling
-        metrics.communication_seconds = max(exchange_seconds - handling, 0.0)
+        metrics.communication_seconds = max(exchange[1] - exchange[0] - handling, 0.0)
+        intervals = [
+            (float(m[TRAIN_STARTED_KEY]), float(m[TRAIN_STARTED_KEY]) + float(m[SECONDS_KEY]))
+            for m in reported
+            if TRAIN_STARTED_KEY in m
+        ]
+        if intervals:
+            metrics.train_busy_seconds = covered_seconds(intervals, exchange)
 
     def _spec(self, node: NodeReport) -> ClientSpec:
         """The node's ranks and scales, and the base version its payload starts from: the

@@ -51,6 +51,7 @@ from fedlora.wire.messages import (
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
     SECONDS_KEY,
+    TRAIN_STARTED_KEY,
     VERSION_KEY,
     rank_key,
     rank_modules,
@@ -66,7 +67,7 @@ NPY_HEADER_BYTES = 1024
 """What a serialized array may take beyond its data (numpy's header)."""
 TRAIN_METRICS = (LOSS_KEY, SECONDS_KEY)
 EVALUATE_METRICS = (LOSS_KEY, ACCURACY_KEY)
-OPTIONAL_METRICS = (HANDLER_SECONDS_KEY, GENERATION_KEY)
+OPTIONAL_METRICS = (HANDLER_SECONDS_KEY, TRAIN_STARTED_KEY, GENERATION_KEY)
 SCALE_TOLERANCE = 1e-6
 """Relative tolerance of a restated scale against the server's."""
 

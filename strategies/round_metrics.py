@@ -11,7 +11,13 @@ from flwr.app import MetricRecord
 from fedlora.privacy.sample_level import EPSILON_KEY
 from fedlora.wire.messages import ACCURACY_KEY, GENERATION_KEY, LOSS_KEY
 
-TIMING_COLUMNS = ("train_seconds", "client_seconds", "aggregate_seconds", "communication_seconds")
+TIMING_COLUMNS = (
+    "train_seconds",
+    "train_busy_seconds",
+    "client_seconds",
+    "aggregate_seconds",
+    "communication_seconds",
+)
 """The train exchange's seconds in a row, as `strategies.base.LoRAStrategy` measures them."""
 
 
@@ -51,6 +57,7 @@ class TrainMetrics:
     loss: float | None = None
     num_examples: int = 0
     train_seconds: float | None = None
+    train_busy_seconds: float | None = None
     client_seconds: float | None = None
     communication_seconds: float | None = None
     aggregate_seconds: float | None = None
@@ -76,6 +83,7 @@ class TrainMetrics:
             "num_examples": self.num_examples,
             "clients": self.clients,
             "train_seconds": self.train_seconds,
+            **optional("train_busy_seconds", self.train_busy_seconds),
             "client_seconds": self.client_seconds,
             "communication_seconds": self.communication_seconds,
             "aggregate_seconds": self.aggregate_seconds,
@@ -148,6 +156,7 @@ class RoundMetrics:
     dropped: dict[str, str]
     seconds: float
     train_seconds: float | None
+    train_busy_seconds: float | None
     client_seconds: float | None
     aggregate_seconds: float | None
     communication_seconds: float | None
@@ -180,6 +189,7 @@ class RoundMetrics:
             "dropped": self.dropped,
             "seconds": self.seconds,
             "train_seconds": self.train_seconds,
+            "train_busy_seconds": self.train_busy_seconds,
             "client_seconds": self.client_seconds,
             "aggregate_seconds": self.aggregate_seconds,
             "communication_seconds": self.communication_seconds,
@@ -188,6 +198,20 @@ class RoundMetrics:
             **({} if self.sample_dp is None else self.sample_dp.to_row()),
             **self.generation,
         }
+
+
+def covered_seconds(intervals: list[tuple[float, float]], window: tuple[float, float]) -> float:
+    """Seconds of ``window`` (start, end) that at least one of ``intervals`` covers, each interval
+    clipped to the window: a group's interval counts once, and a client's clock that disagrees
+    with the server's cannot stretch it past the window."""
+    low, high = window
+    covered, reached = 0.0, low
+    for start, end in sorted(intervals):
+        start, end = max(start, reached), min(end, high)
+        if end > start:
+            covered += end - start
+            reached = end
+    return covered
 
 
 def optional(key: str, value: float | None) -> dict[str, float]:

@@ -301,6 +301,7 @@ class MetricsLog:
             },
             seconds=seconds,
             train_seconds=train.train_seconds,
+            train_busy_seconds=train.train_busy_seconds,
             client_seconds=train.client_seconds,
             aggregate_seconds=train.aggregate_seconds,
             communication_seconds=train.communication_seconds,

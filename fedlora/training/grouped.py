@@ -100,7 +100,7 @@ def train_group(
     streams = [iter(batches) for batches in client_batches]
     losses: list[list[Tensor]] = [[] for _ in streams]
     examples = [0] * len(streams)
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     group.train()
     try:
         with seeded_rng(seed, device):
@@ -133,7 +133,10 @@ def train_group(
     seconds = time.perf_counter() - start
     return [
         TrainReport(
-            loss=torch.stack(client).float().mean().item(), num_examples=count, seconds=seconds
+            loss=torch.stack(client).float().mean().item(),
+            num_examples=count,
+            seconds=seconds,
+            started_at=started_at,
         )
         for client, count in zip(losses, examples, strict=True)
     ]

@@ -34,11 +34,13 @@ from fedlora.training.rendezvous import TrainingJob, current_slot, groupable
 
 @dataclass(frozen=True)
 class TrainReport:
-    """Mean training loss over the steps, examples processed (steps x batch), wall seconds."""
+    """Mean training loss over the steps, examples processed (steps x batch), wall seconds, and
+    when training started (``time.time()``)."""
 
     loss: float
     num_examples: int
     seconds: float
+    started_at: float
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,7 @@ def train_local(
         for parameter in model.parameters()
         if parameter.requires_grad and proximal_mu > 0
     ]
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     model.train()
     try:
         with seeded_rng(seed, device):
@@ -269,7 +271,10 @@ def train_local(
         raise ConfigError("no training batches")
     mean_loss = torch.stack(losses).float().mean().item()
     return TrainReport(
-        loss=mean_loss, num_examples=num_examples, seconds=time.perf_counter() - start
+        loss=mean_loss,
+        num_examples=num_examples,
+        seconds=time.perf_counter() - start,
+        started_at=started_at,
     )
 
 

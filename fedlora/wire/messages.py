@@ -63,6 +63,10 @@ ACCURACY_KEY = "accuracy"
 GENERATION_KEY = "generation"
 """An evaluate reply's generation score on the client's held-out split (``client-generation``)."""
 SECONDS_KEY = "seconds"
+TRAIN_STARTED_KEY = "train-started-at"
+"""Wall-clock time (seconds since the epoch) when a client's local training started: the group's
+start for clients trained together. With ``seconds`` it places the training on the server's
+clock where both share one (a simulation)."""
 HANDLER_SECONDS_KEY = "handler-seconds"
 """Seconds a client spent on a train message, from receiving it to its reply (training included)."""
 

@@ -96,6 +96,10 @@ def test_bench_train_writes_the_figures_of_one_call(tmp_path, capsys):
     assert results["ratio"] == pytest.approx(
         results["federation_tokens_per_s"] / results["plain_tokens_per_s"]
     )
+    assert later["train_seconds"] <= later["train_busy_seconds"] + 1e-3 <= exchange + 2e-3
+    assert results["training_tokens_per_s"] == pytest.approx(
+        3 * per_client / later["train_busy_seconds"]
+    )
     assert results["first_round_seconds"] == rows[0]["seconds"]
     assert results["later_round_seconds"] == later["seconds"]
     assert results["plain"]["rows_per_step"] == 3 * 8 == results["grouped"]["rows_per_step"]

@@ -48,11 +48,12 @@ def run_grouped(run_dir, strategy: str, group_size: int) -> list[dict]:
 
 @pytest.mark.parametrize("strategy", ["fedex", "ffalora", "fedsa", "legend", "fedsb"])
 def test_clients_trained_in_groups_end_as_trained_one_at_a_time(tmp_path, strategy, monkeypatch):
-    groups = []
+    groups, seconds = [], []
 
     def recorded(jobs):
         reports = train_together(jobs)
         groups.append(len(jobs))
+        seconds.append(reports[0].seconds)
         return reports
 
     train_together = in_process.train_jobs_together
@@ -64,6 +65,12 @@ def test_clients_trained_in_groups_end_as_trained_one_at_a_time(tmp_path, strate
     # (two groups of 2); LEGEND's clients (ranks per layer) and Fed-SB's (its own layers) train
     # one at a time
     assert groups == GROUPS[strategy]
+    if groups:  # the clients' training seconds: each group's steps once
+        by_round = [seconds[:1], seconds[1:]]
+        for row, group_seconds in zip(grouped, by_round, strict=True):
+            assert row["train_busy_seconds"] == pytest.approx(sum(group_seconds), abs=1e-3)
+    for row in alone:  # one client at a time: their training seconds add up
+        assert row["train_seconds"] < row["train_busy_seconds"] < row["seconds"]
     for row, expected in zip(grouped, alone, strict=True):
         for key in ("train_loss", "loss", "client_loss", "client_accuracy"):
             if expected[key] is None:
@@ -96,7 +103,7 @@ def test_a_group_that_cannot_train_together_trains_one_at_a_time(monkeypatch):
         raise RuntimeError("client 1 broke")
 
     monkeypatch.setattr(in_process, "train_jobs_together", refuse)
-    report = TrainReport(loss=1.0, num_examples=2, seconds=0.1)
+    report = TrainReport(loss=1.0, num_examples=2, seconds=0.1, started_at=0.0)
     slots = [GroupSlot(index) for index in range(3)]
     for slot, alone in zip(slots, [lambda: report, breaks, lambda: report], strict=True):
         slot.job = TrainingJob(None, [], 1, [0.1], 0, RunConfig(), alone)

@@ -92,6 +92,7 @@ def check_run(strategy: str, model: str, run_dir: Path, grid) -> None:
         )
         assert len(row["bytes_down_by_client"]) == row["clients"]
         assert 0 < row["train_seconds"] <= row["client_seconds"] < row["seconds"]
+        assert row["train_seconds"] <= row["train_busy_seconds"] + 1e-3 < row["seconds"], row
         assert row["communication_seconds"] >= 0 and row["aggregate_seconds"] > 0
     export = run_dir / "export"
     if strategy == "fedsa":
