@@ -48,6 +48,7 @@ from fedlora.wire.messages import (
     SB_INIT_SEED_KEY,
     SB_R_SUFFIX,
     SECONDS_KEY,
+    TRAIN_STARTED_KEY,
     SKETCH_Y_SUFFIX,
     SKETCH_Z_SUFFIX,
     VERSION_KEY,
@@ -344,6 +345,10 @@ CASES = {
     "missing loss": (drop_metric(LOSS_KEY), r"metric 'loss' is missing"),
     "missing seconds": (drop_metric(SECONDS_KEY), r"metric 'seconds' is missing"),
     "nan loss": (set_metric(LOSS_KEY, math.nan), r"metric 'loss' = nan is not a finite"),
+    "inf start": (
+        set_metric(TRAIN_STARTED_KEY, math.inf),
+        r"metric 'train-started-at' = inf is not a finite",
+    ),
     "version 999": (set_config(VERSION_KEY, 999), r"version = 999 outside \[0, 0\]"),
     "version -1": (set_config(VERSION_KEY, -1), r"version = -1 outside"),
     "float64 tensor": (typed_A(torch.float64), r"dtype float64, accepted"),
