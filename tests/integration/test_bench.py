@@ -58,7 +58,7 @@ def bench(tmp_path, *options) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    return bench(tmp_path_factory.mktemp("quick"), "--quick")
+    return bench(tmp_path_factory.mktemp("quick"), "--quick", "--repeats", "1")
 
 
 def test_quick_reports_every_implemented_rule_at_both_client_counts(quick):
