@@ -27,7 +27,7 @@ from cli.options import (
 from simulations.bench import simulate_benchmark
 from simulations.bench_demo import demo_benchmark
 from simulations.bench_scale import SCALE_RECIPE, scale_benchmark
-from simulations.bench_train import train_benchmark
+from simulations.bench_train import TIMED_STEPS, train_benchmark
 from simulations.gpu_scaling import gpu_scaling_benchmark
 from simulations.recipe_files import DEMO_RECIPE, RECIPES_DIR
 from simulations.run_dir import check_out_dir
@@ -257,7 +257,11 @@ def add_train_benchmark(benchmarks: argparse._SubParsersAction) -> None:
         help="clients per batch (default: per GPU in the recipe, or 4)",
     )
     parser.add_argument(
-        "--steps", type=int, default=10, metavar="N", help="timed steps (default 10)"
+        "--steps",
+        type=int,
+        default=TIMED_STEPS,
+        metavar="N",
+        help=f"timed steps (default {TIMED_STEPS})",
     )
     parser.add_argument(
         "--warmup", type=int, default=2, metavar="N", help="untimed steps (default 2)"
