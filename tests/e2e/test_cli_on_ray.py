@@ -19,6 +19,7 @@ from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import SimulationError, simulate
+from tests.support.tiny_runs import on_in_process_engine
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +50,7 @@ def test_simulate_through_the_cli_writes_the_run_directory_as_the_in_process_eng
     assert (out / "flower.log").stat().st_size > 0
     err = capsys.readouterr().err
     assert "round 1: accuracy" in err and "round 2: accuracy" in err
-    in_process = dataclasses.replace(
-        config, simulation=dataclasses.replace(config.simulation, engine="in-process")
-    )
+    in_process = on_in_process_engine(config)
     same_rows = read_metrics(simulate(in_process, out_dir=tmp_path / "in-process"))
     for ray_row, row in zip(rows, same_rows, strict=True):
         for key in ("accuracy", "loss", "relative_deviation"):

@@ -632,15 +632,13 @@ class ClientAppWatch:
     round 1's train message."""
 
     def __init__(self, federation: Federation, node: str) -> None:
-        self.prefix = f"{federation.processes.tag}:{node}".encode()
+        self.federation, self.node = federation, node
         self.first: int | None = None
 
     def training(self) -> bool:
         """Whether a ClientApp process other than the node's first is running: it has just
         started (a poll is far shorter than its imports of torch), so it cannot have replied."""
-        running = [
-            pid for pid in tagged_pids(self.prefix) if b"flwr-clientapp" in command_line(pid)
-        ]
+        running = processes_running(self.federation, self.node, b"flwr-clientapp")
         if self.first is None and running:
             self.first = min(running)
         return any(pid != self.first for pid in running)

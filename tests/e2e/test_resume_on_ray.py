@@ -8,7 +8,6 @@ process: the engines give the same run bit for bit."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
@@ -19,13 +18,14 @@ from safetensors.torch import load_file
 
 from clients.node_store import NODES_DIR
 from simulations.recipe_files import RECIPES_DIR
-from simulations.recipes import Recipe, load_recipe
+from simulations.recipes import load_recipe
 from simulations.run_dir import read_metrics
 from simulations.runner import simulate
 from strategies.checkpoint import TENSORS_FILE, checkpoint_dir, checkpoint_rounds
 from strategies.run_record import FINISHED, read_manifest, read_status
 from tests.support.processes import Processes, wait_for
 from tests.support.timing import TIMING
+from tests.support.tiny_runs import on_in_process_engine
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +35,6 @@ RUN_SECONDS = 240
 KILL_WINDOW = "local-steps=20"
 """Rounds long enough (for both runs alike) that the kill lands before the next round ends."""
 POLL_SECONDS = 0.02
-
-
-def in_process(recipe_path) -> Recipe:
-    recipe = load_recipe(recipe_path)
-    return dataclasses.replace(
-        recipe, simulation=dataclasses.replace(recipe.simulation, engine="in-process")
-    )
 
 
 def simulate_command(*args: str) -> list[str]:
@@ -83,7 +76,13 @@ def test_a_stopped_simulation_resumes_to_the_uninterrupted_run(strategy, stopped
     args = [str(TINY), "--rounds", str(ROUNDS), "--strategy", strategy, *overrides]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     try:
-        simulate(in_process(TINY), overrides, out_dir=whole, strategy=strategy, rounds=ROUNDS)
+        simulate(
+            on_in_process_engine(load_recipe(TINY)),
+            overrides,
+            out_dir=whole,
+            strategy=strategy,
+            rounds=ROUNDS,
+        )
         process = processes.start("killed", simulate_command(*args, "--out", str(killed)))
         if stopped_by.startswith("SIGKILL"):
             wait_for(

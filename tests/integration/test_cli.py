@@ -26,6 +26,7 @@ from simulations.recipes import load_recipe, parse_overrides, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import error_reason, reported_cause, run_in
 from strategies import STRATEGIES
+from tests.support.tiny_runs import on_in_process_engine
 
 TINY = RECIPES_DIR / "tiny.toml"
 PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
@@ -292,10 +293,7 @@ def test_cli_still_mounts_bench(tmp_path):
 def test_a_run_that_fails_in_the_engine_shows_the_projects_error_and_logs_its_traceback(tmp_path):
     """A model that is not there, past the command's checks: the in-process engine's ServerApp
     refuses it; the error is the project's own and flower.log holds the traceback."""
-    recipe = resolve(load_recipe(TINY), (), rounds=1)
-    recipe = dataclasses.replace(
-        recipe, simulation=dataclasses.replace(recipe.simulation, engine="in-process")
-    )
+    recipe = on_in_process_engine(resolve(load_recipe(TINY), (), rounds=1))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     run_config = {**recipe.run, "model": str(tmp_path / "no-model"), "run-dir": str(run_dir)}

@@ -1,4 +1,17 @@
-"""Run configs shared by the in-process tests: tiny BERT on BBC News, one short local step."""
+"""Run configs shared by the in-process tests (tiny BERT on BBC News, one short local step), and
+a recipe moved onto the in-process engine."""
+
+import dataclasses
+
+from simulations.recipes import Recipe
+
+
+def on_in_process_engine(recipe: Recipe) -> Recipe:
+    """``recipe`` with its clients in this process (`simulations.in_process`) instead of Ray."""
+    return dataclasses.replace(
+        recipe, simulation=dataclasses.replace(recipe.simulation, engine="in-process")
+    )
+
 
 TINY_BERT_RUN = {
     "model": "tiny-bert",
