@@ -29,6 +29,7 @@ from fedlora.models.peft_io import (
     write_head,
 )
 from fedlora.training.local import TrainReport, autocast, seeded_rng, to_device
+from fedlora.training.logits_window import labelled_window
 from fedlora.training.rendezvous import TrainingJob
 
 
@@ -109,7 +110,7 @@ def train_group(
                 if any(batch is None for batch in batches):
                     break
                 rows, stacked = stack_batches(batches)
-                stacked = to_device(stacked, device)
+                stacked = to_device(labelled_window(group, stacked), device)
                 labels = stacked.pop("labels")
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(device):

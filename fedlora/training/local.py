@@ -28,6 +28,7 @@ from fedlora.data.encoding import IGNORED_LABEL, batches, ordered_batches
 from fedlora.errors import ConfigError
 from fedlora.privacy.accounting import History
 from fedlora.privacy.sample_level import PrivacyPlan, example_loader, private_training
+from fedlora.training.logits_window import labelled_window
 from fedlora.training.lr_schedule import round_learning_rates
 from fedlora.training.rendezvous import TrainingJob, current_slot, groupable
 
@@ -96,8 +97,12 @@ def seeded_rng(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
+def to_device(batch: Mapping[str, Tensor | int], device: torch.device) -> dict[str, Tensor | int]:
+    """The batch's tensors on ``device``; its other values (``logits_to_keep``) as they are."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+        for key, value in batch.items()
+    }
 
 
 def client_seed(run_seed: int, partition_id: int, server_round: int) -> int:
@@ -246,7 +251,7 @@ def train_local(
         with seeded_rng(seed, device):
             for step in range(steps):
                 group = [
-                    to_device(batch, device)
+                    to_device(labelled_window(model, batch), device)
                     for batch in itertools.islice(batches, accumulation_steps)
                 ]
                 if not group:
@@ -347,7 +352,7 @@ def evaluate(
     for batch in ordered_batches(
         data, tokenizer, config.max_length, batch_size or config.evaluation_batch_size, config.task
     ):
-        batch = to_device(batch, device)
+        batch = to_device(labelled_window(model, batch), device)
         labels = batch.pop("labels")
         with autocast(device):
             logits = model(**batch).logits.float()
