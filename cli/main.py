@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from fedlora.errors import ConfigError, SimulationError
+from fedlora.process_exit import freeze_heap_at_exit
 
 COMMANDS = {
     "demo": (
@@ -58,6 +59,7 @@ def selected_command(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    freeze_heap_at_exit()
     parser = build_parser(selected_command(argv))
     args, unparsed = parser.parse_known_args(argv)
     if unparsed:  # key=value pairs after options that follow a positional argument

@@ -32,6 +32,7 @@ from clients.steps import QueryAnswer, clip_for_client_dp
 from fedlora.lora.probes import PROBE_RECORD, PROBE_SEED_KEY
 from fedlora.lora.versioning import BaseCache
 from fedlora.privacy.sample_level import SPENT_BEFORE_KEY
+from fedlora.process_exit import freeze_heap_at_exit
 from fedlora.training.generation_eval import GenerationEvaluation, generation_due
 from fedlora.training.local import evaluate, train_round
 from fedlora.wire.base_store import catch_up_from_store
@@ -116,6 +117,7 @@ def with_node_store(answer, message: Message, context: Context, run_config: Boun
     return reply
 
 
+freeze_heap_at_exit()  # a deployed ClientApp's process ends after its one message
 app = client_app()
 
 

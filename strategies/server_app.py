@@ -44,6 +44,7 @@ from fedlora.config import (
 from fedlora.lora.measurement import worst
 from fedlora.method_config import parse_run_config
 from fedlora.models.base_model import check_model_limits
+from fedlora.process_exit import freeze_heap_at_exit
 from fedlora.run_records.atomic_files import write_text_atomic
 from fedlora.run_records.tracking import RunTracking, row_scalars
 from fedlora.training.local import device_for
@@ -91,6 +92,7 @@ def server_app(
     return app
 
 
+freeze_heap_at_exit()  # a deployed ServerApp's process ends with its run
 app = server_app()
 
 
