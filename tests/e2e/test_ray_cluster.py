@@ -163,8 +163,9 @@ def test_a_run_on_a_two_node_cluster_that_cannot_see_the_run_directory(
     cluster, tmp_path, monkeypatch
 ):
     recipe = resolve(load_recipe(TINY), {"base-changes": "messages"}, strategy="fedex", rounds=2)
-    on_cluster = dataclasses.replace(
-        recipe, simulation=dataclasses.replace(recipe.simulation, ray_address=cluster.address)
+    on_cluster = dataclasses.replace(  # one ClientApp on each node's one CPU
+        recipe,
+        simulation=dataclasses.replace(recipe.simulation, ray_address=cluster.address, num_cpus=1),
     )
     monkeypatch.setattr(runner, "client_app", observing_client_app(tmp_path / "seen-cluster"))
     rows = read_metrics(simulate(on_cluster, out_dir=cluster.run_dir))
