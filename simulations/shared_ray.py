@@ -22,16 +22,16 @@ START_SECONDS = 180.0
 STOP_SECONDS = 60
 HEAD = """
 import sys, ray
-gpus = int(sys.argv[1])
+gpus, cpus = int(sys.argv[1]), int(sys.argv[2])
 context = ray.init(
     address="local", include_dashboard=False, logging_level="error", log_to_driver=False,
-    **({"num_gpus": gpus} if gpus else {}),
+    num_cpus=cpus, **({"num_gpus": gpus} if gpus else {}),
 )
 print(context.address_info["gcs_address"], flush=True)
 sys.stdin.read()
 """
-"""The child: a Ray instance of its own (``gpus``: the GPUs it may use), its address printed, kept
-until standard input closes."""
+"""The child: a Ray instance of its own (``gpus``: the GPUs it may use, ``cpus``: its CPUs, as a
+run's own would have), its address printed, kept until standard input closes."""
 
 
 @contextmanager
@@ -46,7 +46,7 @@ def shared_ray(
         yield ""
         return
     head = subprocess.Popen(
-        [sys.executable, "-c", HEAD, str(settings.gpus)],
+        [sys.executable, "-c", HEAD, str(settings.gpus), str(settings.own_ray_cpus())],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

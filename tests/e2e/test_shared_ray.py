@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from fedlora.errors import SimulationError
+from simulations import recipes
 from simulations import shared_ray as shared_ray_module
 from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe
@@ -84,6 +85,7 @@ def test_a_child_without_an_address_is_an_error_and_is_stopped(
 ):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(shared_ray_module, "HEAD", child)
+    monkeypatch.setattr(recipes, "machine_cpus", lambda: 2)  # Ray's count may start processes
     started = []
 
     class Recorded(subprocess.Popen):

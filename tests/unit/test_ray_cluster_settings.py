@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.errors import ConfigError
+from simulations import recipes
 from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe, resolve
 
@@ -36,6 +37,28 @@ def test_without_a_cluster_ray_is_the_run_s_own():
     """``address="local"``: ray.init starts a Ray of the run's own even where ``ray start`` left
     a cluster on the machine (ray.init without an address would join it)."""
     assert init_args(tiny())["address"] == "local"
+
+
+@pytest.mark.parametrize(
+    ("machine", "simulation", "cpus"),
+    [
+        (64, {}, 6),  # the tiny recipe's 3 nodes of 2 CPUs: 3 workers, not 32
+        (64, {"num-supernodes": 10, "num-cpus": 0.5}, 5),
+        (2, {"num-supernodes": 10, "num-cpus": 1}, 2),  # the machine bounds it
+        (2, {"num-cpus": 4096}, 2),  # no worker fits: Flower says so, as before
+    ],
+)
+def test_a_run_s_own_ray_has_no_more_cpus_than_its_nodes_use(
+    monkeypatch, machine, simulation, cpus
+):
+    monkeypatch.setattr(recipes, "machine_cpus", lambda: machine)
+    assert init_args(tiny(simulation))["num_cpus"] == cpus
+
+
+def test_the_machine_s_cpus_are_ray_s_count():
+    from ray._private.utils import get_num_cpus
+
+    assert recipes.machine_cpus() == int(get_num_cpus()) >= 1
 
 
 @pytest.mark.parametrize("address", ["auto", "10.0.0.5:6379", "head.example.org:6380"])
