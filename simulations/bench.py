@@ -44,7 +44,7 @@ from fedlora.training.local import (
     set_torch_threads,
     train_round,
 )
-from simulations.recipes import Recipe, SimulationSettings, load_recipe, resolve
+from simulations.recipes import Recipe, SimulationSettings, load_recipe, machine_cpus, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import simulate
 from strategies.server_app import make_strategy
@@ -159,7 +159,7 @@ def plain_loop_rounds(recipe: Recipe, on_round: RoundCallback | None = None) -> 
 
 def one_client_at_a_time(recipe: Recipe) -> Recipe:
     """The recipe with every core given to each ClientApp, so Ray runs one at a time."""
-    settings = dataclasses.replace(recipe.simulation, num_cpus=float(os.cpu_count() or 1))
+    settings = dataclasses.replace(recipe.simulation, num_cpus=float(machine_cpus()))
     return dataclasses.replace(
         recipe, simulation=SimulationSettings(**dataclasses.asdict(settings))
     )
