@@ -9,14 +9,15 @@ different depths (peft's ``layers_to_transform``) and rank patterns from their c
 
 The ServerApp is the project's own (`strategies.server_app.run`) on Flower's grid, wrapped to
 record every message and reply; the ClientApp is `clients.app.client_app`. `run_simulation`
-passes an empty run_config, so both apps are bound to the run config here.
+passes an empty run_config, so both apps are bound to the run config here. The cases that one
+pytest worker runs join one Ray instance in turn, as the runs of ``fedlora compare`` do.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.recording_grid import simulate_on_ray
+from tests.support.recording_grid import shared_test_ray, simulate_on_ray
 from tests.support.strategy_matrix import NUM_NODES, case_id, check_run, run_config
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,14 @@ RAY_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def ray_address():
+    """One Ray for the cases that a pytest worker runs, joined by each in turn."""
+    with shared_test_ray() as address:
+        yield address
+
+
 @pytest.mark.parametrize(("strategy", "model"), RAY_CASES, ids=[case_id(c) for c in RAY_CASES])
-def test_strategy_runs_three_rounds_on_ray(strategy, model, tmp_path):
-    grid = simulate_on_ray(run_config(strategy, model), tmp_path, NUM_NODES)
+def test_strategy_runs_three_rounds_on_ray(strategy, model, tmp_path, ray_address):
+    grid = simulate_on_ray(run_config(strategy, model), tmp_path, NUM_NODES, ray_address)
     check_run(strategy, model, tmp_path, grid)
