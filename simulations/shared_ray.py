@@ -71,6 +71,7 @@ def shared_ray(
         except subprocess.TimeoutExpired:
             head.kill()
             head.wait()
+        head.stdout.close()
 
 
 def first_line(process: subprocess.Popen, seconds: float) -> str | None:
