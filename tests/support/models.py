@@ -8,10 +8,12 @@ per model family, the LoRA target modules, one module for a ``rank_pattern`` and
 from __future__ import annotations
 
 import copy
+import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
@@ -25,8 +27,14 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from fedlora.models.base_model import MINILM_PACKAGE
+
 VOCAB = 100
 PEFT_PREFIX = "base_model.model."
+NEEDS_MINILM = pytest.mark.skipif(
+    importlib.util.find_spec(MINILM_PACKAGE) is None, reason="the MiniLM package is absent"
+)
+"""For the GPU tests, run where the MiniLM package may not be installed."""
 
 
 @contextmanager

@@ -1,7 +1,5 @@
 """Base models (the packaged MiniLM offline, tiny ones from configs) and their trainable copies."""
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -11,7 +9,6 @@ from fedlora.errors import ConfigError
 from fedlora.lora.lowrank import LowRank
 from fedlora.models import base_model
 from fedlora.models.base_model import (
-    MINILM_PACKAGE,
     copy_to,
     load_base_model,
     sb_head_parameters,
@@ -20,7 +17,7 @@ from fedlora.models.base_model import (
 )
 from fedlora.models.peft_io import lora_layers, read_adapter
 from fedlora.models.sb_layer import load_cores, load_fixed_factors, sb_layers
-from tests.support.models import token_batch
+from tests.support.models import NEEDS_MINILM, token_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,9 +160,7 @@ def test_missing_model_folder_is_named(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.skipif(
-    importlib.util.find_spec(MINILM_PACKAGE) is None, reason="the MiniLM package is absent"
-)
+@NEEDS_MINILM
 def test_lora_copy_lives_on_the_device_with_the_same_A(minilm):
     on_gpu = with_lora(
         minilm, 4, 8.0, False, ("query", "value"), ("classifier", "pooler"), device="cuda"

@@ -5,24 +5,20 @@ reverse order (hooking, then moving the model) makes Opacus update stale tensors
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from clients.worker import Worker
 from fedlora.config import RunConfig
-from fedlora.models.base_model import MINILM_PACKAGE
 from fedlora.models.peft_io import read_adapter
 from fedlora.privacy.sample_level import client_plan
 from fedlora.training.local import train_private
+from tests.support.models import NEEDS_MINILM
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(
-        importlib.util.find_spec(MINILM_PACKAGE) is None, reason="the MiniLM package is absent"
-    ),
+    NEEDS_MINILM,
 ]
 
 
