@@ -474,10 +474,12 @@ def test_a_stranger_with_the_ca_reaches_only_the_fleet_api(federation, tmp_path)
 @pytest.mark.slow
 @SHARES_THE_FEDERATION
 def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
-    """Node 2 is killed while it trains round 1 of FLoRA; the round finishes with the other two.
-    Once the SuperLink lists it offline it is started again (same key, same state-dir: a
-    SuperLink refuses to activate a node it still holds online) and it trains again by round 3,
-    caught up with the stacked base changes it missed: the round's model is the ideal one."""
+    """Node 2 is killed while it trains round 1 of FLoRA; the round finishes with the other two
+    once Flower reports node 2 unavailable (two missed heartbeats). Then it is started again
+    (same key, same state-dir) and it trains again by round 3, caught up with the stacked base
+    changes it missed: the round's model is the ideal one. Started again before its round has
+    ended, it can be online again under its node id before the ServerApp's next pull, and the
+    round then waits its whole ``round-timeout`` for the reply its killed process took."""
     run_dir = tmp_path / "run"
     overrides = {
         **DEPLOYED,
@@ -499,15 +501,16 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
         assert run.poll() is None, federation.processes.log("run")[-3000:]
         federation.processes.kill("node-2")
         wait_for(
-            lambda: federation.online() == len(RANKS) - 1,
-            "node 2 offline",
+            lambda: run.poll() is not None or metrics_rows(run_dir),
+            "round 1 to end without node 2",
             RUN_TIMEOUT,
-            every=LIST_EVERY,
+            every=WATCH_EVERY,
             first_after=NOT_SOONER_AFTER_A_KILL,
         )
+        assert federation.online() == len(RANKS) - 1
         federation.start_node(2, RANKS[2], name="node-2-restarted")
         run.wait(timeout=RUN_TIMEOUT)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = metrics_rows(run_dir)
     finally:
         federation.processes.kill("run")
         if federation.online() < len(RANKS):
@@ -605,6 +608,14 @@ def wait_for_checkpoint(
         2 * RUN_TIMEOUT,
     )
     assert run.poll() is None, federation.processes.log(name)[-3000:]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl so far, one per finished round (whole lines only: the
+    ServerApp appends a row while the test reads)."""
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("\n")]
 
 
 def run_status(federation: Federation, run_id: int) -> str:
