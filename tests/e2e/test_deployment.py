@@ -507,6 +507,7 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
             every=WATCH_EVERY,
             first_after=NOT_SOONER_AFTER_A_KILL,
         )
+        assert run.poll() is None, federation.processes.log("run")[-3000:]
         assert federation.online() == len(RANKS) - 1
         federation.start_node(2, RANKS[2], name="node-2-restarted")
         run.wait(timeout=RUN_TIMEOUT)

@@ -24,9 +24,11 @@ def test_flwr_run_of_the_project_root(tmp_path):
     run_config = (
         f"model='tiny-bert' num-server-rounds=2 max-length=32 local-steps=1 run-dir='{run_dir}'"
     )
+    # Two CPUs a ClientApp: one Ray worker (one import of torch) on two cores, for clients that
+    # train in milliseconds.
     command = [
         *("flwr", "run", str(PROJECT), "--stream", "--run-config", run_config),
-        *("--federation-config", "num-supernodes=3 client-resources-num-cpus=1"),
+        *("--federation-config", "num-supernodes=3 client-resources-num-cpus=2"),
     ]
     try:
         done = processes.run(command, timeout=600)
