@@ -60,6 +60,7 @@ from deployment.startup import LOADING, PHASES, measure_startup
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.models.base_model import load_base_model
+from simulations.run_dir import read_metrics
 from strategies.checkpoint import checkpoint_rounds
 from strategies.run_record import FINISHED, read_manifest, read_status
 from strategies.server_app import run
@@ -193,9 +194,8 @@ class Federation:
         """``flwr run`` of the project with these overrides; the rows of its metrics.jsonl."""
         overrides = {**run_config, "run-dir": str(run_dir)}
         done = self.processes.run(run_command(CONNECTION, overrides, str(PROJECT)), timeout=timeout)
-        metrics = run_dir / "metrics.jsonl"
-        assert metrics.exists(), done.stdout[-3000:] + done.stderr[-3000:]
-        return [json.loads(line) for line in metrics.read_text().splitlines()], done
+        assert (run_dir / "metrics.jsonl").exists(), done.stdout[-3000:] + done.stderr[-3000:]
+        return read_metrics(run_dir), done
 
 
 def fedlora_command(*args: str) -> list[str]:
@@ -402,7 +402,7 @@ def assert_matches_simulation(rows: list[dict], run_dir: Path, run_config: dict,
         LocalGrid(client_app(simulated), num_nodes=len(RANKS)),
         {**simulated, "run-dir": str(simulated_dir)},
     )
-    simulated_rows = [json.loads(line) for line in (simulated_dir / "metrics.jsonl").open()]
+    simulated_rows = read_metrics(simulated_dir)
     for row, expected in zip(rows, simulated_rows, strict=True):
         for key in ("train_loss", "loss", "client_accuracy"):
             if expected[key] is None:
@@ -500,18 +500,11 @@ def test_a_node_killed_mid_run_rejoins_when_restarted(federation, tmp_path):
         )
         assert run.poll() is None, federation.processes.log("run")[-3000:]
         federation.processes.kill("node-2")
-        wait_for(
-            lambda: run.poll() is not None or metrics_rows(run_dir),
-            "round 1 to end without node 2",
-            RUN_TIMEOUT,
-            every=WATCH_EVERY,
-            first_after=NOT_SOONER_AFTER_A_KILL,
-        )
-        assert run.poll() is None, federation.processes.log("run")[-3000:]
+        wait_for_checkpoint(federation, "run", run, run_dir, 1)  # round 1 ended without node 2
         assert federation.online() == len(RANKS) - 1
         federation.start_node(2, RANKS[2], name="node-2-restarted")
         run.wait(timeout=RUN_TIMEOUT)
-        rows = metrics_rows(run_dir)
+        rows = read_metrics(run_dir)
     finally:
         federation.processes.kill("run")
         if federation.online() < len(RANKS):
@@ -609,14 +602,6 @@ def wait_for_checkpoint(
         2 * RUN_TIMEOUT,
     )
     assert run.poll() is None, federation.processes.log(name)[-3000:]
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    """The rows of the run's metrics.jsonl so far, one per finished round (whole lines only: the
-    ServerApp appends a row while the test reads)."""
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("\n")]
 
 
 def run_status(federation: Federation, run_id: int) -> str:
