@@ -22,8 +22,9 @@ plain LoRA loop at the batch the clients add up to, from one call on one device.
 Without the federation (``federation=False``, ``--no-federation``) the figures are the
 in-process loops' alone.
 
-``group`` defaults to the ClientApps that share a GPU in the recipe (1 / ``num-gpus``), else 4
-(at most the recipe's clients).
+``group`` defaults to the clients that train together in the recipe: its ``group-size`` in the
+in-process engine, the ClientApps that share a GPU on Ray (1 / ``num-gpus``), else 4 (at most the
+recipe's clients).
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ between two passes of the same settings (40: 4% and 22% apart in two calls)."""
 
 
 def default_group(recipe: Recipe) -> int:
-    share = recipe.simulation.num_gpus
+    settings = recipe.simulation
+    if settings.engine == "in-process" and settings.group_size > 1:
+        return min(settings.group_size, settings.num_supernodes)
+    share = settings.num_gpus
     group = round(1 / share) if 0 < share < 1 else DEFAULT_GROUP
     return min(group, recipe.simulation.num_supernodes)
 

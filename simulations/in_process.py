@@ -11,8 +11,9 @@ in a thread of its own, one thread at a time; a client that reaches its local tr
 and the next thread starts; the group's parked jobs then train together
 (`fedlora.training.grouped.train_jobs_together`), one group per frozen base, and each thread
 finishes its reply in turn. Every node still gets its own message and answers with its own reply;
-a group that cannot train together (rank patterns that differ by layer) trains one client at a
-time, and so does a client whose training fails in the group.
+a group that cannot train together (rank patterns that differ by layer, learning rates or frozen
+factors that differ) trains one client at a time, and so does a client whose training fails in
+the group.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ prefix), so a client's peft model and its slot in a group exchange them directly
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -39,39 +38,46 @@ def batched(rows: Sequence[int]) -> bool:
 class GroupedLoRALinear(nn.Module):
     """A frozen linear layer plus one LoRA term per client, each applied to that client's rows.
 
-    The factors are float32 over a float32 or lower-precision base (float64 over a float64 one).
-    When the clients own equal row counts (`batched`), their factors are stacked, zero-padded to
-    the top rank, and applied by two batched products: a padded row of A meets a zero column of B,
-    so it adds exactly 0 and each client's gradient stays its own."""
+    The clients' factors are two parameters, A of shape (G, top rank, d_in) and B of shape
+    (G, d_out, top rank): client g's are ``A[g, :r_g]`` and ``B[g, :, :r_g]``, the rest zeros. A
+    padded row of A meets a zero column of B, so it adds exactly 0, gets a zero gradient, and
+    AdamW leaves it zero (zero moments, decay of zero): each client's factors stay its own. The
+    factors are float32 over a float32 or lower-precision base (float64 over a float64 one). When
+    the clients own equal row counts (`batched`) the terms take two batched products, else
+    products per client."""
 
     def __init__(self, base: nn.Linear, ranks: Sequence[int], scalings: Sequence[float]) -> None:
         super().__init__()
         self.base = base
+        self.ranks = list(ranks)
         self.scalings = list(scalings)
-        self.top_rank = max(ranks)
+        top = max(ranks)
         weight = base.weight
         factory = {
             "device": weight.device,
             "dtype": torch.promote_types(weight.dtype, torch.float32),
         }
-        self.lora_A = nn.ParameterList(
-            nn.Parameter(torch.zeros(rank, base.in_features, **factory)) for rank in ranks
-        )
-        self.lora_B = nn.ParameterList(
-            nn.Parameter(torch.zeros(base.out_features, rank, **factory)) for rank in ranks
-        )
+        clients = len(ranks)
+        self.lora_A = nn.Parameter(torch.zeros(clients, top, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(clients, base.out_features, top, **factory))
         scalings_tensor = torch.tensor(self.scalings, **factory).view(-1, 1, 1)
         self.register_buffer("stacked_scalings", scalings_tensor, persistent=False)
-        padding = torch.zeros(self.top_rank * max(base.in_features, base.out_features), **factory)
-        self.register_buffer("padding", padding, persistent=False)
         self.rows: list[int] | None = None
+
+    def client_A(self, client: int) -> Tensor:
+        """Client ``client``'s A (r_g x d_in), a view of the stacked parameter."""
+        return self.lora_A[client, : self.ranks[client]]
+
+    def client_B(self, client: int) -> Tensor:
+        """Client ``client``'s B (d_out x r_g), a view of the stacked parameter."""
+        return self.lora_B[client, :, : self.ranks[client]]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rows is None:
             raise RuntimeError("GroupedLoRALinear called outside GroupedLoRA.forward (rows unset)")
         result = self.base(x)
         if not torch.is_autocast_enabled(x.device.type):  # autocast casts the products itself
-            x = x.to(self.lora_A[0].dtype)
+            x = x.to(self.lora_A.dtype)
         term = self.batched_terms(x) if batched(self.rows) else self.client_terms(x)
         return result + term.to(result.dtype)
 
@@ -79,35 +85,20 @@ class GroupedLoRALinear(nn.Module):
         """s_g B_g A_g x_g on each client's rows, by products per client."""
         return torch.cat(
             [
-                (part @ A.T @ B.T) * scaling
-                for part, A, B, scaling in zip(
-                    x.split(self.rows), self.lora_A, self.lora_B, self.scalings, strict=True
+                (part @ self.client_A(client).T @ self.client_B(client).T) * scaling
+                for client, (part, scaling) in enumerate(
+                    zip(x.split(self.rows), self.scalings, strict=True)
                 )
             ]
         )
 
     def batched_terms(self, x: Tensor) -> Tensor:
         """The same terms for equal row counts, by two batched products: x as (G, rows x
-        positions, d_in), s A as (G, top rank, d_in), B as (G, d_out, top rank)."""
-        clients, top = len(self.lora_A), self.top_rank
-        A = self.joined_padded(self.lora_A, 0).view(clients, top, -1)
-        B = self.joined_padded(self.lora_B, 1).view(-1, clients, top).permute(1, 0, 2)
-        stacked = x.reshape(clients, -1, x.shape[-1])
-        hidden = torch.bmm(stacked, (A * self.stacked_scalings).transpose(1, 2))
-        terms = torch.bmm(hidden, B.transpose(1, 2))
+        positions, d_in) against s A^T (G, d_in, top rank), then B^T (G, top rank, d_out)."""
+        stacked = x.reshape(len(self.ranks), -1, x.shape[-1])
+        hidden = torch.bmm(stacked, (self.lora_A * self.stacked_scalings).transpose(1, 2))
+        terms = torch.bmm(hidden, self.lora_B.transpose(1, 2))
         return terms.reshape(*x.shape[:-1], -1)
-
-    def joined_padded(self, factors: Sequence[Tensor], dim: int) -> Tensor:
-        """The factors joined along their rank dimension ``dim`` in one copy, each followed by
-        zeros (a view of the padding buffer) up to the top rank."""
-        parts = []
-        for factor in factors:
-            parts.append(factor)
-            shape = list(factor.shape)
-            shape[dim] = self.top_rank - shape[dim]
-            if shape[dim]:
-                parts.append(self.padding[: math.prod(shape)].view(shape))
-        return torch.cat(parts, dim)
 
 
 class GroupedHead(nn.Module):
@@ -191,14 +182,10 @@ class GroupedLoRA(nn.Module):
             for module in grouped:
                 module.rows = None
 
-    def client_parameters(self, client: int) -> list[nn.Parameter]:
-        """Client ``client``'s trainable parameters: A then B of every layer, then its heads'."""
-        factors = [
-            factor
-            for layer in self.layers.values()
-            for factor in (layer.lora_A[client], layer.lora_B[client])
-        ]
-        return factors + list(self.client_head_parameters(client).values())
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters training moves: every layer's stacked A (unless frozen) and B, then
+        each client's heads."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     def client_head_parameters(self, client: int) -> dict[str, nn.Parameter]:
         """Client ``client``'s head parameters, keyed as peft's state dict keys them."""
@@ -230,18 +217,19 @@ class GroupedLoRA(nn.Module):
             )
         for name, (A, B) in factors.items():
             layer = self.layers[name]
-            if A.shape != layer.lora_A[client].shape or B.shape != layer.lora_B[client].shape:
+            A_slot, B_slot = layer.client_A(client), layer.client_B(client)
+            if A.shape != A_slot.shape or B.shape != B_slot.shape:
                 raise ValueError(
                     f"{name}: factors of shapes {tuple(A.shape)}, {tuple(B.shape)} for a slot of "
-                    f"{tuple(layer.lora_A[client].shape)}, {tuple(layer.lora_B[client].shape)}"
+                    f"{tuple(A_slot.shape)}, {tuple(B_slot.shape)}"
                 )
-            layer.lora_A[client].copy_(A)
-            layer.lora_B[client].copy_(B)
+            A_slot.copy_(A)
+            B_slot.copy_(B)
 
     def client_factors(self, client: int) -> dict[str, tuple[Tensor, Tensor]]:
         """Client ``client``'s (A, B) per peft module path (detached, on the group's device)."""
         return {
-            name: (layer.lora_A[client].detach(), layer.lora_B[client].detach())
+            name: (layer.client_A(client).detach(), layer.client_B(client).detach())
             for name, layer in self.layers.items()
         }
 
@@ -305,7 +293,7 @@ def fresh_group(
         base, ranks, [lora_scale(alpha, rank, rslora) for rank in ranks], target_modules, heads
     )
     for name, layer in group.layers.items():
-        for A in layer.lora_A:
-            rank, d_in = A.shape
-            A.copy_(fresh_lora_A(rank, d_in, module_seed(seed, name), dtype=A.dtype))
+        for client, rank in enumerate(ranks):
+            A = layer.client_A(client)
+            A.copy_(fresh_lora_A(rank, A.shape[1], module_seed(seed, name), dtype=A.dtype))
     return group

@@ -1,10 +1,11 @@
 """Local training of a group of clients in one forward/backward per step (`fedlora.models.grouped_lora`).
 
 Each step stacks every client's next batch (padded on the right to the widest: masked, ignored
-positions), runs the group once, and sums the clients' own mean losses; one AdamW holds one
-parameter group per client, so each client's moments, step count and learning rate are its own.
-Client g's factors then follow the steps `fedlora.training.local.train_local` takes on its batches
-alone: the sum's gradient with respect to client g's factors is its own loss's.
+positions), runs the group once, and sums the clients' own mean losses; one AdamW steps the
+group's stacked factors at the clients' common learning rate. AdamW is elementwise, so each
+client's slice of the moments is its own, and client g's factors follow the steps
+`fedlora.training.local.train_local` takes on its batches alone: the sum's gradient with respect
+to client g's factors is its own loss's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from fedlora.models.peft_io import (
     write_adapter,
     write_head,
 )
-from fedlora.training.local import TrainReport, autocast, seeded_rng, to_device
+from fedlora.training.local import (
+    TrainReport,
+    autocast,
+    seeded_rng,
+    set_learning_rate,
+    to_device,
+)
 from fedlora.training.logits_window import labelled_window
 from fedlora.training.rendezvous import TrainingJob
 
@@ -71,12 +78,10 @@ def client_losses(logits: Tensor, labels: Tensor, rows: Sequence[int]) -> list[T
 def make_group_optimizer(
     group: GroupedLoRA, lr: float, weight_decay: float, fused: bool = False
 ) -> torch.optim.AdamW:
-    """One AdamW with one parameter group per client (its own moments and learning rate)."""
+    """One AdamW over the group's stacked factors and heads (elementwise: each client's slice of
+    the moments is its own)."""
     return torch.optim.AdamW(
-        [{"params": group.client_parameters(client)} for client in range(group.num_clients)],
-        lr=lr,
-        weight_decay=weight_decay,
-        fused=fused or None,
+        group.trainable_parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None
     )
 
 
@@ -88,12 +93,12 @@ def train_group(
     weight_decay: float,
     device: torch.device | str,
     seed: int | None = None,
-    learning_rates: Sequence[Sequence[float]] | None = None,
+    learning_rates: Sequence[float] | None = None,
     fused: bool = False,
 ) -> list[TrainReport]:
     """``steps`` AdamW steps of every client of the group together, client g on
-    ``client_batches[g]``; ``learning_rates[g]`` (one per step) replaces ``lr`` for client g.
-    One report per client (the seconds are the group's). Left in eval mode."""
+    ``client_batches[g]``; ``learning_rates`` (one per step, the clients' common schedule)
+    replaces ``lr``. One report per client (the seconds are the group's). Left in eval mode."""
     device = torch.device(device)
     if len(client_batches) != group.num_clients:
         raise ValueError(f"{len(client_batches)} batch streams for {group.num_clients} clients")
@@ -118,10 +123,7 @@ def train_group(
                 step_losses = client_losses(logits, labels, rows)
                 torch.stack(step_losses).sum().backward()
                 if learning_rates is not None:
-                    for param_group, rates in zip(
-                        optimizer.param_groups, learning_rates, strict=True
-                    ):
-                        param_group["lr"] = rates[step]
+                    set_learning_rate(optimizer, learning_rates[step])
                 optimizer.step()
                 for client, loss in enumerate(step_losses):
                     losses[client].append(loss.detach())
@@ -147,20 +149,22 @@ def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
     """The jobs' models trained as one group (`train_group`), each model's factors and head then
     set to its trained ones; one report per job. The models must be peft LoRA copies of one frozen
     base (equal base weights: clients of one round hold the same global version) on one device,
-    each with one rank and scale over its layers; a group that does not fit is a ValueError, and
-    nothing is trained."""
+    each with one rank and scale over its layers, the same learning rates and the same factors
+    trained (FFA-LoRA's clients all keep A frozen); a group that does not fit is a ValueError,
+    and nothing is trained."""
     models = [job.model for job in jobs]
     if not same_frozen_base(models):
         raise ValueError("the clients' frozen bases differ: they cannot train as one group")
+    if any(list(job.learning_rates) != list(jobs[0].learning_rates) for job in jobs):
+        raise ValueError("the clients' learning rates differ: they cannot train as one group")
+    layers = [lora_layers(model) for model in models]
+    trained = trained_factors(layers)
     config = jobs[0].config
     device = next(models[0].parameters()).device
     group = group_of_peft_models(copy.deepcopy(models[0]).unload(), models)
-    layers = [lora_layers(model) for model in models]
-    for client, client_layers in enumerate(layers):  # FFA-LoRA's clients keep A frozen
-        for name, layer in client_layers.items():
-            slot = group.layers[name]
-            slot.lora_A[client].requires_grad_(layer.lora_A[DEFAULT_ADAPTER].weight.requires_grad)
-            slot.lora_B[client].requires_grad_(layer.lora_B[DEFAULT_ADAPTER].weight.requires_grad)
+    for name, (train_A, train_B) in trained.items():
+        group.layers[name].lora_A.requires_grad_(train_A)
+        group.layers[name].lora_B.requires_grad_(train_B)
     reports = train_group(
         group,
         [job.batches for job in jobs],
@@ -169,7 +173,7 @@ def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
         config.weight_decay,
         device,
         seed=jobs[0].seed,
-        learning_rates=[job.learning_rates for job in jobs],
+        learning_rates=jobs[0].learning_rates,
         fused=device.type == "cuda",
     )
     for client, (model, client_layers) in enumerate(zip(models, layers, strict=True)):
@@ -183,6 +187,29 @@ def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
             {key: value.detach() for key, value in group.client_head_parameters(client).items()},
         )
     return reports
+
+
+def trained_factors(
+    layers: Sequence[Mapping[str, torch.nn.Module]],
+) -> dict[str, tuple[bool, bool]]:
+    """Whether A and B train, per module path, the same in every client's peft LoRA layers (a
+    group steps each factor of all its clients at once); a ValueError where clients differ."""
+    trained = {}
+    for name in layers[0]:
+        flags = {
+            (
+                client[name].lora_A[DEFAULT_ADAPTER].weight.requires_grad,
+                client[name].lora_B[DEFAULT_ADAPTER].weight.requires_grad,
+            )
+            for client in layers
+        }
+        if len(flags) != 1:
+            raise ValueError(
+                f"{name}: some clients train a factor that others keep frozen: they cannot "
+                "train as one group"
+            )
+        trained[name] = flags.pop()
+    return trained
 
 
 def same_base_groups(models: Sequence[torch.nn.Module]) -> list[list[int]]:

@@ -14,8 +14,9 @@ from fedlora.bench.train import grouped_throughput, mfu, plain_throughput
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.models.base_model import load_base_model
-from simulations.bench_train import train_benchmark
+from simulations.bench_train import default_group, train_benchmark
 from simulations.recipe_files import RECIPES_DIR
+from simulations.recipes import load_recipe, resolve
 
 CONFIG = RunConfig.from_flower(
     {
@@ -52,6 +53,17 @@ def test_with_packing_both_loops_train_full_rows(one_thread):
 def test_mfu_counts_four_flops_per_parameter_and_token_on_known_gpus():
     assert mfu(10**9, 1e3, "cpu") is None
     assert mfu(10**9, 1e3, "NVIDIA H200") == pytest.approx(4e12 / 989e12)
+
+
+def test_the_default_group_is_the_clients_that_train_together_in_the_recipe():
+    """The in-process engine's group size, the ClientApps sharing a GPU on Ray, else 4."""
+    grouped = load_recipe(RECIPES_DIR / "grouped-gpu.toml")
+    assert default_group(grouped) == 4
+    eight = dataclasses.replace(grouped.simulation, group_size=8)
+    assert default_group(dataclasses.replace(grouped, simulation=eight)) == 8
+    assert default_group(load_recipe(RECIPES_DIR / "multi-gpu.toml")) == 4  # num-gpus 0.25
+    tiny = resolve(load_recipe(RECIPES_DIR / "tiny.toml"), ())
+    assert default_group(tiny) == min(4, tiny.simulation.num_supernodes)
 
 
 def test_a_group_past_the_clients_is_refused(tmp_path):

@@ -81,25 +81,39 @@ def test_each_client_of_a_group_trains_as_it_would_alone(setup, batched_path, on
             torch.testing.assert_close(grouped[name][1], B, rtol=0, atol=1e-10)
 
 
-def test_jobs_trained_together_are_written_back_as_trained_alone(one_thread):
+def jobs_of(clients, data, setup, rates=None):
+    config = RunConfig(learning_rate=LR, weight_decay=WEIGHT_DECAY)
+    return [
+        TrainingJob(model, batches, STEPS, rates or [LR] * STEPS, seed, config, alone=None)
+        for model, batches, (*_, seed) in zip(clients, data, setup, strict=True)
+    ]
+
+
+def factors_of(models):
+    return [{n: (A.clone(), B.clone()) for n, (A, B) in peft_factors(m).items()} for m in models]
+
+
+def assert_untrained(models, before):
+    for model, factors in zip(models, before, strict=True):
+        for name, (A, B) in peft_factors(model).items():
+            assert torch.equal(A, factors[name][0]) and torch.equal(B, factors[name][1])
+
+
+@pytest.mark.parametrize("frozen_A", [False, True], ids=["lora", "ffa-lora"])
+def test_jobs_trained_together_are_written_back_as_trained_alone(frozen_A, one_thread):
     """`train_jobs_together`, as the in-process engine's groups call it: each peft model ends with
-    the factors it reaches alone; a client whose A is frozen (FFA-LoRA's) keeps it exactly; models
-    whose frozen bases differ are refused before anything trains."""
+    the factors it reaches alone; clients whose A is frozen (FFA-LoRA's) keep it exactly."""
     base = BaseModel(model=tiny_llama(), tokenizer=None, num_labels=0)
     setup = EQUAL_ROWS[:3]
     clients = [lora_client(base, rank, seed) for rank, _, _, seed in setup]
-    for layer in lora_layers(clients[1]).values():
-        layer.lora_A["default"].weight.requires_grad_(False)
+    for model in clients:
+        for layer in lora_layers(model).values():
+            layer.lora_A["default"].weight.requires_grad_(not frozen_A)
     twins = [copy.deepcopy(model) for model in clients]
     data = [client_batches(size, length, seed) for _, size, length, seed in setup]
-    config = RunConfig(learning_rate=LR, weight_decay=WEIGHT_DECAY)
-    jobs = [
-        TrainingJob(model, batches, STEPS, [LR] * STEPS, seed, config, alone=None)
-        for model, batches, (*_, seed) in zip(clients, data, setup, strict=True)
-    ]
-    frozen = {name: A.clone() for name, (A, _) in peft_factors(clients[1]).items()}
+    before = factors_of(clients)
 
-    reports = train_jobs_together(jobs)
+    reports = train_jobs_together(jobs_of(clients, data, setup))
     for client, (model, twin) in enumerate(zip(clients, twins, strict=True)):
         alone = train_local(
             twin, data[client], STEPS, LR, WEIGHT_DECAY, "cpu", seed=setup[client][3]
@@ -109,15 +123,31 @@ def test_jobs_trained_together_are_written_back_as_trained_alone(one_thread):
         for name, (A, B) in peft_factors(model).items():
             torch.testing.assert_close(A, expected[name][0], rtol=0, atol=1e-10)
             torch.testing.assert_close(B, expected[name][1], rtol=0, atol=1e-10)
-    assert all(torch.equal(A, frozen[name]) for name, (A, _) in peft_factors(clients[1]).items())
+            assert torch.equal(A, before[client][name][0]) is frozen_A
 
+
+def test_jobs_that_cannot_train_together_are_refused_before_anything_trains(one_thread):
+    """Different frozen bases, different learning rates, or a factor frozen by some clients and
+    trained by others: a ValueError naming it, every model untouched."""
+    base = BaseModel(model=tiny_llama(), tokenizer=None, num_labels=0)
+    setup = EQUAL_ROWS[:3]
+    clients = [lora_client(base, rank, seed) for rank, _, _, seed in setup]
+    data = [client_batches(size, length, seed) for _, size, length, seed in setup]
+    before = factors_of(clients)
+
+    jobs = jobs_of(clients, data, setup)
+    jobs[1] = jobs_of(clients[1:2], data[1:2], setup[1:2], rates=[LR / 2] * STEPS)[0]
+    with pytest.raises(ValueError, match="learning rates differ"):
+        train_jobs_together(jobs)
+    for layer in lora_layers(clients[1]).values():
+        layer.lora_A["default"].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="others keep frozen"):
+        train_jobs_together(jobs_of(clients, data, setup))
     with torch.no_grad():
         next(iter(lora_layers(clients[2]).values())).get_base_layer().weight.add_(1.0)
-    before = [{n: (A.clone(), B) for n, (A, B) in peft_factors(m).items()} for m in clients]
     with pytest.raises(ValueError, match="frozen bases differ"):
-        train_jobs_together(jobs)
-    for model, factors in zip(clients, before, strict=True):
-        assert all(torch.equal(A, factors[n][0]) for n, (A, _) in peft_factors(model).items())
+        train_jobs_together(jobs_of(clients, data, setup))
+    assert_untrained(clients, before)
 
 
 def test_clients_with_their_own_heads_train_as_alone(one_thread):
@@ -174,24 +204,28 @@ def test_clients_with_their_own_heads_train_as_alone(one_thread):
 
 
 def test_the_batched_products_equal_the_per_client_ones_with_their_gradients():
-    """One layer, clients of ranks 1, 3, 2 on 2 rows each: the same terms and factor gradients."""
+    """One layer, clients of ranks 1, 3, 2 on 2 rows each: the same terms and factor gradients,
+    and zero gradients on the padding of the stacked factors."""
     generator = torch.Generator().manual_seed(0)
     layer = GroupedLoRALinear(torch.nn.Linear(5, 7).double(), [1, 3, 2], [2.0, 0.5, 1.0])
     with torch.no_grad():
-        for factor in [*layer.lora_A, *layer.lora_B]:
-            factor.copy_(torch.randn(factor.shape, generator=generator, dtype=factor.dtype))
+        for client in range(3):
+            for factor in (layer.client_A(client), layer.client_B(client)):
+                factor.copy_(torch.randn(factor.shape, generator=generator, dtype=factor.dtype))
     x = torch.randn(6, 4, 5, generator=generator, dtype=torch.float64)
     layer.rows = [2, 2, 2]
     results = []
     for terms in (layer.batched_terms, layer.client_terms):
         term = terms(x)
-        gradients = torch.autograd.grad(term.square().sum(), [*layer.lora_A, *layer.lora_B])
+        gradients = torch.autograd.grad(term.square().sum(), [layer.lora_A, layer.lora_B])
         results.append((term, gradients))
     (batched_term, batched_gradients), (client_term, client_gradients) = results
     assert batched_term.shape == (6, 4, 7)
     torch.testing.assert_close(batched_term, client_term, rtol=0, atol=1e-12)
     for batched_gradient, client_gradient in zip(batched_gradients, client_gradients, strict=True):
         torch.testing.assert_close(batched_gradient, client_gradient, rtol=0, atol=1e-12)
+    A_gradient, B_gradient = batched_gradients
+    assert not A_gradient[0, 1:].any() and not B_gradient[2, :, 2:].any()
 
 
 def test_a_client_alone_in_the_group_is_a_plain_lora_forward(one_thread):
