@@ -58,9 +58,9 @@ def test_mfu_counts_four_flops_per_parameter_and_token_on_known_gpus():
 def test_the_default_group_is_the_clients_that_train_together_in_the_recipe():
     """The in-process engine's group size, the ClientApps sharing a GPU on Ray, else 4."""
     grouped = load_recipe(RECIPES_DIR / "grouped-gpu.toml")
-    assert default_group(grouped) == 4
-    eight = dataclasses.replace(grouped.simulation, group_size=8)
-    assert default_group(dataclasses.replace(grouped, simulation=eight)) == 8
+    assert default_group(grouped) == 8
+    two = dataclasses.replace(grouped.simulation, group_size=2)
+    assert default_group(dataclasses.replace(grouped, simulation=two)) == 2
     assert default_group(load_recipe(RECIPES_DIR / "multi-gpu.toml")) == 4  # num-gpus 0.25
     tiny = resolve(load_recipe(RECIPES_DIR / "tiny.toml"), ())
     assert default_group(tiny) == min(4, tiny.simulation.num_supernodes)
