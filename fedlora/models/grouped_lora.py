@@ -183,8 +183,8 @@ class GroupedLoRA(nn.Module):
                 module.rows = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters training moves: every layer's stacked A (unless frozen) and B, then
-        each client's heads."""
+        """The parameters training moves, in module order: every layer's stacked A (unless
+        frozen) and B, and each client's heads."""
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     def client_head_parameters(self, client: int) -> dict[str, nn.Parameter]:
