@@ -53,11 +53,12 @@ between two passes of the same settings (40: 4% and 22% apart in two calls)."""
 
 def default_group(recipe: Recipe) -> int:
     settings = recipe.simulation
-    if settings.engine == "in-process" and settings.group_size > 1:
-        return min(settings.group_size, settings.num_supernodes)
     share = settings.num_gpus
-    group = round(1 / share) if 0 < share < 1 else DEFAULT_GROUP
-    return min(group, recipe.simulation.num_supernodes)
+    if settings.engine == "in-process" and settings.group_size > 1:
+        group = settings.group_size
+    else:
+        group = round(1 / share) if 0 < share < 1 else DEFAULT_GROUP
+    return min(group, settings.num_supernodes)
 
 
 def train_benchmark(
