@@ -43,6 +43,7 @@ GENERATION_METRICS = ("auto", "answer", "rouge-l")
 ROBUST_AGGREGATIONS = ("mean", "trimmed-mean", "median")
 BASE_CHANGES = ("run-dir", "messages")
 BASE_DTYPES = ("float32", "bfloat16")
+CPU_AUTOCAST_MODES = ("off", "bfloat16", "auto")
 TORCH_COMPILE_MODES = ("none", "blocks", "model")
 NAMED_MODELS = {
     "minilm": "classification",
@@ -201,6 +202,11 @@ class RunConfig:
         "float32",
         "the frozen base's weights of a LoRA client on CUDA: float32 (cast to bf16 at each matmul by autocast) or bfloat16 (stored so; the LoRA factors, the head and the base shift stay float32; the CPU keeps float32)",
         choices=BASE_DTYPES,
+    )
+    cpu_autocast: str = key(
+        "off",
+        "bf16 autocast of the forward passes on the CPU (training and evaluation; CUDA always autocasts): off (float32), bfloat16, or auto (bfloat16 where the CPU multiplies it natively, AMX or AVX512-BF16, and not under dp-sample; float32 elsewhere, where it would be emulated); the weights, the LoRA factors and the optimizer stay float32",
+        choices=CPU_AUTOCAST_MODES,
     )
     torch_compile: str = key(
         "none",
@@ -622,10 +628,12 @@ def check_column_mapping(config: RunConfig) -> None:
 
 
 def check_fast_training(config: RunConfig) -> None:
-    """bfloat16 bases and torch.compile train plainly: not under Opacus' DP-SGD, whose per-example
-    gradient hooks they are not tested with."""
+    """bfloat16 bases, the CPU's bf16 autocast and torch.compile train plainly: not under Opacus'
+    DP-SGD, whose per-example gradient hooks they are not tested with."""
     if config.dp_sample and config.base_dtype != "float32":
         raise ConfigError(f"base-dtype = {config.base_dtype!r} is not supported with dp-sample")
+    if config.dp_sample and config.cpu_autocast == "bfloat16":
+        raise ConfigError(f"cpu-autocast = {config.cpu_autocast!r} is not supported with dp-sample")
     if config.dp_sample and config.torch_compile != "none":
         raise ConfigError(
             f"torch-compile = {config.torch_compile!r} is not supported with dp-sample"

@@ -25,7 +25,7 @@ from fedlora.errors import ConfigError
 from fedlora.models.base_model import BaseModel, copy_to, with_lora
 from fedlora.models.grouped_lora import fresh_group
 from fedlora.training.grouped import train_group
-from fedlora.training.local import client_seed, make_optimizer, train_local
+from fedlora.training.local import client_seed, cpu_autocast, make_optimizer, train_local
 from fedlora.training.speed import prepare_for_training
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -105,6 +105,7 @@ def plain_throughput(
             device,
             optimizer=optimizer,
             seed=seed,
+            cpu_bf16=cpu_autocast(config),
         ).seconds
     report = train_local(
         model,
@@ -115,6 +116,7 @@ def plain_throughput(
         device,
         optimizer=optimizer,
         seed=seed,
+        cpu_bf16=cpu_autocast(config),
     )
     result = rate(tokens_of(drawn[warmup:]), report.seconds, batch_size, base, device)
     return {**result, "warmup_seconds": warmup_seconds}
@@ -173,6 +175,7 @@ def grouped_throughput(
             device,
             seed=config.seed,
             fused=fused,
+            cpu_bf16=cpu_autocast(config),
         )
     reports = train_group(
         group,
@@ -183,6 +186,7 @@ def grouped_throughput(
         device,
         seed=config.seed,
         fused=fused,
+        cpu_bf16=cpu_autocast(config),
     )
     tokens = sum(tokens_of(client[warmup:]) for client in drawn)
     result = rate(tokens, reports[0].seconds, group_size * config.batch_size, base, device)

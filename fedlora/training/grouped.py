@@ -32,6 +32,7 @@ from fedlora.models.peft_io import (
 from fedlora.training.local import (
     TrainReport,
     autocast,
+    cpu_autocast,
     seeded_rng,
     set_learning_rate,
     to_device,
@@ -67,6 +68,8 @@ def client_losses(logits: Tensor, labels: Tensor, rows: Sequence[int]) -> list[T
     for part, target in zip(logits.split(rows), labels.split(rows), strict=True):
         if target.dim() == 2:  # transformers' causal-LM loss takes float32 logits
             part, target = part[:, :-1].float(), target[:, 1:]
+        else:  # bf16 logits in float32, as autocast computes the loss alone
+            part = part.to(torch.promote_types(part.dtype, torch.float32))
         losses.append(
             F.cross_entropy(
                 part.reshape(-1, part.shape[-1]), target.reshape(-1), ignore_index=IGNORED_LABEL
@@ -95,10 +98,11 @@ def train_group(
     seed: int | None = None,
     learning_rates: Sequence[float] | None = None,
     fused: bool = False,
+    cpu_bf16: bool = False,
 ) -> list[TrainReport]:
     """``steps`` AdamW steps of every client of the group together, client g on
     ``client_batches[g]``; ``learning_rates`` (one per step, the clients' common schedule)
-    replaces ``lr``. One report per client (the seconds are the group's). Left in eval mode."""
+    replaces ``lr``; ``cpu_bf16``: the forward passes on the CPU under bf16 autocast. One report per client (the seconds are the group's). Left in eval mode."""
     device = torch.device(device)
     if len(client_batches) != group.num_clients:
         raise ValueError(f"{len(client_batches)} batch streams for {group.num_clients} clients")
@@ -118,7 +122,7 @@ def train_group(
                 stacked = to_device(labelled_window(group, stacked), device)
                 labels = stacked.pop("labels")
                 optimizer.zero_grad(set_to_none=True)
-                with autocast(device):
+                with autocast(device, cpu_bf16):
                     logits = group(rows, **stacked).logits
                 step_losses = client_losses(logits, labels, rows)
                 torch.stack(step_losses).sum().backward()
@@ -175,6 +179,7 @@ def train_jobs_together(jobs: Sequence[TrainingJob]) -> list[TrainReport]:
         seed=jobs[0].seed,
         learning_rates=jobs[0].learning_rates,
         fused=device.type == "cuda",
+        cpu_bf16=cpu_autocast(config),
     )
     for client, (model, client_layers) in enumerate(zip(models, layers, strict=True)):
         trained = {

@@ -1,7 +1,8 @@
 """Local training and evaluation of a client's model, on the GPU when there is one.
 
 On CUDA the forward passes run under bf16 autocast (the weights float32, or the frozen ones bfloat16:
-`fedlora.training.speed`) and AdamW is PyTorch's fused kernel; on the CPU in float32. Training draws its dropout masks from ``seed`` when one is given, so a client's round is
+`fedlora.training.speed`) and AdamW is PyTorch's fused kernel; on the CPU in float32, or under bf16
+autocast where ``cpu-autocast`` asks (`cpu_autocast`). Training draws its dropout masks from ``seed`` when one is given, so a client's round is
 reproducible. An optimizer step may accumulate the gradients of several batches, each batch's loss
 weighted by its share of the step's loss targets, so that the step equals one on all of them
 together; its learning rate follows the run's schedule (`fedlora.training.lr_schedule`). `train_private`
@@ -78,9 +79,26 @@ def make_optimizer(
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16); elsewhere bf16
+    products are emulated, slower than float32 ones."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def cpu_autocast(config: RunConfig) -> bool:
+    """Whether the run's forward passes on the CPU run under bf16 autocast: ``cpu-autocast`` is
+    bfloat16, or auto on a CPU that multiplies bfloat16 natively outside DP-SGD (which keeps
+    float32)."""
+    mode = config.cpu_autocast
+    return mode == "bfloat16" or (mode == "auto" and not config.dp_sample and native_cpu_bf16())
+
+
+def autocast(device: torch.device, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, and on the CPU where ``cpu_bf16``; nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16 and device.type == "cpu")
 
 
 @contextlib.contextmanager
@@ -176,6 +194,7 @@ def train_round(
             accumulation_steps=accumulation,
             learning_rates=rates,
             proximal_mu=config.fedprox_mu,
+            cpu_bf16=cpu_autocast(config),
         )
 
     if slot is None:
@@ -223,6 +242,7 @@ def train_local(
     accumulation_steps: int = 1,
     learning_rates: Sequence[float] | None = None,
     proximal_mu: float = 0.0,
+    cpu_bf16: bool = False,
 ) -> TrainReport:
     """``steps`` AdamW steps on the trainable parameters, each accumulating the gradients of the
     next ``accumulation_steps`` batches (each batch's loss weighted by `batch_weights`).
@@ -233,8 +253,9 @@ def train_local(
 
     The model is trained in train mode (dropout on) and left in eval mode. ``optimizer`` replaces
     the AdamW made here (e.g. an Opacus DP optimizer over the same parameters), ``loss_fn``
-    the model's own loss (``model(**batch).loss``), ``learning_rates`` (one per step) ``lr``.
-    The reported loss of a step is the weighted sum of its batches' losses.
+    the model's own loss (``model(**batch).loss``), ``learning_rates`` (one per step) ``lr``;
+    ``cpu_bf16``: the forward passes on the CPU under bf16 autocast. The reported loss of a step
+    is the weighted sum of its batches' losses.
     """
     device = torch.device(device)
     optimizer = optimizer or make_optimizer(model, lr, weight_decay, fused=device.type == "cuda")
@@ -259,7 +280,7 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for batch, weight in zip(group, batch_weights(group), strict=True):
-                    with autocast(device):
+                    with autocast(device, cpu_bf16):
                         loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
                     (loss * weight).backward()
                     step_loss = step_loss + loss.detach() * weight
@@ -349,12 +370,13 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     counted = torch.zeros((), dtype=torch.int64, device=device)
+    cpu_bf16 = cpu_autocast(config)
     for batch in ordered_batches(
         data, tokenizer, config.max_length, batch_size or config.evaluation_batch_size, config.task
     ):
         batch = to_device(labelled_window(model, batch), device)
         labels = batch.pop("labels")
-        with autocast(device):
+        with autocast(device, cpu_bf16):
             logits = model(**batch).logits.float()
         if config.task == "causal-lm":
             logits, labels = logits[:, :-1], labels[:, 1:]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clients.app import client_app
+from strategies import STRATEGIES
 from strategies.server_app import run
 from tests.support.local_grid import LocalGrid
 from tests.support.strategy_matrix import CASES, NUM_NODES, case_id, check_run, run_config
@@ -22,6 +23,17 @@ def test_strategy_runs_three_rounds(strategy, model, tmp_path):
     grid = LocalGrid(client_app(config), num_nodes=NUM_NODES)
     run(grid, {**config, "run-dir": str(tmp_path)})
     check_run(strategy, model, tmp_path, grid)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_runs_three_rounds_under_the_cpus_bf16_autocast(strategy, tmp_path):
+    """``cpu-autocast = "bfloat16"`` (the CPU recipes' ``auto`` on a CPU with native bf16): the
+    clients' and the server's forward passes in bf16, the same checks, the exact rules within
+    1e-5 (the probes and the aggregation run in float32)."""
+    config = {**run_config(strategy, "tiny-bert"), "cpu-autocast": "bfloat16"}
+    grid = LocalGrid(client_app(config), num_nodes=NUM_NODES)
+    run(grid, {**config, "run-dir": str(tmp_path)})
+    check_run(strategy, "tiny-bert", tmp_path, grid)
 
 
 @pytest.mark.gpu
