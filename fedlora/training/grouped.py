@@ -102,7 +102,8 @@ def train_group(
 ) -> list[TrainReport]:
     """``steps`` AdamW steps of every client of the group together, client g on
     ``client_batches[g]``; ``learning_rates`` (one per step, the clients' common schedule)
-    replaces ``lr``; ``cpu_bf16``: the forward passes on the CPU under bf16 autocast. One report per client (the seconds are the group's). Left in eval mode."""
+    replaces ``lr``; ``cpu_bf16``: the forward passes on the CPU under bf16 autocast. One report
+    per client (the seconds are the group's). Left in eval mode."""
     device = torch.device(device)
     if len(client_batches) != group.num_clients:
         raise ValueError(f"{len(client_batches)} batch streams for {group.num_clients} clients")

@@ -1,13 +1,14 @@
 """Local training and evaluation of a client's model, on the GPU when there is one.
 
-On CUDA the forward passes run under bf16 autocast (the weights float32, or the frozen ones bfloat16:
-`fedlora.training.speed`) and AdamW is PyTorch's fused kernel; on the CPU in float32, or under bf16
-autocast where ``cpu-autocast`` asks (`cpu_autocast`). Training draws its dropout masks from ``seed`` when one is given, so a client's round is
-reproducible. An optimizer step may accumulate the gradients of several batches, each batch's loss
-weighted by its share of the step's loss targets, so that the step equals one on all of them
-together; its learning rate follows the run's schedule (`fedlora.training.lr_schedule`). `train_private`
-runs the same steps as DP-SGD (`fedlora.privacy`): Opacus' per-example
-clipping and noise on a (Poisson-sampled) loader over the client's examples.
+On CUDA the forward passes run under bf16 autocast (the weights float32, or the frozen ones
+bfloat16: `fedlora.training.speed`) and AdamW is PyTorch's fused kernel; on the CPU in float32, or
+under bf16 autocast where ``cpu-autocast`` asks (`cpu_autocast`). Training draws its dropout masks
+from ``seed`` when one is given, so a client's round is reproducible. An optimizer step may
+accumulate the gradients of several batches, each batch's loss weighted by its share of the step's
+loss targets, so that the step equals one on all of them together; its learning rate follows the
+run's schedule (`fedlora.training.lr_schedule`). `train_private` runs the same steps as DP-SGD
+(`fedlora.privacy`): Opacus' per-example clipping and noise on a (Poisson-sampled) loader over the
+client's examples.
 """
 
 from __future__ import annotations
