@@ -83,9 +83,11 @@ RUN = {
     "min-evaluate-nodes": 1,
     "base-changes": "messages",
     "evaluate-every": 3,
+    "cpu-autocast": "off",
 }
 """Every node trains, one evaluates, in the last round only (``evaluate-every`` past the runs'
-rounds): each message starts a process that imports torch."""
+rounds): each message starts a process that imports torch. In float32 (``flwr run``'s config says
+``auto``), so that the deployed run and its in-process reference round alike to 1e-5."""
 DEPLOYED = {**RUN, "rank-profile": "8:1.0", "batch-size": 16}
 """What the deployed run says; the nodes' own config sets ranks 2, 4, 8 and batch size 8."""
 SIMULATED = {**RUN, "rank-profile": "2:0.34,4:0.33,8:0.33", "batch-size": NODE_BATCH}
