@@ -13,7 +13,7 @@ from fedlora.data.instructions import example_ids
 from fedlora.errors import ConfigError
 from fedlora.models.base_model import load_base_model, with_lora
 from fedlora.models.peft_io import read_adapter, read_head
-from fedlora.training.local import device_for, evaluate, train_local
+from fedlora.training.local import cpu_autocast, device_for, evaluate, train_local
 from tests.support.models import torch_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,14 +40,15 @@ def tiny_bert_lora(config):
 @pytest.mark.slow
 @torch_threads(2)
 def test_minilm_lora_learns_bbc_news_on_the_cpu():
-    config = RunConfig(max_length=64, batch_size=16)
+    """In the demo's precision: bf16 autocast where the CPU multiplies bf16 natively."""
+    config = RunConfig(max_length=64, batch_size=16, cpu_autocast="auto")
     base = load_base_model(config)
     model = with_lora(base, 4, 8.0, False, ("query", "value"), ("classifier", "pooler"))
     train = partitioning.client_data(config, 0, 1).train
     held_out = partitioning.server_eval_set(config)
     before = evaluate(model, held_out, base.tokenizer, config, CPU, batch_size=64)
     steps = encoding.batches(train, base.tokenizer, config.max_length, 16, seed=0, steps=20)
-    report = train_local(model, steps, 20, 5e-3, 0.0, CPU, seed=0)
+    report = train_local(model, steps, 20, 5e-3, 0.0, CPU, seed=0, cpu_bf16=cpu_autocast(config))
     after = evaluate(model, held_out, base.tokenizer, config, CPU, batch_size=64)
     assert report.num_examples == 320 and report.seconds > 0
     assert before.num_examples == after.num_examples == len(held_out) == 222
