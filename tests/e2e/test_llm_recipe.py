@@ -1,5 +1,5 @@
 """The LLM recipe, for real: SmolLM2-135M-Instruct instruction-tuned on bbc-topic by 3 clients of
-LoRA ranks 4, 8 and 16 under FedEx-LoRA, 2 rounds in Flower's simulation engine (about 3 minutes
+LoRA ranks 4, 8 and 16 under FedEx-LoRA, 2 rounds on the in-process engine (one to two minutes
 on 2 cores); its export, loaded by plain transformers with its own tokenizer, answers the held-out
 articles as the server's model did."""
 
