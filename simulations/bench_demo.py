@@ -9,8 +9,10 @@ Two runs of the recipe (default: the demo's) in one process, each timed whole, s
    threads on every core and no Flower (`simulations.bench.PlainLoop`: each client trains its local
    steps on the same seeded batches, FedAvg averages, each client evaluates).
 
-``ratio`` = simulation seconds / plain seconds: what running the federation through fedlora costs
-against the loop a researcher would write by hand.
+Both runs take the recipe's precision (``cpu_bf16_autocast``: whether its ``cpu-autocast`` puts the
+CPU's forward passes under bf16 autocast here). ``ratio`` = simulation seconds / plain seconds:
+what running the federation through fedlora costs against the loop a researcher would write by
+hand.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fedlora.training.local import cpu_autocast
 from simulations.bench import RoundCallback, plain_loop_rounds
 from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import read_metrics
@@ -65,6 +68,7 @@ def demo_benchmark(
             "cpus_per_client_app": settings.num_cpus,
             "baseline_torch_threads": cores,
             "cores": cores,
+            "cpu_bf16_autocast": cpu_autocast(config),
             "torch": torch.__version__,
         },
         "simulation_seconds": simulation_seconds,
