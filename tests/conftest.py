@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -26,3 +28,13 @@ def one_thread():
     """One intra-op thread: tiny models only lose from threads on shared cores."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def words_spec(tmp_path):
+    """120 short labelled texts: the label is which of four topic words the text holds."""
+    topics = ["football", "election", "guitar", "software"]
+    rows = [{"text": f"news {i} about {topics[i % 4]} today", "label": i % 4} for i in range(120)]
+    path = tmp_path / "words.json"
+    path.write_text(json.dumps(rows))
+    return f"json:{path}"

@@ -21,16 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def words_spec(tmp_path):
-    """120 short labelled texts: the label is which of four topic words the text holds."""
-    topics = ["football", "election", "guitar", "software"]
-    rows = [{"text": f"news {i} about {topics[i % 4]} today", "label": i % 4} for i in range(120)]
-    path = tmp_path / "words.json"
-    path.write_text(json.dumps(rows))
-    return f"json:{path}"
-
-
 def tiny_bert_lora(config):
     base = load_base_model(config)
     model = with_lora(base, 4, 8.0, False, config.target_module_names, config.head_module_names)

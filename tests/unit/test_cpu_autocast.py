@@ -6,7 +6,6 @@ bfloat16 natively, outside DP-SGD, which refuses bfloat16."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 from contextlib import contextmanager
 
@@ -83,16 +82,6 @@ def test_dp_sgd_refuses_bfloat16_and_keeps_float32_under_auto(monkeypatch):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ConfigError, match="cpu-autocast = 'float16': choose one of"):
         RunConfig.from_flower({"cpu-autocast": "float16"})
-
-
-@pytest.fixture
-def words_spec(tmp_path):
-    """64 short labelled texts: the label is which of four topic words the text holds."""
-    topics = ["football", "election", "guitar", "software"]
-    rows = [{"text": f"news {i} about {topics[i % 4]} today", "label": i % 4} for i in range(64)]
-    path = tmp_path / "words.json"
-    path.write_text(json.dumps(rows))
-    return f"json:{path}"
 
 
 @pytest.mark.parametrize(("mode", "dtype"), PRECISIONS)
