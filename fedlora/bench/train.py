@@ -94,6 +94,7 @@ def plain_throughput(
             pack=config.pack_sequences,
         )
     )
+    cpu_bf16 = cpu_autocast(config)
     warmup_seconds = 0.0
     if warmup:
         warmup_seconds = train_local(
@@ -105,7 +106,7 @@ def plain_throughput(
             device,
             optimizer=optimizer,
             seed=seed,
-            cpu_bf16=cpu_autocast(config),
+            cpu_bf16=cpu_bf16,
         ).seconds
     report = train_local(
         model,
@@ -116,7 +117,7 @@ def plain_throughput(
         device,
         optimizer=optimizer,
         seed=seed,
-        cpu_bf16=cpu_autocast(config),
+        cpu_bf16=cpu_bf16,
     )
     result = rate(tokens_of(drawn[warmup:]), report.seconds, batch_size, base, device)
     return {**result, "warmup_seconds": warmup_seconds}
@@ -164,7 +165,7 @@ def grouped_throughput(
                 )
             )
         )
-    fused = device.type == "cuda"
+    fused, cpu_bf16 = device.type == "cuda", cpu_autocast(config)
     if warmup:
         train_group(
             group,
@@ -175,7 +176,7 @@ def grouped_throughput(
             device,
             seed=config.seed,
             fused=fused,
-            cpu_bf16=cpu_autocast(config),
+            cpu_bf16=cpu_bf16,
         )
     reports = train_group(
         group,
@@ -186,7 +187,7 @@ def grouped_throughput(
         device,
         seed=config.seed,
         fused=fused,
-        cpu_bf16=cpu_autocast(config),
+        cpu_bf16=cpu_bf16,
     )
     tokens = sum(tokens_of(client[warmup:]) for client in drawn)
     result = rate(tokens, reports[0].seconds, group_size * config.batch_size, base, device)
