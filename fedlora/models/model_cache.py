@@ -11,7 +11,6 @@ the model, the seed and the torch and transformers versions, whose initialisers 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 import warnings
@@ -23,16 +22,10 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from fedlora.cache_folder import cache_root
 from fedlora.errors import ConfigError
 
-CACHE_ENV = "FEDLORA_CACHE"
-DEFAULT_CACHE = "~/.cache/fedlora"
 CONFIG_FILE = "config.json"
-
-
-def cache_root() -> Path:
-    """fedlora's cache folder: ``$FEDLORA_CACHE`` if set, else ``~/.cache/fedlora``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
 def installed_package_folder(package: str, distribution: str, model: str, install: str) -> Path:

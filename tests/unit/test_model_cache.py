@@ -7,16 +7,17 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
+from fedlora import cache_folder
 from fedlora.errors import ConfigError
 from fedlora.models import model_cache
 from fedlora.models.base_model import seeded, tiny_llama
 
 
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
-    assert model_cache.cache_root() == tmp_path
-    monkeypatch.delenv(model_cache.CACHE_ENV)
-    assert model_cache.cache_root() == Path("~/.cache/fedlora").expanduser()
+    monkeypatch.setenv(cache_folder.CACHE_ENV, str(tmp_path))
+    assert cache_folder.cache_root() == tmp_path
+    monkeypatch.delenv(cache_folder.CACHE_ENV)
+    assert cache_folder.cache_root() == Path("~/.cache/fedlora").expanduser()
 
 
 def test_the_first_writer_wins_and_no_temporary_folder_stays(tmp_path):
@@ -53,7 +54,7 @@ def counted(builds: list[int]):
 
 
 def test_a_built_model_is_built_once_and_then_loaded_bitwise_the_same(monkeypatch, tmp_path):
-    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache_folder.CACHE_ENV, str(tmp_path))
     builds = []
     with seeded(3):
         built = model_cache.built_once("tiny-llama", 3, counted(builds))
@@ -74,7 +75,7 @@ def test_a_built_model_is_built_once_and_then_loaded_bitwise_the_same(monkeypatc
 def test_a_cache_that_cannot_be_written_is_named_and_the_built_model_used(monkeypatch, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    monkeypatch.setenv(model_cache.CACHE_ENV, str(blocked))
+    monkeypatch.setenv(cache_folder.CACHE_ENV, str(blocked))
     builds = []
     with pytest.warns(UserWarning, match=f"fedlora's cache {blocked}"):
         model = model_cache.built_once("tiny-llama", 0, counted(builds))
@@ -82,7 +83,7 @@ def test_a_cache_that_cannot_be_written_is_named_and_the_built_model_used(monkey
 
 
 def test_a_failed_save_is_named_and_the_built_model_used(monkeypatch, tmp_path):
-    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache_folder.CACHE_ENV, str(tmp_path))
 
     def full_disk(folder, **options):
         raise SafetensorError("Error while serializing: I/O error: No space left on device")
@@ -100,7 +101,7 @@ def test_a_failed_save_is_named_and_the_built_model_used(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_a_damaged_cache_folder_is_named(monkeypatch, tmp_path, damage):
-    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache_folder.CACHE_ENV, str(tmp_path))
     model_cache.built_once("tiny-llama", 0, tiny_llama)
     weights = model_cache.built_model_folder("tiny-llama", 0) / "model.safetensors"
     if damage == "truncated":

