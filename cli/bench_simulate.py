@@ -7,6 +7,7 @@ training rate against the plain loop: `simulations.bench_train`) and ``fedlora b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ def add_recipe_benchmark(
     description: str,
     rounds: int | None,
     handler: Callable[[argparse.Namespace], int],
-) -> None:
+) -> argparse.ArgumentParser:
     """A benchmark of one recipe (default: the demo's): its rounds, JSON file and overrides."""
     parser = benchmarks.add_parser(name, help=help_text, description=description)
     add_recipe_option(parser, default=DEMO_RECIPE)
@@ -51,6 +52,7 @@ def add_recipe_benchmark(
     add_json(parser)
     add_overrides(parser)
     parser.set_defaults(handler=handler)
+    return parser
 
 
 def add_simulate_benchmark(benchmarks: argparse._SubParsersAction) -> None:
@@ -144,7 +146,7 @@ def results_table(results: dict) -> Table:
 
 
 def add_demo_benchmark(benchmarks: argparse._SubParsersAction) -> None:
-    add_recipe_benchmark(
+    parser = add_recipe_benchmark(
         benchmarks,
         "demo",
         "the demo's wall time against a plain FedAvg loop",
@@ -154,10 +156,17 @@ def add_demo_benchmark(benchmarks: argparse._SubParsersAction) -> None:
         None,
         run_bench_demo,
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the pair N times, one after the other; report the pair of median ratio",
+    )
 
 
 def run_bench_demo(args: argparse.Namespace) -> int:
-    results = recipe_benchmark(args, demo_benchmark)
+    results = recipe_benchmark(args, functools.partial(demo_benchmark, repeats=args.repeats))
     setup = results["setup"]
     table = Table(
         title=(
@@ -165,6 +174,9 @@ def run_bench_demo(args: argparse.Namespace) -> int:
             f"{setup['rounds']} rounds, {setup['cores']} cores"
         )
     )
+    if len(results["pairs"]) > 1:
+        ratios = ", ".join(f"{pair['ratio']:.2f}x" for pair in results["pairs"])
+        table.caption = f"the pair of median ratio; the {setup['repeats']} pairs' ratios: {ratios}"
     for column in ("run", "wall", "ratio", "client accuracy"):
         table.add_column(column, justify="right")
     table.add_row(

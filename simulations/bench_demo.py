@@ -12,7 +12,9 @@ Two runs of the recipe (default: the demo's) in one process, each timed whole, s
 Both runs take the recipe's precision (``cpu_bf16_autocast``: whether its ``cpu-autocast`` puts the
 CPU's forward passes under bf16 autocast here). ``ratio`` = simulation seconds / plain seconds:
 what running the federation through fedlora costs against the loop a researcher would write by
-hand.
+hand. Two runs of one machine can differ by a tenth and more, so ``repeats`` runs the pair that
+many times, one pair after the other: the figures are then those of the pair whose ratio is the
+median, and ``pairs`` holds every pair's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fedlora.errors import ConfigError
 from fedlora.training.local import cpu_autocast
 from simulations.bench import RoundCallback, plain_loop_rounds
 from simulations.recipes import load_recipe, resolve
@@ -38,23 +41,20 @@ def demo_benchmark(
     overrides=(),
     rounds: int | None = None,
     on_round: RoundCallback | None = None,
+    repeats: int = 1,
 ) -> dict:
-    """Both runs' wall seconds, their ratio and the clients' accuracy of the last round."""
+    """Both runs' wall seconds, their ratio and the clients' accuracy of the last round; with
+    ``repeats`` pairs, the median pair's figures, every pair's in ``pairs``."""
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     cores = os.cpu_count() or 1
     plain_recipe = resolve(recipe, {"num-threads": cores}, strategy=BASELINE)
-    start = time.perf_counter()
-    plain = plain_loop_rounds(plain_recipe, on_round)
-    plain_seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as out_dir:
-        start = time.perf_counter()
-        run_dir = simulate(
-            recipe,
-            out_dir=out_dir,
-            on_round=(lambda row: on_round("simulation", row["round"])) if on_round else None,
-        )
-        simulation_seconds = time.perf_counter() - start
-        simulated = read_metrics(run_dir)
+    pairs = []
+    for pair in range(1, repeats + 1):
+        label = f" {pair}/{repeats}" if repeats > 1 else ""
+        pairs.append(timed_pair(recipe, plain_recipe, labelled(on_round, label)))
+    median = sorted(pairs, key=lambda figures: figures["ratio"])[(repeats - 1) // 2]
     config, settings = recipe.run_config, recipe.simulation
     return {
         "setup": {
@@ -70,7 +70,28 @@ def demo_benchmark(
             "cores": cores,
             "cpu_bf16_autocast": cpu_autocast(config),
             "torch": torch.__version__,
+            "repeats": repeats,
         },
+        **median,
+        "pairs": pairs,
+    }
+
+
+def timed_pair(recipe, plain_recipe, on_round: RoundCallback | None) -> dict:
+    """The plain loop, then the recipe as ``fedlora simulate`` runs it, each timed whole."""
+    start = time.perf_counter()
+    plain = plain_loop_rounds(plain_recipe, on_round)
+    plain_seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as out_dir:
+        start = time.perf_counter()
+        run_dir = simulate(
+            recipe,
+            out_dir=out_dir,
+            on_round=(lambda row: on_round("simulation", row["round"])) if on_round else None,
+        )
+        simulation_seconds = time.perf_counter() - start
+        simulated = read_metrics(run_dir)
+    return {
         "simulation_seconds": simulation_seconds,
         "plain_seconds": plain_seconds,
         "ratio": simulation_seconds / plain_seconds,
@@ -79,3 +100,10 @@ def demo_benchmark(
         "simulation_client_accuracy": simulated[-1]["client_accuracy"],
         "plain_client_accuracy": plain[-1]["client_accuracy"],
     }
+
+
+def labelled(on_round: RoundCallback | None, label: str) -> RoundCallback | None:
+    """``on_round`` with ``label`` after each run's name."""
+    if on_round is None or not label:
+        return on_round
+    return lambda run, server_round: on_round(run + label, server_round)

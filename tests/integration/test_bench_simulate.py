@@ -4,9 +4,12 @@ gpus``' checks and the ``[simulation] gpus`` key (the runs on Ray are in
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from cli.main import main
 from fedlora.errors import ConfigError
 from fedlora.rules import RULES
 from simulations.bench import plain_loop_rounds, runs_in_plain_loop
@@ -72,3 +75,32 @@ def test_bench_demo_times_the_recipe_and_a_plain_fedavg_loop(tmp_path):
     assert sum(results["simulation_round_seconds"]) <= results["simulation_seconds"]
     for key in ("simulation_client_accuracy", "plain_client_accuracy"):
         assert 0 <= results[key] <= 1
+    assert results["pairs"] == [{k: v for k, v in results.items() if k not in ("setup", "pairs")}]
+
+
+def test_bench_demo_repeats_the_pair_and_reports_the_median_one(tmp_path):
+    """Three pairs, one after the other: the figures are those of the pair of median ratio; each
+    round's callback names its pair."""
+    recipe = tmp_path / "tiny-in-process.toml"
+    recipe.write_text(TINY.read_text() + '\nengine = "in-process"\n')
+    named = set()
+    results = demo_benchmark(recipe, rounds=1, on_round=lambda run, _: named.add(run), repeats=3)
+    ratios = sorted(pair["ratio"] for pair in results["pairs"])
+    assert results["setup"]["repeats"] == len(results["pairs"]) == 3
+    assert results["ratio"] == ratios[1]
+    assert results["simulation_seconds"] / results["plain_seconds"] == pytest.approx(ratios[1])
+    assert {"plain loop 1/3", "simulation 3/3"} <= named
+    with pytest.raises(ConfigError, match="repeats must be >= 1, got 0"):
+        demo_benchmark(recipe, rounds=1, repeats=0)
+
+
+def test_bench_demo_command_repeats_the_pair(tmp_path, capsys):
+    recipe = tmp_path / "tiny-in-process.toml"
+    recipe.write_text(TINY.read_text() + '\nengine = "in-process"\n')
+    out = tmp_path / "demo.json"
+    command = ["bench", "demo", "--recipe", str(recipe), "--rounds", "1", "--json", str(out)]
+    assert main([*command, "--repeats", "2"]) == 0
+    assert len(json.loads(out.read_text())["pairs"]) == 2
+    assert "the 2 pairs' ratios" in capsys.readouterr().out
+    assert main([*command, "--repeats", "0"]) == 2
+    assert "repeats must be >= 1, got 0" in capsys.readouterr().err
