@@ -14,7 +14,7 @@ CPU's forward passes under bf16 autocast here). ``ratio`` = simulation seconds /
 what running the federation through fedlora costs against the loop a researcher would write by
 hand. Two runs of one machine can differ by a tenth and more, so ``repeats`` runs the pair that
 many times, one pair after the other: the figures are then those of the pair whose ratio is the
-median, and ``pairs`` holds every pair's.
+median (of an even number, the lower of the middle two), and ``pairs`` holds every pair's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from fedlora.errors import ConfigError
 from fedlora.training.local import cpu_autocast
 from simulations.bench import RoundCallback, plain_loop_rounds
-from simulations.recipes import load_recipe, resolve
+from simulations.recipes import Recipe, load_recipe, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import simulate
 
@@ -77,7 +77,7 @@ def demo_benchmark(
     }
 
 
-def timed_pair(recipe, plain_recipe, on_round: RoundCallback | None) -> dict:
+def timed_pair(recipe: Recipe, plain_recipe: Recipe, on_round: RoundCallback | None) -> dict:
     """The plain loop, then the recipe as ``fedlora simulate`` runs it, each timed whole."""
     start = time.perf_counter()
     plain = plain_loop_rounds(plain_recipe, on_round)
