@@ -52,13 +52,19 @@ def test_simulation_gpus_limits_what_ray_hands_out():
         load_recipe({"simulation": {"gpus": -1}})
 
 
-def test_bench_demo_times_the_recipe_and_a_plain_fedavg_loop(tmp_path):
+@pytest.fixture
+def tiny_in_process(tmp_path):
+    """The tiny recipe on the in-process engine."""
+    path = tmp_path / "tiny-in-process.toml"
+    path.write_text(TINY.read_text() + '\nengine = "in-process"\n')
+    return path
+
+
+def test_bench_demo_times_the_recipe_and_a_plain_fedavg_loop(tiny_in_process):
     """The tiny recipe on the in-process engine: both runs' seconds, the ratio of the two, their
     rounds and the clients' accuracy; the baseline is FedAvg on every core whatever the recipe's
     method."""
-    recipe = tmp_path / "tiny-in-process.toml"
-    recipe.write_text(TINY.read_text() + '\nengine = "in-process"\n')
-    results = demo_benchmark(recipe, ["strategy=fedex"], rounds=2)
+    results = demo_benchmark(tiny_in_process, ["strategy=fedex"], rounds=2)
     setup = results["setup"]
     assert (setup["strategy"], setup["baseline"], setup["engine"]) == (
         "fedex",
@@ -78,27 +84,34 @@ def test_bench_demo_times_the_recipe_and_a_plain_fedavg_loop(tmp_path):
     assert results["pairs"] == [{k: v for k, v in results.items() if k not in ("setup", "pairs")}]
 
 
-def test_bench_demo_repeats_the_pair_and_reports_the_median_one(tmp_path):
+def test_bench_demo_repeats_the_pair_and_reports_the_median_one(tiny_in_process):
     """Three pairs, one after the other: the figures are those of the pair of median ratio; each
     round's callback names its pair."""
-    recipe = tmp_path / "tiny-in-process.toml"
-    recipe.write_text(TINY.read_text() + '\nengine = "in-process"\n')
     named = set()
-    results = demo_benchmark(recipe, rounds=1, on_round=lambda run, _: named.add(run), repeats=3)
+    results = demo_benchmark(
+        tiny_in_process, rounds=1, on_round=lambda run, _: named.add(run), repeats=3
+    )
     ratios = sorted(pair["ratio"] for pair in results["pairs"])
     assert results["setup"]["repeats"] == len(results["pairs"]) == 3
     assert results["ratio"] == ratios[1]
     assert results["simulation_seconds"] / results["plain_seconds"] == pytest.approx(ratios[1])
     assert {"plain loop 1/3", "simulation 3/3"} <= named
     with pytest.raises(ConfigError, match="repeats must be >= 1, got 0"):
-        demo_benchmark(recipe, rounds=1, repeats=0)
+        demo_benchmark(tiny_in_process, rounds=1, repeats=0)
 
 
-def test_bench_demo_command_repeats_the_pair(tmp_path, capsys):
-    recipe = tmp_path / "tiny-in-process.toml"
-    recipe.write_text(TINY.read_text() + '\nengine = "in-process"\n')
+def test_bench_demo_command_repeats_the_pair(tiny_in_process, tmp_path, capsys):
     out = tmp_path / "demo.json"
-    command = ["bench", "demo", "--recipe", str(recipe), "--rounds", "1", "--json", str(out)]
+    command = [
+        "bench",
+        "demo",
+        "--recipe",
+        str(tiny_in_process),
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert main([*command, "--repeats", "2"]) == 0
     assert len(json.loads(out.read_text())["pairs"]) == 2
     assert "the 2 pairs' ratios" in capsys.readouterr().out
