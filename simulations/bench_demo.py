@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from fedlora.errors import ConfigError
 from fedlora.training.local import cpu_autocast
 from simulations.bench import RoundCallback, plain_loop_rounds
-from simulations.recipes import Recipe, load_recipe, resolve
+from simulations.recipes import Recipe, load_recipe, parse_overrides, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import simulate
 
@@ -44,9 +45,12 @@ def demo_benchmark(
     repeats: int = 1,
 ) -> dict:
     """Both runs' wall seconds, their ratio and the clients' accuracy of the last round; with
-    ``repeats`` pairs, the median pair's figures, every pair's in ``pairs``."""
+    ``repeats`` pairs, the median pair's figures, every pair's in ``pairs``; the setup names the
+    run-config ``overrides`` applied to both runs."""
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     cores = os.cpu_count() or 1
     plain_recipe = resolve(recipe, {"num-threads": cores}, strategy=BASELINE)
@@ -59,6 +63,7 @@ def demo_benchmark(
     return {
         "setup": {
             "recipe": recipe.name,
+            "overrides": dict(overrides),
             "strategy": config.strategy,
             "baseline": BASELINE,
             "model": config.model,

@@ -73,6 +73,7 @@ def test_bench_demo_times_the_recipe_and_a_plain_fedavg_loop(tiny_in_process):
     )
     assert setup["baseline_torch_threads"] == setup["cores"]
     assert setup["cpu_bf16_autocast"] is False  # the tiny recipe's float32
+    assert setup["overrides"] == {"strategy": "fedex"}
     assert results["ratio"] == pytest.approx(
         results["simulation_seconds"] / results["plain_seconds"]
     )
