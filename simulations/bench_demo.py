@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -49,8 +48,7 @@ def demo_benchmark(
     run-config ``overrides`` applied to both runs."""
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    if not isinstance(overrides, Mapping):
-        overrides = parse_overrides(overrides)
+    overrides = parse_overrides(overrides)
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     cores = os.cpu_count() or 1
     plain_recipe = resolve(recipe, {"num-threads": cores}, strategy=BASELINE)
@@ -63,7 +61,7 @@ def demo_benchmark(
     return {
         "setup": {
             "recipe": recipe.name,
-            "overrides": dict(overrides),
+            "overrides": overrides,
             "strategy": config.strategy,
             "baseline": BASELINE,
             "model": config.model,

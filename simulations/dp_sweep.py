@@ -90,8 +90,7 @@ def dp_sweep(
     earlier run's directory."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    if not isinstance(overrides, Mapping):
-        overrides = parse_overrides(overrides)
+    overrides = parse_overrides(overrides)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

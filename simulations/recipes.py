@@ -223,8 +223,11 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{where} is not valid TOML: {error}") from None
 
 
-def parse_overrides(pairs: Sequence[str]) -> dict[str, Scalar]:
-    """``key=value`` pairs as a dict; values are TOML scalars, a bare word is a string."""
+def parse_overrides(pairs: Mapping[str, Scalar] | Sequence[str]) -> dict[str, Scalar]:
+    """``key=value`` pairs as a dict; values are TOML scalars, a bare word is a string. A mapping
+    (overrides parsed already) comes back as a copy."""
+    if isinstance(pairs, Mapping):
+        return dict(pairs)
     overrides = {}
     for pair in pairs:
         key, equals, text = pair.partition("=")
@@ -256,8 +259,7 @@ def resolve(
     """The recipe with the overrides applied (then ``strategy``, ``rounds``), every run key
     checked and written out: RunConfig's fields resolved, the ServerApp's keys as given; the
     model's limits (positions, hidden size) and a local dataset file checked too."""
-    if not isinstance(overrides, Mapping):
-        overrides = parse_overrides(overrides)
+    overrides = parse_overrides(overrides)
     for key, option in OUTPUT_KEYS.items():
         if key in overrides:
             raise ConfigError(f"{key!r} is the command's to set (use {option})")

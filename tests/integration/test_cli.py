@@ -80,6 +80,8 @@ def test_overrides_are_toml_scalars_and_a_bare_word_is_a_string():
         "rank-profile": "4:0.5,8:0.5",
         "dataset": "json:data/x.json",
     }
+    parsed = {"seed": 7}
+    assert parse_overrides(parsed) == parsed and parse_overrides(parsed) is not parsed
 
 
 def test_overrides_then_strategy_and_rounds_apply_in_that_order():
