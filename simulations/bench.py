@@ -44,7 +44,14 @@ from fedlora.training.local import (
     set_torch_threads,
     train_round,
 )
-from simulations.recipes import Recipe, SimulationSettings, load_recipe, machine_cpus, resolve
+from simulations.recipes import (
+    Recipe,
+    SimulationSettings,
+    load_recipe,
+    machine_cpus,
+    parse_overrides,
+    resolve,
+)
 from simulations.run_dir import read_metrics
 from simulations.runner import simulate
 from strategies.server_app import make_strategy
@@ -172,6 +179,7 @@ def simulate_benchmark(
     on_round: RoundCallback | None = None,
 ) -> dict:
     """Both runs of the recipe; per round and steady-state seconds, overhead and accuracies."""
+    overrides = parse_overrides(overrides)
     recipe = one_client_at_a_time(resolve(load_recipe(recipe_path), overrides, rounds=rounds))
     plain = plain_loop_rounds(recipe, on_round)
     with tempfile.TemporaryDirectory(prefix="fedlora-bench-") as run_dir:
@@ -187,6 +195,8 @@ def simulate_benchmark(
     return {
         "setup": {
             "recipe": recipe.name,
+            "overrides": overrides,
+            "run": recipe.run,
             "strategy": config.strategy,
             "model": config.model,
             "clients": recipe.simulation.num_supernodes,

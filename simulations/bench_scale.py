@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simulations.recipe_files import RECIPES_DIR
-from simulations.recipes import load_recipe, resolve
+from simulations.recipes import load_recipe, parse_overrides, resolve
 from simulations.run_dir import claim_run_dir
 from simulations.runner import simulate
 
@@ -42,6 +42,7 @@ def scale_benchmark(
         row per round: ``round``, ``rss_mb`` (this process, which runs the ServerApp, as the round's
         row is written) and ``seconds`` (the round's wall time). ``clients`` replaces the recipe's
     ``num-supernodes``."""
+    overrides = parse_overrides(overrides)
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     if clients is not None:
         settings = dataclasses.replace(recipe.simulation, num_supernodes=clients)
@@ -58,6 +59,7 @@ def scale_benchmark(
     return {
         "setup": {
             "recipe": recipe.name,
+            "overrides": overrides,
             "run": recipe.run,
             "simulation": recipe.simulation.table(),
         },

@@ -40,7 +40,7 @@ from fedlora.bench.train import device_name, grouped_throughput, mfu, plain_thro
 from fedlora.errors import ConfigError
 from fedlora.models.base_model import load_base_model
 from fedlora.training.local import device_for
-from simulations.recipes import Recipe, load_recipe, resolve
+from simulations.recipes import Recipe, load_recipe, parse_overrides, resolve
 from simulations.run_dir import claim_run_dir, read_metrics
 from simulations.runner import simulate
 
@@ -74,6 +74,7 @@ def train_benchmark(
 ) -> dict:
     """The figures of the module docstring, for the recipe with ``overrides``; with ``federation``
     off, the in-process loops' alone (no simulation, nothing written to ``out_dir``)."""
+    overrides = parse_overrides(overrides)
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     config = recipe.run_config
     group = group or default_group(recipe)
@@ -107,6 +108,7 @@ def train_benchmark(
         "grouped_mfu": grouped["mfu"],
         "setup": {
             "recipe": recipe.name,
+            "overrides": overrides,
             "run": recipe.run,
             "simulation": recipe.simulation.table(),
             "group": group,

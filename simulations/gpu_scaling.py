@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fedlora.errors import ConfigError
-from simulations.recipes import Recipe, load_recipe, resolve
+from simulations.recipes import Recipe, load_recipe, parse_overrides, resolve
 from simulations.run_dir import read_metrics
 from simulations.runner import simulate
 
@@ -35,6 +35,7 @@ def gpu_scaling_benchmark(
     out_dir: str | Path = "runs/bench-gpus",
 ) -> dict:
     """The recipe's throughput at each GPU count, and the scaling efficiency."""
+    overrides = parse_overrides(overrides)
     recipe = resolve(load_recipe(recipe_path), overrides, rounds=rounds)
     available = torch.cuda.device_count()
     if not gpu_counts or min(gpu_counts) < 1 or max(gpu_counts) > available:
@@ -50,6 +51,7 @@ def gpu_scaling_benchmark(
     return {
         "setup": {
             "recipe": recipe.name,
+            "overrides": overrides,
             "run": recipe.run,
             "simulation": recipe.simulation.table(),
             "device": torch.cuda.get_device_name(0),

@@ -29,10 +29,24 @@ TINY_LLAMA = (
 def test_bench_simulate_splits_rounds_and_the_loop_trains_like_the_simulation(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert (
-        main(["bench", "simulate", "--recipe", str(TINY), "--rounds", "2", "--json", str(out)]) == 0
+        main(
+            [
+                "bench",
+                "simulate",
+                "--recipe",
+                str(TINY),
+                "--rounds",
+                "2",
+                "--json",
+                str(out),
+                "seed=3",
+            ]
+        )
+        == 0
     )
     results = json.loads(out.read_text())
     assert results["setup"]["clients"] == 3 and results["setup"]["strategy"] == "fedex"
+    assert results["setup"]["overrides"] == {"seed": 3} and results["setup"]["run"]["seed"] == 3
     assert [row["round"] for row in results["rounds"]] == [1, 2]
     for row in results["rounds"]:
         assert row["simulation_client_accuracy"] == pytest.approx(
@@ -88,6 +102,9 @@ def test_bench_train_writes_the_figures_of_one_call(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert results["device"] == "cpu" and results["mfu"] is None
     assert results["setup"]["group"] == 3  # the recipe's 3 clients, fewer than the default 4
+    assert (
+        results["setup"]["overrides"]["model"] == results["setup"]["run"]["model"] == "tiny-llama"
+    )
     rows = read_metrics(tmp_path / "run")
     later = rows[1]
     per_client = 2 * 8 * 32  # local steps x batch-size x max-length of tiny.toml
@@ -121,9 +138,12 @@ def test_bench_scale_records_memory_and_seconds_every_round(tmp_path):
         str(tmp_path / "run"),
         "--json",
         str(out),
+        "seed=1",
     ]
     assert main(argv) == 0
-    rows = json.loads(out.read_text())["rounds"]
+    results = json.loads(out.read_text())
+    assert results["setup"]["overrides"] == {"seed": 1}
+    rows = results["rounds"]
     assert [row["round"] for row in rows] == [1, 2, 3, 4]
     metrics = read_metrics(tmp_path / "run")
     assert [row["seconds"] for row in rows] == [row["seconds"] for row in metrics]
