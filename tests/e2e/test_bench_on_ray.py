@@ -1,6 +1,7 @@
 """``fedlora bench simulate``, ``fedlora bench gpus`` and ``fedlora bench train`` on Ray: the
-plain loop trains like the simulation, the throughput run keeps its run directory, the training
-benchmark's figures come from its own run."""
+plain loop trains like the simulation, the throughput run keeps its run directory (and, on a GPU,
+the whole ``bench gpus`` command its setup), the training benchmark's figures come from its own
+run."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from cli.main import main
 from simulations.gpu_scaling import throughput
 from simulations.recipe_files import RECIPES_DIR
 from simulations.recipes import load_recipe, resolve
 from simulations.run_dir import FLOWER_LOG, read_metrics
+from strategies.run_record import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +80,26 @@ def test_gpu_throughput_keeps_its_run_directory_and_counts_the_rounds_after_the_
         60 * rows[1]["clients"] / rows[1]["seconds"]
     )
     assert result["first_round_seconds"] == rows[0]["seconds"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_gpus_on_one_gpu_writes_its_run_and_its_setup(tmp_path):
+    """The tiny recipe with two ClientApps on the GPU (num-gpus 0.5), on one GPU."""
+    recipe = tmp_path / "tiny-gpu.toml"
+    recipe.write_text(TINY.read_text().replace("num-gpus = 0.0", "num-gpus = 0.5"))
+    out = tmp_path / "gpus.json"
+    argv = ["bench", "gpus", "--recipe", str(recipe), "--gpus", "1", "--rounds", "2"]
+    argv += ["--out", str(tmp_path / "runs"), "--json", str(out), "seed=2"]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["setup"]["overrides"] == {"seed": 2} and results["setup"]["run"]["seed"] == 2
+    (run,) = results["runs"]
+    assert run["gpus"] == 1 and run["clients_at_once"] == 2 and run["steady_rounds"] == [2]
+    assert run["scaling_efficiency"] == pytest.approx(1.0)
+    run_dir = tmp_path / "runs" / "gpus-1"
+    assert run["first_round_seconds"] == read_metrics(run_dir)[0]["seconds"]
+    assert read_manifest(run_dir)["device"].startswith("cuda")
 
 
 def test_bench_train_writes_the_figures_of_one_call(tmp_path, capsys):
